@@ -1,0 +1,433 @@
+//! agentgate's kernel side: cgroup socket programs attached at the cgroup2 root.
+//!
+//! They act only on processes whose cgroup, or one of its ancestors, is in `GOVERNED`; for every
+//! other process each program returns "allow" after one short ancestor walk.
+//!
+//! - `connect4/6`: a governed TCP connect to an allowed destination (or any destination when the
+//!   agent's cgroup records unknown ones) is rewritten to the enforcer's loopback listener and
+//!   its original destination saved by socket cookie; anything else is refused (`EPERM`). UDP
+//!   connects are allowed only to configured resolvers.
+//! - `sock_ops` (`TCP_CONNECT_CB`): moves the saved record to `FLOWS` under the full 4-tuple, the
+//!   only key the enforcer can know on accept.
+//! - `getpeername4/6`: the agent sees the address it asked for.
+//! - `sendmsg4/6`: unconnected UDP from governed cgroups goes only to configured resolvers.
+//!
+//! Every refusal is reported through the `EVENTS` ring buffer. Policy beyond "which destination"
+//! lives in userspace; these programs stay thin.
+#![no_std]
+#![no_main]
+
+use agent_common::{
+    AF_INET, Addr, V4_MAPPED_WORD, AF_INET6, DEST_KEY_FIXED_BITS, DenyEvent, DestKey, DestValue, EVENTS_BYTES, Endpoint,
+    FlowKey, FlowRecord, GOVERNED_UNKNOWN_RECORD, Governed, MAX_CGROUP_DEPTH, MAX_DESTS,
+    MAX_FLOWS, MAX_GOVERNED, MAX_ORIG_DST, MAX_PENDING, MAX_PROTECTED, MAX_RESOLVERS, SOCK_DGRAM,
+    SOCK_STREAM, Settings, TARGET_UNKNOWN, reason, v4_mapped,
+};
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{bpf_sock_addr, bpf_sock_ops},
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        bpf_ktime_get_ns,
+    },
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, lpm_trie::Key},
+    programs::{SockAddrContext, SockOpsContext},
+};
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const IPPROTO_TCP: u32 = 6;
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+
+#[map]
+static GOVERNED: HashMap<u64, Governed> = HashMap::with_max_entries(MAX_GOVERNED, 0);
+#[map]
+static DESTS: LpmTrie<DestKey, DestValue> = LpmTrie::with_max_entries(MAX_DESTS, 0);
+#[map]
+static PENDING: HashMap<u64, FlowRecord> = HashMap::with_max_entries(MAX_PENDING, 0);
+#[map]
+static FLOWS: HashMap<FlowKey, FlowRecord> = HashMap::with_max_entries(MAX_FLOWS, 0);
+/// Original destination by socket cookie for getpeername; LRU because sockets close without
+/// telling us, and losing an entry only changes what getpeername shows.
+#[map]
+static ORIG_DST: LruHashMap<u64, FlowRecord> = LruHashMap::with_max_entries(MAX_ORIG_DST, 0);
+#[map]
+static RESOLVERS: HashMap<Endpoint, u8> = HashMap::with_max_entries(MAX_RESOLVERS, 0);
+#[map]
+static PROTECTED: HashMap<Endpoint, u8> = HashMap::with_max_entries(MAX_PROTECTED, 0);
+#[map]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// The governed cgroup that decides for the current task: the deepest governed one among the
+/// task's cgroup and its ancestors.
+#[inline(never)]
+fn governed() -> Option<(u64, Governed)> {
+    let mut found: Option<(u64, Governed)> = None;
+    let mut level: i32 = 0;
+    while level < MAX_CGROUP_DEPTH as i32 {
+        // SAFETY: helper call with a plain integer argument; returns 0 past the task's depth.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            break;
+        }
+        // SAFETY: values are plain `Copy` data read once; a concurrent update can at worst
+        // show the previous value, which is an acceptable race for a policy lookup.
+        if let Some(g) = unsafe { GOVERNED.get(&id) } {
+            found = Some((id, *g));
+        }
+        level += 1;
+    }
+    found
+}
+
+#[inline(always)]
+fn settings() -> Option<Settings> {
+    SETTINGS.get(0).copied()
+}
+
+#[inline(always)]
+fn is_loopback_or_any(a: &Addr) -> bool {
+    if a[0] != 0 || a[1] != 0 {
+        return false;
+    }
+    if a[2] == V4_MAPPED_WORD {
+        // 127.0.0.0/8 or 0.0.0.0
+        return a[3].to_ne_bytes()[0] == 127 || a[3] == 0;
+    }
+    // ::1 or ::
+    a[2] == 0 && (a[3] == 0 || a[3] == u32::from_ne_bytes([0, 0, 0, 1]))
+}
+
+/// Loopback and unspecified destinations all reach the same local listeners; fold them so a
+/// protected endpoint cannot be reached under another spelling of "this host".
+#[inline(always)]
+fn canonical_local(addr: &Addr) -> Addr {
+    if is_loopback_or_any(addr) { LOCALHOST } else { *addr }
+}
+
+const LOCALHOST: Addr = v4_mapped([127, 0, 0, 1]);
+
+/// The destination the program sees, as (v4-mapped or v6 address, host-order port).
+#[inline(always)]
+fn user_destination(sa: *mut bpf_sock_addr, v6: bool) -> (Addr, u16) {
+    // SAFETY: `sa` is the program's context pointer; every field is read with a 4-byte load,
+    // the width the verifier accepts for bpf_sock_addr.
+    unsafe {
+        let port = u16::from_be((*sa).user_port as u16);
+        if v6 {
+            let w = [
+                core::ptr::read_volatile(&(*sa).user_ip6[0]),
+                core::ptr::read_volatile(&(*sa).user_ip6[1]),
+                core::ptr::read_volatile(&(*sa).user_ip6[2]),
+                core::ptr::read_volatile(&(*sa).user_ip6[3]),
+            ];
+            (w, port)
+        } else {
+            (v4_mapped((*sa).user_ip4.to_ne_bytes()), port)
+        }
+    }
+}
+
+#[inline(always)]
+fn set_user_destination(sa: *mut bpf_sock_addr, v6: bool, w: &Addr, port: u16) {
+    // SAFETY: context stores, each 4 bytes wide as the verifier requires for these fields.
+    unsafe {
+        if v6 {
+            core::ptr::write_volatile(&mut (*sa).user_ip6[0], w[0]);
+            core::ptr::write_volatile(&mut (*sa).user_ip6[1], w[1]);
+            core::ptr::write_volatile(&mut (*sa).user_ip6[2], w[2]);
+            core::ptr::write_volatile(&mut (*sa).user_ip6[3], w[3]);
+        } else {
+            (*sa).user_ip4 = w[3];
+        }
+        (*sa).user_port = u32::from(port.to_be());
+    }
+}
+
+struct Caller {
+    cgroup_id: u64,
+    governed_cgroup_id: u64,
+    agent_id: u32,
+    tgid: u32,
+    uid: u32,
+}
+
+impl Caller {
+    #[inline(always)]
+    fn current(governed_cgroup_id: u64, gov: &Governed) -> Self {
+        Caller {
+            // SAFETY: helper without arguments.
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            governed_cgroup_id,
+            agent_id: gov.agent_id,
+            tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            uid: bpf_get_current_uid_gid() as u32,
+        }
+    }
+}
+
+/// Reports a refusal through `EVENTS` and returns the verdict. Fields are written in place in the
+/// ring buffer entry to keep the program's stack small.
+#[inline(never)]
+fn deny(caller: &Caller, refusal: &Refusal) -> i32 {
+    if let Some(mut entry) = EVENTS.reserve::<DenyEvent>(0) {
+        let ev = entry.as_mut_ptr();
+        // SAFETY: `ev` points at a reserved, exclusively owned entry of the right size; every
+        // field is written before submit.
+        unsafe {
+            (*ev).cgroup_id = caller.cgroup_id;
+            (*ev).governed_cgroup_id = caller.governed_cgroup_id;
+            (*ev).ts_ns = bpf_ktime_get_ns();
+            (*ev).agent_id = caller.agent_id;
+            (*ev).tgid = caller.tgid;
+            (*ev).uid = caller.uid;
+            (*ev).reason = refusal.reason;
+            (*ev).dst_addr = refusal.dst;
+            (*ev).dst_port = refusal.port;
+            (*ev).family = refusal.family;
+            (*ev).sock_type = refusal.sock_type;
+        }
+        entry.submit(0);
+    }
+    DENY
+}
+
+struct Refusal {
+    reason: u32,
+    dst: Addr,
+    port: u16,
+    family: u16,
+    sock_type: u32,
+}
+
+#[inline(always)]
+fn is_resolver(dst: &Addr, port: u16) -> bool {
+    let key = Endpoint { addr: *dst, port, _pad: 0 };
+    // SAFETY: read of a `u8` presence marker.
+    unsafe { RESOLVERS.get(&key).is_some() }
+}
+
+fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let Some((gov_cgroup, gov)) = governed() else {
+        return ALLOW;
+    };
+    let caller = Caller::current(gov_cgroup, &gov);
+    let sa = ctx.sock_addr;
+    let family = if v6 { AF_INET6 } else { AF_INET };
+    let (dst, port) = user_destination(sa, v6);
+    // SAFETY: 4-byte context loads.
+    let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
+    match decide_connect(ctx, v6, &caller, &gov, &dst, port, sock_type, protocol) {
+        Ok(()) => ALLOW,
+        Err(reason) => deny(&caller, &Refusal { reason, dst, port, family, sock_type }),
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn decide_connect(
+    ctx: &SockAddrContext,
+    v6: bool,
+    caller: &Caller,
+    gov: &Governed,
+    dst: &Addr,
+    port: u16,
+    sock_type: u32,
+    protocol: u32,
+) -> Result<(), u32> {
+    let sa = ctx.sock_addr;
+    let cfg = settings().ok_or(reason::NOT_READY)?;
+    // SAFETY: `sk` of a sock_addr context is a non-null PTR_TO_SOCKET; `mark` is a 4-byte field
+    // the verifier lets sock_addr programs read.
+    let mark = unsafe { (*(*sa).__bindgen_anon_1.sk).mark };
+    if cfg.mark != 0 && mark == cfg.mark && caller.tgid == cfg.daemon_tgid {
+        // The enforcer's own upstream socket (backstop: it normally runs ungoverned).
+        return Ok(());
+    }
+    if cfg.ready == 0 {
+        return Err(reason::NOT_READY);
+    }
+    if sock_type == SOCK_DGRAM {
+        return if is_resolver(dst, port) { Ok(()) } else { Err(reason::UDP_NOT_RESOLVER) };
+    }
+    if sock_type != SOCK_STREAM || protocol != IPPROTO_TCP {
+        return Err(reason::UNSUPPORTED_SOCKET);
+    }
+
+    let local = canonical_local(dst);
+    if port == cfg.enforcer_port && local == LOCALHOST {
+        return Err(reason::ENFORCER_DIRECT);
+    }
+    let protected = Endpoint { addr: local, port, _pad: 0 };
+    // SAFETY: read of a `u8` presence marker.
+    if unsafe { PROTECTED.get(&protected).is_some() } {
+        return Err(reason::PROTECTED_ENDPOINT);
+    }
+
+    let key = Key::new(DEST_KEY_FIXED_BITS + 128, DestKey::new(gov.agent_id, port, *dst));
+    let target_id = match DESTS.get(&key) {
+        Some(v) => v.target_id,
+        None if gov.flags & GOVERNED_UNKNOWN_RECORD != 0 => TARGET_UNKNOWN,
+        None => return Err(reason::UNKNOWN_DESTINATION),
+    };
+
+    let record = FlowRecord {
+        orig_addr: *dst,
+        orig_port: port,
+        family: if v6 { AF_INET6 } else { AF_INET },
+        target_id,
+        agent_id: gov.agent_id,
+        tgid: caller.tgid,
+        uid: caller.uid,
+        _pad: 0,
+        cgroup_id: caller.cgroup_id,
+        governed_cgroup_id: caller.governed_cgroup_id,
+        // SAFETY: helper without arguments.
+        created_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    // SAFETY: the helper takes the program's own context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if PENDING.insert(&cookie, &record, 0).is_err() {
+        return Err(reason::MAP_FULL);
+    }
+    // Losing this entry only affects what getpeername shows, so a failure is not fatal.
+    let _ = ORIG_DST.insert(&cookie, &record, 0);
+
+    if v6 {
+        set_user_destination(sa, true, &cfg.enforcer_v6, cfg.enforcer_port);
+    } else {
+        set_user_destination(sa, false, &v4_mapped(cfg.enforcer_v4), cfg.enforcer_port);
+    }
+    Ok(())
+}
+
+fn try_sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let Some((gov_cgroup, gov)) = governed() else {
+        return ALLOW;
+    };
+    let sa = ctx.sock_addr;
+    let (dst, port) = user_destination(sa, v6);
+    if is_resolver(&dst, port) {
+        return ALLOW;
+    }
+    let caller = Caller::current(gov_cgroup, &gov);
+    let family = if v6 { AF_INET6 } else { AF_INET };
+    deny(&caller, &Refusal { reason: reason::UDP_NOT_RESOLVER, dst, port, family, sock_type: SOCK_DGRAM })
+}
+
+fn try_getpeername(ctx: &SockAddrContext, v6: bool) -> i32 {
+    // SAFETY: the helper takes the program's own context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain `Copy` data; a concurrent LRU eviction can only make the lookup miss.
+    let Some(rec) = (unsafe { ORIG_DST.get(&cookie) }).copied() else {
+        return ALLOW;
+    };
+    let want = if v6 { AF_INET6 } else { AF_INET };
+    if rec.family == want {
+        set_user_destination(ctx.sock_addr, v6, &rec.orig_addr, rec.orig_port);
+    }
+    ALLOW
+}
+
+#[inline(always)]
+fn sock_ops_addr(ops: *mut bpf_sock_ops, local: bool) -> Addr {
+    // SAFETY: context loads, 4 bytes each.
+    unsafe {
+        if (*ops).family == u32::from(AF_INET6) {
+            let w = if local {
+                [
+                    core::ptr::read_volatile(&(*ops).local_ip6[0]),
+                    core::ptr::read_volatile(&(*ops).local_ip6[1]),
+                    core::ptr::read_volatile(&(*ops).local_ip6[2]),
+                    core::ptr::read_volatile(&(*ops).local_ip6[3]),
+                ]
+            } else {
+                [
+                    core::ptr::read_volatile(&(*ops).remote_ip6[0]),
+                    core::ptr::read_volatile(&(*ops).remote_ip6[1]),
+                    core::ptr::read_volatile(&(*ops).remote_ip6[2]),
+                    core::ptr::read_volatile(&(*ops).remote_ip6[3]),
+                ]
+            };
+            w
+        } else if local {
+            v4_mapped((*ops).local_ip4.to_ne_bytes())
+        } else {
+            v4_mapped((*ops).remote_ip4.to_ne_bytes())
+        }
+    }
+}
+
+fn try_sock_ops(ctx: &SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return 1;
+    }
+    // SAFETY: the helper takes the program's own context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain `Copy` data owned by this socket's connect; nobody else writes this key.
+    let Some(rec) = (unsafe { PENDING.get(&cookie) }).copied() else {
+        return 1;
+    };
+    // remote_port holds the port in network order; older kernels place it in the upper half.
+    let raw_remote = ctx.remote_port();
+    let remote_be = if raw_remote > 0xffff { (raw_remote >> 16) as u16 } else { raw_remote as u16 };
+    let key = FlowKey {
+        client_addr: sock_ops_addr(ctx.ops, true),
+        server_addr: sock_ops_addr(ctx.ops, false),
+        client_port: ctx.local_port() as u16,
+        server_port: u16::from_be(remote_be),
+    };
+    // On failure the enforcer finds no record and closes the connection: fail closed.
+    let _ = FLOWS.insert(&key, &rec, 0);
+    let _ = PENDING.remove(&cookie);
+    1
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn ag_connect4(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn ag_connect6(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn ag_sendmsg4(ctx: SockAddrContext) -> i32 {
+    try_sendmsg(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn ag_sendmsg6(ctx: SockAddrContext) -> i32 {
+    try_sendmsg(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn ag_getpeername4(ctx: SockAddrContext) -> i32 {
+    try_getpeername(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn ag_getpeername6(ctx: SockAddrContext) -> i32 {
+    try_getpeername(&ctx, true)
+}
+
+#[sock_ops]
+pub fn ag_sock_ops(ctx: SockOpsContext) -> u32 {
+    try_sock_ops(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,352 @@
+//! The command-line verbs other than `run`: each is a short client of another module
+//! (`identity` + `intercept` for `exec`, `admin` for `status`/`attach`, `session` for
+//! `sessions`). Output formatting lives here; decisions do not.
+
+use std::io::Write as _;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+
+use crate::admin::{self, Request};
+use crate::config::{Config, normalize_cgroup};
+use crate::identity::{CgroupFs, cgroup_id};
+use crate::intercept;
+use crate::session::{EventRow, SessionReader, SessionRow};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Msg(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Session(#[from] crate::session::SessionError),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
+    Intercept(#[from] intercept::InterceptError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+fn msg(s: impl Into<String>) -> CliError {
+    CliError::Msg(s.into())
+}
+
+/// Runs `cmd` inside the agent's cgroup, as `user` if given. On success this never returns:
+/// the process becomes the command, so stdio, signals and the exit code are the command's own.
+pub fn exec(cfg: &Config, agent: &str, user: Option<&str>, cmd: &[String]) -> Result<(), CliError> {
+    let a = cfg
+        .agent(agent)
+        .ok_or_else(|| msg(format!("unknown agent `{agent}`")))?;
+    let agent_id = cfg
+        .agent_id(agent)
+        .ok_or_else(|| msg(format!("unknown agent `{agent}`")))?;
+    let (program, args) = cmd
+        .split_first()
+        .ok_or_else(|| msg("no command given after `--`"))?;
+    let cgroups = CgroupFs::discover()?;
+    let relative = normalize_cgroup(&a.cgroup).map_err(msg)?;
+    let dir = cgroups.dir(&relative);
+    let not_governed = || {
+        msg(format!(
+            "agent `{agent}` is not governed right now (cgroup {} is not registered with the kernel hooks); start `agentgate run` first",
+            dir.display()
+        ))
+    };
+    let id = cgroup_id(&dir).map_err(|_| not_governed())?;
+    // Refuse to start an agent the hooks would not see: that would be an ungoverned agent.
+    match intercept::pinned_governed_agent(&cfg.pin_dir, id) {
+        Ok(Some(found)) if found == agent_id => {}
+        _ => return Err(not_governed()),
+    }
+
+    let mut command = Command::new(program);
+    command.args(args);
+    if let Some(name) = user {
+        let u = nix::unistd::User::from_name(name)
+            .map_err(|e| msg(format!("looking up user `{name}`: {e}")))?
+            .ok_or_else(|| msg(format!("no such user `{name}`")))?;
+        // std drops supplementary groups when it changes uid as root.
+        command
+            .uid(u.uid.as_raw())
+            .gid(u.gid.as_raw())
+            .env("USER", &u.name)
+            .env("LOGNAME", &u.name)
+            .env("HOME", &u.dir);
+    }
+    // Join before exec so that every socket the command creates is created inside the cgroup.
+    cgroups.join(&relative, std::process::id())?;
+    let err = command.exec();
+    Err(msg(format!("cannot run `{program}`: {err}")))
+}
+
+pub async fn attach(cfg: &Config, agent: &str, cgroup: &str) -> Result<(), CliError> {
+    admin::call(
+        &cfg.admin_socket(),
+        &Request::Attach {
+            agent: agent.into(),
+            cgroup: cgroup.into(),
+        },
+    )
+    .await?;
+    println!("cgroup {cgroup} is now governed as `{agent}`");
+    Ok(())
+}
+
+pub async fn detach(cfg: &Config, cgroup: &str) -> Result<(), CliError> {
+    admin::call(
+        &cfg.admin_socket(),
+        &Request::Detach {
+            cgroup: cgroup.into(),
+        },
+    )
+    .await?;
+    println!("cgroup {cgroup} is no longer governed");
+    Ok(())
+}
+
+/// Prints what is governed. Ok(true) when the daemon answers and every program is attached.
+pub async fn status(cfg: &Config, json: bool) -> Result<bool, CliError> {
+    let links = intercept::pinned_links(&cfg.pin_dir, &cfg.state_dir);
+    let attached = links.iter().all(|(_, ok)| *ok);
+    let daemon = admin::call(&cfg.admin_socket(), &Request::Status).await;
+    if json {
+        let value = serde_json::json!({
+            "daemon": daemon.as_ref().ok().and_then(|r| r.status.clone()),
+            "daemon_error": daemon.as_ref().err().map(ToString::to_string),
+            "programs": links.iter().map(|(n, ok)| serde_json::json!({"name": n, "attached": ok})).collect::<Vec<_>>(),
+        });
+        println!("{value:#}");
+        return Ok(attached && daemon.is_ok());
+    }
+    let mut out = std::io::stdout().lock();
+    match &daemon {
+        Ok(resp) => {
+            if let Some(s) = &resp.status {
+                writeln!(
+                    out,
+                    "daemon: running (pid {}, version {})",
+                    s.pid, s.version
+                )?;
+                writeln!(out, "listening: {}", s.listeners.join(", "))?;
+                writeln!(out, "cgroup2: {}   pins: {}", s.cgroup2, s.pin_dir)?;
+                writeln!(
+                    out,
+                    "connections: {} served, {} refused",
+                    s.connections_served, s.connections_refused
+                )?;
+                writeln!(out, "governed:")?;
+                for g in &s.governed {
+                    writeln!(
+                        out,
+                        "  {:<20} cgroup {} (id {}) roles [{}] targets [{}]",
+                        g.agent,
+                        g.cgroup,
+                        g.cgroup_id,
+                        g.roles.join(", "),
+                        g.targets.join(", ")
+                    )?;
+                }
+            }
+        }
+        Err(e) => writeln!(out, "daemon: NOT RUNNING ({e})")?,
+    }
+    for (name, ok) in &links {
+        writeln!(
+            out,
+            "program {name:<16} {}",
+            if *ok {
+                "attached (pinned)"
+            } else {
+                "NOT ATTACHED"
+            }
+        )?;
+    }
+    if daemon.is_err() && attached {
+        writeln!(
+            out,
+            "note: programs are pinned, so governed agents are refused (fail closed) until the daemon serves again"
+        )?;
+    }
+    Ok(attached && daemon.is_ok())
+}
+
+pub fn check_config(path: &Path) -> Result<(), CliError> {
+    let cfg = Config::load(path)?;
+    println!(
+        "{}: ok ({} agents, {} targets, listener port {})",
+        path.display(),
+        cfg.agents.len(),
+        cfg.targets.len(),
+        cfg.listen.port
+    );
+    Ok(())
+}
+
+pub fn sessions_list(cfg: &Config, limit: usize, json: bool) -> Result<(), CliError> {
+    let reader = SessionReader::open(&cfg.sessions_db())?;
+    let rows = reader.list(limit)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:>6}  {:<24}  {:<16}  {:>7}  {:<21}  {:<12}  {:<7}  {:>10}  {:>10}",
+        "ID",
+        "STARTED",
+        "AGENT",
+        "PID",
+        "DESTINATION",
+        "TARGET",
+        "DECISION",
+        "BYTES_UP",
+        "BYTES_DOWN"
+    )?;
+    for r in rows {
+        writeln!(
+            out,
+            "{:>6}  {:<24}  {:<16}  {:>7}  {:<21}  {:<12}  {:<7}  {:>10}  {:>10}",
+            r.id,
+            r.started,
+            r.agent.as_deref().unwrap_or("-"),
+            r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            r.original_destination.as_deref().unwrap_or("-"),
+            r.target.as_deref().unwrap_or("-"),
+            r.decision,
+            r.bytes_up,
+            r.bytes_down
+        )?;
+    }
+    Ok(())
+}
+
+pub fn sessions_show(cfg: &Config, id: i64, json: bool) -> Result<(), CliError> {
+    let reader = SessionReader::open(&cfg.sessions_db())?;
+    let row = reader.get(id)?;
+    let events = reader.events_of(id)?;
+    if json {
+        let value = serde_json::json!({ "session": row, "events": events });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    print_session(&row, &events)?;
+    Ok(())
+}
+
+fn print_session(r: &SessionRow, events: &[EventRow]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    writeln!(out, "session {}", r.id)?;
+    writeln!(
+        out,
+        "  agent:       {} (roles: {})",
+        opt(&r.agent),
+        r.roles.join(", ")
+    )?;
+    writeln!(
+        out,
+        "  process:     pid {} uid {} exe {}",
+        r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        r.uid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        opt(&r.exe)
+    )?;
+    writeln!(out, "  cmdline:     {}", opt(&r.cmdline))?;
+    writeln!(
+        out,
+        "  cgroup:      {} (id {})",
+        opt(&r.cgroup),
+        r.cgroup_id
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-".into())
+    )?;
+    writeln!(out, "  client:      {}", r.client)?;
+    writeln!(
+        out,
+        "  destination: {} -> target {} ({}) via {}",
+        opt(&r.original_destination),
+        opt(&r.target),
+        opt(&r.protocol),
+        opt(&r.upstream)
+    )?;
+    writeln!(
+        out,
+        "  decision:    {}{}",
+        r.decision,
+        r.reason
+            .as_ref()
+            .map(|s| format!(" ({s})"))
+            .unwrap_or_default()
+    )?;
+    writeln!(out, "  started:     {}", r.started)?;
+    writeln!(out, "  ended:       {}", opt(&r.ended))?;
+    writeln!(
+        out,
+        "  bytes:       {} up, {} down",
+        r.bytes_up, r.bytes_down
+    )?;
+    if let Some(e) = &r.error {
+        writeln!(out, "  error:       {e}")?;
+    }
+    for e in events {
+        writeln!(out, "  [{}] {} {}", e.ts, e.kind, e.detail)?;
+    }
+    Ok(())
+}
+
+pub fn events_list(cfg: &Config, limit: usize, json: bool) -> Result<(), CliError> {
+    let reader = SessionReader::open(&cfg.sessions_db())?;
+    let rows = reader.events(limit)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    for e in rows {
+        writeln!(
+            out,
+            "{:>6}  {}  {:<16}  agent={} pid={} dst={} {}",
+            e.id,
+            e.ts,
+            e.kind,
+            e.agent.as_deref().unwrap_or("-"),
+            e.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            e.destination.as_deref().unwrap_or("-"),
+            e.detail
+        )?;
+    }
+    Ok(())
+}
+
+pub fn uninstall(cfg: &Config) -> Result<(), CliError> {
+    intercept::uninstall(&cfg.pin_dir, &cfg.state_dir)?;
+    let cgroups = CgroupFs::discover()?;
+    for a in &cfg.agents {
+        if let Ok(rel) = normalize_cgroup(&a.cgroup) {
+            // Fails while processes remain inside; those stay where they are, now ungoverned.
+            if let Err(e) = std::fs::remove_dir(cgroups.dir(&rel)) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    eprintln!("note: cgroup {rel} kept: {e}");
+                }
+            }
+        }
+    }
+    println!(
+        "removed pinned programs and maps under {}",
+        cfg.pin_dir.display()
+    );
+    Ok(())
+}

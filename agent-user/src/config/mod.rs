@@ -1,0 +1,530 @@
+//! Operator configuration: the YAML file, its validation, and the validated types the rest of
+//! the daemon receives.
+//!
+//! Parsing errors name the file, line and key (serde_norway reports both); semantic errors found
+//! after parsing (an agent naming an unknown target, duplicate names) name the key path. Nothing
+//! outside this module sees unvalidated configuration. Policies and masking profiles are parsed
+//! here as part of the file and compiled by their own modules.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The configuration the demo and a bare `agentgate run` use when no file is given.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../../policies/default.yaml");
+
+/// Default path looked up when `--config` is not given and the file exists.
+pub const DEFAULT_PATH: &str = "/etc/agentgate/agentgate.yaml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{column}: {message}")]
+    Syntax {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: `{key}`: {message}")]
+    Invalid {
+        file: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// What unknown destinations of a governed agent get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownDestinations {
+    /// Refused in the kernel with `EPERM` (the default).
+    #[default]
+    Deny,
+    /// Redirected and relayed as recorded opaque TCP.
+    Record,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Opaque TCP: relayed and recorded at the connection level.
+    Tcp,
+    /// PostgreSQL wire protocol.
+    Postgres,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Postgres => "postgres",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A destination pattern: `ip:port` or `cidr:port` (IPv6 as `[addr]:port` / `[cidr]:port`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Destination {
+    pub net: IpNet,
+    pub port: u16,
+}
+
+impl Destination {
+    pub fn matches(&self, addr: &SocketAddr) -> bool {
+        let ip = match addr.ip() {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        self.port == addr.port() && self.net.contains(&ip)
+    }
+}
+
+impl FromStr for Destination {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{s}` is not `ip:port` or `cidr:port`"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("`{s}`: bad port `{port}`"))?;
+        if port == 0 {
+            return Err(format!("`{s}`: port 0 is not a destination"));
+        }
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let net = if host.contains('/') {
+            IpNet::from_str(host).map_err(|e| format!("`{s}`: bad CIDR: {e}"))?
+        } else {
+            let ip = IpAddr::from_str(host).map_err(|e| format!("`{s}`: bad address: {e}"))?;
+            IpNet::from(ip)
+        };
+        Ok(Destination {
+            net: net.trunc(),
+            port,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Destination {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Destination::from_str(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Destination {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.net {
+            IpNet::V4(n) if n.prefix_len() == 32 => write!(f, "{}:{}", n.addr(), self.port),
+            IpNet::V6(n) if n.prefix_len() == 128 => write!(f, "[{}]:{}", n.addr(), self.port),
+            IpNet::V4(n) => write!(f, "{n}:{}", self.port),
+            IpNet::V6(n) => write!(f, "[{n}]:{}", self.port),
+        }
+    }
+}
+
+fn deserialize_socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    SocketAddr::from_str(&s).map_err(|e| serde::de::Error::custom(format!("`{s}`: {e}")))
+}
+
+fn deserialize_opt_socket_addr<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    deserialize_socket_addr(d).map(Some)
+}
+
+fn deserialize_socket_addrs<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<SocketAddr>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    v.iter()
+        .map(|s| {
+            SocketAddr::from_str(s).map_err(|e| serde::de::Error::custom(format!("`{s}`: {e}")))
+        })
+        .collect()
+}
+
+/// The enforcer's loopback listeners.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    #[serde(default = "default_ipv4")]
+    pub ipv4: Ipv4Addr,
+    /// `null` disables the IPv6 listener; governed IPv6 connects are then refused.
+    #[serde(default = "default_ipv6")]
+    pub ipv6: Option<Ipv6Addr>,
+    #[serde(default = "default_port")]
+    pub port: u16,
+}
+
+fn default_ipv4() -> Ipv4Addr {
+    Ipv4Addr::LOCALHOST
+}
+fn default_ipv6() -> Option<Ipv6Addr> {
+    Some(Ipv6Addr::LOCALHOST)
+}
+fn default_port() -> u16 {
+    15001
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            ipv4: default_ipv4(),
+            ipv6: default_ipv6(),
+            port: default_port(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub name: String,
+    /// Path of the agent's cgroup relative to the cgroup2 mount, e.g. `agentgate/etl-bot`.
+    pub cgroup: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Target names this agent may reach; `"*"` means every configured target.
+    #[serde(default)]
+    pub targets: Vec<String>,
+    #[serde(default)]
+    pub unknown_destinations: UnknownDestinations,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub name: String,
+    /// Original destinations (`ip:port`, `cidr:port`) that this target answers for.
+    #[serde(rename = "match")]
+    pub destinations: Vec<Destination>,
+    pub protocol: Protocol,
+    /// Where the enforcer connects; default: the original destination.
+    #[serde(default, deserialize_with = "deserialize_opt_socket_addr")]
+    pub upstream: Option<SocketAddr>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listen: ListenConfig,
+    /// Sessions database and the admin socket live here.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Where links and maps are pinned (on bpffs).
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// `SO_MARK` set on the enforcer's upstream sockets (backstop against self-redirection).
+    #[serde(default = "default_mark")]
+    pub mark: u32,
+    /// UDP destinations governed agents may use (DNS resolvers), as `ip:port`.
+    #[serde(default, deserialize_with = "deserialize_socket_addrs")]
+    pub dns_resolvers: Vec<SocketAddr>,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    #[serde(default)]
+    pub agents: Vec<AgentConfig>,
+    #[serde(default)]
+    pub targets: Vec<TargetConfig>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/agentgate")
+}
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/agentgate")
+}
+fn default_mark() -> u32 {
+    0x4147_4154
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    /// The file named on the command line, else `/etc/agentgate/agentgate.yaml` if present,
+    /// else the embedded default.
+    pub fn load_or_default(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(p) => Config::load(p),
+            None if Path::new(DEFAULT_PATH).exists() => Config::load(Path::new(DEFAULT_PATH)),
+            None => Config::parse(EMBEDDED_DEFAULT, "<embedded default>"),
+        }
+    }
+
+    /// Parses and validates YAML text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = serde_norway::from_str(text).map_err(|e| match e.location() {
+            Some(loc) => ConfigError::Syntax {
+                file: file.to_string(),
+                line: loc.line(),
+                column: loc.column(),
+                message: e.to_string(),
+            },
+            None => ConfigError::Parse {
+                file: file.to_string(),
+                message: e.to_string(),
+            },
+        })?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            file: file.to_string(),
+            key,
+            message,
+        };
+        if self.listen.port == 0 {
+            return Err(invalid(
+                "listen.port".into(),
+                "must be a fixed port, not 0".into(),
+            ));
+        }
+        if self.agents.len() > agent_common::MAX_GOVERNED as usize / 2 {
+            return Err(invalid("agents".into(), "too many agents".into()));
+        }
+        let mut target_names = HashSet::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            if t.name.is_empty() || t.name == "*" {
+                return Err(invalid(
+                    format!("targets[{i}].name"),
+                    "must be a non-empty name".into(),
+                ));
+            }
+            if !target_names.insert(t.name.as_str()) {
+                return Err(invalid(
+                    format!("targets[{i}].name"),
+                    format!("duplicate target `{}`", t.name),
+                ));
+            }
+            if t.destinations.is_empty() {
+                return Err(invalid(
+                    format!("targets[{i}].match"),
+                    "needs at least one destination".into(),
+                ));
+            }
+            for (j, d) in t.destinations.iter().enumerate() {
+                if d.port == self.listen.port && is_local(&d.net) {
+                    return Err(invalid(
+                        format!("targets[{i}].match[{j}]"),
+                        "a target cannot be the enforcer's own listener".into(),
+                    ));
+                }
+            }
+        }
+        let mut agent_names = HashSet::new();
+        let mut cgroups = HashSet::new();
+        for (i, a) in self.agents.iter().enumerate() {
+            if a.name.is_empty() {
+                return Err(invalid(
+                    format!("agents[{i}].name"),
+                    "must not be empty".into(),
+                ));
+            }
+            if !agent_names.insert(a.name.as_str()) {
+                return Err(invalid(
+                    format!("agents[{i}].name"),
+                    format!("duplicate agent `{}`", a.name),
+                ));
+            }
+            let cg = normalize_cgroup(&a.cgroup)
+                .map_err(|m| invalid(format!("agents[{i}].cgroup"), m))?;
+            if !cgroups.insert(cg) {
+                return Err(invalid(
+                    format!("agents[{i}].cgroup"),
+                    "two agents share a cgroup".into(),
+                ));
+            }
+            for (j, t) in a.targets.iter().enumerate() {
+                if t != "*" && !target_names.contains(t.as_str()) {
+                    return Err(invalid(
+                        format!("agents[{i}].targets[{j}]"),
+                        format!("unknown target `{t}`"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The agent's kernel-side id: its 1-based position in `agents`.
+    pub fn agent_id(&self, name: &str) -> Option<u32> {
+        self.agents
+            .iter()
+            .position(|a| a.name == name)
+            .and_then(|i| u32::try_from(i + 1).ok())
+    }
+
+    pub fn agent_by_id(&self, id: u32) -> Option<&AgentConfig> {
+        self.agents.get(usize::try_from(id).ok()?.checked_sub(1)?)
+    }
+
+    pub fn agent(&self, name: &str) -> Option<&AgentConfig> {
+        self.agents.iter().find(|a| a.name == name)
+    }
+
+    /// The target's kernel-side id: its 1-based position in `targets`.
+    pub fn target_by_id(&self, id: u32) -> Option<&TargetConfig> {
+        self.targets.get(usize::try_from(id).ok()?.checked_sub(1)?)
+    }
+
+    /// Targets the agent may reach, with their ids.
+    pub fn targets_of<'a>(
+        &'a self,
+        agent: &'a AgentConfig,
+    ) -> impl Iterator<Item = (u32, &'a TargetConfig)> {
+        self.targets.iter().enumerate().filter_map(move |(i, t)| {
+            let allowed = agent.targets.iter().any(|n| n == "*" || *n == t.name);
+            let id = u32::try_from(i + 1).ok()?;
+            allowed.then_some((id, t))
+        })
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.state_dir.join("admin.sock")
+    }
+
+    pub fn sessions_db(&self) -> PathBuf {
+        self.state_dir.join("sessions.db")
+    }
+}
+
+fn is_local(net: &IpNet) -> bool {
+    let ip = net.addr();
+    ip.is_loopback() || ip.is_unspecified()
+}
+
+/// Validates a cgroup path relative to the cgroup2 mount: no `..`, not the root.
+pub fn normalize_cgroup(path: &str) -> Result<String, String> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.is_empty() {
+        return Err("the cgroup root cannot be governed; name a child cgroup".into());
+    }
+    if parts.iter().any(|p| *p == "." || *p == "..") {
+        return Err(format!("`{path}` must not contain `.` or `..`"));
+    }
+    Ok(parts.join("/"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let cfg = Config::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        assert!(!cfg.agents.is_empty());
+        assert!(!cfg.targets.is_empty());
+    }
+
+    #[test]
+    fn destinations_parse_and_match() {
+        let d: Destination = "10.0.0.0/8:5432".parse().unwrap();
+        assert!(d.matches(&"10.1.2.3:5432".parse().unwrap()));
+        assert!(!d.matches(&"10.1.2.3:5433".parse().unwrap()));
+        assert!(!d.matches(&"11.1.2.3:5432".parse().unwrap()));
+        assert!(d.matches(&"[::ffff:10.0.0.5]:5432".parse().unwrap()));
+        let v6: Destination = "[fd00::/64]:443".parse().unwrap();
+        assert!(v6.matches(&"[fd00::1]:443".parse().unwrap()));
+        assert!("127.0.0.1".parse::<Destination>().is_err());
+        assert!("127.0.0.1:0".parse::<Destination>().is_err());
+        assert!("300.0.0.1:1".parse::<Destination>().is_err());
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let bad = "agents:\n  - name: a\n    cgroup: x\n    rolez: [r]\n";
+        let err = Config::parse(bad, "f.yaml").unwrap_err().to_string();
+        assert!(err.starts_with("f.yaml:4:"), "{err}");
+        assert!(err.contains("rolez"), "{err}");
+
+        let bad = "targets:\n  - name: db\n    match: [\"127.0.0.1:99999\"]\n    protocol: tcp\n";
+        let err = Config::parse(bad, "f.yaml").unwrap_err().to_string();
+        assert!(err.contains("f.yaml:3"), "{err}");
+        assert!(err.contains("bad port"), "{err}");
+
+        let bad = "agents:\n  - name: a\n    cgroup: x\n    targets: [nope]\n";
+        let err = Config::parse(bad, "f.yaml").unwrap_err().to_string();
+        assert_eq!(err, "f.yaml: `agents[0].targets[0]`: unknown target `nope`");
+    }
+
+    #[test]
+    fn refuses_root_cgroup_and_self_target() {
+        let bad = "agents:\n  - name: a\n    cgroup: /\n";
+        assert!(
+            Config::parse(bad, "f")
+                .unwrap_err()
+                .to_string()
+                .contains("agents[0].cgroup")
+        );
+        let bad = "targets:\n  - name: me\n    match: [\"127.0.0.1:15001\"]\n    protocol: tcp\n";
+        assert!(
+            Config::parse(bad, "f")
+                .unwrap_err()
+                .to_string()
+                .contains("enforcer's own listener")
+        );
+        assert!(normalize_cgroup("a/../b").is_err());
+        assert_eq!(normalize_cgroup("/a//b/").unwrap(), "a/b");
+    }
+
+    #[test]
+    fn ids_are_one_based_and_targets_filtered() {
+        let text = "targets:\n  - {name: a, match: [\"127.0.0.1:1\"], protocol: tcp}\n  - {name: b, match: [\"127.0.0.1:2\"], protocol: tcp}\nagents:\n  - {name: x, cgroup: g/x, targets: [b]}\n  - {name: y, cgroup: g/y, targets: [\"*\"]}\n";
+        let cfg = Config::parse(text, "f").unwrap();
+        assert_eq!(cfg.agent_id("y"), Some(2));
+        assert_eq!(cfg.agent_by_id(1).unwrap().name, "x");
+        assert!(cfg.agent_by_id(0).is_none());
+        let x = cfg.agent("x").unwrap();
+        let ids: Vec<u32> = cfg.targets_of(x).map(|(id, _)| id).collect();
+        assert_eq!(ids, vec![2]);
+        let y = cfg.agent("y").unwrap();
+        assert_eq!(cfg.targets_of(y).count(), 2);
+    }
+}

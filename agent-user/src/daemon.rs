@@ -1,0 +1,343 @@
+//! `agentgate run`: wires configuration, cgroups, the kernel side, the session store, the
+//! listeners and the admin socket together, then serves until SIGTERM/SIGINT.
+//!
+//! Start-up order matters for failing closed: listeners are bound and every map is filled
+//! before the kernel side is marked ready; until then governed connects are refused. On exit
+//! the pinned links stay: governed agents remain refused until a daemon serves again or an
+//! operator runs `agentgate uninstall`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpListener;
+
+use crate::admin::{self, GovernedCgroup};
+use crate::config::{Config, normalize_cgroup};
+use crate::identity::{CgroupFs, IdentityError, ProcessInfo, cgroup_id};
+use crate::intercept::{self, Intercept, InterceptError};
+use crate::proxy::{self, Gate};
+use crate::session::{Event, SessionError, SessionReader, SessionStore};
+
+/// PENDING/FLOWS records older than this were never used and are swept.
+const STALE_RECORD_NS: u64 = 60 * 1_000_000_000;
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Intercept(#[from] InterceptError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+pub struct Daemon {
+    pub gate: Arc<Gate>,
+    pub cgroups: CgroupFs,
+    pub listeners: Vec<SocketAddr>,
+    governed: Mutex<Vec<GovernedCgroup>>,
+}
+
+impl Daemon {
+    pub fn governed_list(&self) -> Vec<GovernedCgroup> {
+        self.governed.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    fn resync(&self, governed: &[GovernedCgroup]) -> Result<(), InterceptError> {
+        let cfg = &self.gate.cfg;
+        let pairs: Vec<(u64, u32)> = governed
+            .iter()
+            .filter_map(|g| Some((g.cgroup_id, cfg.agent_id(&g.agent)?)))
+            .collect();
+        self.gate.intercept.sync(cfg, &pairs, &[])
+    }
+
+    /// Governs an existing cgroup (a systemd service, a container) as `agent`.
+    pub fn attach(&self, agent: &str, cgroup: &str) -> Result<(), String> {
+        let cfg = &self.gate.cfg;
+        let a = cfg
+            .agent(agent)
+            .ok_or_else(|| format!("unknown agent `{agent}`"))?;
+        let relative = relative_cgroup(&self.cgroups, cgroup)?;
+        let dir = self.cgroups.dir(&relative);
+        let id = cgroup_id(&dir).map_err(|e| e.to_string())?;
+        let mut governed = self
+            .governed
+            .lock()
+            .map_err(|_| "internal lock poisoned".to_string())?;
+        if let Some(existing) = governed.iter().find(|g| g.cgroup_id == id) {
+            if existing.agent != agent {
+                return Err(format!(
+                    "cgroup {relative} is already governed as `{}`",
+                    existing.agent
+                ));
+            }
+            return Ok(());
+        }
+        governed.push(describe(cfg, a, &relative, id));
+        self.resync(&governed).map_err(|e| e.to_string())?;
+        self.gate
+            .store
+            .attach(&relative, agent)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(agent, cgroup = %relative, cgroup_id = id, "cgroup attached");
+        Ok(())
+    }
+
+    /// Stops governing a cgroup added with `attach` (configured agent cgroups stay governed).
+    pub fn detach(&self, cgroup: &str) -> Result<(), String> {
+        let relative = relative_cgroup(&self.cgroups, cgroup)?;
+        if self
+            .gate
+            .cfg
+            .agents
+            .iter()
+            .any(|a| normalize_cgroup(&a.cgroup).ok().as_deref() == Some(relative.as_str()))
+        {
+            return Err(format!(
+                "cgroup {relative} is an agent's configured cgroup; change the configuration instead"
+            ));
+        }
+        let mut governed = self
+            .governed
+            .lock()
+            .map_err(|_| "internal lock poisoned".to_string())?;
+        let before = governed.len();
+        governed.retain(|g| g.cgroup != relative);
+        if governed.len() == before {
+            return Err(format!("cgroup {relative} is not attached"));
+        }
+        self.resync(&governed).map_err(|e| e.to_string())?;
+        self.gate
+            .store
+            .detach(&relative)
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+fn describe(cfg: &Config, a: &crate::config::AgentConfig, cgroup: &str, id: u64) -> GovernedCgroup {
+    GovernedCgroup {
+        agent: a.name.clone(),
+        cgroup: cgroup.to_string(),
+        cgroup_id: id,
+        roles: a.roles.clone(),
+        targets: cfg.targets_of(a).map(|(_, t)| t.name.clone()).collect(),
+    }
+}
+
+/// Accepts a cgroup as an absolute path under the cgroup2 mount or relative to it.
+fn relative_cgroup(cgroups: &CgroupFs, path: &str) -> Result<String, String> {
+    let p = std::path::Path::new(path);
+    let rel = match p.strip_prefix(&cgroups.mount) {
+        Ok(r) => r.to_string_lossy().into_owned(),
+        Err(_) => path.to_string(),
+    };
+    normalize_cgroup(&rel)
+}
+
+pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    let cfg = Arc::new(cfg);
+    let cgroups = CgroupFs::discover()?;
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::Io {
+        what: format!("state_dir {}", cfg.state_dir.display()),
+        source,
+    })?;
+    let store = Arc::new(SessionStore::open(&cfg.sessions_db())?);
+
+    let mut governed = Vec::new();
+    for a in &cfg.agents {
+        let relative = normalize_cgroup(&a.cgroup).unwrap_or_else(|_| a.cgroup.clone());
+        let id = cgroups.ensure(&relative)?;
+        governed.push(describe(&cfg, a, &relative, id));
+    }
+    for (cgroup, agent) in SessionReader::open(&cfg.sessions_db())?.attachments()? {
+        let Some(a) = cfg.agent(&agent) else {
+            tracing::warn!(
+                cgroup,
+                agent,
+                "attachment names an agent no longer configured; skipped"
+            );
+            continue;
+        };
+        match cgroup_id(&cgroups.dir(&cgroup)) {
+            Ok(id) => governed.push(describe(&cfg, a, &cgroup, id)),
+            Err(e) => tracing::warn!(cgroup, error = %e, "attached cgroup is gone; skipped"),
+        }
+    }
+
+    let mut listeners = Vec::new();
+    let mut bound = Vec::new();
+    let mut addrs = vec![SocketAddr::new(
+        IpAddr::V4(cfg.listen.ipv4),
+        cfg.listen.port,
+    )];
+    if let Some(v6) = cfg.listen.ipv6 {
+        addrs.push(SocketAddr::new(IpAddr::V6(v6), cfg.listen.port));
+    }
+    for addr in addrs {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Listen { addr, source })?;
+        listeners.push(addr);
+        bound.push(l);
+    }
+
+    let intercept = Arc::new(Intercept::load_or_adopt(&cfg, &cgroups)?);
+    let gate = Arc::new(Gate {
+        cfg: cfg.clone(),
+        intercept: intercept.clone(),
+        store: store.clone(),
+        served: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
+    });
+    let daemon = Arc::new(Daemon {
+        gate: gate.clone(),
+        cgroups,
+        listeners,
+        governed: Mutex::new(Vec::new()),
+    });
+    daemon.resync(&governed)?;
+    if let Ok(mut g) = daemon.governed.lock() {
+        *g = governed;
+    }
+
+    if let Some(ring) = intercept.take_events() {
+        tokio::spawn(read_events(ring, gate.clone()));
+    }
+    tokio::spawn(sweep(intercept.clone()));
+    let admin_path = cfg.admin_socket();
+    let admin_listener = admin::bind(&admin_path).map_err(|source| DaemonError::Io {
+        what: format!("admin socket {}", admin_path.display()),
+        source,
+    })?;
+    tokio::spawn(admin::serve(admin_listener, daemon.clone()));
+    for l in bound {
+        tokio::spawn(proxy::serve(l, gate.clone()));
+    }
+    let pid_file = cfg.state_dir.join("agentgate.pid");
+    std::fs::write(&pid_file, std::process::id().to_string()).map_err(|source| {
+        DaemonError::Io {
+            what: format!("pid file {}", pid_file.display()),
+            source,
+        }
+    })?;
+
+    tracing::info!(
+        listeners = ?daemon.listeners,
+        adopted = intercept.adopted,
+        agents = cfg.agents.len(),
+        "agentgate is enforcing"
+    );
+    wait_for_shutdown().await;
+    tracing::info!(
+        "shutting down; pinned programs stay attached (governed agents are refused until a daemon serves again)"
+    );
+    let _ = store.flush().await;
+    let _ = std::fs::remove_file(&pid_file);
+    let _ = std::fs::remove_file(&admin_path);
+    Ok(())
+}
+
+async fn wait_for_shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, serve until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn read_events(ring: RingBuf<MapData>, gate: Arc<Gate>) {
+    // `AsyncFd::new` is deprecated in favour of the unsafe `register`, whose contract is that the
+    // fd stays open while registered. The ring buffer owns its fd and is moved into the AsyncFd,
+    // so that holds by construction, and this crate forbids unsafe code.
+    #[allow(deprecated)]
+    let registered = AsyncFd::new(ring);
+    let mut afd = match registered {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot poll the kernel event ring buffer; refusals will not be recorded");
+            return;
+        }
+    };
+    let mut batch = Vec::new();
+    loop {
+        let mut guard = match afd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "kernel event ring buffer failed");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if let Some(ev) = intercept::decode_event(&item) {
+                batch.push(ev);
+            }
+        }
+        guard.clear_ready();
+        for ev in batch.drain(..) {
+            let agent = gate.cfg.agent_by_id(ev.agent_id).map(|a| a.name.clone());
+            let process = ProcessInfo::read(ev.tgid, ev.uid);
+            let dst = SocketAddr::new(intercept::ip_of(&ev.dst_addr), ev.dst_port);
+            let reason = intercept::reason_name(ev.reason);
+            tracing::warn!(agent = agent.as_deref().unwrap_or("?"), pid = ev.tgid, uid = ev.uid, destination = %dst, reason, "kernel refused a governed socket");
+            let _ = gate.store.event(Event {
+                session_id: None,
+                kind: "kernel_deny".into(),
+                agent,
+                pid: Some(ev.tgid),
+                uid: Some(ev.uid),
+                cgroup_id: Some(ev.cgroup_id),
+                exe: process.exe,
+                destination: Some(dst.to_string()),
+                detail: serde_json::json!({
+                    "reason": reason,
+                    "socket": if ev.sock_type == agent_common::SOCK_DGRAM { "udp" } else { "tcp" },
+                    "family": if ev.family == agent_common::AF_INET6 { "ipv6" } else { "ipv4" },
+                    "governed_cgroup_id": ev.governed_cgroup_id,
+                    "cmdline": process.cmdline,
+                }),
+            });
+        }
+    }
+}
+
+async fn sweep(intercept: Arc<Intercept>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tick.tick().await;
+        let Ok(now) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) else {
+            continue;
+        };
+        let now_ns = u64::try_from(now.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(now.tv_nsec()).unwrap_or(0);
+        let removed = intercept.sweep(now_ns, STALE_RECORD_NS);
+        if removed > 0 {
+            tracing::debug!(removed, "swept stale flow records");
+        }
+    }
+}

@@ -1,0 +1,746 @@
+//! The kernel side as the daemon sees it: load, attach, pin, re-adopt, and the maps.
+//!
+//! Programs are attached at the cgroup2 root with links that are pinned under `pin_dir/links`;
+//! maps are pinned under `pin_dir/maps`. A pinned link outlives the daemon, so when the daemon
+//! dies governed connects keep being redirected to a listener that is gone and are refused:
+//! fail closed. A restarted daemon finds the pins, re-adopts the maps and loads nothing.
+//!
+//! This module owns map layouts on the user side (through `agent-common`) and keeps the maps in
+//! step with the configuration; which agent may reach what is decided by `config`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use agent_common::{
+    Addr, DEST_KEY_FIXED_BITS, DenyEvent, DestKey, DestValue, Endpoint, FlowKey, FlowRecord,
+    GOVERNED_UNKNOWN_RECORD, Governed, Settings, V4_MAPPED_PREFIX_BITS, addr_bytes,
+    addr_from_bytes, names, v4_mapped,
+};
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, RingBuf};
+use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
+use aya::programs::{CgroupSockAddr, ProgramError, SockOps};
+use aya::{Ebpf, EbpfError};
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, UnknownDestinations};
+use crate::identity::{self, CgroupFs};
+
+/// The compiled programs, built by `cargo xtask build-ebpf` and committed with the hash of
+/// the sources they came from.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!("../../ebpf/agentgate.bpf.o");
+
+const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+    names::CONNECT4,
+    names::CONNECT6,
+    names::SENDMSG4,
+    names::SENDMSG6,
+    names::GETPEERNAME4,
+    names::GETPEERNAME6,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum InterceptError {
+    #[error("bpffs: {0}")]
+    Bpffs(String),
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("pinning {path}: {message}")]
+    Pin { path: PathBuf, message: String },
+    #[error(
+        "the programs pinned under {0} come from a different build of agentgate; run `agentgate uninstall` first (governed agents stay refused meanwhile)"
+    )]
+    StalePins(PathBuf),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> InterceptError {
+    move |source| InterceptError::Map { name, source }
+}
+
+/// SHA-256 of the embedded object: tells a re-adopting daemon whether the pins are its own.
+pub fn object_hash() -> String {
+    hex(&Sha256::digest(OBJECT))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Mounts bpffs at /sys/fs/bpf when no bpf filesystem covers `pin_dir`.
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), InterceptError> {
+    let info = identity::read_mountinfo()?;
+    if pin_dir
+        .ancestors()
+        .any(|p| identity::bpffs_mounted_at(&info, p))
+    {
+        return Ok(());
+    }
+    let default = Path::new("/sys/fs/bpf");
+    if !pin_dir.starts_with(default) {
+        return Err(InterceptError::Bpffs(format!(
+            "{} is not on a bpf filesystem; mount one there or use a pin_dir under /sys/fs/bpf",
+            pin_dir.display()
+        )));
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        default,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| InterceptError::Bpffs(format!("mount -t bpf bpf /sys/fs/bpf: {e}")))?;
+    tracing::info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+struct Paths {
+    links: PathBuf,
+    maps: PathBuf,
+    hash_file: PathBuf,
+}
+
+impl Paths {
+    fn new(pin_dir: &Path, state_dir: &Path) -> Paths {
+        Paths {
+            links: pin_dir.join("links"),
+            maps: pin_dir.join("maps"),
+            hash_file: state_dir.join("pinned-object.sha256"),
+        }
+    }
+
+    fn link(&self, program: &str) -> PathBuf {
+        self.links.join(program)
+    }
+
+    fn map(&self, name: &str) -> PathBuf {
+        self.maps.join(name)
+    }
+
+    fn all_links(&self) -> impl Iterator<Item = PathBuf> + '_ {
+        SOCK_ADDR_PROGRAMS
+            .iter()
+            .chain([&names::SOCK_OPS])
+            .map(|p| self.link(p))
+    }
+}
+
+/// Are links pinned under `pin_dir` (the programs are enforcing even if no daemon runs)?
+pub fn pinned_links(pin_dir: &Path, state_dir: &Path) -> Vec<(String, bool)> {
+    let paths = Paths::new(pin_dir, state_dir);
+    paths
+        .all_links()
+        .map(|p| {
+            let ok = PinnedLink::from_pin(&p).is_ok();
+            (
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                ok,
+            )
+        })
+        .collect()
+}
+
+/// The maps, open through their pins.
+pub struct Intercept {
+    governed: Mutex<HashMap<MapData, u64, Governed>>,
+    dests: Mutex<LpmTrie<MapData, DestKey, DestValue>>,
+    pending: Mutex<HashMap<MapData, u64, FlowRecord>>,
+    flows: Mutex<HashMap<MapData, FlowKey, FlowRecord>>,
+    resolvers: Mutex<HashMap<MapData, Endpoint, u8>>,
+    protected: Mutex<HashMap<MapData, Endpoint, u8>>,
+    settings: Mutex<Array<MapData, Settings>>,
+    events: Mutex<Option<RingBuf<MapData>>>,
+    /// True when this daemon found the programs already pinned and loaded nothing.
+    pub adopted: bool,
+}
+
+fn open_pinned(paths: &Paths, name: &'static str) -> Result<Map, InterceptError> {
+    let data = MapData::from_pin(paths.map(name)).map_err(map_err(name))?;
+    Map::from_map_data(data).map_err(map_err(name))
+}
+
+impl Intercept {
+    /// Re-adopts pinned state when present, else loads, attaches at the cgroup2 root and pins.
+    pub fn load_or_adopt(cfg: &Config, cgroups: &CgroupFs) -> Result<Intercept, InterceptError> {
+        ensure_bpffs(&cfg.pin_dir)?;
+        let paths = Paths::new(&cfg.pin_dir, &cfg.state_dir);
+        let pinned: Vec<bool> = paths.all_links().map(|p| p.exists()).collect();
+        if pinned.iter().all(|p| *p) {
+            let recorded = fs::read_to_string(&paths.hash_file).unwrap_or_default();
+            if recorded.trim() != object_hash() {
+                return Err(InterceptError::StalePins(cfg.pin_dir.clone()));
+            }
+            for p in paths.all_links() {
+                PinnedLink::from_pin(&p).map_err(|e| InterceptError::Pin {
+                    path: p.clone(),
+                    message: e.to_string(),
+                })?;
+            }
+            tracing::info!(pin_dir = %cfg.pin_dir.display(), "re-adopting pinned programs and maps");
+            return Intercept::open(&paths, true);
+        }
+        if pinned.iter().any(|p| *p) {
+            // A half-pinned set (a crash during a previous install): start over cleanly.
+            tracing::warn!(pin_dir = %cfg.pin_dir.display(), "incomplete pinned state found; replacing it");
+            remove_pins(&paths)?;
+        }
+        Intercept::install(cfg, cgroups, &paths)
+    }
+
+    // Attachments are bpf_links: the kernel rejects attach flags on cgroup link creation
+    // (`Single` maps to none), and links always coexist with other programs on the cgroup.
+    fn install(
+        cfg: &Config,
+        cgroups: &CgroupFs,
+        paths: &Paths,
+    ) -> Result<Intercept, InterceptError> {
+        for dir in [&paths.links, &paths.maps] {
+            fs::create_dir_all(dir).map_err(|source| InterceptError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        for name in names::MAPS {
+            let map = ebpf.map(name).ok_or(InterceptError::MissingMap(name))?;
+            let path = paths.map(name);
+            map.pin(&path).map_err(|e| InterceptError::Pin {
+                path,
+                message: e.to_string(),
+            })?;
+        }
+        let root = File::open(&cgroups.mount).map_err(|source| InterceptError::Io {
+            path: cgroups.mount.clone(),
+            source,
+        })?;
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(InterceptError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| InterceptError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| InterceptError::Program { name, source })?;
+            let id = prog
+                .attach(&root, CgroupAttachMode::Single)
+                .map_err(|source| InterceptError::Program { name, source })?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| InterceptError::Program { name, source })?;
+            pin_link(FdLink::try_from(link), &paths.link(name))?;
+        }
+        let name = names::SOCK_OPS;
+        let prog: &mut SockOps = ebpf
+            .program_mut(name)
+            .ok_or(InterceptError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| InterceptError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| InterceptError::Program { name, source })?;
+        let id = prog
+            .attach(&root, CgroupAttachMode::Single)
+            .map_err(|source| InterceptError::Program { name, source })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| InterceptError::Program { name, source })?;
+        pin_link(FdLink::try_from(link), &paths.link(name))?;
+
+        if let Some(dir) = paths.hash_file.parent() {
+            fs::create_dir_all(dir).map_err(|source| InterceptError::Io {
+                path: dir.into(),
+                source,
+            })?;
+        }
+        fs::write(&paths.hash_file, object_hash()).map_err(|source| InterceptError::Io {
+            path: paths.hash_file.clone(),
+            source,
+        })?;
+        tracing::info!(pin_dir = %cfg.pin_dir.display(), cgroup2 = %cgroups.mount.display(), "programs loaded, attached at the cgroup2 root and pinned");
+        Intercept::open(paths, false)
+    }
+
+    fn open(paths: &Paths, adopted: bool) -> Result<Intercept, InterceptError> {
+        let hash = |n: &'static str| -> Result<Map, InterceptError> { open_pinned(paths, n) };
+        Ok(Intercept {
+            governed: Mutex::new(
+                HashMap::try_from(hash(names::GOVERNED)?).map_err(map_err(names::GOVERNED))?,
+            ),
+            dests: Mutex::new(
+                LpmTrie::try_from(hash(names::DESTS)?).map_err(map_err(names::DESTS))?,
+            ),
+            pending: Mutex::new(
+                HashMap::try_from(hash(names::PENDING)?).map_err(map_err(names::PENDING))?,
+            ),
+            flows: Mutex::new(
+                HashMap::try_from(hash(names::FLOWS)?).map_err(map_err(names::FLOWS))?,
+            ),
+            resolvers: Mutex::new(
+                HashMap::try_from(hash(names::RESOLVERS)?).map_err(map_err(names::RESOLVERS))?,
+            ),
+            protected: Mutex::new(
+                HashMap::try_from(hash(names::PROTECTED)?).map_err(map_err(names::PROTECTED))?,
+            ),
+            settings: Mutex::new(
+                Array::try_from(hash(names::SETTINGS)?).map_err(map_err(names::SETTINGS))?,
+            ),
+            events: Mutex::new(Some(
+                RingBuf::try_from(hash(names::EVENTS)?).map_err(map_err(names::EVENTS))?,
+            )),
+            adopted,
+        })
+    }
+
+    /// Brings every map in line with the configuration plus runtime attachments
+    /// (`(cgroup id, agent id)` pairs), then marks the kernel side ready.
+    pub fn sync(
+        &self,
+        cfg: &Config,
+        agent_cgroups: &[(u64, u32)],
+        protected: &[SocketAddr],
+    ) -> Result<(), InterceptError> {
+        // Governed cgroups.
+        let mut want_gov: BTreeMap<u64, Governed> = BTreeMap::new();
+        for (cgroup, agent_id) in agent_cgroups {
+            let Some(agent) = cfg.agent_by_id(*agent_id) else {
+                continue;
+            };
+            let flags = match agent.unknown_destinations {
+                UnknownDestinations::Deny => 0,
+                UnknownDestinations::Record => GOVERNED_UNKNOWN_RECORD,
+            };
+            want_gov.insert(
+                *cgroup,
+                Governed {
+                    agent_id: *agent_id,
+                    flags,
+                },
+            );
+        }
+        {
+            let mut gov = lock(&self.governed);
+            for (k, v) in &want_gov {
+                gov.insert(k, v, 0).map_err(map_err(names::GOVERNED))?;
+            }
+            let stale: Vec<u64> = gov
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !want_gov.contains_key(k))
+                .collect();
+            for k in stale {
+                gov.remove(&k).map_err(map_err(names::GOVERNED))?;
+            }
+        }
+
+        // Destination allow list.
+        let mut want_dests: BTreeMap<(u32, [u8; 24]), (Key<DestKey>, DestValue)> = BTreeMap::new();
+        for (i, agent) in cfg.agents.iter().enumerate() {
+            let agent_id = u32::try_from(i + 1).unwrap_or(u32::MAX);
+            for (target_id, target) in cfg.targets_of(agent) {
+                for d in &target.destinations {
+                    let key = dest_key(agent_id, &d.net, d.port);
+                    want_dests.insert(dest_identity(&key), (key, DestValue { target_id, _pad: 0 }));
+                }
+            }
+        }
+        {
+            let mut dests = lock(&self.dests);
+            for (key, value) in want_dests.values() {
+                dests.insert(key, value, 0).map_err(map_err(names::DESTS))?;
+            }
+            let stale: Vec<Key<DestKey>> = dests
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !want_dests.contains_key(&dest_identity(k)))
+                .collect();
+            for k in stale {
+                dests.remove(&k).map_err(map_err(names::DESTS))?;
+            }
+        }
+
+        sync_endpoints(&self.resolvers, &cfg.dns_resolvers, names::RESOLVERS, false)?;
+        sync_endpoints(&self.protected, protected, names::PROTECTED, true)?;
+
+        let enforcer_v6 = match cfg.listen.ipv6 {
+            Some(v6) => addr_from_bytes(v6.octets()),
+            // Without an IPv6 listener, dual-stack sockets are sent to the IPv4 one through its
+            // mapped address; IPv6-only sockets then fail to connect (still refused, not bypassed).
+            None => v4_mapped(cfg.listen.ipv4.octets()),
+        };
+        let settings = Settings {
+            enforcer_v4: cfg.listen.ipv4.octets(),
+            enforcer_port: cfg.listen.port,
+            ready: 1,
+            enforcer_v6,
+            daemon_tgid: std::process::id(),
+            mark: cfg.mark,
+        };
+        lock(&self.settings)
+            .set(0, settings, 0)
+            .map_err(map_err(names::SETTINGS))?;
+        Ok(())
+    }
+
+    /// Takes (looks up and removes) the flow record of an accepted connection.
+    pub fn take_flow(&self, client: SocketAddr, server: SocketAddr) -> Option<FlowRecord> {
+        let key = flow_key(client, server);
+        let mut flows = lock(&self.flows);
+        let rec = flows.get(&key, 0).ok()?;
+        if let Err(e) = flows.remove(&key) {
+            tracing::warn!(error = %e, "could not remove a used flow record");
+        }
+        Some(rec)
+    }
+
+    /// The ring buffer of kernel refusals; taken once by the event reader.
+    pub fn take_events(&self) -> Option<RingBuf<MapData>> {
+        lock(&self.events).take()
+    }
+
+    /// Removes `PENDING` records of connects that never reached TCP_CONNECT_CB and `FLOWS`
+    /// records that were never accepted, older than `max_age_ns`. Returns how many.
+    pub fn sweep(&self, now_ns: u64, max_age_ns: u64) -> usize {
+        let old = |r: &FlowRecord| now_ns.saturating_sub(r.created_ns) > max_age_ns;
+        let mut removed = 0;
+        {
+            let mut pending = lock(&self.pending);
+            let stale: Vec<u64> = pending
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, r)| old(r))
+                .map(|(k, _)| k)
+                .collect();
+            for k in stale {
+                removed += usize::from(pending.remove(&k).is_ok());
+            }
+        }
+        let mut flows = lock(&self.flows);
+        let stale: Vec<FlowKey> = flows
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, r)| old(r))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            removed += usize::from(flows.remove(&k).is_ok());
+        }
+        removed
+    }
+
+    /// The agent id governing a cgroup id, if any.
+    pub fn governed_agent(&self, cgroup_id: u64) -> Option<u32> {
+        lock(&self.governed)
+            .get(&cgroup_id, 0)
+            .ok()
+            .map(|g| g.agent_id)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn pin_link(
+    link: Result<FdLink, aya::programs::links::LinkError>,
+    path: &Path,
+) -> Result<(), InterceptError> {
+    let link = link.map_err(|e| InterceptError::Pin {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
+    link.pin(path).map_err(|e| InterceptError::Pin {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
+    Ok(())
+}
+
+fn sync_endpoints(
+    map: &Mutex<HashMap<MapData, Endpoint, u8>>,
+    want: &[SocketAddr],
+    name: &'static str,
+    fold_local: bool,
+) -> Result<(), InterceptError> {
+    let want: BTreeSet<([u8; 16], u16)> = want
+        .iter()
+        .map(|a| {
+            let e = endpoint(*a, fold_local);
+            (addr_bytes(&e.addr), e.port)
+        })
+        .collect();
+    let mut m = lock(map);
+    for (addr, port) in &want {
+        m.insert(
+            Endpoint {
+                addr: addr_from_bytes(*addr),
+                port: *port,
+                _pad: 0,
+            },
+            1,
+            0,
+        )
+        .map_err(map_err(name))?;
+    }
+    let stale: Vec<Endpoint> = m
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|e| !want.contains(&(addr_bytes(&e.addr), e.port)))
+        .collect();
+    for e in stale {
+        m.remove(&e).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+/// An address in the kernel's form: IPv4 (and IPv4-mapped IPv6) as `::ffff:a.b.c.d`.
+pub fn kernel_addr(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => addr_from_bytes(v6.octets()),
+    }
+}
+
+/// Back from the kernel's form; mapped addresses become IPv4 again.
+pub fn ip_of(addr: &Addr) -> IpAddr {
+    let v6 = Ipv6Addr::from(addr_bytes(addr));
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn endpoint(a: SocketAddr, fold_local: bool) -> Endpoint {
+    let ip = a.ip();
+    let ip = if fold_local && (ip.is_loopback() || ip.is_unspecified()) {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        ip
+    };
+    Endpoint {
+        addr: kernel_addr(ip),
+        port: a.port(),
+        _pad: 0,
+    }
+}
+
+pub fn flow_key(client: SocketAddr, server: SocketAddr) -> FlowKey {
+    FlowKey {
+        client_addr: kernel_addr(client.ip()),
+        server_addr: kernel_addr(server.ip()),
+        client_port: client.port(),
+        server_port: server.port(),
+    }
+}
+
+fn dest_key(agent_id: u32, net: &IpNet, port: u16) -> Key<DestKey> {
+    let (addr, bits) = match net {
+        IpNet::V4(n) => (
+            v4_mapped(n.network().octets()),
+            V4_MAPPED_PREFIX_BITS + u32::from(n.prefix_len()),
+        ),
+        IpNet::V6(n) => (
+            addr_from_bytes(n.network().octets()),
+            u32::from(n.prefix_len()),
+        ),
+    };
+    Key::new(
+        DEST_KEY_FIXED_BITS + bits,
+        DestKey::new(agent_id, port, addr),
+    )
+}
+
+/// A comparable identity for an LPM key (prefix length + data), for set differences.
+fn dest_identity(k: &Key<DestKey>) -> (u32, [u8; 24]) {
+    let data = k.data();
+    let mut out = [0u8; 24];
+    let parts = [data.agent_id.to_ne_bytes(), data.port.to_ne_bytes()];
+    for (i, b) in parts
+        .iter()
+        .flatten()
+        .chain(addr_bytes(&data.addr).iter())
+        .enumerate()
+    {
+        if let Some(slot) = out.get_mut(i) {
+            *slot = *b;
+        }
+    }
+    (k.prefix_len(), out)
+}
+
+/// Decodes a `DenyEvent` from ring buffer bytes (bounds-checked; no unsafe casts).
+pub fn decode_event(b: &[u8]) -> Option<DenyEvent> {
+    let u64_at = |o: usize| {
+        b.get(o..o + 8)
+            .and_then(|s| s.try_into().ok())
+            .map(u64::from_ne_bytes)
+    };
+    let u32_at = |o: usize| {
+        b.get(o..o + 4)
+            .and_then(|s| s.try_into().ok())
+            .map(u32::from_ne_bytes)
+    };
+    let u16_at = |o: usize| {
+        b.get(o..o + 2)
+            .and_then(|s| s.try_into().ok())
+            .map(u16::from_ne_bytes)
+    };
+    Some(DenyEvent {
+        cgroup_id: u64_at(0)?,
+        governed_cgroup_id: u64_at(8)?,
+        ts_ns: u64_at(16)?,
+        agent_id: u32_at(24)?,
+        tgid: u32_at(28)?,
+        uid: u32_at(32)?,
+        reason: u32_at(36)?,
+        dst_addr: [u32_at(40)?, u32_at(44)?, u32_at(48)?, u32_at(52)?],
+        dst_port: u16_at(56)?,
+        family: u16_at(58)?,
+        sock_type: u32_at(60)?,
+    })
+}
+
+pub fn reason_name(reason: u32) -> &'static str {
+    use agent_common::reason::*;
+    match reason {
+        UNKNOWN_DESTINATION => "unknown_destination",
+        ENFORCER_DIRECT => "direct_connect_to_enforcer",
+        UDP_NOT_RESOLVER => "udp_not_to_resolver",
+        MAP_FULL => "flow_map_full",
+        UNSUPPORTED_SOCKET => "unsupported_socket",
+        NOT_READY => "enforcer_not_ready",
+        PROTECTED_ENDPOINT => "protected_endpoint",
+        _ => "unknown",
+    }
+}
+
+fn remove_pins(paths: &Paths) -> Result<(), InterceptError> {
+    for p in paths.all_links() {
+        match PinnedLink::from_pin(&p) {
+            // Unpinning and dropping the link detaches the program.
+            Ok(link) => drop(link.unpin().map_err(|source| InterceptError::Io {
+                path: p.clone(),
+                source,
+            })?),
+            Err(_) if p.exists() => fs::remove_file(&p).map_err(|source| InterceptError::Io {
+                path: p.clone(),
+                source,
+            })?,
+            Err(_) => {}
+        }
+    }
+    for name in names::MAPS {
+        let p = paths.map(name);
+        if p.exists() {
+            fs::remove_file(&p).map_err(|source| InterceptError::Io {
+                path: p.clone(),
+                source,
+            })?;
+        }
+    }
+    let _ = fs::remove_file(&paths.hash_file);
+    Ok(())
+}
+
+/// Detaches and unpins everything under `pin_dir`. Afterwards governed cgroups are no longer
+/// intercepted at all: that is what the operator asked for.
+pub fn uninstall(pin_dir: &Path, state_dir: &Path) -> Result<(), InterceptError> {
+    let paths = Paths::new(pin_dir, state_dir);
+    remove_pins(&paths)?;
+    for dir in [&paths.links, &paths.maps, &pin_dir.to_path_buf()] {
+        if dir.exists() {
+            fs::remove_dir(dir).map_err(|source| InterceptError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Looks a cgroup id up in the pinned `GOVERNED` map without loading anything (for `exec`).
+pub fn pinned_governed_agent(
+    pin_dir: &Path,
+    cgroup_id: u64,
+) -> Result<Option<u32>, InterceptError> {
+    let data = MapData::from_pin(pin_dir.join("maps").join(names::GOVERNED))
+        .map_err(map_err(names::GOVERNED))?;
+    let map: HashMap<MapData, u64, Governed> =
+        HashMap::try_from(Map::from_map_data(data).map_err(map_err(names::GOVERNED))?)
+            .map_err(map_err(names::GOVERNED))?;
+    Ok(map.get(&cgroup_id, 0).ok().map(|g| g.agent_id))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_keys_fold_v4_into_mapped_form() {
+        let k = flow_key(
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:15001".parse().unwrap(),
+        );
+        assert_eq!(k.client_addr, v4_mapped([127, 0, 0, 1]));
+        assert_eq!((k.client_port, k.server_port), (40000, 15001));
+        let k6 = flow_key(
+            "[::ffff:127.0.0.1]:40000".parse().unwrap(),
+            "127.0.0.1:15001".parse().unwrap(),
+        );
+        assert_ne!(
+            k6.client_addr, k.client_addr,
+            "a v6 socket's peer stays in v6 form unless mapped by us"
+        );
+        assert_eq!(
+            ip_of(&kernel_addr("10.1.2.3".parse().unwrap())),
+            "10.1.2.3".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn dest_keys_use_prefix_bits_after_the_fixed_part() {
+        let k = dest_key(3, &"10.0.0.0/8".parse().unwrap(), 5432);
+        assert_eq!(k.prefix_len(), 64 + 96 + 8);
+        let d = k.data();
+        assert_eq!(d.agent_id.to_ne_bytes(), [0, 0, 0, 3]);
+        assert_eq!(d.port.to_ne_bytes(), [0x15, 0x38, 0, 0]);
+        let k6 = dest_key(1, &"fd00::/64".parse().unwrap(), 443);
+        assert_eq!(k6.prefix_len(), 64 + 64);
+    }
+
+    #[test]
+    fn event_decoding_is_bounds_checked() {
+        assert!(decode_event(&[0u8; 10]).is_none());
+        let mut b = vec![0u8; 64];
+        b[28..32].copy_from_slice(&1234u32.to_ne_bytes());
+        b[36..40].copy_from_slice(&agent_common::reason::UNKNOWN_DESTINATION.to_ne_bytes());
+        b[56..58].copy_from_slice(&5432u16.to_ne_bytes());
+        let e = decode_event(&b).unwrap();
+        assert_eq!((e.tgid, e.dst_port), (1234, 5432));
+        assert_eq!(reason_name(e.reason), "unknown_destination");
+    }
+}

@@ -1,0 +1,198 @@
+//! The `agentgate` binary: parses the command line and hands off to the library.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use agentgate::config::{Config, LogFormat};
+use agentgate::{cli, daemon};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "agentgate",
+    version,
+    about = "Host enforcement point for autonomous agents"
+)]
+struct Args {
+    /// Log format (overrides the configuration's `log_format`).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<Format>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Configuration file (default: /etc/agentgate/agentgate.yaml if present, else the embedded default).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    fn load(&self) -> anyhow::Result<Config> {
+        Ok(Config::load_or_default(self.config.as_deref())?)
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load and pin the kernel hooks, then enforce and record until stopped.
+    Run(ConfigArg),
+    /// Detach and unpin everything `run` installed.
+    Uninstall(ConfigArg),
+    /// Run a command inside an agent's cgroup (optionally as another user).
+    Exec {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Govern an existing cgroup (e.g. a systemd service) as an agent.
+    Attach {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        cgroup: String,
+    },
+    /// Stop governing a cgroup added with `attach`.
+    Detach {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        cgroup: String,
+    },
+    /// Exit 0 when the daemon is up and the programs are attached; print what is governed.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a configuration file.
+    CheckConfig { file: PathBuf },
+    /// Read recorded sessions.
+    Sessions {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(subcommand)]
+        command: SessionsCmd,
+    },
+    /// Read recorded events (kernel refusals, connections without a flow record).
+    Events {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionsCmd {
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    Show {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match dispatch(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("agentgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
+    let log_override = args.log_format.map(|f| match f {
+        Format::Text => LogFormat::Text,
+        Format::Json => LogFormat::Json,
+    });
+    let rt = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")
+    };
+    match args.command {
+        Cmd::Run(c) => {
+            let cfg = c.load()?;
+            init_logging(log_override.unwrap_or(cfg.log_format));
+            rt()?.block_on(daemon::run(cfg))?;
+        }
+        Cmd::Uninstall(c) => cli::uninstall(&c.load()?)?,
+        Cmd::Exec {
+            config,
+            agent,
+            user,
+            command,
+        } => {
+            cli::exec(&config.load()?, &agent, user.as_deref(), &command)?;
+        }
+        Cmd::Attach {
+            config,
+            agent,
+            cgroup,
+        } => rt()?.block_on(cli::attach(&config.load()?, &agent, &cgroup))?,
+        Cmd::Detach { config, cgroup } => rt()?.block_on(cli::detach(&config.load()?, &cgroup))?,
+        Cmd::Status { config, json } => {
+            let healthy = rt()?.block_on(cli::status(&config.load()?, json))?;
+            return Ok(if healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        Cmd::CheckConfig { file } => cli::check_config(&file)?,
+        Cmd::Sessions { config, command } => {
+            let cfg = config.load()?;
+            match command {
+                SessionsCmd::List { limit, json } => cli::sessions_list(&cfg, limit, json)?,
+                SessionsCmd::Show { id, json } => cli::sessions_show(&cfg, id, json)?,
+            }
+        }
+        Cmd::Events {
+            config,
+            limit,
+            json,
+        } => cli::events_list(&config.load()?, limit, json)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,193 @@
+//! The enforcer's connection loop: accept, bind the connection to its kernel flow record and
+//! identity, pick the target's protocol handler, and record the session.
+//!
+//! A connection without a flow record (a direct connect, a spoofed tuple, a record lost to a
+//! full map) is closed before a single byte is read and recorded as an event. Protocol handlers
+//! live in submodules (`tcp`); codecs and policy live elsewhere.
+
+pub mod tcp;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use agent_common::{FlowRecord, TARGET_UNKNOWN};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::config::{Config, Protocol, TargetConfig};
+use crate::identity::ProcessInfo;
+use crate::intercept::{Intercept, ip_of};
+use crate::session::{Event, SessionStart, SessionStore};
+
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything a connection handler needs, shared by all connections.
+pub struct Gate {
+    pub cfg: Arc<Config>,
+    pub intercept: Arc<Intercept>,
+    pub store: Arc<SessionStore>,
+    pub served: AtomicU64,
+    pub refused: AtomicU64,
+}
+
+/// Who is on the other end of an accepted connection and where they wanted to go.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub agent: String,
+    pub roles: Vec<String>,
+    pub process: ProcessInfo,
+    pub cgroup_id: u64,
+    pub client: SocketAddr,
+    pub original_destination: SocketAddr,
+    /// `None` for an unknown destination relayed because the agent records them.
+    pub target: Option<TargetConfig>,
+}
+
+impl Peer {
+    pub fn upstream(&self) -> SocketAddr {
+        self.target
+            .as_ref()
+            .and_then(|t| t.upstream)
+            .unwrap_or(self.original_destination)
+    }
+
+    pub fn session_start(&self, decision: &str, reason: Option<String>) -> SessionStart {
+        SessionStart {
+            agent: Some(self.agent.clone()),
+            roles: self.roles.clone(),
+            cgroup_id: Some(self.cgroup_id),
+            cgroup: self.process.cgroup.clone(),
+            pid: Some(self.process.pid),
+            exe: self.process.exe.clone(),
+            cmdline: self.process.cmdline.clone(),
+            uid: Some(self.process.uid),
+            client: self.client.to_string(),
+            original_destination: Some(self.original_destination.to_string()),
+            target: self.target.as_ref().map(|t| t.name.clone()),
+            protocol: Some(
+                self.target
+                    .as_ref()
+                    .map(|t| t.protocol)
+                    .unwrap_or(Protocol::Tcp)
+                    .to_string(),
+            ),
+            upstream: Some(self.upstream().to_string()),
+            decision: decision.to_string(),
+            reason,
+        }
+    }
+}
+
+impl Gate {
+    fn identify(&self, flow: &FlowRecord, client: SocketAddr) -> Option<Peer> {
+        let agent = self.cfg.agent_by_id(flow.agent_id)?;
+        let target = if flow.target_id == TARGET_UNKNOWN {
+            None
+        } else {
+            Some(self.cfg.target_by_id(flow.target_id)?.clone())
+        };
+        Some(Peer {
+            agent: agent.name.clone(),
+            roles: agent.roles.clone(),
+            process: ProcessInfo::read(flow.tgid, flow.uid),
+            cgroup_id: flow.cgroup_id,
+            client,
+            original_destination: SocketAddr::new(ip_of(&flow.orig_addr), flow.orig_port),
+            target,
+        })
+    }
+
+    /// Connects to an upstream with the enforcer's mark set, so that even if this process
+    /// were placed in a governed cgroup its own sockets would not be redirected.
+    pub async fn connect_upstream(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let sock = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::Mark, &self.cfg.mark)
+            .map_err(io::Error::from)?;
+        sock.set_nodelay(true)?;
+        match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, sock.connect(addr)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {addr} timed out"),
+            )),
+        }
+    }
+}
+
+/// Accepts forever on one listener.
+pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
+    loop {
+        match listener.accept().await {
+            Ok((sock, peer)) => {
+                let gate = gate.clone();
+                tokio::spawn(async move { handle(gate, sock, peer).await });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(gate: Arc<Gate>, sock: TcpStream, client: SocketAddr) {
+    let local = match sock.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "accepted socket has no local address");
+            return;
+        }
+    };
+    let Some(flow) = gate.intercept.take_flow(client, local) else {
+        gate.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%client, %local, "connection without a flow record closed");
+        let _ = gate.store.event(Event {
+            kind: "no_flow_record".into(),
+            destination: Some(local.to_string()),
+            detail: serde_json::json!({ "client": client.to_string(), "reason": "no flow record: not redirected by the kernel hook" }),
+            ..Default::default()
+        });
+        return;
+    };
+    let Some(peer) = gate.identify(&flow, client) else {
+        gate.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            agent_id = flow.agent_id,
+            target_id = flow.target_id,
+            "flow names an agent or target the configuration no longer has; closed"
+        );
+        let _ = gate.store.event(Event {
+            kind: "unknown_identity".into(),
+            pid: Some(flow.tgid),
+            uid: Some(flow.uid),
+            cgroup_id: Some(flow.cgroup_id),
+            detail: serde_json::json!({ "agent_id": flow.agent_id, "target_id": flow.target_id }),
+            ..Default::default()
+        });
+        return;
+    };
+    gate.served.fetch_add(1, Ordering::Relaxed);
+    let protocol = peer
+        .target
+        .as_ref()
+        .map(|t| t.protocol)
+        .unwrap_or(Protocol::Tcp);
+    match protocol {
+        Protocol::Tcp => tcp::handle(&gate, sock, peer).await,
+        Protocol::Postgres => {
+            // The PostgreSQL handler is not wired yet: refuse rather than relay unjudged SQL.
+            let _ = gate.store.start(peer.session_start(
+                "deny",
+                Some("postgres protocol handler not available".into()),
+            ));
+            tracing::warn!(agent = %peer.agent, "postgres target refused: handler not available");
+        }
+    }
+}

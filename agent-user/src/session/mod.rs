@@ -1,0 +1,578 @@
+//! The session record: an embedded SQLite store under `state_dir`.
+//!
+//! One dedicated writer thread owns the write connection. Callers hand it records through a
+//! channel and never wait on the disk for connection-level records; the writer commits every
+//! batch it has drained (a batch is whatever queued up while the previous commit ran), so the
+//! window between "sent" and "committed" is one commit, typically well under a millisecond.
+//! WAL mode with `synchronous=NORMAL`: a committed record survives the daemon being killed
+//! (it is in the OS page cache and the WAL); only a power loss can drop the last commits.
+//! [`SessionStore::flush`] waits for everything sent so far to be committed, for callers that must
+//! not release a result before its record is durable.
+//!
+//! Readers (`agentgate sessions ...`) open the same file read-only; WAL lets them read while
+//! the daemon writes. This module stores and reads; it does not decide anything.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::Serialize;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sessions (
+    id INTEGER PRIMARY KEY,
+    agent TEXT,
+    roles TEXT NOT NULL DEFAULT '[]',
+    cgroup_id INTEGER,
+    cgroup TEXT,
+    pid INTEGER,
+    exe TEXT,
+    cmdline TEXT,
+    uid INTEGER,
+    client TEXT NOT NULL,
+    original_destination TEXT,
+    target TEXT,
+    protocol TEXT,
+    upstream TEXT,
+    decision TEXT NOT NULL,
+    reason TEXT,
+    started_ms INTEGER NOT NULL,
+    ended_ms INTEGER,
+    bytes_up INTEGER NOT NULL DEFAULT 0,
+    bytes_down INTEGER NOT NULL DEFAULT 0,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    session_id INTEGER,
+    kind TEXT NOT NULL,
+    agent TEXT,
+    pid INTEGER,
+    uid INTEGER,
+    cgroup_id INTEGER,
+    exe TEXT,
+    destination TEXT,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_session ON events(session_id);
+CREATE TABLE IF NOT EXISTS attachments (
+    cgroup TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    attached_ms INTEGER NOT NULL
+);
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("session store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("session store: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("session store writer has stopped")]
+    WriterGone,
+    #[error("no session {0}")]
+    NotFound(i64),
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+pub fn format_ms(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// A session as it starts.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct SessionStart {
+    pub agent: Option<String>,
+    pub roles: Vec<String>,
+    pub cgroup_id: Option<u64>,
+    pub cgroup: Option<String>,
+    pub pid: Option<u32>,
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+    pub uid: Option<u32>,
+    pub client: String,
+    pub original_destination: Option<String>,
+    pub target: Option<String>,
+    pub protocol: Option<String>,
+    pub upstream: Option<String>,
+    /// `allow`, `record` (unknown destination relayed), or `deny`.
+    pub decision: String,
+    pub reason: Option<String>,
+}
+
+/// Something that happened outside a session's byte stream: a kernel refusal, a connection
+/// closed for lack of a flow record, an attachment.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Event {
+    pub session_id: Option<i64>,
+    pub kind: String,
+    pub agent: Option<String>,
+    pub pid: Option<u32>,
+    pub uid: Option<u32>,
+    pub cgroup_id: Option<u64>,
+    pub exe: Option<String>,
+    pub destination: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+enum Write {
+    Start {
+        id: i64,
+        ts: i64,
+        s: Box<SessionStart>,
+    },
+    End {
+        id: i64,
+        ts: i64,
+        bytes_up: u64,
+        bytes_down: u64,
+        error: Option<String>,
+    },
+    Event {
+        ts: i64,
+        e: Box<Event>,
+    },
+    Attach {
+        cgroup: String,
+        agent: String,
+        ts: i64,
+    },
+    Detach {
+        cgroup: String,
+    },
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The daemon's handle: cheap to share (`Arc`) and never blocks on disk.
+pub struct SessionStore {
+    tx: mpsc::Sender<Write>,
+    next_id: AtomicI64,
+    path: PathBuf,
+}
+
+fn open_rw(path: &Path) -> Result<Connection, SessionError> {
+    let conn = Connection::open(path).map_err(|source| SessionError::Open {
+        path: path.into(),
+        source,
+    })?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+impl SessionStore {
+    pub fn open(path: &Path) -> Result<SessionStore, SessionError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| SessionError::Open {
+                path: path.into(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        }
+        let conn = open_rw(path)?;
+        let max: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM sessions", [], |r| {
+            r.get(0)
+        })?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("session-writer".into())
+            .spawn(move || writer(conn, rx))
+            .map_err(|e| SessionError::Open {
+                path: path.into(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        Ok(SessionStore {
+            tx,
+            next_id: AtomicI64::new(max + 1),
+            path: path.into(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records a new session and returns its id (allocated here, so no disk round trip).
+    pub fn start(&self, s: SessionStart) -> Result<i64, SessionError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.send(Write::Start {
+            id,
+            ts: now_ms(),
+            s: Box::new(s),
+        })?;
+        Ok(id)
+    }
+
+    pub fn end(
+        &self,
+        id: i64,
+        bytes_up: u64,
+        bytes_down: u64,
+        error: Option<String>,
+    ) -> Result<(), SessionError> {
+        self.send(Write::End {
+            id,
+            ts: now_ms(),
+            bytes_up,
+            bytes_down,
+            error,
+        })
+    }
+
+    pub fn event(&self, e: Event) -> Result<(), SessionError> {
+        self.send(Write::Event {
+            ts: now_ms(),
+            e: Box::new(e),
+        })
+    }
+
+    pub fn attach(&self, cgroup: &str, agent: &str) -> Result<(), SessionError> {
+        self.send(Write::Attach {
+            cgroup: cgroup.into(),
+            agent: agent.into(),
+            ts: now_ms(),
+        })
+    }
+
+    pub fn detach(&self, cgroup: &str) -> Result<(), SessionError> {
+        self.send(Write::Detach {
+            cgroup: cgroup.into(),
+        })
+    }
+
+    /// Resolves once everything sent before this call is committed.
+    pub async fn flush(&self) -> Result<(), SessionError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Write::Flush(tx))?;
+        rx.await.map_err(|_| SessionError::WriterGone)
+    }
+
+    fn send(&self, w: Write) -> Result<(), SessionError> {
+        self.tx.send(w).map_err(|_| SessionError::WriterGone)
+    }
+}
+
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>) {
+    while let Ok(first) = rx.recv() {
+        let mut acks = Vec::new();
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let result = conn.transaction().and_then(|tx| {
+            for w in batch {
+                apply(&tx, w, &mut acks)?;
+            }
+            tx.commit()
+        });
+        if let Err(e) = result {
+            tracing::error!(error = %e, "session store write failed");
+        }
+        for ack in acks {
+            let _ = ack.send(());
+        }
+    }
+}
+
+fn apply(
+    tx: &rusqlite::Transaction<'_>,
+    w: Write,
+    acks: &mut Vec<tokio::sync::oneshot::Sender<()>>,
+) -> rusqlite::Result<()> {
+    match w {
+        Write::Start { id, ts, s } => {
+            let roles = serde_json::to_string(&s.roles).unwrap_or_else(|_| "[]".into());
+            tx.execute(
+                "INSERT INTO sessions (id, agent, roles, cgroup_id, cgroup, pid, exe, cmdline, uid, client,
+                 original_destination, target, protocol, upstream, decision, reason, started_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                params![
+                    id,
+                    s.agent,
+                    roles,
+                    s.cgroup_id.map(|v| v as i64),
+                    s.cgroup,
+                    s.pid,
+                    s.exe,
+                    s.cmdline,
+                    s.uid,
+                    s.client,
+                    s.original_destination,
+                    s.target,
+                    s.protocol,
+                    s.upstream,
+                    s.decision,
+                    s.reason,
+                    ts
+                ],
+            )?;
+        }
+        Write::End {
+            id,
+            ts,
+            bytes_up,
+            bytes_down,
+            error,
+        } => {
+            tx.execute(
+                "UPDATE sessions SET ended_ms = ?2, bytes_up = ?3, bytes_down = ?4, error = COALESCE(?5, error) WHERE id = ?1",
+                params![id, ts, bytes_up as i64, bytes_down as i64, error],
+            )?;
+        }
+        Write::Event { ts, e } => {
+            tx.execute(
+                "INSERT INTO events (ts_ms, session_id, kind, agent, pid, uid, cgroup_id, exe, destination, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    ts,
+                    e.session_id,
+                    e.kind,
+                    e.agent,
+                    e.pid,
+                    e.uid,
+                    e.cgroup_id.map(|v| v as i64),
+                    e.exe,
+                    e.destination,
+                    e.detail.to_string()
+                ],
+            )?;
+        }
+        Write::Attach { cgroup, agent, ts } => {
+            tx.execute(
+                "INSERT INTO attachments (cgroup, agent, attached_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(cgroup) DO UPDATE SET agent = excluded.agent, attached_ms = excluded.attached_ms",
+                params![cgroup, agent, ts],
+            )?;
+        }
+        Write::Detach { cgroup } => {
+            tx.execute("DELETE FROM attachments WHERE cgroup = ?1", params![cgroup])?;
+        }
+        Write::Flush(ack) => acks.push(ack),
+    }
+    Ok(())
+}
+
+/// A stored session, as `sessions list/show` print it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionRow {
+    pub id: i64,
+    pub agent: Option<String>,
+    pub roles: Vec<String>,
+    pub cgroup_id: Option<i64>,
+    pub cgroup: Option<String>,
+    pub pid: Option<i64>,
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+    pub uid: Option<i64>,
+    pub client: String,
+    pub original_destination: Option<String>,
+    pub target: Option<String>,
+    pub protocol: Option<String>,
+    pub upstream: Option<String>,
+    pub decision: String,
+    pub reason: Option<String>,
+    pub started: String,
+    pub ended: Option<String>,
+    pub bytes_up: i64,
+    pub bytes_down: i64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRow {
+    pub id: i64,
+    pub ts: String,
+    pub session_id: Option<i64>,
+    pub kind: String,
+    pub agent: Option<String>,
+    pub pid: Option<i64>,
+    pub uid: Option<i64>,
+    pub cgroup_id: Option<i64>,
+    pub exe: Option<String>,
+    pub destination: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+/// Read-only access for the CLI and tests.
+pub struct SessionReader {
+    conn: Connection,
+}
+
+const SESSION_COLUMNS: &str = "id, agent, roles, cgroup_id, cgroup, pid, exe, cmdline, uid, client,
+    original_destination, target, protocol, upstream, decision, reason, started_ms, ended_ms,
+    bytes_up, bytes_down, error";
+
+fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
+    let roles: String = r.get(2)?;
+    Ok(SessionRow {
+        id: r.get(0)?,
+        agent: r.get(1)?,
+        roles: serde_json::from_str(&roles).unwrap_or_default(),
+        cgroup_id: r.get(3)?,
+        cgroup: r.get(4)?,
+        pid: r.get(5)?,
+        exe: r.get(6)?,
+        cmdline: r.get(7)?,
+        uid: r.get(8)?,
+        client: r.get(9)?,
+        original_destination: r.get(10)?,
+        target: r.get(11)?,
+        protocol: r.get(12)?,
+        upstream: r.get(13)?,
+        decision: r.get(14)?,
+        reason: r.get(15)?,
+        started: format_ms(r.get(16)?),
+        ended: r.get::<_, Option<i64>>(17)?.map(format_ms),
+        bytes_up: r.get(18)?,
+        bytes_down: r.get(19)?,
+        error: r.get(20)?,
+    })
+}
+
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+    let detail: String = r.get(10)?;
+    Ok(EventRow {
+        id: r.get(0)?,
+        ts: format_ms(r.get(1)?),
+        session_id: r.get(2)?,
+        kind: r.get(3)?,
+        agent: r.get(4)?,
+        pid: r.get(5)?,
+        uid: r.get(6)?,
+        cgroup_id: r.get(7)?,
+        exe: r.get(8)?,
+        destination: r.get(9)?,
+        detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+    })
+}
+
+impl SessionReader {
+    pub fn open(path: &Path) -> Result<SessionReader, SessionError> {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(
+            |source| SessionError::Open {
+                path: path.into(),
+                source,
+            },
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Ok(SessionReader { conn })
+    }
+
+    /// Most recent first.
+    pub fn list(&self, limit: usize) -> Result<Vec<SessionRow>, SessionError> {
+        let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions ORDER BY id DESC LIMIT ?1");
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map(params![limit as i64], session_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn get(&self, id: i64) -> Result<SessionRow, SessionError> {
+        let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1");
+        self.conn
+            .query_row(&sql, params![id], session_row)
+            .optional()?
+            .ok_or(SessionError::NotFound(id))
+    }
+
+    pub fn events_of(&self, session_id: i64) -> Result<Vec<EventRow>, SessionError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, ts_ms, session_id, kind, agent, pid, uid, cgroup_id, exe, destination, detail
+             FROM events WHERE session_id = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![session_id], event_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Most recent first.
+    pub fn events(&self, limit: usize) -> Result<Vec<EventRow>, SessionError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, ts_ms, session_id, kind, agent, pid, uid, cgroup_id, exe, destination, detail
+             FROM events ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit as i64], event_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn attachments(&self) -> Result<Vec<(String, String)>, SessionError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT cgroup, agent FROM attachments ORDER BY cgroup")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sessions_round_trip_and_survive_reopen() {
+        let dir =
+            std::env::temp_dir().join(format!("agentgate-session-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("s.db");
+        let store = SessionStore::open(&path).unwrap();
+        let id = store
+            .start(SessionStart {
+                agent: Some("bot".into()),
+                roles: vec!["analyst".into()],
+                client: "127.0.0.1:4000".into(),
+                decision: "allow".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        store.end(id, 10, 20, None).unwrap();
+        store
+            .event(Event {
+                session_id: Some(id),
+                kind: "note".into(),
+                detail: serde_json::json!({"k": 1}),
+                ..Default::default()
+            })
+            .unwrap();
+        store.flush().await.unwrap();
+
+        let reader = SessionReader::open(&path).unwrap();
+        let row = reader.get(id).unwrap();
+        assert_eq!(row.agent.as_deref(), Some("bot"));
+        assert_eq!(row.roles, vec!["analyst".to_string()]);
+        assert_eq!((row.bytes_up, row.bytes_down), (10, 20));
+        assert!(row.ended.is_some());
+        assert_eq!(reader.events_of(id).unwrap()[0].detail["k"], 1);
+        drop(store);
+
+        // A second daemon continues the id sequence instead of reusing ids.
+        let store = SessionStore::open(&path).unwrap();
+        let id2 = store
+            .start(SessionStart {
+                client: "c".into(),
+                decision: "allow".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(id2, id + 1);
+        store.flush().await.unwrap();
+        assert_eq!(reader.list(10).unwrap().len(), 2);
+        assert!(matches!(reader.get(999), Err(SessionError::NotFound(999))));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
