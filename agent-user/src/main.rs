@@ -19,6 +19,9 @@ struct Args {
     /// Log format (overrides the configuration's `log_format`).
     #[arg(long, global = true, value_enum)]
     log_format: Option<Format>,
+    /// Configuration file (default: /etc/agentgate/agentgate.yaml if present, else the embedded default).
+    #[arg(long, short = 'c', global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -29,29 +32,14 @@ enum Format {
     Json,
 }
 
-#[derive(clap::Args)]
-struct ConfigArg {
-    /// Configuration file (default: /etc/agentgate/agentgate.yaml if present, else the embedded default).
-    #[arg(long, short = 'c')]
-    config: Option<PathBuf>,
-}
-
-impl ConfigArg {
-    fn load(&self) -> anyhow::Result<Config> {
-        Ok(Config::load_or_default(self.config.as_deref())?)
-    }
-}
-
 #[derive(Subcommand)]
 enum Cmd {
     /// Load and pin the kernel hooks, then enforce and record until stopped.
-    Run(ConfigArg),
+    Run,
     /// Detach and unpin everything `run` installed.
-    Uninstall(ConfigArg),
+    Uninstall,
     /// Run a command inside an agent's cgroup (optionally as another user).
     Exec {
-        #[command(flatten)]
-        config: ConfigArg,
         #[arg(long)]
         agent: String,
         #[arg(long)]
@@ -61,8 +49,6 @@ enum Cmd {
     },
     /// Govern an existing cgroup (e.g. a systemd service) as an agent.
     Attach {
-        #[command(flatten)]
-        config: ConfigArg,
         #[arg(long)]
         agent: String,
         #[arg(long)]
@@ -70,15 +56,11 @@ enum Cmd {
     },
     /// Stop governing a cgroup added with `attach`.
     Detach {
-        #[command(flatten)]
-        config: ConfigArg,
         #[arg(long)]
         cgroup: String,
     },
     /// Exit 0 when the daemon is up and the programs are attached; print what is governed.
     Status {
-        #[command(flatten)]
-        config: ConfigArg,
         #[arg(long)]
         json: bool,
     },
@@ -86,15 +68,11 @@ enum Cmd {
     CheckConfig { file: PathBuf },
     /// Read recorded sessions.
     Sessions {
-        #[command(flatten)]
-        config: ConfigArg,
         #[command(subcommand)]
         command: SessionsCmd,
     },
     /// Read recorded events (kernel refusals, connections without a flow record).
     Events {
-        #[command(flatten)]
-        config: ConfigArg,
         #[arg(long, default_value_t = 50)]
         limit: usize,
         #[arg(long)]
@@ -145,6 +123,8 @@ fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
         Format::Text => LogFormat::Text,
         Format::Json => LogFormat::Json,
     });
+    let load =
+        || -> anyhow::Result<Config> { Ok(Config::load_or_default(args.config.as_deref())?) };
     let rt = || {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -152,28 +132,21 @@ fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
             .context("tokio runtime")
     };
     match args.command {
-        Cmd::Run(c) => {
-            let cfg = c.load()?;
+        Cmd::Run => {
+            let cfg = load()?;
             init_logging(log_override.unwrap_or(cfg.log_format));
             rt()?.block_on(daemon::run(cfg))?;
         }
-        Cmd::Uninstall(c) => cli::uninstall(&c.load()?)?,
+        Cmd::Uninstall => cli::uninstall(&load()?)?,
         Cmd::Exec {
-            config,
             agent,
             user,
             command,
-        } => {
-            cli::exec(&config.load()?, &agent, user.as_deref(), &command)?;
-        }
-        Cmd::Attach {
-            config,
-            agent,
-            cgroup,
-        } => rt()?.block_on(cli::attach(&config.load()?, &agent, &cgroup))?,
-        Cmd::Detach { config, cgroup } => rt()?.block_on(cli::detach(&config.load()?, &cgroup))?,
-        Cmd::Status { config, json } => {
-            let healthy = rt()?.block_on(cli::status(&config.load()?, json))?;
+        } => cli::exec(&load()?, &agent, user.as_deref(), &command)?,
+        Cmd::Attach { agent, cgroup } => rt()?.block_on(cli::attach(&load()?, &agent, &cgroup))?,
+        Cmd::Detach { cgroup } => rt()?.block_on(cli::detach(&load()?, &cgroup))?,
+        Cmd::Status { json } => {
+            let healthy = rt()?.block_on(cli::status(&load()?, json))?;
             return Ok(if healthy {
                 ExitCode::SUCCESS
             } else {
@@ -181,18 +154,14 @@ fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
             });
         }
         Cmd::CheckConfig { file } => cli::check_config(&file)?,
-        Cmd::Sessions { config, command } => {
-            let cfg = config.load()?;
+        Cmd::Sessions { command } => {
+            let cfg = load()?;
             match command {
                 SessionsCmd::List { limit, json } => cli::sessions_list(&cfg, limit, json)?,
                 SessionsCmd::Show { id, json } => cli::sessions_show(&cfg, id, json)?,
             }
         }
-        Cmd::Events {
-            config,
-            limit,
-            json,
-        } => cli::events_list(&config.load()?, limit, json)?,
+        Cmd::Events { limit, json } => cli::events_list(&load()?, limit, json)?,
     }
     Ok(ExitCode::SUCCESS)
 }

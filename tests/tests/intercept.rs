@@ -1,0 +1,492 @@
+//! The kernel hooks and the enforcer, end to end: real eBPF programs attached at the cgroup2
+//! root, a real daemon, processes placed in governed cgroups by `agentgate exec`.
+
+use std::process::Command;
+use std::time::Duration;
+
+use agentgate_tests::{
+    ECONNREFUSED, EPERM, EchoServer, Gate, probe_ungoverned, run, stdout, udp_echo, wait_for,
+};
+use serde_json::Value;
+
+fn config(echo: &EchoServer, extra: &str) -> String {
+    format!(
+        "agents:
+  - name: bot
+    cgroup: {{base}}/bot
+    roles: [analyst]
+    targets: [echo]
+  - name: recorder
+    cgroup: {{base}}/recorder
+    targets: [echo]
+    unknown_destinations: record
+targets:
+  - name: echo
+    match: [\"{}\"]
+    protocol: tcp
+{extra}",
+        echo.addr
+    )
+}
+
+fn ok(v: &Value) -> bool {
+    v["ok"] == true
+}
+
+fn errno(v: &Value) -> i64 {
+    v["errno"].as_i64().unwrap_or(0)
+}
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_default())
+        .collect()
+}
+
+#[test]
+fn governed_process_is_redirected_and_ungoverned_is_untouched() {
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let spec = format!("tcp:{}", echo.addr);
+
+    let governed = gate.probe("bot", &[&spec]);
+    assert!(ok(&governed[0]), "{governed:?}");
+    // getpeername shows the address the agent asked for, not the enforcer's.
+    assert_eq!(
+        governed[0]["peer"],
+        serde_json::json!(["127.0.0.1", echo.addr.port()])
+    );
+
+    let outside = probe_ungoverned(&[&spec, &format!("tcp:127.0.0.1:{}", gate.port)]);
+    assert!(ok(&outside[0]), "{outside:?}");
+
+    // Exactly one session: the governed connection. It carries identity and byte counts.
+    let sessions = gate.sessions_ended(1);
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let s = &sessions[0];
+    assert_eq!(s["agent"], "bot");
+    assert_eq!(s["roles"], serde_json::json!(["analyst"]));
+    assert_eq!(s["target"], "echo");
+    assert_eq!(s["decision"], "allow");
+    assert_eq!(s["original_destination"], echo.addr.to_string());
+    assert_eq!(s["bytes_up"], 15);
+    assert_eq!(s["bytes_down"], 15);
+    assert!(
+        s["exe"].as_str().unwrap_or_default().contains("python3"),
+        "{s}"
+    );
+    assert!(
+        s["cmdline"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("probe.py"),
+        "{s}"
+    );
+    assert!(
+        s["cgroup"].as_str().unwrap_or_default().ends_with("/bot"),
+        "{s}"
+    );
+    assert_eq!(s["uid"], 0);
+
+    // The ungoverned process's direct connect to the enforcer had no flow record: closed, noted.
+    assert!(!ok(&outside[1]), "{outside:?}");
+    gate.wait_event("a no_flow_record event", |e| e["kind"] == "no_flow_record");
+}
+
+#[test]
+fn grandchild_cgroup_stays_governed() {
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let grandchild = gate.cgroup_dir(&format!("{}/bot/worker/task", gate.cgroup_base));
+    let sh = format!(
+        "mkdir -p {g} && echo $$ > {g}/cgroup.procs && exec python3 {p} tcp:{e} tcp:127.0.0.1:1",
+        g = grandchild.display(),
+        p = agentgate_tests::probe_script().display(),
+        e = echo.addr
+    );
+    let out = run(&mut gate.exec("bot", &["sh", "-c", &sh]));
+    let lines = json_lines(&stdout(&out));
+    assert_eq!(lines.len(), 2, "{}", stdout(&out));
+    assert!(ok(&lines[0]), "{lines:?}");
+    assert_eq!(
+        errno(&lines[1]),
+        EPERM,
+        "unknown destination from a grandchild must be refused: {lines:?}"
+    );
+    let sessions = gate.sessions_ended(1);
+    assert!(
+        sessions[0]["cgroup"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("/bot/worker/task")
+    );
+    assert_eq!(sessions[0]["agent"], "bot");
+}
+
+#[test]
+fn ipv6_and_v4_mapped_connects_are_governed() {
+    let echo4 = EchoServer::start("127.0.0.1:0");
+    let echo6 = EchoServer::start("[::1]:0");
+    let extra = format!(
+        "  - name: echo6\n    match: [\"{}\"]\n    protocol: tcp\n",
+        echo6.addr
+    );
+    let cfg = config(&echo4, &extra).replacen("targets: [echo]", "targets: [echo, echo6]", 1);
+    let gate = Gate::start(&cfg);
+    let probes = gate.probe(
+        "bot",
+        &[
+            &format!("tcp:{}", echo6.addr),
+            &format!("tcp6:[::ffff:127.0.0.1]:{}", echo4.addr.port()),
+            "tcp:[::1]:1",
+            "tcp6:[::ffff:127.0.0.1]:1",
+        ],
+    );
+    assert!(
+        ok(&probes[0]),
+        "native IPv6 to an allowed target: {probes:?}"
+    );
+    assert_eq!(
+        probes[0]["peer"],
+        serde_json::json!(["::1", echo6.addr.port()])
+    );
+    assert!(
+        ok(&probes[1]),
+        "v4-mapped to an allowed IPv4 target: {probes:?}"
+    );
+    assert_eq!(
+        probes[1]["peer"],
+        serde_json::json!(["::ffff:127.0.0.1", echo4.addr.port()])
+    );
+    assert_eq!(errno(&probes[2]), EPERM, "{probes:?}");
+    assert_eq!(
+        errno(&probes[3]),
+        EPERM,
+        "v4-mapped unknown destination: {probes:?}"
+    );
+    let sessions = gate.sessions_ended(2);
+    let targets: Vec<&str> = sessions
+        .iter()
+        .filter_map(|s| s["target"].as_str())
+        .collect();
+    assert!(
+        targets.contains(&"echo6") && targets.contains(&"echo"),
+        "{sessions:?}"
+    );
+}
+
+#[test]
+fn udp_is_refused_except_to_resolvers() {
+    let echo = EchoServer::start("127.0.0.1:0");
+    let resolver = udp_echo("127.0.0.1:0");
+    let other = udp_echo("127.0.0.1:0");
+    let gate = Gate::start(&config(
+        &echo,
+        &format!("dns_resolvers: [\"{resolver}\"]\n"),
+    ));
+    let probes = gate.probe(
+        "bot",
+        &[
+            &format!("udp:{resolver}"),
+            &format!("udp:{other}"),
+            &format!("udpc:{other}"),
+            &format!("udpc:{resolver}"),
+        ],
+    );
+    assert!(ok(&probes[0]), "resolver must answer: {probes:?}");
+    assert_eq!(
+        errno(&probes[1]),
+        EPERM,
+        "sendto another UDP port: {probes:?}"
+    );
+    assert_eq!(
+        errno(&probes[2]),
+        EPERM,
+        "connected UDP to another port: {probes:?}"
+    );
+    assert!(ok(&probes[3]), "connected UDP to the resolver: {probes:?}");
+    // The same UDP destination works for an ungoverned process.
+    assert!(ok(&probe_ungoverned(&[&format!("udp:{other}")])[0]));
+    let e = gate.wait_event("a UDP refusal event", |e| {
+        e["detail"]["reason"] == "udp_not_to_resolver"
+    });
+    assert_eq!(e["agent"], "bot");
+    assert_eq!(e["destination"], other.to_string());
+}
+
+#[test]
+fn direct_connects_to_the_enforcer_are_refused() {
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let p = gate.port;
+    let probes = gate.probe(
+        "recorder", // even an agent that records unknown destinations
+        &[
+            &format!("tcp:127.0.0.1:{p}"),
+            &format!("tcp:[::1]:{p}"),
+            &format!("tcp:0.0.0.0:{p}"),
+            &format!("tcp:127.0.0.2:{p}"),
+            &format!("tcp6:[::ffff:127.0.0.1]:{p}"),
+        ],
+    );
+    for pr in &probes {
+        assert_eq!(errno(pr), EPERM, "{probes:?}");
+    }
+    gate.wait_event("an enforcer-direct refusal", |e| {
+        e["detail"]["reason"] == "direct_connect_to_enforcer"
+    });
+}
+
+#[test]
+fn unknown_destinations_are_refused_or_recorded_per_agent() {
+    let echo = EchoServer::start("127.0.0.1:0");
+    let elsewhere = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let spec = format!("tcp:{}", elsewhere.addr);
+
+    let refused = gate.probe("bot", &[&spec]);
+    assert_eq!(errno(&refused[0]), EPERM, "{refused:?}");
+    let e = gate.wait_event("an unknown-destination refusal", |e| {
+        e["detail"]["reason"] == "unknown_destination"
+    });
+    assert_eq!(e["agent"], "bot");
+    assert_eq!(e["destination"], elsewhere.addr.to_string());
+    assert!(
+        e["exe"].as_str().unwrap_or_default().contains("python3"),
+        "{e}"
+    );
+
+    let recorded = gate.probe("recorder", &[&spec]);
+    assert!(ok(&recorded[0]), "{recorded:?}");
+    assert_eq!(
+        recorded[0]["peer"],
+        serde_json::json!(["127.0.0.1", elsewhere.addr.port()])
+    );
+    let sessions = gate.sessions_ended(1);
+    assert_eq!(sessions[0]["agent"], "recorder");
+    assert_eq!(sessions[0]["decision"], "record");
+    assert!(sessions[0]["target"].is_null());
+    assert_eq!(sessions[0]["bytes_down"], 15);
+}
+
+#[test]
+fn killed_daemon_fails_closed_and_a_restart_readopts() {
+    let echo = EchoServer::start("127.0.0.1:0");
+    let mut gate = Gate::start(&config(&echo, ""));
+    let spec = format!("tcp:{}", echo.addr);
+    assert!(ok(&gate.probe("bot", &[&spec])[0]));
+
+    gate.kill9();
+    let governed = gate.probe("bot", &[&spec]);
+    assert_eq!(
+        errno(&governed[0]),
+        ECONNREFUSED,
+        "governed connect must be refused while the daemon is down: {governed:?}"
+    );
+    assert!(
+        ok(&probe_ungoverned(&[&spec])[0]),
+        "ungoverned traffic is unaffected"
+    );
+    let status = gate.cli(&["status"]);
+    assert!(!status.status.success());
+    assert!(
+        stdout(&status).contains("fail closed"),
+        "{}",
+        stdout(&status)
+    );
+
+    gate.spawn();
+    let st = gate.cli_json(&["status", "--json"]);
+    assert_eq!(st["daemon"]["adopted_pinned_state"], true, "{st}");
+    assert!(
+        ok(&gate.probe("bot", &[&spec])[0]),
+        "served again after restart"
+    );
+    assert!(
+        gate.log().contains("re-adopting pinned programs"),
+        "{}",
+        gate.log()
+    );
+}
+
+#[test]
+fn connection_without_flow_record_is_closed() {
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    // An ungoverned process (no hook, so no record) connects straight to the listener.
+    let out = probe_ungoverned(&[
+        &format!("tcp:127.0.0.1:{}", gate.port),
+        &format!("tcp:[::1]:{}", gate.port),
+    ]);
+    for pr in &out {
+        assert!(!ok(pr), "{out:?}");
+        assert!(
+            pr["echo"].as_str().unwrap_or_default().is_empty(),
+            "no byte may come back: {out:?}"
+        );
+    }
+    gate.wait_event("no_flow_record", |e| e["kind"] == "no_flow_record");
+    let sessions = gate.cli_json(&["sessions", "list", "--json"]);
+    assert_eq!(
+        sessions.as_array().map(Vec::len),
+        Some(0),
+        "nothing was relayed: {sessions}"
+    );
+}
+
+#[test]
+fn exec_passes_exit_code_stdio_and_user() {
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let out = run(&mut gate.exec("bot", &["sh", "-c", "id -u; cat /proc/self/cgroup; exit 7"]));
+    assert_eq!(out.status.code(), Some(7));
+    let text = stdout(&out);
+    assert!(text.starts_with("0\n"), "{text}");
+    assert!(
+        text.contains(&format!("{}/bot", gate.cgroup_base)),
+        "{text}"
+    );
+
+    let script = agentgate_tests::probe_script();
+    let target = format!("tcp:{}", echo.addr);
+    let mut as_nobody = Command::new(agentgate_tests::agentgate_bin());
+    as_nobody
+        .args(["exec", "--config"])
+        .arg(&gate.config)
+        .args(["--agent", "bot", "--user", "nobody", "--", "python3"])
+        .arg(&script)
+        .arg(&target);
+    let out = run(&mut as_nobody);
+    assert!(stdout(&out).contains("\"ok\": true"), "{}", stdout(&out));
+    let sessions = gate.sessions_ended(1);
+    assert_eq!(
+        sessions[0]["uid"], 65534,
+        "the agent ran as nobody: {:?}",
+        sessions[0]
+    );
+
+    let unknown = run(&mut gate.exec("nobody-configured", &["true"]));
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown agent"));
+}
+
+#[test]
+fn exec_refuses_when_nothing_governs_the_agent() {
+    let echo = EchoServer::start("127.0.0.1:0");
+    let mut gate = Gate::start(&config(&echo, ""));
+    gate.kill9();
+    let out = gate.cli(&["uninstall"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&mut gate.exec("bot", &["true"]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not governed right now"), "{err}");
+}
+
+#[test]
+fn attach_governs_an_existing_cgroup() {
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let service = format!("{}/service", gate.cgroup_base);
+    let dir = gate.cgroup_dir(&service);
+    std::fs::create_dir_all(&dir).expect("create service cgroup");
+    let dir_s = dir.to_str().unwrap_or_default();
+    let out = gate.cli(&["attach", "--agent", "bot", "--cgroup", dir_s]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let sh = format!(
+        "echo $$ > {}/cgroup.procs && exec python3 {} tcp:{} tcp:127.0.0.1:1",
+        dir.display(),
+        agentgate_tests::probe_script().display(),
+        echo.addr
+    );
+    let lines = json_lines(&stdout(&run(Command::new("sh").args(["-c", &sh]))));
+    assert!(ok(&lines[0]), "{lines:?}");
+    assert_eq!(errno(&lines[1]), EPERM, "{lines:?}");
+    let s = gate.sessions_ended(1);
+    assert_eq!(s[0]["agent"], "bot");
+    let st = gate.cli_json(&["status", "--json"]);
+    let governed = st["daemon"]["governed"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        governed.iter().any(|g| g["cgroup"] == service.as_str()),
+        "{st}"
+    );
+
+    let bad = gate.cli(&["attach", "--agent", "ghost", "--cgroup", dir_s]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown agent"));
+
+    let out = gate.cli(&["detach", "--cgroup", &service]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&stdout(&run(Command::new("sh").args(["-c", &sh]))));
+    assert!(ok(&lines[0]) && ok(&lines[1]) == false, "{lines:?}");
+    assert_eq!(
+        errno(&lines[1]),
+        111,
+        "after detach the process is ungoverned: {lines:?}"
+    );
+    wait_for(
+        "no new session after detach",
+        Duration::from_secs(2),
+        || {
+            let s = gate.cli_json(&["sessions", "list", "--json"]);
+            (s.as_array().map(Vec::len) == Some(1)).then_some(())
+        },
+    );
+}
+
+#[test]
+fn check_config_reports_file_line_and_key() {
+    let dir = std::env::temp_dir().join(agentgate_tests::unique("cfg"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bad = dir.join("bad.yaml");
+    let check = |path: &std::path::Path| {
+        run(Command::new(agentgate_tests::agentgate_bin())
+            .arg("check-config")
+            .arg(path))
+    };
+    std::fs::write(
+        &bad,
+        "agents:\n  - name: a\n    cgroup: x\n    targets: [nope]\n",
+    )
+    .expect("write");
+    let out = check(&bad);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("agents[0].targets[0]") && err.contains("unknown target `nope`"),
+        "{err}"
+    );
+
+    std::fs::write(&bad, "listen:\n  port: banana\n").expect("write");
+    let out = check(&bad);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bad.yaml:2:"),
+        "errors name file and line: {err}"
+    );
+
+    let out = check(&agentgate_tests::workspace_root().join("policies/default.yaml"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
