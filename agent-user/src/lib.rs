@@ -12,5 +12,6 @@ pub mod config;
 pub mod daemon;
 pub mod identity;
 pub mod intercept;
+pub mod mask;
 pub mod proxy;
 pub mod session;

@@ -4,6 +4,8 @@
 //! Every prerequisite is checked loudly: a test that needs root, eBPF or PostgreSQL panics with
 //! what is missing and how to get it, it never skips. Each [`Gate`] gets its own listener port,
 //! pin directory, state directory and cgroups, so tests run side by side.
+// Test code: a panic with a message is exactly how a failed step should be reported.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -151,13 +153,13 @@ impl Gate {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "agentgate run exited early ({status}); log:\n{}",
-                        self.log()
-                    );
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "agentgate run exited early ({status}); log:\n{}",
+                    self.log()
+                );
             }
             if self.cli(&["status"]).status.success() {
                 return;

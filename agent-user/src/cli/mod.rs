@@ -337,10 +337,10 @@ pub fn uninstall(cfg: &Config) -> Result<(), CliError> {
     for a in &cfg.agents {
         if let Ok(rel) = normalize_cgroup(&a.cgroup) {
             // Fails while processes remain inside; those stay where they are, now ungoverned.
-            if let Err(e) = std::fs::remove_dir(cgroups.dir(&rel)) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    eprintln!("note: cgroup {rel} kept: {e}");
-                }
+            if let Err(e) = std::fs::remove_dir(cgroups.dir(&rel))
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                eprintln!("note: cgroup {rel} kept: {e}");
             }
         }
     }

@@ -443,7 +443,9 @@ masking:
         );
         assert!(e.contains("\"p2\"") && e.contains("a.b.c.d"), "{e}");
 
-        let e = invalid("masking: { profiles: { p3: { columns: [ { column: a..b, style: redact } ] } } }");
+        let e = invalid(
+            "masking: { profiles: { p3: { columns: [ { column: a..b, style: redact } ] } } }",
+        );
         assert!(e.contains("\"p3\""), "{e}");
 
         let e = invalid(
@@ -454,12 +456,13 @@ masking:
         let e = invalid("masking: { profiles: { p5: { detectors: [email, email] } } }");
         assert!(e.contains("\"p5\"") && e.contains("detectors[1]"), "{e}");
 
-        let e = invalid("masking: { profiles: { p6: { detectors: [email], detector_style: keep_last } } }");
+        let e = invalid(
+            "masking: { profiles: { p6: { detectors: [email], detector_style: keep_last } } }",
+        );
         assert!(e.contains("\"p6\"") && e.contains("detector_style"), "{e}");
 
-        let e = invalid(
-            "masking: { profiles: { p7: { columns: [ { column: x, style: hash } ] } } }",
-        );
+        let e =
+            invalid("masking: { profiles: { p7: { columns: [ { column: x, style: hash } ] } } }");
         assert!(e.contains("\"p7\"") && e.contains("key"), "{e}");
 
         let e = invalid("masking: { profiles: { \"bad name\": {} } }");

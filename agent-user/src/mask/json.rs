@@ -180,12 +180,19 @@ mod tests {
 
     #[test]
     fn strings_keys_and_numbers() {
-        let out = mask_json(r#"{"x": "axb", "n": 12, "y": [1, "x"]}"#, upper_x).unwrap().unwrap();
-        assert_eq!(out, r#"{"X": "aXb", "n": 12, "y": [1, "X"]}"#);
-        assert_eq!(mask_json(r#"{"a": "b", "c": -1.5e3}"#, upper_x).unwrap(), None);
-        let out = mask_json(r#"{"n": 4111, "m": 7}"#, |s| (s == "4111").then(|| "****".to_owned()))
+        let out = mask_json(r#"{"x": "axb", "n": 12, "y": [1, "x"]}"#, upper_x)
             .unwrap()
             .unwrap();
+        assert_eq!(out, r#"{"X": "aXb", "n": 12, "y": [1, "X"]}"#);
+        assert_eq!(
+            mask_json(r#"{"a": "b", "c": -1.5e3}"#, upper_x).unwrap(),
+            None
+        );
+        let out = mask_json(r#"{"n": 4111, "m": 7}"#, |s| {
+            (s == "4111").then(|| "****".to_owned())
+        })
+        .unwrap()
+        .unwrap();
         assert_eq!(out, r#"{"n": "****", "m": 7}"#);
     }
 
@@ -199,14 +206,19 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, ["\nfoo", "a\"b", "é😀"]);
-        let out = mask_json(r#"["x\n\"q\""]"#, |s| Some(s.replace('x', "\\"))).unwrap().unwrap();
+        let out = mask_json(r#"["x\n\"q\""]"#, |s| Some(s.replace('x', "\\")))
+            .unwrap()
+            .unwrap();
         assert_eq!(out, r#"["\\\n\"q\""]"#);
         assert_eq!(decode_string(r"\ud800x").unwrap(), "\u{FFFD}x");
     }
 
     #[test]
     fn malformed_is_reported() {
-        assert_eq!(mask_json(r#"{"a": "unterminated}"#, upper_x), Err(Malformed));
+        assert_eq!(
+            mask_json(r#"{"a": "unterminated}"#, upper_x),
+            Err(Malformed)
+        );
         assert_eq!(mask_json(r#"["bad \q escape x"]"#, upper_x), Err(Malformed));
     }
 

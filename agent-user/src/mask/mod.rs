@@ -5,7 +5,7 @@
 //! key bytes it resolved (`key_env` / `key_file`, see
 //! [`MaskingConfig::key_source`]), then per result set:
 //!
-//! ```ignore
+//! ```text
 //! let plan = masker.plan(&policy_profiles, &columns)?;   // on RowDescription
 //! if !plan.is_noop() {
 //!     plan.apply(&mut row_values)?;                        // on each DataRow

@@ -67,7 +67,9 @@ impl Hasher {
 fn push_hex(out: &mut String, b: u8) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     for nibble in [b >> 4, b & 0x0f] {
-        out.push(char::from(HEX.get(usize::from(nibble)).copied().unwrap_or(b'0')));
+        out.push(char::from(
+            HEX.get(usize::from(nibble)).copied().unwrap_or(b'0'),
+        ));
     }
 }
 
@@ -150,9 +152,15 @@ mod tests {
     #[test]
     fn redact_style() {
         let h = hasher(b"k");
-        assert_eq!(render_value(Action::Redact, b"alice@example.com", &h).unwrap(), "[REDACTED]");
+        assert_eq!(
+            render_value(Action::Redact, b"alice@example.com", &h).unwrap(),
+            "[REDACTED]"
+        );
         // Redaction does not need UTF-8.
-        assert_eq!(render_value(Action::Redact, &[0xff, 0xfe], &h).unwrap(), "[REDACTED]");
+        assert_eq!(
+            render_value(Action::Redact, &[0xff, 0xfe], &h).unwrap(),
+            "[REDACTED]"
+        );
     }
 
     #[test]
@@ -178,20 +186,33 @@ mod tests {
         let h2 = hasher(b"0123456789abcdef-key-two");
         let a = h1.hash(b"alice@example.com");
         assert_eq!(a, h1.hash(b"alice@example.com"));
-        assert_eq!(a, hasher(b"0123456789abcdef-key-one").hash(b"alice@example.com"));
+        assert_eq!(
+            a,
+            hasher(b"0123456789abcdef-key-one").hash(b"alice@example.com")
+        );
         assert_ne!(a, h1.hash(b"bob@example.com"));
         assert_ne!(a, h2.hash(b"alice@example.com"));
         assert!(a.starts_with("h:"));
         assert_eq!(a.len(), 2 + 16);
-        assert!(a[2..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
-        assert_eq!(render_value(Action::Hash, b"alice@example.com", &h1).unwrap(), a);
+        assert!(
+            a[2..]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        assert_eq!(
+            render_value(Action::Hash, b"alice@example.com", &h1).unwrap(),
+            a
+        );
     }
 
     #[test]
     fn hash_matches_reference_hmac() {
         // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
         let h = hasher(b"Jefe");
-        assert_eq!(h.hash(b"what do ya want for nothing?"), "h:5bdcc146bf60754e");
+        assert_eq!(
+            h.hash(b"what do ya want for nothing?"),
+            "h:5bdcc146bf60754e"
+        );
     }
 
     #[test]
@@ -222,7 +243,8 @@ mod tests {
         for s in outs {
             assert!(
                 !s.chars()
-                    .any(|c| matches!(c, '"' | '\\' | ',' | '{' | '}' | '(' | ')') || c.is_whitespace()),
+                    .any(|c| matches!(c, '"' | '\\' | ',' | '{' | '}' | '(' | ')')
+                        || c.is_whitespace()),
                 "{s}"
             );
         }
