@@ -13,5 +13,6 @@ pub mod daemon;
 pub mod identity;
 pub mod intercept;
 pub mod mask;
+pub mod protocol;
 pub mod proxy;
 pub mod session;

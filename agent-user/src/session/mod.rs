@@ -58,6 +58,29 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_session ON events(session_id);
+CREATE TABLE IF NOT EXISTS statements (
+    id INTEGER PRIMARY KEY,
+    session_id INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    protocol TEXT NOT NULL,
+    text TEXT NOT NULL,
+    kind TEXT,
+    tables TEXT NOT NULL DEFAULT '[]',
+    functions TEXT NOT NULL DEFAULT '[]',
+    decision TEXT NOT NULL,
+    enforced INTEGER NOT NULL DEFAULT 1,
+    policy TEXT,
+    rule TEXT,
+    message TEXT,
+    duration_us INTEGER,
+    rows INTEGER,
+    command_tag TEXT,
+    error TEXT,
+    columns TEXT,
+    result_rows TEXT,
+    masked INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS statements_session ON statements(session_id);
 CREATE TABLE IF NOT EXISTS attachments (
     cgroup TEXT PRIMARY KEY,
     agent TEXT NOT NULL,
@@ -128,7 +151,48 @@ pub struct Event {
     pub detail: serde_json::Value,
 }
 
+/// A judged statement, recorded when it is decided (before it runs).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct StatementStart {
+    pub session_id: i64,
+    /// `simple` or `extended`.
+    pub protocol: String,
+    pub text: String,
+    pub kind: Option<String>,
+    pub tables: Vec<String>,
+    pub functions: Vec<String>,
+    /// `allow`, `deny` or `review`.
+    pub decision: String,
+    /// False in shadow mode: the decision was recorded, not enforced.
+    pub enforced: bool,
+    pub policy: Option<String>,
+    pub rule: Option<String>,
+    pub message: Option<String>,
+}
+
+/// How a statement ended, recorded when its result has been passed on.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct StatementEnd {
+    pub duration_us: u64,
+    pub rows: Option<u64>,
+    pub command_tag: Option<String>,
+    pub error: Option<String>,
+    pub columns: Vec<String>,
+    /// The first rows as the agent saw them (masked), text rendering.
+    pub result_rows: Vec<Vec<Option<String>>>,
+    pub masked: bool,
+}
+
 enum Write {
+    Statement {
+        id: i64,
+        ts: i64,
+        s: Box<StatementStart>,
+    },
+    StatementEnd {
+        id: i64,
+        e: Box<StatementEnd>,
+    },
     Start {
         id: i64,
         ts: i64,
@@ -160,6 +224,7 @@ enum Write {
 pub struct SessionStore {
     tx: mpsc::Sender<Write>,
     next_id: AtomicI64,
+    next_statement: AtomicI64,
     path: PathBuf,
 }
 
@@ -187,6 +252,10 @@ impl SessionStore {
         let max: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM sessions", [], |r| {
             r.get(0)
         })?;
+        let max_statement: i64 =
+            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM statements", [], |r| {
+                r.get(0)
+            })?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("session-writer".into())
@@ -198,6 +267,7 @@ impl SessionStore {
         Ok(SessionStore {
             tx,
             next_id: AtomicI64::new(max + 1),
+            next_statement: AtomicI64::new(max_statement + 1),
             path: path.into(),
         })
     }
@@ -231,6 +301,21 @@ impl SessionStore {
             bytes_down,
             error,
         })
+    }
+
+    /// Records a judged statement; returns its id for [`SessionStore::statement_end`].
+    pub fn statement(&self, s: StatementStart) -> Result<i64, SessionError> {
+        let id = self.next_statement.fetch_add(1, Ordering::Relaxed);
+        self.send(Write::Statement {
+            id,
+            ts: now_ms(),
+            s: Box::new(s),
+        })?;
+        Ok(id)
+    }
+
+    pub fn statement_end(&self, id: i64, e: StatementEnd) -> Result<(), SessionError> {
+        self.send(Write::StatementEnd { id, e: Box::new(e) })
     }
 
     pub fn event(&self, e: Event) -> Result<(), SessionError> {
@@ -297,6 +382,44 @@ fn apply(
     acks: &mut Vec<tokio::sync::oneshot::Sender<()>>,
 ) -> rusqlite::Result<()> {
     match w {
+        Write::Statement { id, ts, s } => {
+            tx.execute(
+                "INSERT INTO statements (id, session_id, ts_ms, protocol, text, kind, tables, functions,
+                 decision, enforced, policy, rule, message)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![
+                    id,
+                    s.session_id,
+                    ts,
+                    s.protocol,
+                    s.text,
+                    s.kind,
+                    serde_json::to_string(&s.tables).unwrap_or_else(|_| "[]".into()),
+                    serde_json::to_string(&s.functions).unwrap_or_else(|_| "[]".into()),
+                    s.decision,
+                    s.enforced,
+                    s.policy,
+                    s.rule,
+                    s.message
+                ],
+            )?;
+        }
+        Write::StatementEnd { id, e } => {
+            tx.execute(
+                "UPDATE statements SET duration_us = ?2, rows = ?3, command_tag = ?4, error = ?5,
+                 columns = ?6, result_rows = ?7, masked = ?8 WHERE id = ?1",
+                params![
+                    id,
+                    i64::try_from(e.duration_us).unwrap_or(i64::MAX),
+                    e.rows.map(|r| i64::try_from(r).unwrap_or(i64::MAX)),
+                    e.command_tag,
+                    e.error,
+                    serde_json::to_string(&e.columns).unwrap_or_else(|_| "[]".into()),
+                    serde_json::to_string(&e.result_rows).unwrap_or_else(|_| "[]".into()),
+                    e.masked
+                ],
+            )?;
+        }
         Write::Start { id, ts, s } => {
             let roles = serde_json::to_string(&s.roles).unwrap_or_else(|_| "[]".into());
             tx.execute(
@@ -410,6 +533,32 @@ pub struct EventRow {
     pub detail: serde_json::Value,
 }
 
+/// A recorded statement, as `sessions show` and `replay` print it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatementRow {
+    pub id: i64,
+    pub ts: String,
+    #[serde(skip)]
+    pub ts_ms: i64,
+    pub protocol: String,
+    pub text: String,
+    pub kind: Option<String>,
+    pub tables: serde_json::Value,
+    pub functions: serde_json::Value,
+    pub decision: String,
+    pub enforced: bool,
+    pub policy: Option<String>,
+    pub rule: Option<String>,
+    pub message: Option<String>,
+    pub duration_us: Option<i64>,
+    pub rows: Option<i64>,
+    pub command_tag: Option<String>,
+    pub error: Option<String>,
+    pub columns: serde_json::Value,
+    pub result_rows: serde_json::Value,
+    pub masked: bool,
+}
+
 /// Read-only access for the CLI and tests.
 pub struct SessionReader {
     conn: Connection,
@@ -507,6 +656,45 @@ impl SessionReader {
              FROM events ORDER BY id DESC LIMIT ?1",
         )?;
         let rows = stmt.query_map(params![limit as i64], event_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn statements_of(&self, session_id: i64) -> Result<Vec<StatementRow>, SessionError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, ts_ms, protocol, text, kind, tables, functions, decision, enforced, policy, rule,
+             message, duration_us, rows, command_tag, error, columns, result_rows, masked
+             FROM statements WHERE session_id = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![session_id], |r| {
+            let json = |i: usize| -> rusqlite::Result<serde_json::Value> {
+                let text: Option<String> = r.get(i)?;
+                Ok(text
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or(serde_json::Value::Null))
+            };
+            Ok(StatementRow {
+                id: r.get(0)?,
+                ts: format_ms(r.get(1)?),
+                ts_ms: r.get(1)?,
+                protocol: r.get(2)?,
+                text: r.get(3)?,
+                kind: r.get(4)?,
+                tables: json(5)?,
+                functions: json(6)?,
+                decision: r.get(7)?,
+                enforced: r.get(8)?,
+                policy: r.get(9)?,
+                rule: r.get(10)?,
+                message: r.get(11)?,
+                duration_us: r.get(12)?,
+                rows: r.get(13)?,
+                command_tag: r.get(14)?,
+                error: r.get(15)?,
+                columns: json(16)?,
+                result_rows: json(17)?,
+                masked: r.get(18)?,
+            })
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

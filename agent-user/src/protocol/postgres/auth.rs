@@ -159,11 +159,15 @@ impl UpstreamAuth {
                 // No channel binding: the gs2 header says "n" (client does not
                 // support it), which the server accepts for SCRAM-SHA-256.
                 let scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-                let msg = FrontendMessage::sasl_initial_response(SCRAM_SHA_256, Some(scram.message()))
-                    .map_err(|e| AuthError::Scram {
-                        reason: e.to_string(),
-                    })?;
-                (State::AwaitingSaslContinue(Box::new(scram)), AuthStep::Send(msg))
+                let msg =
+                    FrontendMessage::sasl_initial_response(SCRAM_SHA_256, Some(scram.message()))
+                        .map_err(|e| AuthError::Scram {
+                            reason: e.to_string(),
+                        })?;
+                (
+                    State::AwaitingSaslContinue(Box::new(scram)),
+                    AuthStep::Send(msg),
+                )
             }
             (State::Start, Authentication::Other { code, .. }) => {
                 return Err(AuthError::UnsupportedMethod {
@@ -210,8 +214,8 @@ mod tests {
     use hmac::{Hmac, Mac};
     use sha2::{Digest, Sha256};
 
-    use super::*;
     use super::super::frontend::{parse_password, parse_sasl_initial_response};
+    use super::*;
 
     const PASSWORD: &str = "s3cr3t-Pa55";
 
@@ -363,7 +367,11 @@ mod tests {
             let client_key = hmac(&self.salted, b"Client Key");
             let stored_key: [u8; 32] = Sha256::digest(client_key).into();
             let signature = hmac(&stored_key, auth_message.as_bytes());
-            let expected: Vec<u8> = client_key.iter().zip(signature).map(|(k, s)| k ^ s).collect();
+            let expected: Vec<u8> = client_key
+                .iter()
+                .zip(signature)
+                .map(|(k, s)| k ^ s)
+                .collect();
             if STANDARD.decode(proof).unwrap() != expected {
                 return Err("invalid-proof");
             }
@@ -373,7 +381,10 @@ mod tests {
         }
     }
 
-    fn scram_until_final(password: &str, server_password: &str) -> (UpstreamAuth, Result<String, &'static str>) {
+    fn scram_until_final(
+        password: &str,
+        server_password: &str,
+    ) -> (UpstreamAuth, Result<String, &'static str>) {
         let mut auth = UpstreamAuth::new("agent", Some(password));
         let initial = sent(
             auth.on_message(&Authentication::Sasl {

@@ -101,14 +101,21 @@ pub mod field {
 pub enum Authentication {
     Ok,
     CleartextPassword,
-    Md5Password { salt: [u8; 4] },
+    Md5Password {
+        salt: [u8; 4],
+    },
     /// AuthenticationSASL: the mechanisms the server offers, in its order.
-    Sasl { mechanisms: Vec<String> },
+    Sasl {
+        mechanisms: Vec<String>,
+    },
     SaslContinue(Bytes),
     SaslFinal(Bytes),
     /// Any other method (KerberosV5, GSS, GSSContinue, SSPI, ...), with the
     /// bytes after the code so that the message re-encodes unchanged.
-    Other { code: i32, data: Bytes },
+    Other {
+        code: i32,
+        data: Bytes,
+    },
 }
 
 impl Authentication {
@@ -284,13 +291,23 @@ impl ErrorFields {
 pub enum BackendMessage {
     Authentication(Authentication),
     /// `secret_key` is 4 bytes in protocol 3.0, up to 256 in 3.2.
-    BackendKeyData { process_id: i32, secret_key: Bytes },
-    ParameterStatus { name: String, value: String },
-    ReadyForQuery { status: TransactionStatus },
+    BackendKeyData {
+        process_id: i32,
+        secret_key: Bytes,
+    },
+    ParameterStatus {
+        name: String,
+        value: String,
+    },
+    ReadyForQuery {
+        status: TransactionStatus,
+    },
     RowDescription(Vec<FieldDescription>),
     /// Column values in order; `None` is SQL NULL.
     DataRow(Vec<Option<Bytes>>),
-    CommandComplete { tag: String },
+    CommandComplete {
+        tag: String,
+    },
     EmptyQueryResponse,
     ErrorResponse(ErrorFields),
     NoticeResponse(ErrorFields),
@@ -301,9 +318,18 @@ pub enum BackendMessage {
     PortalSuspended,
     ParameterDescription(Vec<u32>),
     /// `format`: 0 text, 1 binary; one format code per column.
-    CopyInResponse { format: i8, column_formats: Vec<i16> },
-    CopyOutResponse { format: i8, column_formats: Vec<i16> },
-    CopyBothResponse { format: i8, column_formats: Vec<i16> },
+    CopyInResponse {
+        format: i8,
+        column_formats: Vec<i16>,
+    },
+    CopyOutResponse {
+        format: i8,
+        column_formats: Vec<i16>,
+    },
+    CopyBothResponse {
+        format: i8,
+        column_formats: Vec<i16>,
+    },
     CopyData(Bytes),
     CopyDone,
     NotificationResponse {
@@ -313,7 +339,10 @@ pub enum BackendMessage {
     },
     /// `minor`: newest minor version the server supports for the requested
     /// major version; `unrecognized`: protocol options it did not recognize.
-    NegotiateProtocolVersion { minor: i32, unrecognized: Vec<String> },
+    NegotiateProtocolVersion {
+        minor: i32,
+        unrecognized: Vec<String>,
+    },
     FunctionCallResponse(Option<Bytes>),
 }
 
@@ -411,10 +440,7 @@ impl BackendMessage {
                 b.put_slice(secret_key);
                 Ok(())
             }),
-            Self::ParameterStatus {
-                name: param,
-                value,
-            } => write_frame(dst, tag, name, |b| {
+            Self::ParameterStatus { name: param, value } => write_frame(dst, tag, name, |b| {
                 put_cstr(b, param, name)?;
                 put_cstr(b, value, name)
             }),
@@ -505,13 +531,12 @@ impl BackendMessage {
                 unrecognized,
             } => write_frame(dst, tag, name, |b| {
                 b.put_i32(*minor);
-                let count = i32::try_from(unrecognized.len()).map_err(|_| {
-                    EncodeError::TooManyItems {
+                let count =
+                    i32::try_from(unrecognized.len()).map_err(|_| EncodeError::TooManyItems {
                         message: name,
                         count: unrecognized.len(),
                         max: usize::try_from(i32::MAX).unwrap_or(usize::MAX),
-                    }
-                })?;
+                    })?;
                 b.put_i32(count);
                 for option in unrecognized {
                     put_cstr(b, option, name)?;
@@ -616,7 +641,10 @@ impl BackendDecoder {
     ///
     /// `Ok(None)`: more bytes are needed and nothing was consumed. `Ok(Some)`:
     /// exactly one frame was consumed; its bytes are in [`Frame::raw`].
-    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame<BackendMessage>>, DecodeError> {
+    pub fn decode(
+        &mut self,
+        src: &mut BytesMut,
+    ) -> Result<Option<Frame<BackendMessage>>, DecodeError> {
         let Some((tag, raw)) = split_tagged(src, self.max_frame_len, is_known_tag)? else {
             return Ok(None);
         };

@@ -145,8 +145,13 @@ pub enum FrontendMessage {
     SSLRequest,
     GSSENCRequest,
     /// `secret_key` is 4 bytes in protocol 3.0, up to 256 in 3.2.
-    CancelRequest { process_id: i32, secret_key: Bytes },
-    Query { sql: String },
+    CancelRequest {
+        process_id: i32,
+        secret_key: Bytes,
+    },
+    Query {
+        sql: String,
+    },
     Parse {
         name: String,
         query: String,
@@ -159,14 +164,25 @@ pub enum FrontendMessage {
         params: Vec<Option<Bytes>>,
         result_formats: Vec<i16>,
     },
-    Describe { kind: Target, name: String },
-    Execute { portal: String, max_rows: i32 },
-    Close { kind: Target, name: String },
+    Describe {
+        kind: Target,
+        name: String,
+    },
+    Execute {
+        portal: String,
+        max_rows: i32,
+    },
+    Close {
+        kind: Target,
+        name: String,
+    },
     Sync,
     Flush,
     CopyData(Bytes),
     CopyDone,
-    CopyFail { message: String },
+    CopyFail {
+        message: String,
+    },
     /// The body after the header, undecoded: the fast-path interface is
     /// something to allow or deny as a whole, not to inspect.
     FunctionCall(Bytes),
@@ -245,7 +261,10 @@ impl FrontendMessage {
 
     /// A SASLInitialResponse; `data` is `None` when the mechanism has no
     /// initial client response (sent as length -1).
-    pub fn sasl_initial_response(mechanism: &str, data: Option<&[u8]>) -> Result<Self, EncodeError> {
+    pub fn sasl_initial_response(
+        mechanism: &str,
+        data: Option<&[u8]>,
+    ) -> Result<Self, EncodeError> {
         let mut body = BytesMut::new();
         put_cstr(&mut body, mechanism, SASL_INITIAL_RESPONSE)?;
         put_nullable(&mut body, data, SASL_INITIAL_RESPONSE)?;
@@ -340,20 +359,20 @@ impl FrontendMessage {
                 }
                 put_i16_list(b, result_formats, name)
             }),
-            Self::Describe { kind, name: target }
-            | Self::Close {
-                kind,
-                name: target,
-            } => write_frame(dst, tag, name, |b| {
-                b.put_u8(kind.to_byte());
-                put_cstr(b, target, name)
-            }),
+            Self::Describe { kind, name: target } | Self::Close { kind, name: target } => {
+                write_frame(dst, tag, name, |b| {
+                    b.put_u8(kind.to_byte());
+                    put_cstr(b, target, name)
+                })
+            }
             Self::Execute { portal, max_rows } => write_frame(dst, tag, name, |b| {
                 put_cstr(b, portal, name)?;
                 b.put_i32(*max_rows);
                 Ok(())
             }),
-            Self::CopyFail { message } => write_frame(dst, tag, name, |b| put_cstr(b, message, name)),
+            Self::CopyFail { message } => {
+                write_frame(dst, tag, name, |b| put_cstr(b, message, name))
+            }
             Self::CopyData(body) | Self::FunctionCall(body) => write_frame(dst, tag, name, |b| {
                 b.put_slice(body);
                 Ok(())
@@ -384,7 +403,11 @@ impl Frame<FrontendMessage> {
     }
 }
 
-fn put_i16_list(dst: &mut BytesMut, list: &[i16], message: &'static str) -> Result<(), EncodeError> {
+fn put_i16_list(
+    dst: &mut BytesMut,
+    list: &[i16],
+    message: &'static str,
+) -> Result<(), EncodeError> {
     put_count16(dst, list.len(), message)?;
     for value in list {
         dst.put_i16(*value);
@@ -449,7 +472,10 @@ impl FrontendDecoder {
     ///
     /// `Ok(None)`: more bytes are needed and nothing was consumed. `Ok(Some)`:
     /// exactly one frame was consumed; its bytes are in [`Frame::raw`].
-    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame<FrontendMessage>>, DecodeError> {
+    pub fn decode(
+        &mut self,
+        src: &mut BytesMut,
+    ) -> Result<Option<Frame<FrontendMessage>>, DecodeError> {
         match self.phase {
             Phase::Startup => {
                 let max = self.max_frame_len.min(MAX_STARTUP_PACKET_LEN);

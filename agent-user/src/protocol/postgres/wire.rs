@@ -3,8 +3,9 @@
 //! length-prefixed frames. It knows nothing about individual message types;
 //! `frontend.rs` and `backend.rs` own those.
 //!
-//! Layout reference: "Message Data Types" and "Message Formats" in
-//! <https://www.postgresql.org/docs/15/protocol-message-types.html>.
+//! Layout reference: <https://www.postgresql.org/docs/15/protocol-message-types.html>
+//! (data types) and <https://www.postgresql.org/docs/15/protocol-overview.html>
+//! (framing: a tag byte, then an Int32 length that counts itself).
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -210,7 +211,8 @@ impl Reader {
         match self.i32()? {
             -1 => Ok(None),
             len => {
-                let len = usize::try_from(len).map_err(|_| self.malformed("negative value length"))?;
+                let len =
+                    usize::try_from(len).map_err(|_| self.malformed("negative value length"))?;
                 self.bytes(len).map(Some)
             }
         }
@@ -273,7 +275,11 @@ where
 }
 
 /// Writes a NUL-terminated string, refusing interior NULs.
-pub(super) fn put_cstr(dst: &mut BytesMut, s: &str, message: &'static str) -> Result<(), EncodeError> {
+pub(super) fn put_cstr(
+    dst: &mut BytesMut,
+    s: &str,
+    message: &'static str,
+) -> Result<(), EncodeError> {
     put_cstr_bytes(dst, s.as_bytes(), message)
 }
 
