@@ -44,6 +44,8 @@ pub enum DaemonError {
         what: String,
         source: std::io::Error,
     },
+    #[error("postgres targets: {0}")]
+    Postgres(#[from] proxy::postgres::SetupError),
 }
 
 pub struct Daemon {
@@ -198,11 +200,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         bound.push(l);
     }
 
+    let postgres = proxy::postgres::Shared::build(&cfg)?;
     let intercept = Arc::new(Intercept::load_or_adopt(&cfg, &cgroups)?);
     let gate = Arc::new(Gate {
         cfg: cfg.clone(),
         intercept: intercept.clone(),
         store: store.clone(),
+        postgres,
         served: AtomicU64::new(0),
         refused: AtomicU64::new(0),
     });

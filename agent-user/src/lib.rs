@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod identity;
 pub mod intercept;
 pub mod mask;
+pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod session;

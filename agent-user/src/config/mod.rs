@@ -236,10 +236,78 @@ pub struct TargetConfig {
     /// Where the enforcer connects; default: the original destination.
     #[serde(default, deserialize_with = "deserialize_opt_socket_addr")]
     pub upstream: Option<SocketAddr>,
+    /// Brokered upstream credentials (required for `postgres`): the agent never holds them.
+    #[serde(default)]
+    pub credentials: Option<CredentialsConfig>,
+    /// Upstream TLS: `disable` (default), `require` (encrypt, no verification) or `verify-full`.
+    #[serde(default)]
+    pub tls: crate::proxy::pgtls::TlsMode,
+    /// CA bundle for `verify-full` (default: the system bundle).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Name checked against the server certificate (default: the upstream's IP address).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Largest protocol frame accepted from either side; larger ones close the connection.
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: usize,
+    /// How many result rows of each statement are kept in the session record (masked).
+    #[serde(default = "default_record_rows")]
+    pub record_rows: usize,
+}
+
+fn default_max_frame() -> usize {
+    16 * 1024 * 1024
+}
+fn default_record_rows() -> usize {
+    10
+}
+
+/// Where the gate finds the upstream password: an environment variable of the daemon or a file
+/// (read at each connection, so it can be rotated without a restart).
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsConfig {
+    pub user: String,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Database to connect to instead of the one the agent asks for.
+    #[serde(default)]
+    pub database: Option<String>,
+}
+
+impl fmt::Debug for CredentialsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialsConfig")
+            .field("user", &self.user)
+            .field("password_env", &self.password_env)
+            .field("password_file", &self.password_file)
+            .field("database", &self.database)
+            .finish()
+    }
+}
+
+impl CredentialsConfig {
+    /// The password, read now. `None` when neither source is configured (trust auth).
+    pub fn password(&self) -> Result<Option<String>, String> {
+        if let Some(var) = &self.password_env {
+            return std::env::var(var).map(Some).map_err(|_| {
+                format!("environment variable {var} (credentials.password_env) is not set")
+            });
+        }
+        if let Some(file) = &self.password_file {
+            return std::fs::read_to_string(file)
+                .map(|p| Some(p.trim_end_matches(['\n', '\r']).to_string()))
+                .map_err(|e| format!("credentials.password_file {}: {e}", file.display()));
+        }
+        Ok(None)
+    }
 }
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -262,6 +330,12 @@ pub struct Config {
     pub agents: Vec<AgentConfig>,
     #[serde(default)]
     pub targets: Vec<TargetConfig>,
+    /// Per-statement policies for protocol-aware targets (see `policy`).
+    #[serde(default)]
+    pub policies: Vec<crate::policy::PolicyConfig>,
+    /// Masking profiles that policies name (see `mask`).
+    #[serde(default)]
+    pub masking: Option<crate::mask::MaskingConfig>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -342,6 +416,26 @@ impl Config {
                     format!("duplicate target `{}`", t.name),
                 ));
             }
+            if t.protocol == Protocol::Postgres {
+                let Some(c) = &t.credentials else {
+                    return Err(invalid(
+                        format!("targets[{i}].credentials"),
+                        "a postgres target needs brokered credentials (user, password_env or password_file)".into(),
+                    ));
+                };
+                if c.password_env.is_some() && c.password_file.is_some() {
+                    return Err(invalid(
+                        format!("targets[{i}].credentials"),
+                        "give password_env or password_file, not both".into(),
+                    ));
+                }
+                if t.max_frame_bytes < 1024 {
+                    return Err(invalid(
+                        format!("targets[{i}].max_frame_bytes"),
+                        "must be at least 1024".into(),
+                    ));
+                }
+            }
             if t.destinations.is_empty() {
                 return Err(invalid(
                     format!("targets[{i}].match"),
@@ -357,6 +451,29 @@ impl Config {
                 }
             }
         }
+        let policies = crate::policy::compile(self.policies.clone())
+            .map_err(|e| invalid(policy_key(&e), e.to_string()))?;
+        let profiles: Vec<String> = match &self.masking {
+            Some(m) => {
+                m.validate()
+                    .map_err(|e| invalid("masking".into(), e.to_string()))?;
+                m.profiles.keys().cloned().collect()
+            }
+            None => Vec::new(),
+        };
+        for (i, p) in self.policies.iter().enumerate() {
+            let mut names: Vec<&String> = p.mask.iter().collect();
+            for r in &p.rules {
+                names.extend(r.mask.iter().flatten());
+            }
+            if let Some(missing) = names.into_iter().find(|n| !profiles.contains(n)) {
+                return Err(invalid(
+                    format!("policies[{i}].mask"),
+                    format!("masking profile `{missing}` is not defined under `masking.profiles`"),
+                ));
+            }
+        }
+        drop(policies);
         let mut agent_names = HashSet::new();
         let mut cgroups = HashSet::new();
         for (i, a) in self.agents.iter().enumerate() {
@@ -431,6 +548,13 @@ impl Config {
 
     pub fn sessions_db(&self) -> PathBuf {
         self.state_dir.join("sessions.db")
+    }
+}
+
+fn policy_key(e: &crate::policy::PolicyError) -> String {
+    match e.rule() {
+        Some(rule) => format!("policies[{}].rules[{rule}]", e.policy()),
+        None => format!("policies[{}]", e.policy()),
     }
 }
 

@@ -5,6 +5,8 @@
 //! full map) is closed before a single byte is read and recorded as an event. Protocol handlers
 //! live in submodules (`tcp`); codecs and policy live elsewhere.
 
+pub mod pgtls;
+pub mod postgres;
 pub mod tcp;
 
 use std::io;
@@ -28,6 +30,8 @@ pub struct Gate {
     pub cfg: Arc<Config>,
     pub intercept: Arc<Intercept>,
     pub store: Arc<SessionStore>,
+    /// Shared by PostgreSQL connections; `None` when no target speaks PostgreSQL.
+    pub postgres: Option<postgres::Shared>,
     pub served: AtomicU64,
     pub refused: AtomicU64,
 }
@@ -181,13 +185,6 @@ async fn handle(gate: Arc<Gate>, sock: TcpStream, client: SocketAddr) {
         .unwrap_or(Protocol::Tcp);
     match protocol {
         Protocol::Tcp => tcp::handle(&gate, sock, peer).await,
-        Protocol::Postgres => {
-            // The PostgreSQL handler is not wired yet: refuse rather than relay unjudged SQL.
-            let _ = gate.store.start(peer.session_start(
-                "deny",
-                Some("postgres protocol handler not available".into()),
-            ));
-            tracing::warn!(agent = %peer.agent, "postgres target refused: handler not available");
-        }
+        Protocol::Postgres => postgres::handle(&gate, sock, peer).await,
     }
 }

