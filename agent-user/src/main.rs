@@ -71,6 +71,16 @@ enum Cmd {
         #[command(subcommand)]
         command: SessionsCmd,
     },
+    /// Show the facts of a statement and the policy rule that decides it (runs nothing).
+    Explain {
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        json: bool,
+        sql: String,
+    },
     /// Read recorded events (kernel refusals, connections without a flow record).
     Events {
         #[arg(long, default_value_t = 50)]
@@ -93,6 +103,8 @@ enum SessionsCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The session as a psql-like transcript.
+    Replay { id: i64 },
 }
 
 fn init_logging(format: LogFormat) {
@@ -154,11 +166,18 @@ fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
             });
         }
         Cmd::CheckConfig { file } => cli::check_config(&file)?,
+        Cmd::Explain {
+            agent,
+            target,
+            json,
+            sql,
+        } => cli::explain(&load()?, &agent, &target, &sql, json)?,
         Cmd::Sessions { command } => {
             let cfg = load()?;
             match command {
                 SessionsCmd::List { limit, json } => cli::sessions_list(&cfg, limit, json)?,
                 SessionsCmd::Show { id, json } => cli::sessions_show(&cfg, id, json)?,
+                SessionsCmd::Replay { id } => cli::sessions_replay(&cfg, id)?,
             }
         }
         Cmd::Events { limit, json } => cli::events_list(&load()?, limit, json)?,

@@ -11,7 +11,7 @@ use crate::admin::{self, Request};
 use crate::config::{Config, normalize_cgroup};
 use crate::identity::{CgroupFs, cgroup_id};
 use crate::intercept;
-use crate::session::{EventRow, SessionReader, SessionRow};
+use crate::session::{EventRow, SessionReader, SessionRow, StatementRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -232,8 +232,10 @@ pub fn sessions_show(cfg: &Config, id: i64, json: bool) -> Result<(), CliError> 
     let reader = SessionReader::open(&cfg.sessions_db())?;
     let row = reader.get(id)?;
     let events = reader.events_of(id)?;
+    let statements = reader.statements_of(id)?;
     if json {
-        let value = serde_json::json!({ "session": row, "events": events });
+        let value =
+            serde_json::json!({ "session": row, "events": events, "statements": statements });
         println!(
             "{}",
             serde_json::to_string_pretty(&value).unwrap_or_default()
@@ -241,6 +243,214 @@ pub fn sessions_show(cfg: &Config, id: i64, json: bool) -> Result<(), CliError> 
         return Ok(());
     }
     print_session(&row, &events)?;
+    let mut out = std::io::stdout().lock();
+    for st in &statements {
+        writeln!(
+            out,
+            "  [{}] #{} {} {}{} ({}{}) {}",
+            st.ts,
+            st.id,
+            st.protocol,
+            st.decision,
+            if st.enforced {
+                ""
+            } else {
+                " (shadow: not enforced)"
+            },
+            st.kind.as_deref().unwrap_or("?"),
+            st.rule
+                .as_ref()
+                .map(|r| format!(", rule {r}"))
+                .unwrap_or_default(),
+            one_line(&st.text)
+        )?;
+        let mut outcome = Vec::new();
+        if let Some(t) = &st.command_tag {
+            outcome.push(t.clone());
+        }
+        if let Some(r) = st.rows {
+            outcome.push(format!("{r} rows"));
+        }
+        if let Some(d) = st.duration_us {
+            outcome.push(format!("{d} us"));
+        }
+        if st.masked {
+            outcome.push("masked".into());
+        }
+        if let Some(e) = &st.error {
+            outcome.push(format!("error: {e}"));
+        }
+        if !outcome.is_empty() {
+            writeln!(out, "      -> {}", outcome.join(", "))?;
+        }
+    }
+    Ok(())
+}
+
+fn one_line(sql: &str) -> String {
+    sql.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The session as a readable psql-like transcript, statements in the order they ran.
+pub fn sessions_replay(cfg: &Config, id: i64) -> Result<(), CliError> {
+    let reader = SessionReader::open(&cfg.sessions_db())?;
+    let row = reader.get(id)?;
+    let statements = reader.statements_of(id)?;
+    let mut out = std::io::stdout().lock();
+    let agent = row.agent.clone().unwrap_or_else(|| "agent".into());
+    writeln!(
+        out,
+        "-- session {} agent {} (pid {}, {}) -> {} at {}",
+        row.id,
+        agent,
+        row.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        row.exe.as_deref().unwrap_or("-"),
+        row.target.as_deref().unwrap_or("-"),
+        row.started
+    )?;
+    for st in &statements {
+        write_statement(&mut out, &agent, st)?;
+    }
+    writeln!(
+        out,
+        "\n-- session ended {}",
+        row.ended.as_deref().unwrap_or("(still open)")
+    )?;
+    Ok(())
+}
+
+fn json_strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|c| {
+            c.iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| "NULL".into())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn write_statement(
+    out: &mut impl std::io::Write,
+    agent: &str,
+    st: &StatementRow,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "\n-- {}{}",
+        st.ts,
+        if st.enforced { "" } else { " (shadow mode)" }
+    )?;
+    writeln!(out, "{agent}=> {};", st.text.trim().trim_end_matches(';'))?;
+    if st.decision != "allow" {
+        let rule = st.rule.as_deref().unwrap_or("default");
+        let verb = if st.enforced {
+            "DENIED"
+        } else {
+            "WOULD BE DENIED"
+        };
+        writeln!(
+            out,
+            "{verb} by rule \"{rule}\": {}",
+            st.message.as_deref().unwrap_or("")
+        )?;
+        if st.enforced {
+            return Ok(());
+        }
+    }
+    if let Some(e) = &st.error {
+        writeln!(out, "ERROR:  {e}")?;
+        return Ok(());
+    }
+    let columns = json_strings(&st.columns);
+    let rows: Vec<Vec<String>> = st
+        .result_rows
+        .as_array()
+        .map(|rows| rows.iter().map(json_strings).collect())
+        .unwrap_or_default();
+    if columns.is_empty() {
+        if let Some(tag) = &st.command_tag {
+            writeln!(out, "{tag}")?;
+        }
+        return Ok(());
+    }
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|v| v.chars().count())
+                .chain([c.chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[String]| -> String {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!(" {c:<w$} "))
+            .collect::<Vec<_>>()
+            .join("|")
+    };
+    writeln!(out, "{}", line(&columns))?;
+    writeln!(
+        out,
+        "{}",
+        widths
+            .iter()
+            .map(|w| "-".repeat(w + 2))
+            .collect::<Vec<_>>()
+            .join("+")
+    )?;
+    for r in &rows {
+        writeln!(out, "{}", line(r))?;
+    }
+    let total = st.rows.unwrap_or(0);
+    let shown = i64::try_from(rows.len()).unwrap_or(0);
+    if total > shown {
+        writeln!(out, "... ({} more rows not recorded)", total - shown)?;
+    }
+    writeln!(
+        out,
+        "({total} row{}){}",
+        if total == 1 { "" } else { "s" },
+        if st.masked { " [masked]" } else { "" }
+    )
+}
+
+/// `agentgate explain`: the facts and the rule that decides, without running anything.
+pub fn explain(
+    cfg: &Config,
+    agent: &str,
+    target: &str,
+    sql: &str,
+    json: bool,
+) -> Result<(), CliError> {
+    let a = cfg
+        .agent(agent)
+        .ok_or_else(|| msg(format!("unknown agent `{agent}`")))?;
+    if !cfg.targets.iter().any(|t| t.name == target) {
+        return Err(msg(format!("unknown target `{target}`")));
+    }
+    let set = crate::policy::compile(cfg.policies.clone()).map_err(|e| msg(e.to_string()))?;
+    let subject = crate::policy::Subject {
+        agent,
+        roles: &a.roles,
+    };
+    let explanation = crate::policy::explain(&set, &subject, target, sql);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&explanation).unwrap_or_default()
+        );
+    } else {
+        println!("{explanation}");
+    }
     Ok(())
 }
 
