@@ -357,10 +357,15 @@ impl Postgres {
     /// Starts a server. TCP clients authenticate with `auth` (`trust`, `md5` or
     /// `scram-sha-256`); the `postgres` superuser's password is `superuser_password`.
     pub fn start(auth: &str) -> Postgres {
-        Self::try_start(auth).unwrap_or_else(|e| panic!("starting PostgreSQL: {e:#}"))
+        Self::try_start(auth, None).unwrap_or_else(|e| panic!("starting PostgreSQL: {e:#}"))
     }
 
-    fn try_start(auth: &str) -> Result<Postgres> {
+    /// Like [`Postgres::start`] on a fixed port (the demo's embedded configuration names one).
+    pub fn start_on(port: u16, auth: &str) -> Result<Postgres> {
+        Self::try_start(auth, Some(port))
+    }
+
+    fn try_start(auth: &str, port: Option<u16>) -> Result<Postgres> {
         require_root();
         if !Path::new(PG_BIN).join("postgres").exists() {
             bail!(
@@ -395,7 +400,7 @@ impl Postgres {
         if !out.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let port = free_port();
+        let port = port.unwrap_or_else(free_port);
         let log = std::fs::File::create(dir.join("postgres.log"))?;
         let child = Command::new("runuser")
             .args(["-u", "postgres", "--"])
@@ -528,3 +533,205 @@ impl Gate {
 
 pub const EPERM: i64 = 1;
 pub const ECONNREFUSED: i64 = 111;
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL end-to-end helpers (tests/tests/postgres.rs).
+
+impl Gate {
+    /// Like [`Gate::start`], with extra environment variables for the daemon (for example the
+    /// masking key named by `masking.key_env`). A later [`Gate::spawn`] does not repeat them.
+    pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Gate {
+        require_root();
+        let name = unique("agtest");
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).expect("create test dir");
+        let port = free_port();
+        let cgroup_base = format!("agentgate-test/{name}");
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
+        let config = dir.join("agentgate.yaml");
+        let yaml = format!(
+            "listen: {{ipv4: 127.0.0.1, ipv6: \"::1\", port: {port}}}\nstate_dir: {}\npin_dir: {}\n{}",
+            dir.join("state").display(),
+            pin_dir.display(),
+            body.replace("{base}", &cgroup_base)
+        );
+        std::fs::write(&config, yaml).expect("write config");
+        let mut gate = Gate {
+            name,
+            dir,
+            config,
+            port,
+            cgroup_base,
+            pin_dir,
+            child: None,
+        };
+        gate.spawn_with_env(env);
+        gate
+    }
+
+    fn spawn_with_env(&mut self, env: &[(&str, &str)]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open daemon log");
+        let child = Command::new(agentgate_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn agentgate run");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "agentgate run exited early ({status}); log:\n{}",
+                    self.log()
+                );
+            }
+            if self.cli(&["status"]).status.success() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("agentgate did not become ready; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `psql` inside `agent`'s cgroup against 127.0.0.1:`port` (the real server address:
+    /// the hook redirects it), as user `postgres` with `password` (`None`: no password at all),
+    /// `extra` arguments and `stdin` as its script.
+    pub fn psql(
+        &self,
+        agent: &str,
+        port: u16,
+        password: Option<&str>,
+        extra: &[&str],
+        stdin: &str,
+    ) -> Output {
+        let mut argv = vec!["psql".to_string()];
+        argv.extend(psql_conn_args(port));
+        argv.extend(extra.iter().map(|s| (*s).to_string()));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        run_with_stdin(&mut self.exec(agent, &argv), password, stdin)
+    }
+}
+
+/// Connection arguments for psql and pgbench: 127.0.0.1:`port`, user and database `postgres`,
+/// no psqlrc, never prompt for a password.
+pub fn psql_conn_args(port: u16) -> Vec<String> {
+    [
+        "-X",
+        "-w",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+    ]
+    .iter()
+    .map(|s| (*s).to_string())
+    .collect()
+}
+
+/// Runs `psql` directly (no gate, outside every governed cgroup) over TCP.
+pub fn psql_direct(port: u16, password: Option<&str>, extra: &[&str], stdin: &str) -> Output {
+    let mut cmd = Command::new("psql");
+    cmd.args(psql_conn_args(port)).args(extra);
+    run_with_stdin(&mut cmd, password, stdin)
+}
+
+fn run_with_stdin(cmd: &mut Command, password: Option<&str>, stdin: &str) -> Output {
+    cmd.env_remove("PGPASSWORD")
+        .env_remove("PGSERVICE")
+        .env("PGPASSFILE", "/nonexistent")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env("PGSSLMODE", "prefer")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(p) = password {
+        cmd.env("PGPASSWORD", p);
+    }
+    let mut child = cmd.spawn().expect("spawn psql");
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes()).expect("write psql stdin");
+    }
+    child.wait_with_output().expect("wait for psql")
+}
+
+/// `tests/clients/pg_psycopg.py`: psycopg 3 scenarios, one JSON line per step.
+pub fn psycopg_script() -> PathBuf {
+    workspace_root().join("tests/clients/pg_psycopg.py")
+}
+
+static PSYCOPG: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+
+fn psycopg_importable() -> bool {
+    Command::new("python3")
+        .args(["-c", "import psycopg"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Makes `import psycopg` work for `python3` (psycopg 3 with its bundled libpq), installing it
+/// with pip once if needed. Panics with pip's output when it cannot.
+pub fn ensure_psycopg() {
+    PSYCOPG.get_or_init(|| {
+        if psycopg_importable() {
+            return;
+        }
+        if let Err(e) = install_psycopg() {
+            panic!("psycopg 3 is needed by the PostgreSQL end-to-end tests: {e:#}");
+        }
+        assert!(
+            psycopg_importable(),
+            "pip installed psycopg but `python3 -c 'import psycopg'` still fails"
+        );
+    });
+}
+
+/// `python3 -m pip install 'psycopg[binary]>=3.1'`; on a distribution python that refuses
+/// (PEP 668, externally managed) it retries with `--break-system-packages`.
+pub fn install_psycopg() -> Result<()> {
+    let pip = |extra: &[&str]| -> Result<Output> {
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(extra)
+            .arg("psycopg[binary]>=3.1")
+            .output()
+            .context("run `python3 -m pip`")
+    };
+    let mut out = pip(&[])?;
+    if !out.status.success()
+        && String::from_utf8_lossy(&out.stderr).contains("externally-managed-environment")
+    {
+        out = pip(&["--break-system-packages"])?;
+    }
+    if !out.status.success() {
+        bail!(
+            "`python3 -m pip install 'psycopg[binary]>=3.1'` failed ({}); install pip (apt-get install python3-pip) or psycopg (apt-get install python3-psycopg):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

@@ -435,7 +435,7 @@ fn attach_governs_an_existing_cgroup() {
         String::from_utf8_lossy(&out.stderr)
     );
     let lines = json_lines(&stdout(&run(Command::new("sh").args(["-c", &sh]))));
-    assert!(ok(&lines[0]) && ok(&lines[1]) == false, "{lines:?}");
+    assert!(ok(&lines[0]) && !ok(&lines[1]), "{lines:?}");
     assert_eq!(
         errno(&lines[1]),
         111,

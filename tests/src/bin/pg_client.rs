@@ -1,0 +1,578 @@
+//! An extended-protocol PostgreSQL client for the end-to-end tests, run inside a governed cgroup
+//! (`agentgate exec --agent bot -- pg_client SCENARIO PORT [ARG]`). It connects to the REAL
+//! server address 127.0.0.1:PORT with a wrong password (the gate brokers the credentials) and
+//! prints one JSON line per step: `{"step": ..., "ok": bool, "code": SQLSTATE, "message": ...,
+//! "rows": [[...]]}`.
+//!
+//! Scenarios `masked`, `pipeline`, `denied_parse`, `transaction`, `cancel` use tokio-postgres
+//! (binary result format, Parse/Describe/Bind/Execute/Sync). Scenarios `raw_*` speak the wire
+//! protocol by hand, for message sequences no driver produces.
+// Test client: a panic with a message is the report.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio_postgres::{Client, NoTls, Row, SimpleQueryMessage};
+
+fn emit(v: Value) {
+    println!("{v}");
+}
+
+fn err_json(step: &str, e: &tokio_postgres::Error) -> Value {
+    let db = e.as_db_error();
+    json!({
+        "step": step,
+        "ok": false,
+        "code": db.map(|d| d.code().code().to_string()),
+        "message": db.map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string()),
+    })
+}
+
+/// Every column of every row as text (text-like columns as strings, ints as decimal).
+fn rows_json(rows: &[Row]) -> Value {
+    Value::Array(
+        rows.iter()
+            .map(|r| {
+                Value::Array(
+                    (0..r.len())
+                        .map(|i| {
+                            let ty = r.columns()[i].type_().clone();
+                            match ty {
+                                tokio_postgres::types::Type::INT4 => r
+                                    .get::<_, Option<i32>>(i)
+                                    .map_or(Value::Null, |v| json!(v.to_string())),
+                                tokio_postgres::types::Type::INT8 => r
+                                    .get::<_, Option<i64>>(i)
+                                    .map_or(Value::Null, |v| json!(v.to_string())),
+                                tokio_postgres::types::Type::BOOL => r
+                                    .get::<_, Option<bool>>(i)
+                                    .map_or(Value::Null, |v| json!(v.to_string())),
+                                _ => r
+                                    .try_get::<_, Option<String>>(i)
+                                    .map(|v| v.map_or(Value::Null, Value::String))
+                                    .unwrap_or_else(|e| json!(format!("<undecodable: {e}>"))),
+                            }
+                        })
+                        .collect(),
+                )
+            })
+            .collect(),
+    )
+}
+
+fn result(step: &str, r: Result<Vec<Row>, tokio_postgres::Error>) -> Value {
+    match r {
+        Ok(rows) => json!({"step": step, "ok": true, "rows": rows_json(&rows)}),
+        Err(e) => err_json(step, &e),
+    }
+}
+
+fn simple_rows(msgs: &[SimpleQueryMessage]) -> Value {
+    Value::Array(
+        msgs.iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some(Value::Array(
+                    (0..r.len())
+                        .map(|i| r.get(i).map_or(Value::Null, |s| json!(s)))
+                        .collect(),
+                )),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+async fn connect(port: u16) -> Client {
+    let (client, conn) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={port} user=postgres password=wrong-password dbname=postgres connect_timeout=10"
+        ),
+        NoTls,
+    )
+    .await
+    .expect("connect through the gate");
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            eprintln!("connection error: {e}");
+        }
+    });
+    client
+}
+
+async fn masked(port: u16) {
+    let client = connect(port).await;
+    // Parameters in binary, results in binary (tokio-postgres asks for binary everywhere).
+    let r = client
+        .query(
+            "SELECT id, name, email, card_number, ssn, note FROM customers WHERE id = $1",
+            &[&1i32],
+        )
+        .await;
+    emit(result("binary", r));
+    // An alias must not dodge the column rule.
+    let r = client
+        .query(
+            "SELECT card_number AS cn, ssn AS x FROM customers WHERE id = $1",
+            &[&1i32],
+        )
+        .await;
+    emit(result("alias", r));
+    // The same row through the simple protocol (text format).
+    match client
+        .simple_query("SELECT id, name, email, card_number, ssn, note FROM customers WHERE id = 1")
+        .await
+    {
+        Ok(m) => emit(json!({"step": "text", "ok": true, "rows": simple_rows(&m)})),
+        Err(e) => emit(err_json("text", &e)),
+    }
+    // Detectors over every row's free text: Luhn-valid masked, Luhn-invalid kept.
+    let r = client
+        .query("SELECT id, note FROM customers ORDER BY id", &[])
+        .await;
+    emit(result("notes", r));
+}
+
+async fn pipeline(port: u16) {
+    let client = connect(port).await;
+    let started = Instant::now();
+    // One client, several queries in flight at once: tokio-postgres pipelines their messages.
+    let (a, b, c, d) = tokio::join!(
+        client.query("SELECT $1::int + 1", &[&41i32]),
+        client.query("SELECT email FROM customers WHERE id = $1", &[&2i32]),
+        client.query("DROP TABLE customers", &[]),
+        client.query("SELECT count(*) FROM customers", &[]),
+    );
+    emit(result("add", a));
+    emit(result("email", b));
+    emit(result("drop", c));
+    emit(result("count", d));
+    emit(json!({"step": "elapsed", "ok": true, "ms": started.elapsed().as_millis() as u64}));
+}
+
+async fn denied_parse(port: u16) {
+    let client = connect(port).await;
+    match client.prepare("DROP TABLE customers").await {
+        Ok(_) => emit(json!({"step": "prepare_drop", "ok": true})),
+        Err(e) => emit(err_json("prepare_drop", &e)),
+    }
+    // A statement the gate did let through, prepared once and run twice with a parameter.
+    match client
+        .prepare("SELECT count(*) FROM customers WHERE id >= $1")
+        .await
+    {
+        Ok(st) => {
+            emit(result("after_1", client.query(&st, &[&0i32]).await));
+            emit(result("after_2", client.query(&st, &[&2i32]).await));
+        }
+        Err(e) => emit(err_json("after_prepare", &e)),
+    }
+    // `execute` prepares and runs: a denied statement never runs.
+    let r = client.execute("DELETE FROM customers", &[]).await;
+    match r {
+        Ok(n) => emit(json!({"step": "delete_all", "ok": true, "rows": n})),
+        Err(e) => emit(err_json("delete_all", &e)),
+    }
+    emit(result(
+        "final",
+        client.query("SELECT count(*) FROM customers", &[]).await,
+    ));
+}
+
+async fn transaction(port: u16) {
+    let client = connect(port).await;
+    let steps: [(&str, &str); 6] = [
+        ("begin", "BEGIN"),
+        ("insert", "INSERT INTO t VALUES (500, 'in-tx')"),
+        ("drop", "DROP TABLE t"),
+        ("after", "SELECT 1"),
+        ("rollback", "ROLLBACK"),
+        ("outside", "SELECT count(*) FROM t WHERE id = 500"),
+    ];
+    for (step, sql) in steps {
+        emit(result(step, client.query(sql, &[]).await));
+    }
+}
+
+async fn cancel(port: u16) {
+    let client = connect(port).await;
+    let token = client.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        token.cancel_query(NoTls).await
+    });
+    let started = Instant::now();
+    let r = client.query("SELECT pg_sleep(30)", &[]).await;
+    let elapsed = started.elapsed().as_millis() as u64;
+    let mut v = result("sleep", r);
+    v["ms"] = json!(elapsed);
+    emit(v);
+    match canceller.await.expect("join canceller") {
+        Ok(()) => emit(json!({"step": "cancel_sent", "ok": true})),
+        Err(e) => emit(err_json("cancel_sent", &e)),
+    }
+    emit(result("after", client.query("SELECT 7", &[]).await));
+}
+
+// ---- Raw wire protocol -------------------------------------------------------------------
+
+struct Raw {
+    s: TcpStream,
+    received: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Msg {
+    tag: u8,
+    body: Vec<u8>,
+}
+
+impl Msg {
+    /// An ErrorResponse's SQLSTATE.
+    fn code(&self) -> Option<String> {
+        self.field(b'C')
+    }
+
+    fn field(&self, which: u8) -> Option<String> {
+        let mut i = 0;
+        while i < self.body.len() && self.body[i] != 0 {
+            let t = self.body[i];
+            let end = self.body[i + 1..].iter().position(|b| *b == 0)? + i + 1;
+            if t == which {
+                return Some(String::from_utf8_lossy(&self.body[i + 1..end]).into_owned());
+            }
+            i = end + 1;
+        }
+        None
+    }
+
+    /// A DataRow's values as text.
+    fn values(&self) -> Vec<Option<String>> {
+        let n = i16::from_be_bytes([self.body[0], self.body[1]]);
+        let mut at = 2;
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let len = i32::from_be_bytes(self.body[at..at + 4].try_into().unwrap());
+            at += 4;
+            if len < 0 {
+                out.push(None);
+            } else {
+                let len = len as usize;
+                out.push(Some(
+                    String::from_utf8_lossy(&self.body[at..at + len]).into_owned(),
+                ));
+                at += len;
+            }
+        }
+        out
+    }
+}
+
+fn cstr(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+}
+
+fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+fn parse_msg(name: &str, sql: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    cstr(&mut b, name);
+    cstr(&mut b, sql);
+    b.extend_from_slice(&0i16.to_be_bytes());
+    frame(b'P', &b)
+}
+
+fn bind_msg(portal: &str, statement: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    cstr(&mut b, portal);
+    cstr(&mut b, statement);
+    b.extend_from_slice(&0i16.to_be_bytes()); // parameter formats
+    b.extend_from_slice(&0i16.to_be_bytes()); // parameters
+    b.extend_from_slice(&0i16.to_be_bytes()); // result formats: all text
+    frame(b'B', &b)
+}
+
+fn describe_msg(kind: u8, name: &str) -> Vec<u8> {
+    let mut b = vec![kind];
+    cstr(&mut b, name);
+    frame(b'D', &b)
+}
+
+fn execute_msg(portal: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    cstr(&mut b, portal);
+    b.extend_from_slice(&0i32.to_be_bytes());
+    frame(b'E', &b)
+}
+
+fn sync_msg() -> Vec<u8> {
+    frame(b'S', &[])
+}
+
+fn query_msg(sql: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    cstr(&mut b, sql);
+    frame(b'Q', &b)
+}
+
+impl Raw {
+    /// Connects and completes start-up (no password is ever sent: the gate answers AuthenticationOk).
+    fn connect(port: u16) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(15))).ok();
+        let mut raw = Raw {
+            s,
+            received: Vec::new(),
+        };
+        let mut b = Vec::new();
+        b.extend_from_slice(&196_608i32.to_be_bytes());
+        cstr(&mut b, "user");
+        cstr(&mut b, "postgres");
+        cstr(&mut b, "database");
+        cstr(&mut b, "postgres");
+        cstr(&mut b, "application_name");
+        cstr(&mut b, "pg_client_raw");
+        b.push(0);
+        let mut pkt = (b.len() as i32 + 4).to_be_bytes().to_vec();
+        pkt.extend_from_slice(&b);
+        raw.send(&pkt);
+        let msgs = raw.until_ready().expect("start-up");
+        if let Some(m) = msgs.iter().find(|m| m.tag == b'R') {
+            let code = i32::from_be_bytes(m.body[0..4].try_into().unwrap());
+            assert_eq!(code, 0, "the gate asked for authentication {code}");
+        }
+        raw
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).expect("send");
+    }
+
+    /// One message; `None` on EOF or a connection error.
+    fn read(&mut self) -> Option<Msg> {
+        let mut head = [0u8; 5];
+        self.s.read_exact(&mut head).ok()?;
+        let len = i32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len.saturating_sub(4)];
+        self.s.read_exact(&mut body).ok()?;
+        self.received.extend_from_slice(&head);
+        self.received.extend_from_slice(&body);
+        Some(Msg { tag: head[0], body })
+    }
+
+    /// Messages up to and including ReadyForQuery; `Err(messages so far)` if the connection ends.
+    fn until_ready(&mut self) -> Result<Vec<Msg>, Vec<Msg>> {
+        let mut out = Vec::new();
+        loop {
+            match self.read() {
+                Some(m) => {
+                    let done = m.tag == b'Z';
+                    out.push(m);
+                    if done {
+                        return Ok(out);
+                    }
+                }
+                None => return Err(out),
+            }
+        }
+    }
+}
+
+/// What a batch of messages got back: tags in order, error codes and messages, data rows, the
+/// transaction status of ReadyForQuery.
+fn summary(step: &str, r: Result<Vec<Msg>, Vec<Msg>>) -> Value {
+    let (closed, msgs) = match r {
+        Ok(m) => (false, m),
+        Err(m) => (true, m),
+    };
+    let tags: String = msgs.iter().map(|m| m.tag as char).collect();
+    let errors: Vec<Value> = msgs
+        .iter()
+        .filter(|m| m.tag == b'E')
+        .map(|m| json!({"code": m.code(), "message": m.field(b'M')}))
+        .collect();
+    let rows: Vec<Value> = msgs
+        .iter()
+        .filter(|m| m.tag == b'D')
+        .map(|m| json!(m.values()))
+        .collect();
+    let status = msgs
+        .iter()
+        .rfind(|m| m.tag == b'Z')
+        .map(|m| (m.body[0] as char).to_string());
+    json!({"step": step, "ok": errors.is_empty() && !closed, "closed": closed, "tags": tags,
+           "errors": errors, "rows": rows, "status": status})
+}
+
+/// A denied named Parse leaves no statement behind: Bind/Execute of that name cannot run it.
+fn raw_denied_name(port: u16) {
+    let mut c = Raw::connect(port);
+    let mut batch = parse_msg("evil", "DROP TABLE customers");
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("parse_evil", c.until_ready()));
+    let mut batch = bind_msg("", "evil");
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("execute_evil", c.until_ready()));
+    // Denied Parse in the middle of a pipeline: everything up to Sync is skipped, as the server
+    // would after an error; the next Sync-delimited batch works.
+    let mut batch = parse_msg("", "SELECT 1");
+    batch.extend(bind_msg("", ""));
+    batch.extend(execute_msg(""));
+    batch.extend(parse_msg("", "TRUNCATE customers"));
+    batch.extend(bind_msg("", ""));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    batch.extend(parse_msg("", "SELECT count(*) FROM customers"));
+    batch.extend(bind_msg("", ""));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("pipeline_first", c.until_ready()));
+    emit(summary("pipeline_second", c.until_ready()));
+}
+
+/// Re-using a statement name: an allowed, masked SELECT is prepared as `s`, then a denied
+/// Parse of the same name is sent. The server still holds the first `s`; executing it must
+/// still be masked (and recorded).
+fn raw_reparse(port: u16) {
+    let mut c = Raw::connect(port);
+    let mut batch = parse_msg("s", "SELECT email, card_number FROM customers WHERE id = 1");
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("parse_allowed", c.until_ready()));
+    let mut batch = parse_msg("s", "DROP TABLE customers");
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("parse_denied_same_name", c.until_ready()));
+    let mut batch = bind_msg("", "s");
+    batch.extend(describe_msg(b'P', ""));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("execute_s", c.until_ready()));
+}
+
+/// Re-using a statement name with an allowed statement: the server refuses the second Parse
+/// (42P05, the name exists) and keeps the first `s`, so executing `s` runs the first SELECT.
+fn raw_reparse_allowed(port: u16) {
+    let mut c = Raw::connect(port);
+    let mut batch = parse_msg("s", "SELECT email, card_number FROM customers WHERE id = 1");
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("parse_first", c.until_ready()));
+    let mut batch = parse_msg("s", "SELECT 'harmless'::text AS h, 'x'::text AS y");
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("parse_second", c.until_ready()));
+    let mut batch = bind_msg("", "s");
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("execute_s", c.until_ready()));
+}
+
+/// Two statements executed through the unnamed portal in one pipelined batch (what drivers do:
+/// Bind ""/Execute ""/Bind ""/Execute ""/Sync). Each Execute's rows must be masked by the
+/// columns of the statement that portal was bound to at the time, not by the last Bind.
+fn raw_portal_pipeline(port: u16) {
+    let mut c = Raw::connect(port);
+    let mut batch = parse_msg("a", "SELECT email, card_number FROM customers WHERE id = 1");
+    batch.extend(parse_msg("b", "SELECT count(*) FROM customers"));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("prepare", c.until_ready()));
+    let mut batch = bind_msg("", "a");
+    batch.extend(execute_msg(""));
+    batch.extend(bind_msg("", "b"));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("pipelined", c.until_ready()));
+    // The same, one Sync per statement.
+    let mut batch = bind_msg("", "a");
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    batch.extend(bind_msg("", "b"));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("pipelined_syncs_1", c.until_ready()));
+    emit(summary("pipelined_syncs_2", c.until_ready()));
+}
+
+/// A Query larger than the target's `max_frame_bytes`.
+fn raw_oversize(port: u16, size: usize) {
+    let mut c = Raw::connect(port);
+    c.send(&query_msg("SELECT 1"));
+    emit(summary("before", c.until_ready()));
+    let pad = "x".repeat(size);
+    let sql = format!("INSERT INTO t VALUES (900, 'oversized') -- {pad}");
+    // The peer may close while we are still writing: that is a valid outcome.
+    let wrote = c.s.write_all(&query_msg(&sql)).is_ok();
+    let r = c.until_ready();
+    let mut v = summary("oversized", r);
+    v["wrote_all"] = json!(wrote);
+    emit(v);
+}
+
+/// Everything the agent receives during start-up and a few queries, checked for `needle`
+/// (given in the environment, not on the command line: the session records the command line).
+fn raw_greeting(port: u16, needle: &str) {
+    let mut c = Raw::connect(port);
+    for sql in [
+        "SELECT current_user, session_user, current_database()",
+        "SHOW ALL",
+        "SELECT usename, passwd FROM pg_shadow",
+        "SELECT rolname, rolpassword FROM pg_authid",
+    ] {
+        c.send(&query_msg(sql));
+        emit(summary(sql, c.until_ready()));
+    }
+    let hay = &c.received;
+    let found = hay
+        .windows(needle.len().max(1))
+        .any(|w| w == needle.as_bytes());
+    emit(json!({"step": "needle", "ok": true, "received_bytes": hay.len(), "found": found}));
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let scenario = args.get(1).map(String::as_str).unwrap_or("");
+    let port: u16 = args
+        .get(2)
+        .and_then(|p| p.parse().ok())
+        .expect("usage: pg_client SCENARIO PORT [ARG]");
+    let arg = args.get(3).cloned().unwrap_or_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match scenario {
+        "masked" => rt.block_on(masked(port)),
+        "pipeline" => rt.block_on(pipeline(port)),
+        "denied_parse" => rt.block_on(denied_parse(port)),
+        "transaction" => rt.block_on(transaction(port)),
+        "cancel" => rt.block_on(cancel(port)),
+        "raw_denied_name" => raw_denied_name(port),
+        "raw_reparse" => raw_reparse(port),
+        "raw_portal_pipeline" => raw_portal_pipeline(port),
+        "raw_reparse_allowed" => raw_reparse_allowed(port),
+        "raw_oversize" => raw_oversize(port, arg.parse().expect("size")),
+        "raw_greeting" => raw_greeting(
+            port,
+            &std::env::var("PG_CLIENT_NEEDLE").expect("PG_CLIENT_NEEDLE"),
+        ),
+        other => panic!("unknown scenario {other:?}"),
+    }
+}

@@ -1,0 +1,1429 @@
+//! PostgreSQL targets end to end: a real PostgreSQL 15 (SCRAM), a real daemon with real eBPF
+//! hooks, and unmodified clients (psql, pgbench, psycopg 3, tokio-postgres, a raw wire client)
+//! placed in governed cgroups. The clients connect to the server's own address with a wrong
+//! password or none; the gate brokers the credentials, judges every statement with
+//! `policies/postgres.yaml`, masks results and records everything.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)]
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use agentgate_tests::{
+    Gate, Postgres, ensure_psycopg, psql_conn_args, psql_direct, psycopg_script, run,
+    workspace_root,
+};
+use serde_json::Value;
+
+/// The masking key handed to the daemon (the example policy names `AGENTGATE_MASK_KEY`).
+const MASK_KEY: &str = "agentgate-e2e-masking-key-0123456789";
+/// What a client sends as its password: never the real one.
+const WRONG_PASSWORD: &str = "wrong-password";
+
+const SCHEMA: &str = "
+CREATE TABLE customers (id int PRIMARY KEY, name text, email text, card_number text, ssn text, note text);
+INSERT INTO customers VALUES
+  (1, 'Alice', 'alice@example.com', '4111111111111111', '123-45-6789', 'paid with 4111 1111 1111 1111'),
+  (2, 'Bob', 'bob@example.org', '5500000000000004', '987-65-4321', 'order 4111 1111 1111 1112'),
+  (3, 'Carol', 'carol@example.net', '378282246310005', '111-22-3333', 'no payment yet');
+CREATE TABLE products (id int PRIMARY KEY, name text, price numeric(10,2), tags text[], created date,
+                       data jsonb, blob bytea, active bool);
+INSERT INTO products VALUES
+  (1, 'widget', 9.99, '{small,blue}', '2024-01-02', '{\"color\": \"blue\", \"n\": 1}', '\\xdeadbeef', true),
+  (2, 'gadget', 120.00, '{large}', '2023-12-31', '{\"color\": \"red\"}', NULL, false),
+  (3, 'ünïcödé ✓', 0.50, '{}', NULL, NULL, '\\x', true),
+  (4, 'tab\there', 1000000.01, NULL, '1999-09-09', '[1, 2, 3]', '\\x00ff', true);
+CREATE TABLE secrets (id int PRIMARY KEY, value text);
+INSERT INTO secrets VALUES (1, 'one'), (2, 'two'), (3, 'three');
+CREATE TABLE t (id int PRIMARY KEY, v text);
+INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c');
+";
+
+fn policy_text() -> String {
+    std::fs::read_to_string(workspace_root().join("policies/postgres.yaml"))
+        .expect("read policies/postgres.yaml")
+}
+
+/// Gate configuration: agents `bot` (analyst, enforced) and `auditor` (shadow), one postgres
+/// target for the server with brokered credentials, `extra` appended to the target.
+fn config(pg: &Postgres, extra_target: &str) -> String {
+    format!(
+        "agents:
+  - name: bot
+    cgroup: {{base}}/bot
+    roles: [analyst]
+    targets: [db]
+  - name: auditor
+    cgroup: {{base}}/auditor
+    roles: [auditor]
+    targets: [db]
+targets:
+  - name: db
+    match: [\"127.0.0.1:{port}\"]
+    protocol: postgres
+    credentials: {{ user: postgres, password_file: {pw} }}
+    record_rows: 10
+{extra_target}
+{policy}",
+        port = pg.port,
+        pw = pg.dir.join("pw").display(),
+        policy = policy_text()
+    )
+}
+
+/// A PostgreSQL with the test schema and a gate in front of it. Declared `(pg, gate)` so the
+/// gate is dropped first.
+fn start_with(extra_target: &str) -> (Postgres, Gate) {
+    let pg = Postgres::start("scram-sha-256");
+    pg.admin_sql(SCHEMA);
+    let gate = Gate::start_with_env(
+        &config(&pg, extra_target),
+        &[("AGENTGATE_MASK_KEY", MASK_KEY)],
+    );
+    (pg, gate)
+}
+
+fn start() -> (Postgres, Gate) {
+    start_with("")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status,
+        text(&o.stdout),
+        text(&o.stderr)
+    )
+}
+
+/// psql through the gate as `agent` (wrong password), verbose errors (SQLSTATE shown).
+fn gated_psql(gate: &Gate, pg: &Postgres, agent: &str, extra: &[&str], script: &str) -> Output {
+    let mut args = vec!["-v", "VERBOSITY=verbose"];
+    args.extend_from_slice(extra);
+    gate.psql(agent, pg.port, Some(WRONG_PASSWORD), &args, script)
+}
+
+fn json_lines(o: &Output) -> Vec<Value> {
+    text(&o.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}\n{}", show(o)))
+        })
+        .collect()
+}
+
+/// The line of a client's JSON output for `step`.
+fn step<'a>(lines: &'a [Value], name: &str) -> &'a Value {
+    lines
+        .iter()
+        .find(|l| l["step"] == name)
+        .unwrap_or_else(|| panic!("no step {name:?} in {lines:#?}"))
+}
+
+/// `pg_client SCENARIO PORT [ARG]` inside `agent`'s cgroup.
+fn pg_client(gate: &Gate, pg: &Postgres, agent: &str, scenario: &str, arg: &str) -> Vec<Value> {
+    let port = pg.port.to_string();
+    let mut argv = vec![env!("CARGO_BIN_EXE_pg_client"), scenario, port.as_str()];
+    if !arg.is_empty() {
+        argv.push(arg);
+    }
+    let o = run(&mut gate.exec(agent, &argv));
+    assert!(o.status.success(), "pg_client {scenario}: {}", show(&o));
+    json_lines(&o)
+}
+
+/// `pg_psycopg.py PORT SCENARIO...` inside `agent`'s cgroup.
+fn psycopg(gate: &Gate, pg: &Postgres, agent: &str, scenarios: &[&str]) -> Vec<Value> {
+    ensure_psycopg();
+    let script = psycopg_script();
+    let port = pg.port.to_string();
+    let mut argv = vec!["python3", script.to_str().unwrap(), port.as_str()];
+    argv.extend_from_slice(scenarios);
+    let o = run(&mut gate.exec(agent, &argv));
+    assert!(
+        o.status.success(),
+        "pg_psycopg.py {scenarios:?}: {}",
+        show(&o)
+    );
+    json_lines(&o)
+}
+
+/// Statements of every session that has ended (at least `n` sessions), oldest session first.
+fn all_statements(gate: &Gate, n: usize) -> Vec<Value> {
+    let mut sessions = gate.sessions_ended(n);
+    sessions.reverse();
+    sessions
+        .iter()
+        .filter(|s| !s["ended"].is_null())
+        .flat_map(|s| {
+            let id = s["id"].as_i64().unwrap().to_string();
+            let v = gate.cli_json(&["sessions", "show", &id, "--json"]);
+            v["statements"].as_array().cloned().unwrap_or_default()
+        })
+        .collect()
+}
+
+fn count(pg: &Postgres, sql: &str) -> i64 {
+    pg.admin_sql(sql)
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+fn table_exists(pg: &Postgres, name: &str) -> bool {
+    pg.admin_sql(&format!("SELECT to_regclass('public.{name}') IS NOT NULL"))
+        .trim()
+        == "t"
+}
+
+fn occurrences(hay: &str, needle: &str) -> usize {
+    hay.matches(needle).count()
+}
+
+fn is_hash(s: &str) -> bool {
+    s.len() == 18 && s.starts_with("h:") && s[2..].chars().all(|c| c.is_ascii_hexdigit())
+}
+
+// 1 ------------------------------------------------------------------------------------------
+
+#[test]
+fn psql_results_are_identical_to_a_direct_connection() {
+    let (pg, gate) = start();
+    let script = "\
+SELECT * FROM products ORDER BY id;
+SELECT name, price * 2 AS double, tags[1] AS first_tag FROM products WHERE active ORDER BY price DESC;
+SELECT count(*), sum(price), avg(price)::numeric(12,3) FROM products;
+SELECT p.name, t.v FROM products p JOIN t ON t.id = p.id ORDER BY 1;
+SELECT g, g * g AS square, 'row ' || g AS label FROM generate_series(1, 3000) g;
+SELECT data->>'color' AS color, data, blob, created FROM products ORDER BY id;
+SELECT NULL::text AS n, ''::text AS e, E'two\\nlines' AS nl, 'ünïcödé ✓' AS u, 1.5::float8 AS f;
+\\x on
+SELECT * FROM products WHERE id = 1;
+\\x off
+\\pset format unaligned
+SELECT id, name, price FROM products ORDER BY id;
+\\pset format csv
+SELECT * FROM t ORDER BY id;
+";
+    let args = ["-v", "ON_ERROR_STOP=1"];
+    let direct = psql_direct(pg.port, Some(&pg.superuser_password), &args, script);
+    assert!(direct.status.success(), "direct psql: {}", show(&direct));
+    let gated = gate.psql("bot", pg.port, Some(WRONG_PASSWORD), &args, script);
+    assert!(
+        gated.status.success(),
+        "psql through the gate: {}",
+        show(&gated)
+    );
+    assert_eq!(
+        text(&gated.stdout),
+        text(&direct.stdout),
+        "results through the gate differ from a direct connection"
+    );
+    assert_eq!(text(&gated.stderr), text(&direct.stderr));
+    assert!(text(&gated.stdout).contains("(3000 rows)"));
+
+    // Every statement was recorded as allowed, with its row count.
+    let st = all_statements(&gate, 1);
+    assert_eq!(st.len(), 10, "{st:#?}");
+    assert!(
+        st.iter()
+            .all(|s| s["decision"] == "allow" && s["error"].is_null()),
+        "{st:#?}"
+    );
+    assert_eq!(st[4]["rows"], 3000, "{:#?}", st[4]);
+}
+
+#[test]
+fn psql_describe_meta_commands_work_through_the_gate() {
+    // What an agent exploring a database does first: psql's catalog queries must be allowed
+    // (they are plain SELECTs over pg_catalog) and answer exactly as directly.
+    let (pg, gate) = start();
+    let script = "\\dt\n\\d products\n\\dn\n\\df pg_sleep\n";
+    let direct = psql_direct(pg.port, Some(&pg.superuser_password), &[], script);
+    assert!(direct.status.success(), "direct psql: {}", show(&direct));
+    let gated = gate.psql("bot", pg.port, Some(WRONG_PASSWORD), &[], script);
+    assert_eq!(
+        show(&gated),
+        show(&direct),
+        "psql meta-commands through the gate differ from a direct connection"
+    );
+}
+
+// 2 ------------------------------------------------------------------------------------------
+
+#[test]
+fn ddl_is_denied_in_band_and_the_connection_stays_usable() {
+    let (pg, gate) = start();
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "bot",
+        &["-A", "-t"],
+        "DROP TABLE t;
+SELECT 'still-usable';
+CREATE TABLE evil (id int);
+GRANT ALL ON t TO PUBLIC;
+ALTER TABLE t ADD COLUMN x int;
+SELECT count(*) FROM t;
+",
+    );
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(
+        o.status.success(),
+        "psql exits 0 without ON_ERROR_STOP: {}",
+        show(&o)
+    );
+    assert_eq!(
+        occurrences(
+            &err,
+            "ERROR:  42501: agentgate: denied by rule \"no-schema-changes\""
+        ),
+        4,
+        "{}",
+        show(&o)
+    );
+    assert!(
+        err.contains("schema and privilege changes are not allowed"),
+        "{err}"
+    );
+    assert_eq!(out, "still-usable\n3\n", "{}", show(&o));
+
+    assert!(table_exists(&pg, "t"));
+    assert!(!table_exists(&pg, "evil"));
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 't'"
+        ),
+        2
+    );
+    assert_eq!(
+        pg.admin_sql("SELECT relacl IS NULL FROM pg_class WHERE relname = 't'")
+            .trim(),
+        "t",
+        "GRANT must not have run"
+    );
+}
+
+// 3 ------------------------------------------------------------------------------------------
+
+#[test]
+fn denial_inside_an_explicit_transaction_aborts_it_like_a_server_error() {
+    let (pg, gate) = start();
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "bot",
+        &["-A", "-t"],
+        "BEGIN;
+INSERT INTO t VALUES (100, 'in-tx');
+DROP TABLE t;
+SELECT 1;
+ROLLBACK;
+SELECT count(*) FROM t;
+INSERT INTO t VALUES (101, 'autocommit');
+SELECT v FROM t WHERE id = 101;
+",
+    );
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(
+        err.contains("ERROR:  42501: agentgate: denied by rule \"no-schema-changes\""),
+        "{}",
+        show(&o)
+    );
+    assert!(
+        err.contains("ERROR:  25P02: current transaction is aborted"),
+        "the statement after the denial must fail as in an aborted transaction: {}",
+        show(&o)
+    );
+    assert_eq!(occurrences(&err, "ERROR:"), 2, "{}", show(&o));
+    assert_eq!(
+        out,
+        "BEGIN\nINSERT 0 1\nROLLBACK\n3\nINSERT 0 1\nautocommit\n",
+        "{}",
+        show(&o)
+    );
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM t WHERE id = 100"),
+        0,
+        "the insert was rolled back"
+    );
+    assert_eq!(count(&pg, "SELECT count(*) FROM t WHERE id = 101"), 1);
+}
+
+// 4 ------------------------------------------------------------------------------------------
+
+#[test]
+fn a_multi_statement_query_with_one_denied_statement_is_denied_as_a_whole() {
+    let (pg, gate) = start();
+    // psql -c sends the whole string as one simple-protocol Query.
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "bot",
+        &["-c", "SELECT 'smuggled-marker'; DROP TABLE t"],
+        "",
+    );
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(
+        !text(&o.stdout).contains("smuggled-marker"),
+        "no result for the first statement: {}",
+        show(&o)
+    );
+    assert!(text(&o.stderr).contains("42501"), "{}", show(&o));
+    assert!(
+        text(&o.stderr).contains("no-schema-changes"),
+        "{}",
+        show(&o)
+    );
+    assert!(table_exists(&pg, "t"));
+
+    // An allowed write before the denied statement does not run either.
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "bot",
+        &[
+            "-c",
+            "INSERT INTO t VALUES (200, 'smuggled'); COMMIT; DROP TABLE t",
+        ],
+        "",
+    );
+    assert!(text(&o.stderr).contains("42501"), "{}", show(&o));
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM t WHERE id = 200"),
+        0,
+        "{}",
+        show(&o)
+    );
+    assert!(table_exists(&pg, "t"));
+
+    // psycopg sends a query without parameters as a simple Query too.
+    let lines = psycopg(&gate, &pg, "bot", &["smuggle"]);
+    let s = step(&lines, "smuggle");
+    assert_eq!(s["ok"], false, "{lines:#?}");
+    assert_eq!(s["code"], "42501", "{lines:#?}");
+    assert_eq!(s["error"], "InsufficientPrivilege", "{lines:#?}");
+    assert_eq!(
+        step(&lines, "after")["rows"],
+        serde_json::json!([[3]]),
+        "{lines:#?}"
+    );
+    assert!(table_exists(&pg, "t"));
+
+    // Each statement of a denied query is recorded, none ran.
+    let st = all_statements(&gate, 3);
+    let drops: Vec<&Value> = st
+        .iter()
+        .filter(|s| s["text"].as_str().unwrap_or("").contains("DROP TABLE t"))
+        .collect();
+    assert_eq!(drops.len(), 3, "{st:#?}");
+    for d in drops {
+        assert_eq!(d["decision"], "deny", "{d:#?}");
+        assert_eq!(d["rule"], "no-schema-changes", "{d:#?}");
+        assert!(d["command_tag"].is_null(), "{d:#?}");
+    }
+    let firsts: Vec<&Value> = st
+        .iter()
+        .filter(|s| s["text"].as_str().unwrap_or("").contains("smuggled"))
+        .collect();
+    assert!(!firsts.is_empty(), "{st:#?}");
+    for f in firsts {
+        assert!(
+            f["command_tag"].is_null() && !f["error"].is_null(),
+            "did not run: {f:#?}"
+        );
+    }
+}
+
+// 5 ------------------------------------------------------------------------------------------
+
+#[test]
+fn unbounded_writes_need_review_even_inside_a_cte() {
+    let (pg, gate) = start();
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "bot",
+        &["-A", "-t"],
+        "WITH d AS (DELETE FROM secrets RETURNING *) SELECT * FROM d;
+DELETE FROM secrets;
+UPDATE secrets SET value = 'pwned';
+WITH u AS (UPDATE secrets SET value = 'x' RETURNING id) SELECT count(*) FROM u;
+SELECT count(*) FROM secrets;
+WITH d AS (DELETE FROM secrets WHERE id = 1 RETURNING value) SELECT * FROM d;
+",
+    );
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(
+        occurrences(
+            &err,
+            "ERROR:  42501: agentgate: statement requires human approval (rule \"unbounded-writes\""
+        ),
+        4,
+        "{}",
+        show(&o)
+    );
+    assert!(
+        err.contains("approvals are not available on this gate yet, so it is denied"),
+        "{err}"
+    );
+    assert_eq!(out, "3\none\n", "{}", show(&o));
+    assert_eq!(count(&pg, "SELECT count(*) FROM secrets"), 2);
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(*) FROM secrets WHERE value IN ('pwned', 'x')"
+        ),
+        0
+    );
+
+    let st = all_statements(&gate, 1);
+    let reviewed: Vec<&Value> = st
+        .iter()
+        .filter(|s| s["rule"] == "unbounded-writes")
+        .collect();
+    assert_eq!(reviewed.len(), 4, "{st:#?}");
+    assert!(
+        reviewed.iter().all(|s| s["decision"] == "review"),
+        "{reviewed:#?}"
+    );
+}
+
+// 6 ------------------------------------------------------------------------------------------
+
+#[test]
+fn extended_protocol_with_tokio_postgres() {
+    let (pg, gate) = start();
+
+    // A denied Parse: error 42501, the connection is still usable, prepared statements run.
+    let l = pg_client(&gate, &pg, "bot", "denied_parse", "");
+    assert_eq!(step(&l, "prepare_drop")["code"], "42501", "{l:#?}");
+    assert!(
+        step(&l, "prepare_drop")["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-schema-changes"),
+        "{l:#?}"
+    );
+    assert_eq!(
+        step(&l, "after_1")["rows"],
+        serde_json::json!([["3"]]),
+        "{l:#?}"
+    );
+    assert_eq!(
+        step(&l, "after_2")["rows"],
+        serde_json::json!([["2"]]),
+        "{l:#?}"
+    );
+    assert_eq!(step(&l, "delete_all")["code"], "42501", "{l:#?}");
+    assert_eq!(
+        step(&l, "final")["rows"],
+        serde_json::json!([["3"]]),
+        "{l:#?}"
+    );
+    assert!(table_exists(&pg, "customers"));
+
+    // A denied named statement never reaches the server: executing its name fails there.
+    let l = pg_client(&gate, &pg, "bot", "raw_denied_name", "");
+    let parse = step(&l, "parse_evil");
+    assert_eq!(parse["errors"][0]["code"], "42501", "{l:#?}");
+    assert_eq!(parse["status"], "I", "{l:#?}");
+    let exec = step(&l, "execute_evil");
+    assert_eq!(
+        exec["errors"][0]["code"], "26000",
+        "prepared statement does not exist: {l:#?}"
+    );
+    assert_eq!(exec["rows"], serde_json::json!([]), "{l:#?}");
+    // Pipeline: SELECT 1 ran, the denied TRUNCATE skipped the rest up to Sync, the next batch ran.
+    let first = step(&l, "pipeline_first");
+    assert_eq!(first["rows"], serde_json::json!([["1"]]), "{l:#?}");
+    assert_eq!(first["errors"].as_array().unwrap().len(), 1, "{l:#?}");
+    assert_eq!(first["errors"][0]["code"], "42501", "{l:#?}");
+    assert_eq!(first["tags"], "12DCEZ", "{l:#?}");
+    let second = step(&l, "pipeline_second");
+    assert_eq!(second["rows"], serde_json::json!([["3"]]), "{l:#?}");
+    assert_eq!(second["tags"], "12DCZ", "{l:#?}");
+    assert_eq!(count(&pg, "SELECT count(*) FROM customers"), 3);
+
+    // A denied statement inside a transaction aborts it; ROLLBACK works; nothing was kept.
+    let l = pg_client(&gate, &pg, "bot", "transaction", "");
+    assert_eq!(step(&l, "begin")["ok"], true, "{l:#?}");
+    assert_eq!(step(&l, "insert")["ok"], true, "{l:#?}");
+    assert_eq!(step(&l, "drop")["code"], "42501", "{l:#?}");
+    assert_eq!(step(&l, "after")["code"], "25P02", "{l:#?}");
+    assert_eq!(step(&l, "rollback")["ok"], true, "{l:#?}");
+    assert_eq!(
+        step(&l, "outside")["rows"],
+        serde_json::json!([["0"]]),
+        "{l:#?}"
+    );
+    assert_eq!(count(&pg, "SELECT count(*) FROM t WHERE id = 500"), 0);
+    assert!(table_exists(&pg, "t"));
+}
+
+// 7 ------------------------------------------------------------------------------------------
+
+#[test]
+fn copy_from_stdin_works_copy_to_stdout_is_refused_under_masking_and_copy_program_is_denied() {
+    let (pg, gate) = start();
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "bot",
+        &[],
+        "\\copy t FROM STDIN
+10\tten
+11\televen
+\\.
+COPY t FROM STDIN;
+12\ttwelve
+\\.
+SELECT count(*) AS after_copy FROM t;
+",
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(text(&o.stdout).contains("COPY 2"), "{}", show(&o));
+    assert!(text(&o.stdout).contains("      6"), "{}", show(&o));
+    assert!(text(&o.stderr).is_empty(), "{}", show(&o));
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM t WHERE id BETWEEN 10 AND 12"),
+        3
+    );
+
+    // The analyst policy masks with `pii`: COPY ... TO STDOUT streams rows the gate cannot mask,
+    // so the gate refuses it (flow.rs `unmaskable_copy`) and points at SELECT.
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "bot",
+        &[],
+        "COPY t TO STDOUT;
+\\copy customers TO STDOUT
+COPY (SELECT email FROM customers) TO STDOUT;
+SELECT 'after-copy' AS marker;
+",
+    );
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(
+        occurrences(
+            &err,
+            "ERROR:  42501: agentgate: COPY ... TO STDOUT cannot be masked; use SELECT to read masked data"
+        ),
+        3,
+        "{}",
+        show(&o)
+    );
+    assert!(
+        !out.contains("alice@example.com") && !out.contains("ten"),
+        "{}",
+        show(&o)
+    );
+    assert!(out.contains("after-copy"), "{}", show(&o));
+
+    // Server-side programs and files.
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "bot",
+        &[],
+        "COPY t TO PROGRAM 'id > /tmp/agentgate-e2e-copy-program';
+COPY t FROM PROGRAM 'id';
+COPY t FROM '/etc/passwd';
+COPY t TO '/tmp/agentgate-e2e-copy-file';
+",
+    );
+    let err = text(&o.stderr);
+    assert_eq!(
+        occurrences(
+            &err,
+            "ERROR:  42501: agentgate: denied by rule \"copy-program-or-file\""
+        ),
+        2,
+        "{}",
+        show(&o)
+    );
+    assert_eq!(
+        occurrences(
+            &err,
+            "ERROR:  42501: agentgate: denied by rule \"copy-server-file\""
+        ),
+        2,
+        "{}",
+        show(&o)
+    );
+    assert!(!std::path::Path::new("/tmp/agentgate-e2e-copy-program").exists());
+    assert!(!std::path::Path::new("/tmp/agentgate-e2e-copy-file").exists());
+    assert_eq!(count(&pg, "SELECT count(*) FROM t"), 6);
+}
+
+// 8 ------------------------------------------------------------------------------------------
+
+#[test]
+fn cancel_requests_go_through_the_gate() {
+    let (pg, gate) = start();
+
+    // tokio-postgres: a cancel token sent from the governed process after ~1 s.
+    let l = pg_client(&gate, &pg, "bot", "cancel", "");
+    let sleep = step(&l, "sleep");
+    assert_eq!(sleep["code"], "57014", "{l:#?}");
+    let ms = sleep["ms"].as_u64().unwrap();
+    assert!(
+        (900..15_000).contains(&ms),
+        "cancelled after {ms} ms: {l:#?}"
+    );
+    assert_eq!(step(&l, "cancel_sent")["ok"], true, "{l:#?}");
+    assert_eq!(
+        step(&l, "after")["rows"],
+        serde_json::json!([["7"]]),
+        "{l:#?}"
+    );
+
+    // psql: SIGINT makes it send a CancelRequest on a new connection.
+    let mut argv: Vec<String> = ["timeout", "-s", "INT", "2", "psql"]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
+    argv.extend(psql_conn_args(pg.port));
+    argv.extend(
+        ["-v", "VERBOSITY=verbose", "-c", "SELECT pg_sleep(30)"]
+            .iter()
+            .map(|s| (*s).to_string()),
+    );
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let o = run(gate.exec("bot", &argv).env("PGPASSWORD", WRONG_PASSWORD));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "psql took {took:?}: {}",
+        show(&o)
+    );
+    assert!(text(&o.stderr).contains("57014"), "{}", show(&o));
+    assert!(
+        text(&o.stderr).contains("canceling statement due to user request"),
+        "{}",
+        show(&o)
+    );
+
+    let ev = gate.wait_event("a forwarded cancel request", |e| {
+        e["kind"] == "cancel_request" && e["detail"]["forwarded"] == true
+    });
+    assert_eq!(ev["agent"], "bot", "{ev}");
+    assert_eq!(
+        pg.admin_sql("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'")
+            .trim(),
+        "0"
+    );
+}
+
+// 9 ------------------------------------------------------------------------------------------
+
+#[test]
+fn results_are_masked_in_text_and_binary_formats() {
+    let (pg, gate) = start();
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "bot",
+        &["-A", "-t", "-F", "|"],
+        "SELECT id, name, email, card_number, ssn, note FROM customers ORDER BY id;
+SELECT card_number AS cn, ssn AS s FROM customers WHERE id = 1;
+SELECT 'contact ' || email AS c FROM customers WHERE id = 2;
+",
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let out = text(&o.stdout);
+    let lines: Vec<Vec<&str>> = out.lines().map(|l| l.split('|').collect()).collect();
+    assert_eq!(lines.len(), 5, "{}", show(&o));
+    let alice = &lines[0];
+    assert_eq!(
+        &alice[..4],
+        &["1", "Alice", "[REDACTED:email]", "************1111"],
+        "{out}"
+    );
+    assert!(is_hash(alice[4]), "ssn is hashed: {out}");
+    assert_eq!(
+        alice[5], "paid with [REDACTED:credit_card]",
+        "Luhn-valid number in text: {out}"
+    );
+    let bob = &lines[1];
+    assert_eq!(bob[3], "************0004", "{out}");
+    assert_eq!(
+        bob[5], "order 4111 1111 1111 1112",
+        "Luhn-invalid number is kept: {out}"
+    );
+    assert_ne!(alice[4], bob[4], "different SSNs hash differently");
+    assert_eq!(lines[2][3], "***********0005", "{out}");
+    assert_eq!(
+        lines[3],
+        vec!["************1111", alice[4]],
+        "an alias does not dodge a column rule: {out}"
+    );
+    assert_eq!(lines[4], vec!["contact [REDACTED:email]"], "{out}");
+    for clear in [
+        "alice@example.com",
+        "bob@example.org",
+        "4111111111111111",
+        "123-45-6789",
+        "4111 1111 1111 1111",
+    ] {
+        assert!(!out.contains(clear), "{clear} leaked: {out}");
+    }
+
+    // Binary results (tokio-postgres): the same masks, the same keyed hash.
+    let l = pg_client(&gate, &pg, "bot", "masked", "");
+    let bin = &step(&l, "binary")["rows"][0];
+    assert_eq!(bin[0], "1", "{l:#?}");
+    assert_eq!(bin[2], "[REDACTED:email]", "{l:#?}");
+    assert_eq!(bin[3], "************1111", "{l:#?}");
+    assert_eq!(
+        bin[4], alice[4],
+        "binary and text give the same hash: {l:#?}"
+    );
+    assert_eq!(bin[5], "paid with [REDACTED:credit_card]", "{l:#?}");
+    let alias = &step(&l, "alias")["rows"][0];
+    assert_eq!(alias[0], "************1111", "{l:#?}");
+    assert_eq!(alias[1], alice[4], "{l:#?}");
+    let txt = &step(&l, "text")["rows"][0];
+    assert_eq!(txt[2], "[REDACTED:email]", "{l:#?}");
+    assert_eq!(txt[3], "************1111", "{l:#?}");
+    let notes = &step(&l, "notes")["rows"];
+    assert_eq!(notes[1][1], "order 4111 1111 1111 1112", "{l:#?}");
+    let all = serde_json::to_string(&l).unwrap();
+    for clear in [
+        "alice@example.com",
+        "4111111111111111",
+        "123-45-6789",
+        "4111 1111 1111 1111",
+    ] {
+        assert!(
+            !all.contains(clear),
+            "{clear} leaked through the extended protocol: {l:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_denied_reparse_of_a_statement_name_does_not_unmask_the_old_statement() {
+    // The server still holds the first `s` after the gate refused the second Parse of that name;
+    // executing `s` runs the first (allowed, masked) SELECT, which must stay masked.
+    let (pg, gate) = start();
+    let l = pg_client(&gate, &pg, "bot", "raw_reparse", "");
+    assert_eq!(step(&l, "parse_allowed")["ok"], true, "{l:#?}");
+    assert_eq!(
+        step(&l, "parse_denied_same_name")["errors"][0]["code"],
+        "42501",
+        "{l:#?}"
+    );
+    let exec = step(&l, "execute_s");
+    assert!(table_exists(&pg, "customers"));
+    // The execution is recorded like any other (text of `s`, its tag, masked rows).
+    let st = all_statements(&gate, 1);
+    let recorded: Vec<&Value> = st
+        .iter()
+        .filter(|s| s["command_tag"] == "SELECT 1")
+        .collect();
+    assert_eq!(
+        (exec["rows"].clone(), recorded.len()),
+        (
+            serde_json::json!([["[REDACTED:email]", "************1111"]]),
+            1
+        ),
+        "executing the surviving statement `s` must still be masked and recorded: {l:#?}\nrecorded: {st:#?}"
+    );
+}
+
+#[test]
+fn a_refused_reparse_of_a_statement_name_keeps_the_old_statement_recorded_and_masked() {
+    // The gate must follow the server: a Parse of an existing name fails there (42P05) and `s`
+    // stays the first SELECT. What runs is that SELECT: masked, and recorded with its own text.
+    let (pg, gate) = start();
+    let l = pg_client(&gate, &pg, "bot", "raw_reparse_allowed", "");
+    assert_eq!(step(&l, "parse_first")["ok"], true, "{l:#?}");
+    assert_eq!(
+        step(&l, "parse_second")["errors"][0]["code"],
+        "42P05",
+        "{l:#?}"
+    );
+    let exec = step(&l, "execute_s");
+    let st = all_statements(&gate, 1);
+    let texts: Vec<&str> = st
+        .iter()
+        .filter(|s| s["command_tag"] == "SELECT 1")
+        .filter_map(|s| s["text"].as_str())
+        .collect();
+    assert_eq!(
+        (exec["closed"].clone(), exec["rows"].clone(), texts),
+        (
+            serde_json::json!(false),
+            serde_json::json!([["[REDACTED:email]", "************1111"]]),
+            vec!["SELECT email, card_number FROM customers WHERE id = 1"]
+        ),
+        "(connection closed, rows the agent got, recorded text): {l:#?}\nrecorded: {st:#?}"
+    );
+}
+
+#[test]
+fn tokio_postgres_pipelining_on_one_client() {
+    // Several queries in flight on one connection (tokio-postgres pipelines them): the denied
+    // one fails, the others answer in order, every result masked as when run alone.
+    let (pg, gate) = start();
+    let l = pg_client(&gate, &pg, "bot", "pipeline", "");
+    assert_eq!(
+        step(&l, "add")["rows"],
+        serde_json::json!([["42"]]),
+        "{l:#?}"
+    );
+    assert_eq!(step(&l, "drop")["code"], "42501", "{l:#?}");
+    assert_eq!(
+        step(&l, "count")["rows"],
+        serde_json::json!([["3"]]),
+        "{l:#?}"
+    );
+    assert!(table_exists(&pg, "customers"));
+    assert_eq!(
+        step(&l, "email")["rows"],
+        serde_json::json!([["[REDACTED:email]"]]),
+        "a pipelined SELECT of an email must be masked: {l:#?}"
+    );
+}
+
+#[test]
+fn pipelined_executes_on_the_unnamed_portal_are_masked_by_their_own_statement() {
+    // Drivers pipeline Bind ""/Execute "" for several statements before reading any result.
+    // The rows of the first Execute belong to the statement bound first, whatever was bound
+    // to the unnamed portal afterwards.
+    let (pg, gate) = start();
+    let l = pg_client(&gate, &pg, "bot", "raw_portal_pipeline", "");
+    assert_eq!(step(&l, "prepare")["ok"], true, "{l:#?}");
+    let masked_row = serde_json::json!(["[REDACTED:email]", "************1111"]);
+    let got = serde_json::json!([
+        step(&l, "pipelined")["rows"],
+        step(&l, "pipelined_syncs_1")["rows"],
+        step(&l, "pipelined_syncs_2")["rows"],
+    ]);
+    assert_eq!(
+        got,
+        serde_json::json!([[masked_row, ["3"]], [masked_row], [["3"]]]),
+        "rows of [one Sync for both, first of one Sync each, second of one Sync each]: {l:#?}"
+    );
+}
+
+// 10 -----------------------------------------------------------------------------------------
+
+#[test]
+fn the_brokered_password_never_reaches_the_agent() {
+    let (pg, gate) = start();
+    let secret = pg.superuser_password.clone();
+    let script = "\\conninfo
+SELECT current_user, session_user;
+SHOW password_encryption;
+SELECT name, setting FROM pg_settings WHERE name LIKE '%password%' ORDER BY 1;
+SELECT rolname, rolpassword FROM pg_authid WHERE rolname = 'postgres';
+";
+    // A wrong password and no password at all both work: the agent's identity is its cgroup.
+    let wrong = gate.psql("bot", pg.port, Some(WRONG_PASSWORD), &["-A", "-t"], script);
+    assert!(wrong.status.success(), "{}", show(&wrong));
+    let none = gate.psql("bot", pg.port, None, &["-A", "-t"], script);
+    assert!(none.status.success(), "{}", show(&none));
+    assert!(
+        text(&wrong.stdout).contains("postgres|postgres"),
+        "{}",
+        show(&wrong)
+    );
+    for o in [&wrong, &none] {
+        assert!(
+            !show(o).contains(&secret),
+            "the password reached the client: {}",
+            show(o)
+        );
+        // The SCRAM verifier is a secret too; it is only readable because the brokered role is a
+        // superuser. Whatever the gate does with it, the password itself is not in it.
+    }
+    // Directly, the same wrong password is refused.
+    let direct = psql_direct(pg.port, Some(WRONG_PASSWORD), &["-c", "SELECT 1"], "");
+    assert!(!direct.status.success(), "{}", show(&direct));
+    assert!(
+        text(&direct.stderr).contains("password authentication failed"),
+        "{}",
+        show(&direct)
+    );
+
+    // Every byte the agent received during start-up and queries.
+    let o = run(gate
+        .exec(
+            "bot",
+            &[
+                env!("CARGO_BIN_EXE_pg_client"),
+                "raw_greeting",
+                &pg.port.to_string(),
+            ],
+        )
+        .env("PG_CLIENT_NEEDLE", &secret));
+    assert!(o.status.success(), "{}", show(&o));
+    let l = json_lines(&o);
+    let needle = step(&l, "needle");
+    assert_eq!(needle["found"], false, "{l:#?}");
+    assert!(needle["received_bytes"].as_u64().unwrap() > 1000, "{l:#?}");
+
+    let sessions = gate.sessions_ended(3);
+    for s in &sessions {
+        let id = s["id"].as_i64().unwrap().to_string();
+        let shown = gate.cli(&["sessions", "show", &id, "--json"]);
+        assert!(shown.status.success());
+        assert!(
+            !text(&shown.stdout).contains(&secret),
+            "password in the session store"
+        );
+        let replay = gate.cli(&["sessions", "replay", &id]);
+        assert!(
+            !text(&replay.stdout).contains(&secret),
+            "password in the replay"
+        );
+    }
+    let events = gate.cli(&["events", "--json"]);
+    assert!(
+        !text(&events.stdout).contains(&secret),
+        "password in the events"
+    );
+    let log = gate.log();
+    assert!(!log.is_empty());
+    assert!(!log.contains(&secret), "password in the daemon log:\n{log}");
+    // The store's raw bytes too.
+    for entry in walk(&gate.dir.join("state")) {
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "password in {}",
+            entry.display()
+        );
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else if p.is_file() {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+// 11 -----------------------------------------------------------------------------------------
+
+#[test]
+fn pgbench_runs_through_the_gate_in_simple_and_prepared_modes() {
+    let (pg, gate) = start();
+    let init = Command::new("pgbench")
+        .args(["-i", "-q", "-s", "1", "-h"])
+        .arg(&pg.dir)
+        .args(["-p", &pg.port.to_string(), "-U", "postgres", "postgres"])
+        .output()
+        .expect("pgbench -i");
+    assert!(init.status.success(), "pgbench -i: {}", show(&init));
+
+    for mode in ["simple", "prepared"] {
+        let mut argv: Vec<String> = [
+            "pgbench", "-n", "-S", "-c", "4", "-j", "2", "-T", "3", "-M", mode,
+        ]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
+        argv.extend(
+            psql_conn_args(pg.port)
+                .into_iter()
+                .filter(|a| a != "-X" && a != "-w" && a != "-d"),
+        );
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let o = run(gate.exec("bot", &argv).env("PGPASSWORD", WRONG_PASSWORD));
+        let out = text(&o.stdout);
+        assert!(o.status.success(), "pgbench -M {mode}: {}", show(&o));
+        assert!(
+            out.contains("number of failed transactions: 0 "),
+            "pgbench -M {mode}: {}",
+            show(&o)
+        );
+        let processed: u64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|n| n.split('/').next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no transaction count: {}", show(&o)));
+        assert!(
+            processed > 100,
+            "pgbench -M {mode} processed only {processed}: {}",
+            show(&o)
+        );
+        eprintln!("pgbench -M {mode} through the gate: {processed} transactions in 3 s");
+    }
+    // 4 clients per run, each its own recorded session.
+    let sessions = gate.sessions_ended(8);
+    let ended: Vec<&Value> = sessions.iter().filter(|s| !s["ended"].is_null()).collect();
+    assert!(ended.len() >= 8, "{sessions:#?}");
+    assert!(
+        ended
+            .iter()
+            .all(|s| s["agent"] == "bot" && s["target"] == "db" && s["decision"] == "allow")
+    );
+    let id = ended[0]["id"].as_i64().unwrap().to_string();
+    let v = gate.cli_json(&["sessions", "show", &id, "--json"]);
+    let st = v["statements"].as_array().unwrap();
+    assert!(
+        st.iter().any(|s| s["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("pgbench_accounts")
+            && s["decision"] == "allow"),
+        "{v:#}"
+    );
+}
+
+// 12 -----------------------------------------------------------------------------------------
+
+#[test]
+fn psycopg3_through_the_gate() {
+    let (pg, gate) = start();
+    let l = psycopg(&gate, &pg, "bot", &["params", "denied"]);
+    assert_eq!(
+        step(&l, "int_param")["rows"],
+        serde_json::json!([[42]]),
+        "{l:#?}"
+    );
+    assert_eq!(
+        step(&l, "text")["rows"],
+        serde_json::json!([[1, "Alice", "[REDACTED:email]", "************1111"]]),
+        "{l:#?}"
+    );
+    assert_eq!(
+        step(&l, "binary")["rows"],
+        serde_json::json!([[2, "Bob", "[REDACTED:email]", "************0004"]]),
+        "{l:#?}"
+    );
+    assert_eq!(
+        step(&l, "named")["rows"],
+        serde_json::json!([["xy"]]),
+        "{l:#?}"
+    );
+
+    assert_eq!(
+        step(&l, "before")["rows"],
+        serde_json::json!([[3]]),
+        "{l:#?}"
+    );
+    let drop = step(&l, "drop");
+    assert_eq!(drop["error"], "InsufficientPrivilege", "{l:#?}");
+    assert_eq!(drop["code"], "42501", "{l:#?}");
+    assert!(
+        drop["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-schema-changes"),
+        "{l:#?}"
+    );
+    assert_eq!(drop["status"], "INERROR", "{l:#?}");
+    assert_eq!(step(&l, "in_failed_tx")["code"], "25P02", "{l:#?}");
+    assert_eq!(
+        step(&l, "after_rollback")["rows"],
+        serde_json::json!([[3]]),
+        "{l:#?}"
+    );
+    assert_eq!(
+        step(&l, "committed")["rows"],
+        serde_json::json!([["from-psycopg"]]),
+        "{l:#?}"
+    );
+    assert_eq!(step(&l, "truncate_autocommit")["code"], "42501", "{l:#?}");
+    assert_eq!(
+        step(&l, "after_autocommit")["rows"],
+        serde_json::json!([[4]]),
+        "{l:#?}"
+    );
+    assert_eq!(count(&pg, "SELECT count(*) FROM t"), 4);
+    assert!(table_exists(&pg, "t"));
+}
+
+// 13 -----------------------------------------------------------------------------------------
+
+#[test]
+fn shadow_mode_records_would_be_denials_without_enforcing_them() {
+    let (pg, gate) = start();
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "auditor",
+        &["-A", "-t"],
+        "DELETE FROM t WHERE id = 1;
+SELECT count(*) FROM t;
+",
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(text(&o.stdout), "DELETE 1\n2\n", "{}", show(&o));
+    assert!(text(&o.stderr).is_empty(), "{}", show(&o));
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM t WHERE id = 1"),
+        0,
+        "the delete ran"
+    );
+
+    let st = all_statements(&gate, 1);
+    let del = st
+        .iter()
+        .find(|s| s["text"].as_str().unwrap_or("").starts_with("DELETE"))
+        .unwrap_or_else(|| panic!("{st:#?}"));
+    assert_eq!(del["decision"], "deny", "{del:#}");
+    assert_eq!(del["enforced"], false, "{del:#}");
+    assert_eq!(del["policy"], "auditors-shadow", "{del:#}");
+    assert_eq!(del["command_tag"], "DELETE 1", "{del:#}");
+    assert_eq!(del["rows"], 1, "{del:#}");
+    let sel = st
+        .iter()
+        .find(|s| s["text"].as_str().unwrap_or("").starts_with("SELECT"))
+        .unwrap();
+    assert_eq!(sel["decision"], "allow", "{sel:#}");
+
+    let id = gate.sessions_ended(1)[0]["id"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+    let replay = text(&gate.cli(&["sessions", "replay", &id]).stdout);
+    assert!(replay.contains("WOULD BE DENIED by rule"), "{replay}");
+    assert!(replay.contains("(shadow mode)"), "{replay}");
+}
+
+// 14 -----------------------------------------------------------------------------------------
+
+#[test]
+fn dangerous_functions_and_opaque_statements_are_denied() {
+    let (pg, gate) = start();
+    let denied_functions = [
+        "SELECT pg_read_file('/etc/passwd');",
+        "SELECT lo_export(1234, '/tmp/agentgate-e2e-lo');",
+        "SELECT lo_import('/etc/passwd');",
+        "SELECT pg_terminate_backend(1);",
+        "SELECT pg_catalog.pg_read_file('/etc/passwd');",
+        "SELECT PG_READ_FILE('/etc/passwd');",
+        "SELECT * FROM (SELECT pg_read_file('/etc/passwd') AS x) s;",
+        "SELECT id FROM t WHERE id = length(pg_read_file('/etc/passwd'));",
+        "SELECT pg_ls_dir('.');",
+        "SELECT set_config('log_statement', 'none', false);",
+        "SELECT pg_reload_conf();",
+    ];
+    let opaque = [
+        "DO $$ BEGIN END $$;",
+        "DO $$ BEGIN EXECUTE 'DROP TABLE t'; END $$;",
+        "PREPARE p AS SELECT 1;\nEXECUTE p;",
+    ];
+    let mut script = denied_functions.join("\n");
+    script.push('\n');
+    script.push_str(&opaque.join("\n"));
+    script.push_str("\nSELECT 'still-here';\n");
+    let o = gated_psql(&gate, &pg, "bot", &["-A", "-t"], &script);
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(
+        occurrences(
+            &err,
+            "ERROR:  42501: agentgate: denied by rule \"dangerous-functions\""
+        ),
+        denied_functions.len(),
+        "{}",
+        show(&o)
+    );
+    assert!(
+        occurrences(
+            &err,
+            "ERROR:  42501: agentgate: denied by rule \"opaque-statements\""
+        ) >= 3,
+        "{}",
+        show(&o)
+    );
+    assert!(!out.contains("root:"), "{}", show(&o));
+    assert!(out.ends_with("still-here\n"), "{}", show(&o));
+    assert!(!std::path::Path::new("/tmp/agentgate-e2e-lo").exists());
+    assert!(table_exists(&pg, "t"));
+    // Nothing terminated: the server's backends are all there.
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'checkpointer'"
+        ),
+        1
+    );
+}
+
+// 15 -----------------------------------------------------------------------------------------
+
+#[test]
+fn statements_are_recorded_in_order_with_their_outcome_and_masked_rows() {
+    let (pg, gate) = start();
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "bot",
+        &[],
+        "SELECT id, email, card_number FROM customers ORDER BY id;
+DROP TABLE customers;
+INSERT INTO t VALUES (7, 'seven');
+SELECT 1/0;
+SELECT count(*) FROM t;
+",
+    );
+    assert!(text(&o.stdout).contains("[REDACTED:email]"), "{}", show(&o));
+    let sessions = gate.sessions_ended(1);
+    assert_eq!(sessions.len(), 1);
+    let id = sessions[0]["id"].as_i64().unwrap().to_string();
+    let v = gate.cli_json(&["sessions", "show", &id, "--json"]);
+    assert_eq!(v["session"]["agent"], "bot", "{v:#}");
+    let st = v["statements"].as_array().unwrap();
+    assert_eq!(st.len(), 5, "{v:#}");
+    let texts: Vec<&str> = st
+        .iter()
+        .map(|s| s["text"].as_str().unwrap().trim_end_matches(';').trim())
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            "SELECT id, email, card_number FROM customers ORDER BY id",
+            "DROP TABLE customers",
+            "INSERT INTO t VALUES (7, 'seven')",
+            // Recorded as the parser prints each statement of the query string.
+            "SELECT 1 / 0",
+            "SELECT count(*) FROM t"
+        ],
+        "{v:#}"
+    );
+    let ids: Vec<i64> = st.iter().map(|s| s["id"].as_i64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+
+    let sel = &st[0];
+    assert_eq!(sel["protocol"], "simple");
+    assert_eq!(sel["kind"], "select", "{sel:#}");
+    assert_eq!(
+        sel["tables"],
+        serde_json::json!(["customers (read)"]),
+        "{sel:#}"
+    );
+    assert_eq!(sel["decision"], "allow");
+    assert_eq!(sel["enforced"], true);
+    assert_eq!(sel["policy"], "analysts");
+    assert_eq!(sel["rule"], "reads-and-writes");
+    assert_eq!(sel["rows"], 3);
+    assert_eq!(sel["command_tag"], "SELECT 3");
+    assert!(sel["duration_us"].as_i64().unwrap() > 0, "{sel:#}");
+    assert!(sel["error"].is_null());
+    assert_eq!(sel["masked"], true);
+    assert_eq!(
+        sel["columns"],
+        serde_json::json!(["id", "email", "card_number"]),
+        "{sel:#}"
+    );
+    assert_eq!(
+        sel["result_rows"][0],
+        serde_json::json!(["1", "[REDACTED:email]", "************1111"]),
+        "rows are stored as the agent saw them: {sel:#}"
+    );
+    let stored = serde_json::to_string(&v).unwrap();
+    assert!(
+        !stored.contains("alice@example.com") && !stored.contains("4111111111111111"),
+        "{v:#}"
+    );
+
+    let drop = &st[1];
+    assert_eq!(drop["kind"], "ddl", "{drop:#}");
+    assert_eq!(drop["decision"], "deny");
+    assert_eq!(drop["rule"], "no-schema-changes");
+    assert_eq!(
+        drop["message"], "schema and privilege changes are not allowed",
+        "{drop:#}"
+    );
+    assert!(
+        drop["error"].as_str().unwrap().contains("denied by rule"),
+        "{drop:#}"
+    );
+    assert!(drop["command_tag"].is_null());
+
+    assert_eq!(st[2]["kind"], "insert", "{:#}", st[2]);
+    assert_eq!(st[2]["command_tag"], "INSERT 0 1");
+    assert_eq!(st[2]["rows"], 1);
+    assert_eq!(st[3]["decision"], "allow");
+    assert_eq!(st[3]["error"], "division by zero", "{:#}", st[3]);
+    assert_eq!(
+        st[4]["result_rows"],
+        serde_json::json!([["4"]]),
+        "{:#}",
+        st[4]
+    );
+
+    let replay = gate.cli(&["sessions", "replay", &id]);
+    assert!(replay.status.success());
+    let r = text(&replay.stdout);
+    assert!(
+        r.contains("bot=> SELECT id, email, card_number FROM customers ORDER BY id;"),
+        "{r}"
+    );
+    assert!(
+        r.contains("bot=> DROP TABLE customers;\nDENIED by rule \"no-schema-changes\""),
+        "{r}"
+    );
+    assert!(r.contains("[REDACTED:email]"), "{r}");
+    assert!(r.contains("ERROR:  division by zero"), "{r}");
+    assert!(r.contains("INSERT 0 1"), "{r}");
+    assert!(!r.contains("alice@example.com"), "{r}");
+    let pos = |needle: &str| {
+        r.find(needle)
+            .unwrap_or_else(|| panic!("{needle} not in {r}"))
+    };
+    assert!(
+        pos("DROP TABLE customers") < pos("INSERT INTO t")
+            && pos("INSERT INTO t") < pos("SELECT 1 / 0")
+    );
+}
+
+// 16 -----------------------------------------------------------------------------------------
+
+#[test]
+fn a_frame_larger_than_max_frame_bytes_closes_the_connection_and_runs_nothing() {
+    let (pg, gate) = start_with("    max_frame_bytes: 65536\n");
+    let l = pg_client(&gate, &pg, "bot", "raw_oversize", "100000");
+    assert_eq!(
+        step(&l, "before")["rows"],
+        serde_json::json!([["1"]]),
+        "{l:#?}"
+    );
+    let big = step(&l, "oversized");
+    assert_eq!(big["closed"], true, "the connection must be closed: {l:#?}");
+    assert!(big["rows"].as_array().unwrap().is_empty(), "{l:#?}");
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM t WHERE id = 900"),
+        0,
+        "nothing executed"
+    );
+    // The session ends with the decoder's error.
+    let sessions = gate.sessions_ended(1);
+    let err = sessions[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("exceeds the limit of 65536 bytes"),
+        "{sessions:#?}"
+    );
+
+    // Below the limit, a large query works.
+    let pad = "x".repeat(60_000);
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "bot",
+        &["-A", "-t", "-c", &format!("SELECT 'fits' -- {pad}")],
+        "",
+    );
+    assert_eq!(text(&o.stdout), "fits\n", "{}", show(&o));
+}

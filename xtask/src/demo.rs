@@ -1,0 +1,159 @@
+//! `cargo xtask demo`: agentgate's main job on its embedded default configuration.
+//!
+//! A real PostgreSQL 15 on 127.0.0.1:55432 (the embedded configuration's `demo-db` target), the
+//! daemon with pinned eBPF hooks, and an unmodified `psql` placed under the gate as `demo-agent`
+//! (running as `nobody`). The session shows up in `agentgate sessions list`; a connect to any
+//! other destination is refused in the kernel. Everything is stopped and unpinned at the end;
+//! the session store stays in /var/lib/agentgate for inspection.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agentgate_tests::Postgres;
+use anyhow::{Context, Result, bail};
+
+use crate::{cargo, ebpf, setup, sh};
+
+const DEMO_PORT: u16 = 55432;
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap_or(0));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+fn agentgate() -> PathBuf {
+    agentgate_tests::workspace_root().join("target/debug/agentgate")
+}
+
+fn show(title: &str, cmd: &mut Command) -> Result<bool> {
+    println!("\n==> {title}\n$ {}", describe(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("spawn {}", describe(cmd)))?;
+    Ok(status.success())
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn run() -> Result<()> {
+    setup::run()?;
+    ebpf::check()?;
+    println!("==> building agentgate");
+    sh(cargo().args(["build", "-p", "agentgate"]))?;
+    if std::path::Path::new("/etc/agentgate/agentgate.yaml").exists() {
+        bail!(
+            "/etc/agentgate/agentgate.yaml exists; the demo runs on the embedded defaults, move that file aside first"
+        );
+    }
+
+    println!("==> starting PostgreSQL 15 on 127.0.0.1:{DEMO_PORT}");
+    let pg = Postgres::start_on(DEMO_PORT, "scram-sha-256")
+        .with_context(|| format!("is something else listening on {DEMO_PORT}?"))?;
+    pg.admin_sql(
+        "CREATE TABLE customers (id int PRIMARY KEY, name text, email text);
+         INSERT INTO customers VALUES (1, 'Ada', 'ada@example.com'), (2, 'Grace', 'grace@example.com');",
+    );
+
+    println!("==> starting `agentgate run` on its embedded default configuration");
+    let log = std::env::temp_dir().join("agentgate-demo.log");
+    let daemon = Daemon(
+        Command::new(agentgate())
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("spawn agentgate run")?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !Command::new(agentgate())
+        .arg("status")
+        .stdout(Stdio::null())
+        .status()?
+        .success()
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "agentgate did not come up; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    show("what is governed", Command::new(agentgate()).arg("status"))?;
+    let conninfo = format!("host=127.0.0.1 port={DEMO_PORT} user=postgres dbname=postgres");
+    let ok = show(
+        "an unmodified psql, running as `nobody` in demo-agent's cgroup, queries the real database",
+        Command::new(agentgate())
+            .args([
+                "exec",
+                "--agent",
+                "demo-agent",
+                "--user",
+                "nobody",
+                "--",
+                "psql",
+                "-X",
+                &conninfo,
+            ])
+            .args(["-c", "SELECT id, name, email FROM customers ORDER BY id"])
+            .env("PGPASSWORD", &pg.superuser_password),
+    )?;
+    if !ok {
+        bail!(
+            "the governed query failed; daemon log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    let refused = show(
+        "the same agent tries a destination no target allows (port 5432): refused in the kernel",
+        Command::new(agentgate())
+            .args([
+                "exec",
+                "--agent",
+                "demo-agent",
+                "--user",
+                "nobody",
+                "--",
+                "psql",
+                "-X",
+            ])
+            .arg("host=127.0.0.1 port=5432 user=postgres connect_timeout=3")
+            .args(["-c", "select 1"]),
+    )?;
+    if refused {
+        bail!("a connect to an unconfigured destination was not refused");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    show(
+        "recorded sessions",
+        Command::new(agentgate()).args(["sessions", "list", "--limit", "5"]),
+    )?;
+    show(
+        "recorded kernel refusals",
+        Command::new(agentgate()).args(["events", "--limit", "3"]),
+    )?;
+
+    drop(daemon);
+    show(
+        "stopping: unpin the hooks",
+        Command::new(agentgate()).arg("uninstall"),
+    )?;
+    drop(pg);
+    println!(
+        "\ndemo complete: session store kept in /var/lib/agentgate/sessions.db (agentgate sessions list)"
+    );
+    Ok(())
+}
