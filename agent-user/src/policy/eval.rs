@@ -29,7 +29,7 @@ pub struct Subject<'a> {
 
 /// What should happen to a statement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "verdict", rename_all = "lowercase")]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Verdict {
     /// Let it run.
     Allow,
@@ -240,6 +240,7 @@ impl Matcher {
             (self.copy_file, copy.is_some_and(|c| c.file)),
             (self.explain, facts.explain),
             (self.opaque, facts.opaque),
+            (self.sets_search_path, facts.sets_search_path),
         ];
         flags
             .iter()

@@ -208,6 +208,9 @@ impl fmt::Display for Explanation {
             } else if facts.explain {
                 flags.push("explain".to_string());
             }
+            if facts.sets_search_path {
+                flags.push("sets search_path".to_string());
+            }
             if facts.opaque_execute {
                 flags.push("opaque execute".to_string());
             } else if facts.opaque {

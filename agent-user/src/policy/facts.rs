@@ -53,7 +53,9 @@
 //! literal containing a backslash is then refused, because PostgreSQL would
 //! read it differently from sqlparser.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::hash::Hash;
 use std::ops::ControlFlow;
 use std::str::FromStr;
 
@@ -72,6 +74,13 @@ const MAX_IDENTIFIER_BYTES: usize = 63;
 
 /// How deep string literals inside `DO` bodies are re-scanned for function calls.
 const MAX_BODY_SCAN_DEPTH: usize = 3;
+
+/// Upper bound on operator chains along any parenthesis path (see
+/// [`check_complexity`]). sqlparser builds `a + b + c ...` and
+/// `SELECT ... UNION SELECT ...` chains iteratively into left-deep trees that
+/// are dropped recursively; tens of thousands of levels overflow a 2 MiB
+/// thread stack.
+const MAX_OPERATOR_DEPTH: usize = 10_000;
 
 /// The class of a statement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -277,6 +286,10 @@ pub struct StatementFacts {
     pub explain_analyze: bool,
     /// `EXECUTE name`: what runs is a prepared statement the facts cannot see.
     pub opaque_execute: bool,
+    /// Sets `search_path` (`SET search_path`, `set_config('search_path', ..)`
+    /// or `set_config` of a setting whose name is not a literal), which
+    /// changes how later unqualified names resolve.
+    pub sets_search_path: bool,
     /// The facts may not cover everything the statement touches: `DO`
     /// blocks, `EXECUTE`, statements only classified by their leading
     /// keywords (tables unknown, functions found heuristically), and DDL/DCL
@@ -347,6 +360,7 @@ pub fn extract_with(sql: &str, opts: &ExtractOptions) -> Result<Vec<StatementFac
             // Parse statement by statement so that statements sqlparser does
             // not know (DO, CLUSTER, ...) can be classified by keyword.
             let mut out = Vec::new();
+            let mut source = Source::new(sql);
             for chunk in split_statements(&tokens) {
                 if chunk.iter().all(|t| is_trivia(&t.token)) {
                     continue;
@@ -357,7 +371,7 @@ pub fn extract_with(sql: &str, opts: &ExtractOptions) -> Result<Vec<StatementFac
                             out.push(facts_of_statement(statement)?);
                         }
                     }
-                    Err(e) => match fallback(&dialect, sql, chunk)? {
+                    Err(e) => match fallback(&dialect, &mut source, chunk)? {
                         Some(facts) => out.push(facts),
                         None => return Err(e.into()),
                     },
@@ -418,8 +432,108 @@ fn split_statements(tokens: &[TokenWithSpan]) -> Vec<&[TokenWithSpan]> {
     chunks
 }
 
-/// Refuses token streams that PostgreSQL would read differently.
+/// Whether a token ends an operand (so a following `+`/`-` is binary).
+fn ends_operand(token: &Token) -> bool {
+    matches!(
+        token,
+        Token::Word(_)
+            | Token::Number(..)
+            | Token::SingleQuotedString(_)
+            | Token::DoubleQuotedString(_)
+            | Token::DollarQuotedString(_)
+            | Token::NationalStringLiteral(_)
+            | Token::EscapedStringLiteral(_)
+            | Token::UnicodeStringLiteral(_)
+            | Token::HexStringLiteral(_)
+            | Token::Placeholder(_)
+            | Token::RParen
+            | Token::RBracket
+    )
+}
+
+/// Refuses queries whose expression trees could be too deep to handle
+/// safely. Counts binary operators, casts, subscripts and set operations per
+/// parenthesis level (operators reset at commas, set operations do not) and
+/// bounds their sum along the open parentheses, which bounds the depth of
+/// the left-deep chains sqlparser builds without recursion. Flat lists
+/// (`IN (...)`, `VALUES (...), (...)`, select lists) are not limited.
+fn check_complexity(tokens: &[TokenWithSpan]) -> Result<(), ParseError> {
+    use sqlparser::keywords::Keyword;
+    // Per open parenthesis: (operators since the last comma, set operations).
+    let mut levels: Vec<(usize, usize)> = vec![(0, 0)];
+    let mut path = 0usize; // sum over `levels`
+    let mut prev_operand = false;
+    for t in tokens.iter().filter(|t| !is_trivia(&t.token)) {
+        let (expr_op, set_op) = match &t.token {
+            Token::LParen => {
+                levels.push((0, 0));
+                (false, false)
+            }
+            Token::RParen => {
+                if levels.len() > 1
+                    && let Some((ops, sets)) = levels.pop()
+                {
+                    path = path.saturating_sub(ops + sets);
+                }
+                (false, false)
+            }
+            Token::Comma | Token::SemiColon => {
+                if let Some(level) = levels.last_mut() {
+                    path = path.saturating_sub(level.0);
+                    level.0 = 0;
+                    if t.token == Token::SemiColon {
+                        path = path.saturating_sub(level.1);
+                        level.1 = 0;
+                    }
+                }
+                (false, false)
+            }
+            Token::Period => (false, false),
+            Token::Plus | Token::Minus => (prev_operand, false),
+            Token::Word(w) if w.quote_style.is_none() => match w.keyword {
+                Keyword::UNION | Keyword::INTERSECT | Keyword::EXCEPT => (false, true),
+                Keyword::AND
+                | Keyword::OR
+                | Keyword::IS
+                | Keyword::LIKE
+                | Keyword::ILIKE
+                | Keyword::SIMILAR
+                | Keyword::IN
+                | Keyword::BETWEEN
+                | Keyword::COLLATE
+                | Keyword::AT
+                | Keyword::OPERATOR
+                | Keyword::OVERLAPS => (true, false),
+                _ => (false, false),
+            },
+            token if ends_operand(token) => (false, false),
+            _ => (true, false),
+        };
+        prev_operand = ends_operand(&t.token);
+        if (expr_op || set_op)
+            && let Some(level) = levels.last_mut()
+        {
+            if expr_op {
+                level.0 += 1;
+            } else {
+                level.1 += 1;
+            }
+            path += 1;
+            if path > MAX_OPERATOR_DEPTH {
+                return Err(ParseError::new(format!(
+                    "query too complex: more than {MAX_OPERATOR_DEPTH} nested operators{}",
+                    t.span.start
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses token streams that PostgreSQL would read differently, or that
+/// are too complex to analyse safely.
 fn check_tokens(tokens: &[TokenWithSpan], opts: &ExtractOptions) -> Result<(), ParseError> {
+    check_complexity(tokens)?;
     for window in tokens.windows(3) {
         if let [a, b, c] = window
             && let Token::Word(u) = &a.token
@@ -470,7 +584,7 @@ fn upper_words(chunk: &[TokenWithSpan]) -> Vec<String> {
 /// Returns `None` when the statement is not one of the known shapes.
 fn fallback(
     dialect: &PostgreSqlDialect,
-    sql: &str,
+    source: &mut Source<'_>,
     chunk: &[TokenWithSpan],
 ) -> Result<Option<StatementFacts>, ParseError> {
     let words = upper_words(chunk);
@@ -487,7 +601,7 @@ fn fallback(
                 Ok(statements) => match statements.as_slice() {
                     [statement] => {
                         let mut facts = facts_of_statement(statement)?;
-                        facts.text = chunk_text(sql, chunk);
+                        facts.text = source.text(chunk);
                         Ok(Some(facts))
                     }
                     _ => Ok(None),
@@ -518,19 +632,20 @@ fn fallback(
         "COMMIT" | "ROLLBACK" if w(1) == "PREPARED" => StatementKind::Transaction,
         _ => return Ok(None),
     };
-    let mut functions = Vec::new();
+    let mut functions = OrderedSet::default();
     scan_functions(chunk, kind == StatementKind::Do, 0, &mut functions);
     Ok(Some(StatementFacts {
-        text: chunk_text(sql, chunk),
+        text: source.text(chunk),
         kind,
         kinds: vec![kind],
         tables: Vec::new(),
-        functions,
+        functions: functions.items,
         update_or_delete_without_where: false,
         copy: None,
         explain: false,
         explain_analyze: false,
         opaque_execute: false,
+        sets_search_path: false,
         opaque: true,
     }))
 }
@@ -542,7 +657,7 @@ fn scan_functions(
     tokens: &[TokenWithSpan],
     into_strings: bool,
     depth: usize,
-    out: &mut Vec<String>,
+    out: &mut OrderedSet<String>,
 ) {
     let significant: Vec<&Token> = tokens
         .iter()
@@ -552,7 +667,7 @@ fn scan_functions(
     for (i, token) in significant.iter().enumerate() {
         match token {
             Token::Word(w) if significant.get(i + 1) == Some(&&Token::LParen) => {
-                push_unique(out, normalize_ident_parts(&w.value, w.quote_style));
+                out.insert(normalize_ident_parts(&w.value, w.quote_style));
             }
             Token::SingleQuotedString(s)
             | Token::EscapedStringLiteral(s)
@@ -569,37 +684,63 @@ fn scan_functions(
     }
 }
 
-/// The original text of a chunk of tokens (first to last significant token).
-fn chunk_text(sql: &str, chunk: &[TokenWithSpan]) -> String {
-    let mut significant = chunk.iter().filter(|t| !is_trivia(&t.token));
-    let Some(first) = significant.next() else {
-        return String::new();
-    };
-    let last = significant.next_back().unwrap_or(first);
-    let start = byte_offset(sql, first.span.start);
-    let end = byte_offset(sql, last.span.end);
-    match (start, end) {
-        (Some(s), Some(e)) if s <= e => sql.get(s..e).unwrap_or_default().trim().to_string(),
-        _ => String::new(),
-    }
+/// The query text with a forward-moving cursor that maps tokenizer locations
+/// (1-based line, 1-based column counted in chars) to byte offsets; chunks
+/// are looked up in order, so the whole query is scanned once.
+struct Source<'a> {
+    sql: &'a str,
+    line: u64,
+    col: u64,
+    byte: usize,
 }
 
-/// Converts a tokenizer location (1-based line, 1-based column counted in
-/// chars) into a byte offset into `sql`.
-fn byte_offset(sql: &str, loc: Location) -> Option<usize> {
-    let (mut line, mut col) = (1u64, 1u64);
-    for (offset, ch) in sql.char_indices() {
-        if line == loc.line && col == loc.column {
-            return Some(offset);
-        }
-        if ch == '\n' {
-            line += 1;
-            col = 1;
-        } else {
-            col += 1;
+impl<'a> Source<'a> {
+    fn new(sql: &'a str) -> Self {
+        Self {
+            sql,
+            line: 1,
+            col: 1,
+            byte: 0,
         }
     }
-    (line == loc.line && col == loc.column).then_some(sql.len())
+
+    fn offset(&mut self, loc: Location) -> Option<usize> {
+        if (loc.line, loc.column) < (self.line, self.col) {
+            *self = Source::new(self.sql);
+        }
+        let rest = self.sql.get(self.byte..)?;
+        for (i, ch) in rest.char_indices() {
+            if (self.line, self.col) == (loc.line, loc.column) {
+                self.byte += i;
+                return Some(self.byte);
+            }
+            if ch == '\n' {
+                self.line += 1;
+                self.col = 1;
+            } else {
+                self.col += 1;
+            }
+        }
+        self.byte = self.sql.len();
+        ((self.line, self.col) == (loc.line, loc.column)).then_some(self.byte)
+    }
+
+    /// The original text of a chunk (first to last significant token).
+    fn text(&mut self, chunk: &[TokenWithSpan]) -> String {
+        let mut significant = chunk.iter().filter(|t| !is_trivia(&t.token));
+        let Some(first) = significant.next() else {
+            return String::new();
+        };
+        let last = significant.next_back().unwrap_or(first);
+        let start = self.offset(first.span.start);
+        let end = self.offset(last.span.end);
+        match (start, end) {
+            (Some(s), Some(e)) if s <= e => {
+                self.sql.get(s..e).unwrap_or_default().trim().to_string()
+            }
+            _ => String::new(),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -844,18 +985,44 @@ struct StmtCtx {
 
 struct CteFrame {
     query: *const Query,
-    names: Vec<String>,
-    bodies: Vec<*const Query>,
+    /// CTE name -> position (the first one if a name repeats).
+    names: HashMap<String, usize>,
+    /// CTE body -> position.
+    bodies: HashMap<*const Query, usize>,
+    len: usize,
     recursive: bool,
     /// How many CTE names are in scope (non-recursive WITH: only the earlier
     /// ones inside a CTE body, all of them in the main query).
     visible: usize,
 }
 
+/// A vector without duplicates, in insertion order.
+struct OrderedSet<T> {
+    items: Vec<T>,
+    seen: HashSet<T>,
+}
+
+impl<T> Default for OrderedSet<T> {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            seen: HashSet::new(),
+        }
+    }
+}
+
+impl<T: Hash + Eq + Clone> OrderedSet<T> {
+    fn insert(&mut self, item: T) {
+        if self.seen.insert(item.clone()) {
+            self.items.push(item);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Collector {
-    tables: Vec<TableRef>,
-    functions: Vec<String>,
+    tables: OrderedSet<TableRef>,
+    functions: OrderedSet<String>,
     kinds: Vec<StatementKind>,
     without_where: bool,
     copy: Option<CopyFacts>,
@@ -863,22 +1030,20 @@ struct Collector {
     explain_analyze: bool,
     opaque_execute: bool,
     opaque: bool,
+    sets_search_path: bool,
     stmts: Vec<StmtCtx>,
     ctes: Vec<CteFrame>,
     /// Names visited as relations that are really table functions.
-    not_tables: Vec<*const ObjectName>,
+    not_tables: HashSet<*const ObjectName>,
 }
 
 impl Collector {
     fn add_table(&mut self, schema: Option<String>, name: String, access: Access) {
-        push_unique(
-            &mut self.tables,
-            TableRef {
-                schema,
-                name,
-                access,
-            },
-        );
+        self.tables.insert(TableRef {
+            schema,
+            name,
+            access,
+        });
     }
 
     fn add_table_name(&mut self, name: &ObjectName, access: Access) {
@@ -889,18 +1054,14 @@ impl Collector {
 
     fn add_function(&mut self, name: &ObjectName) {
         if let Some((_, function)) = split_name(name) {
-            push_unique(&mut self.functions, function);
+            self.functions.insert(function);
         }
     }
 
     fn is_cte(&self, name: &str) -> bool {
-        self.ctes.iter().any(|frame| {
-            frame
-                .names
-                .iter()
-                .take(frame.visible)
-                .any(|cte| cte == name)
-        })
+        self.ctes
+            .iter()
+            .any(|frame| frame.names.get(name).is_some_and(|i| *i < frame.visible))
     }
 
     /// A table read through a plain reference (FROM, JOIN, `TABLE t`...).
@@ -917,18 +1078,22 @@ impl Collector {
 
     /// `TABLE t` inside a query body (not visited as a relation by sqlparser).
     fn add_table_commands(&mut self, body: &SetExpr) {
-        match body {
-            SetExpr::Table(t) => {
-                if let Some(name) = &t.table_name {
-                    let schema = t.schema_name.as_ref().map(normalize_ident);
-                    self.add_reference(schema, normalize_ident(name));
+        // Iterative: UNION chains can be long.
+        let mut pending = vec![body];
+        while let Some(body) = pending.pop() {
+            match body {
+                SetExpr::Table(t) => {
+                    if let Some(name) = &t.table_name {
+                        let schema = t.schema_name.as_ref().map(normalize_ident);
+                        self.add_reference(schema, normalize_ident(name));
+                    }
                 }
+                SetExpr::SetOperation { left, right, .. } => {
+                    pending.push(right);
+                    pending.push(left);
+                }
+                _ => {}
             }
-            SetExpr::SetOperation { left, right, .. } => {
-                self.add_table_commands(left);
-                self.add_table_commands(right);
-            }
-            _ => {}
         }
     }
 
@@ -1120,6 +1285,7 @@ fn is_true_word(s: &str) -> bool {
 }
 
 const SCS: &str = "standard_conforming_strings";
+const SEARCH_PATH: &str = "search_path";
 
 fn scs_violation() -> String {
     format!("turning {SCS} off is not allowed: it changes how SQL text is tokenized")
@@ -1147,9 +1313,9 @@ fn function_args(args: &FunctionArguments) -> Vec<&Expr> {
     }
 }
 
-/// `SET standard_conforming_strings = off` and friends.
-fn check_set(statement: &Statement) -> ControlFlow<String> {
-    let assignments: Vec<(&ObjectName, Vec<&Expr>)> = match statement {
+/// The variables a `SET` statement assigns, with their values.
+fn set_variables(statement: &Statement) -> Vec<(&ObjectName, Vec<&Expr>)> {
+    match statement {
         Statement::Set(Set::SingleAssignment {
             variable, values, ..
         }) => vec![(variable, values.iter().collect())],
@@ -1163,8 +1329,19 @@ fn check_set(statement: &Statement) -> ControlFlow<String> {
             .map(|a| (&a.name, vec![&a.value]))
             .collect(),
         _ => Vec::new(),
-    };
-    for (name, values) in assignments {
+    }
+}
+
+/// `SET standard_conforming_strings = off` and friends (`RESET` too: the
+/// default may be off).
+fn check_set(statement: &Statement) -> ControlFlow<String> {
+    if let Statement::Reset(reset) = statement
+        && let Reset::ConfigurationParameter(name) = &reset.reset
+        && split_name(name).is_some_and(|(_, n)| n == SCS)
+    {
+        return ControlFlow::Break(scs_violation());
+    }
+    for (name, values) in set_variables(statement) {
         let is_scs = split_name(name).is_some_and(|(_, n)| n == SCS);
         if is_scs && !(values.len() == 1 && values.iter().all(|v| is_true_setting(v))) {
             return ControlFlow::Break(scs_violation());
@@ -1178,6 +1355,12 @@ impl Visitor for Collector {
 
     fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<String> {
         check_set(statement)?;
+        if set_variables(statement)
+            .iter()
+            .any(|(name, _)| split_name(name).is_some_and(|(_, n)| n == SEARCH_PATH))
+        {
+            self.sets_search_path = true;
+        }
         let kind = classify(statement);
         if let Some(kind) = kind {
             self.kinds.push(kind);
@@ -1201,27 +1384,22 @@ impl Visitor for Collector {
         // Entering the body of a CTE of the enclosing WITH: only earlier CTEs
         // are in scope (all of them for WITH RECURSIVE).
         if let Some(frame) = self.ctes.last_mut()
-            && let Some(i) = frame.bodies.iter().position(|b| std::ptr::eq(*b, query))
+            && let Some(&i) = frame.bodies.get(&(query as *const Query))
         {
-            frame.visible = if frame.recursive {
-                frame.names.len()
-            } else {
-                i
-            };
+            frame.visible = if frame.recursive { frame.len } else { i };
         }
         if let Some(with) = &query.with {
+            let mut names = HashMap::new();
+            let mut bodies = HashMap::new();
+            for (i, cte) in with.cte_tables.iter().enumerate() {
+                names.entry(normalize_ident(&cte.alias.name)).or_insert(i);
+                bodies.insert(&*cte.query as *const Query, i);
+            }
             self.ctes.push(CteFrame {
                 query,
-                names: with
-                    .cte_tables
-                    .iter()
-                    .map(|cte| normalize_ident(&cte.alias.name))
-                    .collect(),
-                bodies: with
-                    .cte_tables
-                    .iter()
-                    .map(|cte| &*cte.query as *const Query)
-                    .collect(),
+                names,
+                bodies,
+                len: with.cte_tables.len(),
                 recursive: with.recursive,
                 visible: 0,
             });
@@ -1245,13 +1423,9 @@ impl Visitor for Collector {
         }
         // Leaving CTE body i: CTEs 0..=i are in scope from now on.
         if let Some(frame) = self.ctes.last_mut()
-            && let Some(i) = frame.bodies.iter().position(|b| std::ptr::eq(*b, query))
+            && let Some(&i) = frame.bodies.get(&(query as *const Query))
         {
-            frame.visible = if frame.recursive {
-                frame.names.len()
-            } else {
-                i + 1
-            };
+            frame.visible = if frame.recursive { frame.len } else { i + 1 };
         }
         if let Some(ctx) = self.stmts.last_mut() {
             ctx.query_depth = ctx.query_depth.saturating_sub(1);
@@ -1286,7 +1460,7 @@ impl Visitor for Collector {
                 ..
             } => {
                 // `FROM f(...)`: a table function, not a table.
-                self.not_tables.push(name);
+                self.not_tables.insert(name);
                 self.add_function(name);
             }
             TableFactor::Function { name, .. } => self.add_function(name),
@@ -1296,7 +1470,7 @@ impl Visitor for Collector {
     }
 
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<String> {
-        if self.not_tables.iter().any(|p| std::ptr::eq(*p, relation)) {
+        if self.not_tables.contains(&(relation as *const ObjectName)) {
             return ControlFlow::Continue(());
         }
         let Some((schema, table)) = split_name(relation) else {
@@ -1323,11 +1497,18 @@ impl Visitor for Collector {
                     split_name(&function.name).is_some_and(|(_, n)| n == "set_config");
                 if is_set_config {
                     let args = function_args(&function.args);
-                    let setting = args.first().and_then(|e| literal_string(e));
+                    let setting = args.first().and_then(|e| match e {
+                        Expr::Identifier(_) => None,
+                        e => literal_string(e),
+                    });
                     if setting.is_some_and(|s| s.eq_ignore_ascii_case(SCS))
                         && !args.get(1).is_some_and(|v| is_true_setting(v))
                     {
                         return ControlFlow::Break(scs_violation());
+                    }
+                    // A setting whose name is not a literal may be search_path.
+                    if setting.is_none_or(|s| s.eq_ignore_ascii_case(SEARCH_PATH)) {
+                        self.sets_search_path = true;
                     }
                 }
                 None
@@ -1341,7 +1522,7 @@ impl Visitor for Collector {
                 ..
             } => {
                 // `x IN f(...)` (dialects with IN-table expressions).
-                self.not_tables.push(name);
+                self.not_tables.insert(name);
                 self.add_function(name);
                 None
             }
@@ -1355,7 +1536,7 @@ impl Visitor for Collector {
             _ => None,
         };
         if let Some(name) = builtin {
-            push_unique(&mut self.functions, name.to_string());
+            self.functions.insert(name.to_string());
         }
         ControlFlow::Continue(())
     }
@@ -1380,13 +1561,14 @@ fn facts_of_statement(statement: &Statement) -> Result<StatementFacts, ParseErro
         text: statement.to_string(),
         kind,
         kinds,
-        tables: collector.tables,
-        functions: collector.functions,
+        tables: collector.tables.items,
+        functions: collector.functions.items,
         update_or_delete_without_where: collector.without_where,
         copy: collector.copy,
         explain: collector.explain,
         explain_analyze: collector.explain_analyze,
         opaque_execute: collector.opaque_execute,
+        sets_search_path: collector.sets_search_path,
         opaque: collector.opaque || collector.opaque_execute,
     })
 }

@@ -45,9 +45,10 @@
 //!   statements).
 //! * `functions: [..]` — some called function matches (bare names, `*` globs,
 //!   matched whatever schema the call used).
-//! * `without_where`, `copy_program`, `copy_file`, `explain`, `opaque` —
-//!   booleans compared with the statement's facts (`opaque: true` catches
-//!   `DO`, `EXECUTE`, keyword-classified statements and DDL on non-relations).
+//! * `without_where`, `copy_program`, `copy_file`, `explain`, `opaque`,
+//!   `sets_search_path` — booleans compared with the statement's facts
+//!   (`opaque: true` catches `DO`, `EXECUTE`, keyword-classified statements
+//!   and DDL on non-relations).
 //!
 //! Put `deny`/`review` rules before broad `allow` rules: first match wins, and
 //! an `allow` rule with `tables` (any) admits a statement that also touches
@@ -59,7 +60,9 @@
 //! is a glob. A reference without a schema is taken to be in `public` — or,
 //! for names starting with `pg_`, possibly in `pg_catalog`, which PostgreSQL
 //! searches first: `tables` holds if either reading matches, `tables_only`
-//! only if both do.
+//! only if both do. This assumes the default `search_path`: where allow-lists
+//! rely on it, deny `sets_search_path: true` (an agent that may change
+//! `search_path` can make `data` mean `secret.data`).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -207,6 +210,9 @@ pub struct MatchConditions {
     /// Facts are incomplete (`DO`, `EXECUTE`, keyword-classified statements).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub opaque: Option<bool>,
+    /// Sets `search_path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sets_search_path: Option<bool>,
 }
 
 impl<'de> Deserialize<'de> for MatchConfig {
@@ -410,6 +416,7 @@ pub(super) struct Matcher {
     pub(super) copy_file: Option<bool>,
     pub(super) explain: Option<bool>,
     pub(super) opaque: Option<bool>,
+    pub(super) sets_search_path: Option<bool>,
 }
 
 /// One element of a glob: literal text or `*`.
@@ -429,18 +436,47 @@ impl Glob {
     }
 }
 
+/// Wildcard matching with backtracking to the last `*` only: O(len(s) *
+/// len(pattern)) whatever the pattern.
 fn glob_match(parts: &[GlobPart], s: &str) -> bool {
-    match parts.split_first() {
-        None => s.is_empty(),
-        Some((GlobPart::Literal(lit), rest)) => s
-            .strip_prefix(lit.as_str())
-            .is_some_and(|tail| glob_match(rest, tail)),
-        Some((GlobPart::Star, rest)) => s
-            .char_indices()
-            .map(|(i, _)| i)
-            .chain(std::iter::once(s.len()))
-            .any(|i| s.get(i..).is_some_and(|tail| glob_match(rest, tail))),
+    #[derive(Clone, Copy, PartialEq)]
+    enum P {
+        Star,
+        Char(char),
     }
+    let pattern: Vec<P> = parts
+        .iter()
+        .flat_map(|part| match part {
+            GlobPart::Star => vec![P::Star],
+            GlobPart::Literal(lit) => lit.chars().map(P::Char).collect(),
+        })
+        .collect();
+    let text: Vec<char> = s.chars().collect();
+    let (mut p, mut t) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match (pattern.get(p), text.get(t)) {
+            (Some(P::Char(c)), Some(x)) if c == x => {
+                p += 1;
+                t += 1;
+            }
+            (Some(P::Star), _) => {
+                star = Some((p, t));
+                p += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    p = sp + 1;
+                    t = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern
+        .get(p..)
+        .is_some_and(|rest| rest.iter().all(|x| *x == P::Star))
 }
 
 /// A compiled table pattern.
@@ -742,5 +778,6 @@ fn compile_conditions(c: &MatchConditions) -> Result<Matcher, String> {
         copy_file: c.copy_file,
         explain: c.explain,
         opaque: c.opaque,
+        sets_search_path: c.sets_search_path,
     })
 }

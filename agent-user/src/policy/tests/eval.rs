@@ -322,7 +322,7 @@ fn review_timeouts() {
     );
     assert_eq!(
         serde_json::to_value(&d.verdict).unwrap(),
-        serde_json::json!({ "verdict": "review", "timeout": "5m" })
+        serde_json::json!({ "kind": "review", "timeout": "5m" })
     );
 }
 
@@ -502,6 +502,41 @@ policies:
     assert_eq!(
         rule(&set, &["dev"], "SELECT * FROM accounts"),
         "public-only"
+    );
+}
+
+#[test]
+fn search_path_rule() {
+    let set = policies(
+        r#"
+policies:
+  - name: p
+    roles: [dev]
+    targets: [db]
+    rules:
+      - { name: pin-search-path, match: { sets_search_path: true }, action: deny }
+      - { name: session, match: { kinds: [set] }, action: allow }
+      - { name: public-only, match: { tables_only: ["public.*"] }, action: allow }
+"#,
+    );
+    let q = query(
+        &set,
+        &["dev"],
+        "SET search_path = secret; SELECT * FROM data",
+    );
+    assert_eq!(q.decision.rule.as_deref(), Some("pin-search-path"));
+    assert_eq!(q.enforced_verdict().name(), "deny");
+    assert_eq!(
+        rule(&set, &["dev"], "SET application_name = 'x'"),
+        "session"
+    );
+    assert_eq!(
+        rule(
+            &set,
+            &["dev"],
+            "SELECT set_config('search_path', 'secret', false)"
+        ),
+        "pin-search-path"
     );
 }
 
@@ -727,7 +762,7 @@ fn decisions_serialize_for_recording() {
     let set = policies(ORDERED);
     let q = query(&set, &["dev"], "SELECT * FROM secrets");
     let json = serde_json::to_value(&q).unwrap();
-    assert_eq!(json["decision"]["verdict"]["verdict"], "deny");
+    assert_eq!(json["decision"]["verdict"]["kind"], "deny");
     assert_eq!(json["decision"]["rule"], "deny-secrets");
     assert_eq!(json["statements"][0]["facts"]["kind"], "select");
     assert_eq!(json["statements"][0]["decision"]["policy"], "p");

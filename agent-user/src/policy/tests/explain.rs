@@ -91,7 +91,7 @@ fn explains_policies_rules_and_verdict() {
     let json = serde_json::to_value(&e).unwrap();
     assert_eq!(json["policies"][1]["decides"], true);
     assert_eq!(json["statements"][0]["rules"][1]["matched"], true);
-    assert_eq!(json["decision"]["verdict"]["verdict"], "deny");
+    assert_eq!(json["decision"]["verdict"]["kind"], "deny");
 }
 
 #[test]

@@ -490,6 +490,18 @@ fn multi_statement_strings() {
     let kinds: Vec<K> = all.iter().map(|f| f.kind).collect();
     assert_eq!(kinds, [K::Select, K::Do, K::Select]);
     assert_eq!(all[1].text, "DO $$ BEGIN NULL; END $$");
+    let all =
+        extract("SELECT 'ü';\n  DO $$\n BEGIN NULL; END\n $$ ;\nCLUSTER t;\n\tCHECKPOINT").unwrap();
+    let texts: Vec<&str> = all.iter().map(|f| f.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        [
+            "SELECT 'ü'",
+            "DO $$\n BEGIN NULL; END\n $$",
+            "CLUSTER t",
+            "CHECKPOINT"
+        ]
+    );
     assert!(extract("DO $$ $$; selec 1").is_err());
 
     // Semicolons inside strings, dollar quotes and comments do not split.
@@ -537,6 +549,8 @@ fn turning_standard_conforming_strings_off_is_refused() {
     for sql in [
         "SET standard_conforming_strings = off",
         "SET SESSION standard_conforming_strings TO false",
+        "SET standard_conforming_strings TO DEFAULT",
+        "RESET standard_conforming_strings",
         "SELECT set_config('standard_conforming_strings', 'off', false)",
         "SELECT pg_catalog.set_config('STANDARD_CONFORMING_STRINGS', $1, false)",
     ] {
@@ -799,4 +813,53 @@ fn kind_names_round_trip() {
         );
     }
     assert!("dml".parse::<K>().unwrap_err().contains("select"));
+}
+
+#[test]
+fn deeply_chained_expressions_are_refused_not_crashing() {
+    // Left-deep chains are built without recursion by sqlparser but dropped
+    // recursively: refuse them before parsing.
+    for sql in [
+        format!("SELECT {}1", "1+".repeat(20_000)),
+        format!("SELECT * FROM t WHERE {}true", "a = 1 AND ".repeat(6_000)),
+        format!("SELECT 1{}", " UNION SELECT 1, 2".repeat(20_000)),
+        format!(
+            "SELECT {}1{}",
+            format!("{}(", "1+".repeat(1_000)).repeat(20),
+            ")".repeat(20)
+        ),
+    ] {
+        let err = extract(&sql).unwrap_err();
+        assert!(err.message.contains("too complex"), "{err}");
+    }
+    // Long flat lists are fine.
+    let values: Vec<String> = (0..5_000)
+        .map(|i| format!("({i}, -{i}, 'x' || {i})"))
+        .collect();
+    let f = one(&format!("INSERT INTO t VALUES {}", values.join(", ")));
+    assert_eq!(f.kind, K::Insert);
+    let list: Vec<String> = (0..20_000).map(|i| format!("-{i}")).collect();
+    let f = one(&format!("SELECT * FROM t WHERE a IN ({})", list.join(", ")));
+    assert_eq!(tables(&f), ["t:r"]);
+    let f = one(&format!("SELECT {}1 FROM t", "1 + ".repeat(2_000)));
+    assert_eq!(f.kind, K::Select);
+}
+
+#[test]
+fn search_path_changes_are_flagged() {
+    for (sql, expected) in [
+        ("SET search_path = secret, public", true),
+        ("SET LOCAL search_path TO secret", true),
+        (
+            "SELECT pg_catalog.set_config('search_path', '', false)",
+            true,
+        ),
+        ("SELECT set_config($1, $2, false)", true),
+        ("SELECT set_config('application_name', 'x', false)", false),
+        ("SET application_name = 'x'", false),
+        ("RESET search_path", false),
+        ("SELECT * FROM t", false),
+    ] {
+        assert_eq!(one(sql).sets_search_path, expected, "{sql}");
+    }
 }

@@ -367,3 +367,36 @@ fn config_round_trips_through_serde() {
     };
     assert!(compile(vec![any]).is_ok());
 }
+
+#[test]
+fn glob_patterns() {
+    use super::super::facts::{Access, TableRef};
+    let set = compile(parse_policies(
+        r#"
+policies:
+  - name: p
+    roles: [a]
+    targets: [t]
+    rules:
+      - { name: r, match: { tables: ["s*.*_log", "*a*a*a*a*a*a*a*a*b", '"x*y"'] }, action: deny }
+"#,
+    ))
+    .unwrap();
+    let rule = &set.policies()[0].rules()[0];
+    let patterns = rule.matcher.tables.as_ref().unwrap();
+    let t = |schema: Option<&str>, name: &str| TableRef {
+        schema: schema.map(str::to_string),
+        name: name.to_string(),
+        access: Access::Read,
+    };
+    assert!(patterns[0].matches(&t(Some("sales"), "audit_log"), false));
+    assert!(patterns[0].matches(&t(Some("s"), "_log"), false));
+    assert!(!patterns[0].matches(&t(Some("sales"), "audit_logs"), false));
+    assert!(!patterns[0].matches(&t(Some("public"), "audit_log"), false));
+    // No exponential backtracking.
+    assert!(!patterns[1].matches(&t(None, &"a".repeat(63)), false));
+    assert!(patterns[1].matches(&t(None, &format!("{}b", "a".repeat(62))), false));
+    // Quoted `*` is literal.
+    assert!(patterns[2].matches(&t(None, "x*y"), false));
+    assert!(!patterns[2].matches(&t(None, "xzy"), false));
+}

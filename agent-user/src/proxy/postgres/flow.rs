@@ -17,7 +17,7 @@
 //! columns for masking) are answered to the gate and never reach the agent.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -86,21 +86,33 @@ struct QueryRun {
 
 struct ExecRun {
     rec: Rec,
-    portal: String,
+    /// The portal as bound when the Execute was sent (a pipelined re-Bind must not change it).
+    portal: Option<Arc<Portal>>,
     plan: Option<Option<RowPlan>>,
+}
+
+/// Whose columns a Describe answers.
+enum Described {
+    Statement(Option<Arc<Prepared>>),
+    Portal(Option<Arc<Portal>>),
 }
 
 enum Expect {
     Query(QueryRun),
+    /// The gate's view of `name` was updated when the Parse was sent; `previous` restores it if
+    /// the server refuses or skips the Parse.
     Parse {
         injected: bool,
+        name: String,
+        previous: Option<Arc<Prepared>>,
     },
     Bind {
         injected: bool,
+        name: String,
+        previous: Option<Arc<Portal>>,
     },
     Describe {
-        kind: Target,
-        name: String,
+        what: Described,
         internal: bool,
     },
     Execute(Box<ExecRun>),
@@ -117,20 +129,68 @@ struct Prepared {
     kind: Option<String>,
     tables: Vec<String>,
     functions: Vec<String>,
-    columns: Option<Vec<FieldDescription>>,
+    columns: Mutex<Option<Vec<FieldDescription>>>,
 }
 
 struct Portal {
-    statement: String,
+    prepared: Option<Arc<Prepared>>,
     formats: Vec<i16>,
-    columns: Option<Vec<FieldDescription>>,
+    columns: Mutex<Option<Vec<FieldDescription>>>,
 }
 
+fn columns_of(m: &Mutex<Option<Vec<FieldDescription>>>) -> Option<Vec<FieldDescription>> {
+    m.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+fn set_columns(m: &Mutex<Option<Vec<FieldDescription>>>, fields: &[FieldDescription]) {
+    *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(fields.to_vec());
+}
+
+/// The gate's view of the server's prepared statements and portals. Updated when a message is
+/// sent (later pipelined messages refer to it) and rolled back when the server refuses or skips
+/// the message; a denied Parse never touches it, since the server never sees it.
 #[derive(Default)]
 struct State {
     queue: VecDeque<Expect>,
-    statements: HashMap<String, Prepared>,
-    portals: HashMap<String, Portal>,
+    statements: HashMap<String, Arc<Prepared>>,
+    portals: HashMap<String, Arc<Portal>>,
+}
+
+impl State {
+    /// Undoes the view updates of entries the server refused or skipped, newest first.
+    fn revert(&mut self, entries: Vec<Expect>) {
+        for e in entries.into_iter().rev() {
+            match e {
+                Expect::Parse {
+                    injected: false,
+                    name,
+                    previous,
+                } => match previous {
+                    Some(p) => {
+                        self.statements.insert(name, p);
+                    }
+                    None => {
+                        self.statements.remove(&name);
+                    }
+                },
+                Expect::Bind {
+                    injected: false,
+                    name,
+                    previous,
+                } => match previous {
+                    Some(p) => {
+                        self.portals.insert(name, p);
+                    }
+                    None => {
+                        self.portals.remove(&name);
+                    }
+                },
+                _ => {}
+            }
+        }
+    }
 }
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -370,8 +430,19 @@ fn inject(st: &mut State, out: &mut BytesMut) -> Result<(), PgError> {
     }
     .encode(out)?;
     FrontendMessage::Sync.encode(out)?;
-    st.queue.push_back(Expect::Parse { injected: true });
-    st.queue.push_back(Expect::Bind { injected: true });
+    // The injected statement replaces the unnamed statement and portal on the server.
+    st.statements.remove("");
+    st.portals.remove("");
+    st.queue.push_back(Expect::Parse {
+        injected: true,
+        name: String::new(),
+        previous: None,
+    });
+    st.queue.push_back(Expect::Bind {
+        injected: true,
+        name: String::new(),
+        previous: None,
+    });
     st.queue.push_back(Expect::InjectedExecute);
     st.queue.push_back(Expect::Sync);
     Ok(())
@@ -434,24 +505,26 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 .map(|s| s.decision.clone())
                                 .unwrap_or(qd.decision.clone());
                             let needs_columns = masking && !decision.mask.is_empty();
-                            st.statements.insert(
-                                name.clone(),
-                                Prepared {
-                                    text: query.clone(),
-                                    kind: first.map(|s| s.facts.kind.to_string()),
-                                    tables: first
-                                        .map(|s| {
-                                            s.facts.tables.iter().map(ToString::to_string).collect()
-                                        })
-                                        .unwrap_or_default(),
-                                    functions: first
-                                        .map(|s| s.facts.functions.clone())
-                                        .unwrap_or_default(),
-                                    decision,
-                                    columns: None,
-                                },
-                            );
-                            st.queue.push_back(Expect::Parse { injected: false });
+                            let prepared = Arc::new(Prepared {
+                                text: query.clone(),
+                                kind: first.map(|s| s.facts.kind.to_string()),
+                                tables: first
+                                    .map(|s| {
+                                        s.facts.tables.iter().map(ToString::to_string).collect()
+                                    })
+                                    .unwrap_or_default(),
+                                functions: first
+                                    .map(|s| s.facts.functions.clone())
+                                    .unwrap_or_default(),
+                                decision,
+                                columns: Mutex::new(None),
+                            });
+                            let previous = st.statements.insert(name.clone(), prepared.clone());
+                            st.queue.push_back(Expect::Parse {
+                                injected: false,
+                                name: name.clone(),
+                                previous,
+                            });
                             out.extend_from_slice(&frame.raw);
                             if needs_columns {
                                 // Learn the result columns for masking even if the agent never asks.
@@ -461,8 +534,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 }
                                 .encode(&mut out)?;
                                 st.queue.push_back(Expect::Describe {
-                                    kind: Target::Statement,
-                                    name: name.clone(),
+                                    what: Described::Statement(Some(prepared)),
                                     internal: true,
                                 });
                             }
@@ -478,7 +550,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                             }
                         }
                         Some(message) => {
-                            st.statements.remove(name);
+                            // The server never sees this Parse: whatever it had under the name stays.
                             for r in record_query(ctx, "extended", query, &qd) {
                                 finish(ctx, r, None, Some(message.clone()));
                             }
@@ -497,25 +569,25 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     if skipping {
                         continue;
                     }
-                    st.portals.insert(
-                        portal.clone(),
-                        Portal {
-                            statement: statement.clone(),
-                            formats: result_formats.clone(),
-                            columns: None,
-                        },
-                    );
-                    st.queue.push_back(Expect::Bind { injected: false });
+                    let bound = Arc::new(Portal {
+                        prepared: st.statements.get(statement).cloned(),
+                        formats: result_formats.clone(),
+                        columns: Mutex::new(None),
+                    });
+                    let previous = st.portals.insert(portal.clone(), bound);
+                    st.queue.push_back(Expect::Bind {
+                        injected: false,
+                        name: portal.clone(),
+                        previous,
+                    });
                     out.extend_from_slice(&frame.raw);
                 }
                 FrontendMessage::Execute { portal, .. } => {
                     if skipping {
                         continue;
                     }
-                    let prepared = st
-                        .portals
-                        .get(portal)
-                        .and_then(|p| st.statements.get(&p.statement));
+                    let bound = st.portals.get(portal).cloned();
+                    let prepared = bound.as_ref().and_then(|p| p.prepared.clone());
                     let rec = match prepared {
                         Some(p) => {
                             let id = ctx
@@ -542,7 +614,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     };
                     st.queue.push_back(Expect::Execute(Box::new(ExecRun {
                         rec,
-                        portal: portal.clone(),
+                        portal: bound,
                         plan: None,
                     })));
                     out.extend_from_slice(&frame.raw);
@@ -551,9 +623,12 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     if skipping {
                         continue;
                     }
+                    let what = match kind {
+                        Target::Statement => Described::Statement(st.statements.get(name).cloned()),
+                        Target::Portal => Described::Portal(st.portals.get(name).cloned()),
+                    };
                     st.queue.push_back(Expect::Describe {
-                        kind: *kind,
-                        name: name.clone(),
+                        what,
                         internal: false,
                     });
                     out.extend_from_slice(&frame.raw);
@@ -741,7 +816,8 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
         // Result columns arriving for a statement that is masked: plan before any row passes.
         if let BackendMessage::RowDescription(fields) = &frame.msg {
             let need = {
-                let st = lock(state);
+                let mut st = lock(state);
+                release_synthetic(&mut st, &mut out);
                 match st.queue.front() {
                     Some(Expect::Query(q)) => q
                         .recs
@@ -765,14 +841,15 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
         if let BackendMessage::DataRow(_) = &frame.msg {
             // An Execute's plan is built on its first row, from the portal's columns and formats.
             let pending = {
-                let st = lock(state);
+                let mut st = lock(state);
+                release_synthetic(&mut st, &mut out);
                 match st.queue.front() {
                     Some(Expect::Execute(x)) if x.plan.is_none() => {
-                        let portal = st.portals.get(&x.portal);
-                        let fields = portal.and_then(|p| p.columns.clone()).or_else(|| {
+                        let portal = x.portal.as_ref();
+                        let fields = portal.and_then(|p| columns_of(&p.columns)).or_else(|| {
                             portal
-                                .and_then(|p| st.statements.get(&p.statement))
-                                .and_then(|s| s.columns.clone())
+                                .and_then(|p| p.prepared.as_ref())
+                                .and_then(|s| columns_of(&s.columns))
                         });
                         let formats = portal.map(|p| p.formats.clone()).unwrap_or_default();
                         Some((x.rec.masks.clone(), fields, formats))
@@ -809,20 +886,24 @@ fn dec_is_empty(buf: &BytesMut) -> bool {
     !has_frame(buf)
 }
 
+/// After a server error in the extended protocol the server skips everything up to Sync: so do
+/// the expectations (their view updates are rolled back, their statements recorded as not run).
 fn pop_until_sync(ctx: &Context<'_>, st: &mut State) {
+    let mut skipped = Vec::new();
     while let Some(front) = st.queue.front() {
         if matches!(front, Expect::Sync) {
-            return;
+            break;
         }
-        if let Some(Expect::Execute(x)) = st.queue.pop_front() {
-            finish(
-                ctx,
-                x.rec,
-                None,
-                Some("not executed: an earlier message in the pipeline failed".into()),
-            );
+        match st.queue.pop_front() {
+            Some(Expect::Execute(x)) => {
+                let why = "not executed: an earlier message in the pipeline failed";
+                finish(ctx, x.rec, None, Some(why.into()));
+            }
+            Some(e) => skipped.push(e),
+            None => break,
         }
     }
+    st.revert(skipped);
 }
 
 fn on_backend(
@@ -835,7 +916,7 @@ fn on_backend(
     use BackendMessage as B;
     match frame.msg {
         B::ParseComplete => {
-            if let Some(Expect::Parse { injected }) = st.queue.front() {
+            if let Some(Expect::Parse { injected, .. }) = st.queue.front() {
                 let injected = *injected;
                 st.queue.pop_front();
                 if injected {
@@ -844,7 +925,7 @@ fn on_backend(
             }
         }
         B::BindComplete => {
-            if let Some(Expect::Bind { injected }) = st.queue.front() {
+            if let Some(Expect::Bind { injected, .. }) = st.queue.front() {
                 let injected = *injected;
                 st.queue.pop_front();
                 if injected {
@@ -864,23 +945,11 @@ fn on_backend(
         }
         B::RowDescription(ref fields) => match st.queue.front() {
             Some(Expect::Describe { .. }) => {
-                if let Some(Expect::Describe {
-                    kind,
-                    name,
-                    internal,
-                }) = st.queue.pop_front()
-                {
-                    match kind {
-                        Target::Statement => {
-                            if let Some(s) = st.statements.get_mut(&name) {
-                                s.columns = Some(fields.clone());
-                            }
-                        }
-                        Target::Portal => {
-                            if let Some(p) = st.portals.get_mut(&name) {
-                                p.columns = Some(fields.clone());
-                            }
-                        }
+                if let Some(Expect::Describe { what, internal }) = st.queue.pop_front() {
+                    match what {
+                        Described::Statement(Some(s)) => set_columns(&s.columns, fields),
+                        Described::Portal(Some(p)) => set_columns(&p.columns, fields),
+                        Described::Statement(None) | Described::Portal(None) => {}
                     }
                     if internal {
                         return Ok(());
@@ -969,8 +1038,8 @@ fn on_backend(
             match st.queue.front_mut() {
                 Some(
                     Expect::InjectedExecute
-                    | Expect::Parse { injected: true }
-                    | Expect::Bind { injected: true },
+                    | Expect::Parse { injected: true, .. }
+                    | Expect::Bind { injected: true, .. },
                 ) => {
                     pop_until_sync(ctx, st);
                     return Ok(());
