@@ -62,8 +62,10 @@ pub fn run() -> Result<()> {
     let pg = Postgres::start_on(DEMO_PORT, "scram-sha-256")
         .with_context(|| format!("is something else listening on {DEMO_PORT}?"))?;
     pg.admin_sql(
-        "CREATE TABLE customers (id int PRIMARY KEY, name text, email text);
-         INSERT INTO customers VALUES (1, 'Ada', 'ada@example.com'), (2, 'Grace', 'grace@example.com');",
+        "CREATE TABLE customers (id int PRIMARY KEY, name text, email text, card_number text, note text);
+         INSERT INTO customers VALUES
+           (1, 'Ada', 'ada@example.com', '4111 1111 1111 1111', 'prefers email'),
+           (2, 'Grace', 'grace@example.com', '5500 0055 5555 5559', 'call 415-555-2671 first');",
     );
 
     println!("==> starting `agentgate run` on its embedded default configuration");
@@ -73,6 +75,9 @@ pub fn run() -> Result<()> {
             .arg("run")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
+            // The gate, not the agent, holds the database password (the embedded configuration
+            // reads it from this variable at each connection).
+            .env("AGENTGATE_DEMO_DB_PASSWORD", &pg.superuser_password)
             .spawn()
             .context("spawn agentgate run")?,
     );
@@ -94,28 +99,57 @@ pub fn run() -> Result<()> {
 
     show("what is governed", Command::new(agentgate()).arg("status"))?;
     let conninfo = format!("host=127.0.0.1 port={DEMO_PORT} user=postgres dbname=postgres");
-    let ok = show(
-        "an unmodified psql, running as `nobody` in demo-agent's cgroup, queries the real database",
-        Command::new(agentgate())
-            .args([
-                "exec",
-                "--agent",
-                "demo-agent",
-                "--user",
-                "nobody",
-                "--",
-                "psql",
-                "-X",
-                &conninfo,
-            ])
-            .args(["-c", "SELECT id, name, email FROM customers ORDER BY id"])
-            .env("PGPASSWORD", &pg.superuser_password),
+    let psql = |title: &str, sql: &[&str]| -> Result<String> {
+        println!("\n==> {title}");
+        let mut cmd = Command::new(agentgate());
+        cmd.args([
+            "exec",
+            "--agent",
+            "demo-agent",
+            "--user",
+            "nobody",
+            "--",
+            "psql",
+            "-X",
+            "-v",
+            "VERBOSITY=verbose",
+            &conninfo,
+        ]);
+        for q in sql {
+            cmd.args(["-c", q]);
+        }
+        println!("$ {}", describe(&cmd));
+        let out = cmd.output().context("run psql under the gate")?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    };
+    let rows = psql(
+        "an unmodified psql, as `nobody` in demo-agent's cgroup and with NO password, reads the real database: personal data comes back masked",
+        &["SELECT id, name, email, card_number, note FROM customers ORDER BY id"],
     )?;
-    if !ok {
+    if !rows.contains("(2 rows)")
+        || rows.contains("ada@example.com")
+        || rows.contains("4111 1111 1111 1111")
+    {
         bail!(
-            "the governed query failed; daemon log:\n{}",
+            "the governed query did not return masked rows; daemon log:\n{}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
+    }
+    let denied = psql(
+        "the agent tries to drop the table: denied by policy (SQLSTATE 42501) and the connection goes on",
+        &[
+            "DROP TABLE customers",
+            "SELECT count(*) AS customers_still_there FROM customers",
+        ],
+    )?;
+    if !denied.contains("42501") || !denied.contains("customers_still_there") {
+        bail!("DROP TABLE was not denied in-band");
     }
     let refused = show(
         "the same agent tries a destination no target allows (port 5432): refused in the kernel",
@@ -145,6 +179,20 @@ pub fn run() -> Result<()> {
         "recorded kernel refusals",
         Command::new(agentgate()).args(["events", "--limit", "3"]),
     )?;
+    let sessions = Command::new(agentgate())
+        .args(["sessions", "list", "--json", "--limit", "5"])
+        .output()?;
+    let list: serde_json::Value = serde_json::from_slice(&sessions.stdout).unwrap_or_default();
+    let last_db = list
+        .as_array()
+        .and_then(|r| r.iter().find(|s| s["target"] == "demo-db"))
+        .and_then(|s| s["id"].as_i64());
+    if let Some(id) = last_db {
+        show(
+            "the last database session, replayed",
+            Command::new(agentgate()).args(["sessions", "replay", &id.to_string()]),
+        )?;
+    }
 
     drop(daemon);
     show(

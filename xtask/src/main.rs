@@ -59,6 +59,8 @@ enum Cmd {
 enum BenchCmd {
     /// Bulk throughput and connect+first-byte latency: direct vs gate vs nginx stream proxy.
     Tcp(bench::tcp::TcpBenchOpts),
+    /// pgbench select-only, simple and prepared, 8 clients: direct vs gate (policy, masking, recording) vs pgbouncer session mode
+    Postgres(bench::postgres::PgBenchOpts),
 }
 
 fn main() -> Result<()> {
@@ -72,6 +74,7 @@ fn main() -> Result<()> {
         Cmd::Demo => demo::run(),
         Cmd::Bench { which } => match which {
             BenchCmd::Tcp(opts) => bench::tcp::run(&opts),
+            BenchCmd::Postgres(opts) => bench::postgres::run(&opts),
         },
         Cmd::BenchClient { args } => bench_client::main(&args),
     }

@@ -85,7 +85,9 @@ impl Peer {
 }
 
 impl Gate {
-    fn identify(&self, flow: &FlowRecord, client: SocketAddr) -> Option<Peer> {
+    /// `read_proc`: read the process's /proc facts now (the TCP handler reads them itself,
+    /// overlapped with its upstream connect).
+    fn identify(&self, flow: &FlowRecord, client: SocketAddr, read_proc: bool) -> Option<Peer> {
         let agent = self.cfg.agent_by_id(flow.agent_id)?;
         let target = if flow.target_id == TARGET_UNKNOWN {
             None
@@ -95,7 +97,15 @@ impl Gate {
         Some(Peer {
             agent: agent.name.clone(),
             roles: agent.roles.clone(),
-            process: ProcessInfo::read(flow.tgid, flow.uid),
+            process: if read_proc {
+                ProcessInfo::read(flow.tgid, flow.uid)
+            } else {
+                ProcessInfo {
+                    pid: flow.tgid,
+                    uid: flow.uid,
+                    ..Default::default()
+                }
+            },
             cgroup_id: flow.cgroup_id,
             client,
             original_destination: SocketAddr::new(ip_of(&flow.orig_addr), flow.orig_port),
@@ -160,7 +170,11 @@ async fn handle(gate: Arc<Gate>, sock: TcpStream, client: SocketAddr) {
         });
         return;
     };
-    let Some(peer) = gate.identify(&flow, client) else {
+    let protocol = match gate.cfg.target_by_id(flow.target_id) {
+        Some(t) if flow.target_id != TARGET_UNKNOWN => t.protocol,
+        _ => Protocol::Tcp,
+    };
+    let Some(peer) = gate.identify(&flow, client, protocol != Protocol::Tcp) else {
         gate.refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             agent_id = flow.agent_id,
@@ -178,13 +192,8 @@ async fn handle(gate: Arc<Gate>, sock: TcpStream, client: SocketAddr) {
         return;
     };
     gate.served.fetch_add(1, Ordering::Relaxed);
-    let protocol = peer
-        .target
-        .as_ref()
-        .map(|t| t.protocol)
-        .unwrap_or(Protocol::Tcp);
     match protocol {
-        Protocol::Tcp => tcp::handle(&gate, sock, peer).await,
+        Protocol::Tcp => tcp::handle(&gate, sock, peer, &flow).await,
         Protocol::Postgres => postgres::handle(&gate, sock, peer).await,
     }
 }

@@ -6,11 +6,14 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use agent_common::FlowRecord;
+
 use super::{Gate, Peer};
+use crate::identity::ProcessInfo;
 
 const RELAY_BUFFER: usize = 64 * 1024;
 
-pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
+pub async fn handle(gate: &Gate, mut client: TcpStream, mut peer: Peer, flow: &FlowRecord) {
     let decision = if peer.target.is_some() {
         "allow"
     } else {
@@ -20,6 +23,12 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
         .target
         .is_none()
         .then(|| "unknown destination relayed as recorded opaque TCP".to_string());
+    let upstream_addr = peer.upstream();
+    // The upstream handshake runs in the kernel while /proc is read.
+    let (connected, process) = tokio::join!(gate.connect_upstream(upstream_addr), async {
+        ProcessInfo::read(flow.tgid, flow.uid)
+    });
+    peer.process = process;
     let id = match gate.store.start(peer.session_start(decision, reason)) {
         Ok(id) => id,
         Err(e) => {
@@ -28,8 +37,7 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
             return;
         }
     };
-    let upstream_addr = peer.upstream();
-    let mut upstream = match gate.connect_upstream(upstream_addr).await {
+    let mut upstream = match connected {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(session = id, upstream = %upstream_addr, error = %e, "upstream connect failed");
@@ -85,14 +93,15 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; RELAY_BUFFER];
+    // Read into spare capacity: no zeroing of the buffer on every connection.
+    let mut buf = bytes::BytesMut::with_capacity(RELAY_BUFFER);
     loop {
-        let n = r.read(&mut buf).await?;
+        let n = r.read_buf(&mut buf).await?;
         if n == 0 {
             return w.shutdown().await;
         }
-        let chunk = buf.get(..n).unwrap_or_default();
-        w.write_all(chunk).await?;
+        w.write_all(&buf).await?;
+        buf.clear();
         *count += n as u64;
     }
 }

@@ -103,6 +103,10 @@ pub enum SessionError {
     NotFound(i64),
 }
 
+/// How long the writer waits for more records before committing a batch: the bound on the
+/// window in which a record handed to the store is not yet committed (plus one commit).
+pub const LINGER: Duration = Duration::from_millis(2);
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -355,10 +359,24 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>) {
     while let Ok(first) = rx.recv() {
         let mut acks = Vec::new();
         let mut batch = vec![first];
+        let linger_until = std::time::Instant::now() + LINGER;
         while batch.len() < 512 {
             match rx.try_recv() {
                 Ok(w) => batch.push(w),
-                Err(_) => break,
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) => {
+                    // A short linger folds a connection's start and end (and bursts from many
+                    // sessions) into one commit; a flush request commits at once.
+                    let waiting = batch.iter().any(|w| matches!(w, Write::Flush(_)));
+                    let left = linger_until.saturating_duration_since(std::time::Instant::now());
+                    if waiting || left.is_zero() {
+                        break;
+                    }
+                    match rx.recv_timeout(left) {
+                        Ok(w) => batch.push(w),
+                        Err(_) => break,
+                    }
+                }
             }
         }
         let result = conn.transaction().and_then(|tx| {

@@ -1,6 +1,7 @@
 //! `cargo xtask bench ...`: benchmarks. They are commands that print tables and write JSON under
 //! `target/bench/`, not tests: numbers on a shared machine are for reading, not for asserting.
 
+pub mod postgres;
 pub mod tcp;
 
 /// Latency summary of a set of samples, in microseconds.
