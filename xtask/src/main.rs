@@ -118,5 +118,47 @@ fn test(no_lint: bool, rest: &[String]) -> Result<()> {
     println!("==> cargo test --workspace");
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--"]).args(rest);
-    sh(&mut cmd)
+    run_counting(&mut cmd)
+}
+
+/// Runs `cargo test`, passing its output through, and ends with one line that totals every
+/// test binary's `test result:` line (the last binary cargo runs is often a doc-test run with
+/// no tests, which would otherwise be the closing line).
+fn run_counting(cmd: &mut Command) -> Result<()> {
+    use std::io::BufRead;
+    let mut child = cmd
+        .current_dir(agentgate_tests::workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("spawn cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                for part in rest.split(';') {
+                    let mut words = part.split_whitespace().rev();
+                    let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                        continue;
+                    };
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
 }

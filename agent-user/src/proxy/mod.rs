@@ -152,6 +152,8 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
 }
 
 async fn handle(gate: Arc<Gate>, sock: TcpStream, client: SocketAddr) {
+    // Agents' request/response exchanges must not wait on Nagle.
+    let _ = sock.set_nodelay(true);
     let local = match sock.local_addr() {
         Ok(a) => a,
         Err(e) => {

@@ -359,24 +359,16 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>) {
     while let Ok(first) = rx.recv() {
         let mut acks = Vec::new();
         let mut batch = vec![first];
-        let linger_until = std::time::Instant::now() + LINGER;
-        while batch.len() < 512 {
+        // Sleep out the linger instead of waking per record: records sent meanwhile queue up
+        // without waking this thread, and a connection's start and end (and bursts from many
+        // sessions) fold into one commit. A flush request commits at once.
+        if !matches!(batch.first(), Some(Write::Flush(_))) {
+            std::thread::sleep(LINGER);
+        }
+        while batch.len() < 4096 {
             match rx.try_recv() {
                 Ok(w) => batch.push(w),
-                Err(mpsc::TryRecvError::Disconnected) => break,
-                Err(mpsc::TryRecvError::Empty) => {
-                    // A short linger folds a connection's start and end (and bursts from many
-                    // sessions) into one commit; a flush request commits at once.
-                    let waiting = batch.iter().any(|w| matches!(w, Write::Flush(_)));
-                    let left = linger_until.saturating_duration_since(std::time::Instant::now());
-                    if waiting || left.is_zero() {
-                        break;
-                    }
-                    match rx.recv_timeout(left) {
-                        Ok(w) => batch.push(w),
-                        Err(_) => break,
-                    }
-                }
+                Err(_) => break,
             }
         }
         let result = conn.transaction().and_then(|tx| {
