@@ -364,6 +364,10 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
         standard_strings,
     };
     let (up_bytes, down_bytes, error) = flow::run(&ctx, client, cbuf, up).await;
+    if let Some(e) = &error {
+        // Invalid input from either side ends the session; say why.
+        tracing::warn!(session = session_id, agent = %peer.agent, error = %e, "postgres session closed");
+    }
     if let Some(key) = &minted {
         shared.cancel.remove(key);
     }
