@@ -92,6 +92,7 @@ pub struct Gate {
     /// Cgroup path prefix (relative to the cgroup2 mount) for this gate's agents.
     pub cgroup_base: String,
     pub pin_dir: PathBuf,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -99,6 +100,12 @@ impl Gate {
     /// Starts a daemon. `body` is YAML for `agents:`, `targets:` and `dns_resolvers:`;
     /// `{base}` in it is replaced with this gate's cgroup prefix.
     pub fn start(body: &str) -> Gate {
+        Gate::start_with_env(body, &[])
+    }
+
+    /// Like [`Gate::start`], with extra environment variables for the daemon (for example the
+    /// masking key named by `masking.key_env`); restarts with [`Gate::spawn`] repeat them.
+    pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Gate {
         require_root();
         let name = unique("agtest");
         let dir = std::env::temp_dir().join(&name);
@@ -121,6 +128,10 @@ impl Gate {
             port,
             cgroup_base,
             pin_dir,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
             child: None,
         };
         gate.spawn();
@@ -146,6 +157,7 @@ impl Gate {
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -538,73 +550,6 @@ pub const ECONNREFUSED: i64 = 111;
 // PostgreSQL end-to-end helpers (tests/tests/postgres.rs).
 
 impl Gate {
-    /// Like [`Gate::start`], with extra environment variables for the daemon (for example the
-    /// masking key named by `masking.key_env`). A later [`Gate::spawn`] does not repeat them.
-    pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Gate {
-        require_root();
-        let name = unique("agtest");
-        let dir = std::env::temp_dir().join(&name);
-        std::fs::create_dir_all(&dir).expect("create test dir");
-        let port = free_port();
-        let cgroup_base = format!("agentgate-test/{name}");
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
-        let config = dir.join("agentgate.yaml");
-        let yaml = format!(
-            "listen: {{ipv4: 127.0.0.1, ipv6: \"::1\", port: {port}}}\nstate_dir: {}\npin_dir: {}\n{}",
-            dir.join("state").display(),
-            pin_dir.display(),
-            body.replace("{base}", &cgroup_base)
-        );
-        std::fs::write(&config, yaml).expect("write config");
-        let mut gate = Gate {
-            name,
-            dir,
-            config,
-            port,
-            cgroup_base,
-            pin_dir,
-            child: None,
-        };
-        gate.spawn_with_env(env);
-        gate
-    }
-
-    fn spawn_with_env(&mut self, env: &[(&str, &str)]) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("open daemon log");
-        let child = Command::new(agentgate_bin())
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn agentgate run");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                panic!(
-                    "agentgate run exited early ({status}); log:\n{}",
-                    self.log()
-                );
-            }
-            if self.cli(&["status"]).status.success() {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!("agentgate did not become ready; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     /// Runs `psql` inside `agent`'s cgroup against 127.0.0.1:`port` (the real server address:
     /// the hook redirects it), as user `postgres` with `password` (`None`: no password at all),
     /// `extra` arguments and `stdin` as its script.

@@ -29,14 +29,14 @@ pub struct Upstream {
     pub ready: Frame<BackendMessage>,
 }
 
-/// Reads until one backend frame is decoded; `Ok(None)` on a clean EOF between frames.
-pub async fn read_backend<R: AsyncRead + Unpin>(
+/// Reads until `decode` yields a frame; `Ok(None)` on a clean EOF between frames.
+async fn read_frame<R: AsyncRead + Unpin, M>(
     r: &mut R,
     buf: &mut BytesMut,
-    dec: &mut BackendDecoder,
-) -> Result<Option<Frame<BackendMessage>>, PgError> {
+    mut decode: impl FnMut(&mut BytesMut) -> Result<Option<Frame<M>>, DecodeError>,
+) -> Result<Option<Frame<M>>, PgError> {
     loop {
-        if let Some(f) = dec.decode(buf)? {
+        if let Some(f) = decode(buf)? {
             return Ok(Some(f));
         }
         if r.read_buf(buf).await? == 0 {
@@ -49,24 +49,20 @@ pub async fn read_backend<R: AsyncRead + Unpin>(
     }
 }
 
-/// Reads until one frontend frame is decoded; `Ok(None)` on a clean EOF between frames.
+pub async fn read_backend<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    dec: &mut BackendDecoder,
+) -> Result<Option<Frame<BackendMessage>>, PgError> {
+    read_frame(r, buf, |b| dec.decode(b)).await
+}
+
 pub async fn read_frontend<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
     dec: &mut FrontendDecoder,
 ) -> Result<Option<Frame<FrontendMessage>>, PgError> {
-    loop {
-        if let Some(f) = dec.decode(buf)? {
-            return Ok(Some(f));
-        }
-        if r.read_buf(buf).await? == 0 {
-            return if buf.is_empty() {
-                Ok(None)
-            } else {
-                Err(PgError::Decode(DecodeError::Truncated { message: "frame" }))
-            };
-        }
-    }
+    read_frame(r, buf, |b| dec.decode(b)).await
 }
 
 /// Startup parameters never passed upstream as the agent sent them: the user is brokered,
