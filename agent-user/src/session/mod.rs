@@ -188,13 +188,12 @@ pub struct StatementEnd {
 }
 
 enum Write {
+    /// A statement, written once: when it completed (before its result was passed on) or when
+    /// it was refused.
     Statement {
         id: i64,
         ts: i64,
         s: Box<StatementStart>,
-    },
-    StatementEnd {
-        id: i64,
         e: Box<StatementEnd>,
     },
     Start {
@@ -229,6 +228,8 @@ pub struct SessionStore {
     tx: mpsc::Sender<Write>,
     next_id: AtomicI64,
     next_statement: AtomicI64,
+    /// Statements judged and not yet finished, by id.
+    open_statements: std::sync::Mutex<std::collections::HashMap<i64, (i64, StatementStart)>>,
     path: PathBuf,
 }
 
@@ -272,6 +273,7 @@ impl SessionStore {
             tx,
             next_id: AtomicI64::new(max + 1),
             next_statement: AtomicI64::new(max_statement + 1),
+            open_statements: std::sync::Mutex::new(std::collections::HashMap::new()),
             path: path.into(),
         })
     }
@@ -307,19 +309,31 @@ impl SessionStore {
         })
     }
 
-    /// Records a judged statement; returns its id for [`SessionStore::statement_end`].
+    /// Opens the record of a judged statement; [`SessionStore::statement_end`] hands it to the
+    /// writer with its outcome, in one row write (the proxy calls it before the statement's
+    /// result is passed on, or at once for a refusal).
     pub fn statement(&self, s: StatementStart) -> Result<i64, SessionError> {
         let id = self.next_statement.fetch_add(1, Ordering::Relaxed);
-        self.send(Write::Statement {
-            id,
-            ts: now_ms(),
-            s: Box::new(s),
-        })?;
+        self.open_statements
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, (now_ms(), s));
         Ok(id)
     }
 
     pub fn statement_end(&self, id: i64, e: StatementEnd) -> Result<(), SessionError> {
-        self.send(Write::StatementEnd { id, e: Box::new(e) })
+        let open = self
+            .open_statements
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
+        let Some((ts, s)) = open else { return Ok(()) };
+        self.send(Write::Statement {
+            id,
+            ts,
+            s: Box::new(s),
+            e: Box::new(e),
+        })
     }
 
     pub fn event(&self, e: Event) -> Result<(), SessionError> {
@@ -392,51 +406,44 @@ fn apply(
     acks: &mut Vec<tokio::sync::oneshot::Sender<()>>,
 ) -> rusqlite::Result<()> {
     match w {
-        Write::Statement { id, ts, s } => {
-            tx.execute(
+        Write::Statement { id, ts, s, e } => {
+            tx.prepare_cached(
                 "INSERT INTO statements (id, session_id, ts_ms, protocol, text, kind, tables, functions,
-                 decision, enforced, policy, rule, message)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                params![
-                    id,
-                    s.session_id,
-                    ts,
-                    s.protocol,
-                    s.text,
-                    s.kind,
-                    serde_json::to_string(&s.tables).unwrap_or_else(|_| "[]".into()),
-                    serde_json::to_string(&s.functions).unwrap_or_else(|_| "[]".into()),
-                    s.decision,
-                    s.enforced,
-                    s.policy,
-                    s.rule,
-                    s.message
-                ],
-            )?;
-        }
-        Write::StatementEnd { id, e } => {
-            tx.execute(
-                "UPDATE statements SET duration_us = ?2, rows = ?3, command_tag = ?4, error = ?5,
-                 columns = ?6, result_rows = ?7, masked = ?8 WHERE id = ?1",
-                params![
-                    id,
-                    i64::try_from(e.duration_us).unwrap_or(i64::MAX),
-                    e.rows.map(|r| i64::try_from(r).unwrap_or(i64::MAX)),
-                    e.command_tag,
-                    e.error,
-                    serde_json::to_string(&e.columns).unwrap_or_else(|_| "[]".into()),
-                    serde_json::to_string(&e.result_rows).unwrap_or_else(|_| "[]".into()),
-                    e.masked
-                ],
-            )?;
+                 decision, enforced, policy, rule, message, duration_us, rows, command_tag, error,
+                 columns, result_rows, masked)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
+            )?
+            .execute(params![
+                id,
+                s.session_id,
+                ts,
+                s.protocol,
+                s.text,
+                s.kind,
+                serde_json::to_string(&s.tables).unwrap_or_else(|_| "[]".into()),
+                serde_json::to_string(&s.functions).unwrap_or_else(|_| "[]".into()),
+                s.decision,
+                s.enforced,
+                s.policy,
+                s.rule,
+                s.message,
+                i64::try_from(e.duration_us).unwrap_or(i64::MAX),
+                e.rows.map(|r| i64::try_from(r).unwrap_or(i64::MAX)),
+                e.command_tag,
+                e.error,
+                serde_json::to_string(&e.columns).unwrap_or_else(|_| "[]".into()),
+                serde_json::to_string(&e.result_rows).unwrap_or_else(|_| "[]".into()),
+                e.masked
+            ])?;
         }
         Write::Start { id, ts, s } => {
             let roles = serde_json::to_string(&s.roles).unwrap_or_else(|_| "[]".into());
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO sessions (id, agent, roles, cgroup_id, cgroup, pid, exe, cmdline, uid, client,
                  original_destination, target, protocol, upstream, decision, reason, started_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-                params![
+            )?
+            .execute(params![
                     id,
                     s.agent,
                     roles,
@@ -454,8 +461,7 @@ fn apply(
                     s.decision,
                     s.reason,
                     ts
-                ],
-            )?;
+                ])?;
         }
         Write::End {
             id,
@@ -464,16 +470,17 @@ fn apply(
             bytes_down,
             error,
         } => {
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE sessions SET ended_ms = ?2, bytes_up = ?3, bytes_down = ?4, error = COALESCE(?5, error) WHERE id = ?1",
-                params![id, ts, bytes_up as i64, bytes_down as i64, error],
-            )?;
+            )?
+            .execute(params![id, ts, bytes_up as i64, bytes_down as i64, error])?;
         }
         Write::Event { ts, e } => {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO events (ts_ms, session_id, kind, agent, pid, uid, cgroup_id, exe, destination, detail)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![
+            )?
+            .execute(params![
                     ts,
                     e.session_id,
                     e.kind,
@@ -484,15 +491,14 @@ fn apply(
                     e.exe,
                     e.destination,
                     e.detail.to_string()
-                ],
-            )?;
+                ])?;
         }
         Write::Attach { cgroup, agent, ts } => {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO attachments (cgroup, agent, attached_ms) VALUES (?1, ?2, ?3)
                  ON CONFLICT(cgroup) DO UPDATE SET agent = excluded.agent, attached_ms = excluded.attached_ms",
-                params![cgroup, agent, ts],
-            )?;
+            )?
+            .execute(params![cgroup, agent, ts])?;
         }
         Write::Detach { cgroup } => {
             tx.execute("DELETE FROM attachments WHERE cgroup = ?1", params![cgroup])?;

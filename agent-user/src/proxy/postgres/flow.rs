@@ -656,7 +656,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                 FrontendMessage::FunctionCall(_) => {
                     // The fast-path interface calls functions by OID, beyond statement policy.
                     let message = "agentgate: the fast-path function call interface is not allowed";
-                    let _ = ctx.gate.store.statement(StatementStart {
+                    let id = ctx.gate.store.statement(StatementStart {
                         session_id: ctx.session_id,
                         protocol: "function-call".into(),
                         text: "<fast-path function call>".into(),
@@ -665,6 +665,12 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                         message: Some(message.into()),
                         ..Default::default()
                     });
+                    finish(
+                        ctx,
+                        Rec::new(id.ok(), Vec::new()),
+                        None,
+                        Some(message.into()),
+                    );
                     st.queue.push_back(Expect::Synthetic(error_frame(message)));
                     inject(&mut st, &mut out)?;
                     wake = true;
