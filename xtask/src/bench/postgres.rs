@@ -316,6 +316,7 @@ struct PgbenchResult {
     latency_ms: f64,
     transactions: u64,
     connect_ms: Option<f64>,
+    scale: u32,
 }
 
 /// Parses pgbench's summary; fails unless it processed transactions and none failed.
@@ -343,11 +344,15 @@ fn parse_pgbench(out: &str) -> Result<PgbenchResult> {
         .and_then(first_number)
         .context("no `tps =`")?;
     let connect_ms = field("initial connection time =").and_then(first_number);
+    let scale = field("scaling factor:")
+        .and_then(|s| s.parse().ok())
+        .context("no `scaling factor`")?;
     Ok(PgbenchResult {
         tps,
         latency_ms,
         transactions,
         connect_ms,
+        scale,
     })
 }
 
@@ -571,8 +576,16 @@ targets:
                 show()
             );
         }
-        parse_pgbench(&stdout)
-            .with_context(|| format!("pgbench -M {mode} on {}:\n{}", route.name(), show()))
+        let r = parse_pgbench(&stdout)
+            .with_context(|| format!("pgbench -M {mode} on {}:\n{}", route.name(), show()))?;
+        ensure!(
+            r.scale == o.scale,
+            "pgbench -M {mode} on {} ran against scale {}, not {}",
+            route.name(),
+            r.scale,
+            o.scale
+        );
+        Ok(r)
     }
 
     fn served(&self) -> Result<(u64, u64)> {
@@ -961,6 +974,7 @@ tps = 12345.678901 (without initial connection time)
         assert!((r.tps - 12_345.678_901).abs() < 1e-6);
         assert!((r.latency_ms - 0.648).abs() < 1e-9);
         assert_eq!(r.connect_ms, Some(12.345));
+        assert_eq!(r.scale, 10);
         let failed = out.replace(
             "failed transactions: 0 (0.000%)",
             "failed transactions: 3 (0.001%)",
