@@ -192,12 +192,21 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     if let Some(v6) = cfg.listen.ipv6 {
         addrs.push(SocketAddr::new(IpAddr::V6(v6), cfg.listen.port));
     }
+    // One accept loop per core, each on its own single-threaded runtime with its own
+    // SO_REUSEPORT listener: the kernel spreads connections over them, and a connection's
+    // accept, upstream connect and relay never hop between threads (those wake-ups were most of
+    // the per-connect cost on a multi-threaded runtime).
+    let loops = std::thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(1)
+        .clamp(1, 8);
     for addr in addrs {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|source| DaemonError::Listen { addr, source })?;
+        for _ in 0..loops {
+            bound.push(
+                reuseport_listener(addr).map_err(|source| DaemonError::Listen { addr, source })?,
+            );
+        }
         listeners.push(addr);
-        bound.push(l);
     }
 
     let postgres = proxy::postgres::Shared::build(&cfg)?;
@@ -231,8 +240,15 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         source,
     })?;
     tokio::spawn(admin::serve(admin_listener, daemon.clone()));
-    for l in bound {
-        tokio::spawn(proxy::serve(l, gate.clone()));
+    for (i, l) in bound.into_iter().enumerate() {
+        let gate = gate.clone();
+        std::thread::Builder::new()
+            .name(format!("accept-{i}"))
+            .spawn(move || serve_on_own_runtime(l, gate))
+            .map_err(|source| DaemonError::Io {
+                what: "accept thread".into(),
+                source,
+            })?;
     }
     let pid_file = cfg.state_dir.join("agentgate.pid");
     std::fs::write(&pid_file, std::process::id().to_string()).map_err(|source| {
@@ -256,6 +272,37 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(&pid_file);
     let _ = std::fs::remove_file(&admin_path);
     Ok(())
+}
+
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.set_reuseport(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)?.into_std()
+}
+
+fn serve_on_own_runtime(listener: std::net::TcpListener, gate: Arc<Gate>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start an accept runtime");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        match TcpListener::from_std(listener) {
+            Ok(l) => proxy::serve(l, gate).await,
+            Err(e) => tracing::error!(error = %e, "cannot register a listener"),
+        }
+    });
 }
 
 async fn wait_for_shutdown() {

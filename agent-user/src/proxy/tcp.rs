@@ -13,7 +13,7 @@ use crate::identity::ProcessInfo;
 
 const RELAY_BUFFER: usize = 64 * 1024;
 
-pub async fn handle(gate: &Gate, mut client: TcpStream, mut peer: Peer, flow: &FlowRecord) {
+pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer, flow: &FlowRecord) {
     let decision = if peer.target.is_some() {
         "allow"
     } else {
@@ -24,11 +24,10 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, mut peer: Peer, flow: &F
         .is_none()
         .then(|| "unknown destination relayed as recorded opaque TCP".to_string());
     let upstream_addr = peer.upstream();
-    // The upstream handshake runs in the kernel while /proc is read.
-    let (connected, process) = tokio::join!(gate.connect_upstream(upstream_addr), async {
-        ProcessInfo::read(flow.tgid, flow.uid)
-    });
-    peer.process = process;
+    // /proc is read on the blocking pool, off the connection's critical path; the session row
+    // is written first (before any byte is relayed) and completed with the process facts.
+    let (tgid, uid) = (flow.tgid, flow.uid);
+    let process = tokio::task::spawn_blocking(move || ProcessInfo::read(tgid, uid));
     let id = match gate.store.start(peer.session_start(decision, reason)) {
         Ok(id) => id,
         Err(e) => {
@@ -37,10 +36,17 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, mut peer: Peer, flow: &F
             return;
         }
     };
+    let identify = async {
+        if let Ok(p) = process.await {
+            let _ = gate.store.identify(id, p.exe, p.cmdline, p.cgroup);
+        }
+    };
+    let connected = gate.connect_upstream(upstream_addr).await;
     let mut upstream = match connected {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(session = id, upstream = %upstream_addr, error = %e, "upstream connect failed");
+            identify.await;
             let _ = gate.store.end(
                 id,
                 0,
@@ -51,7 +57,7 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, mut peer: Peer, flow: &F
         }
     };
     tracing::debug!(session = id, agent = %peer.agent, upstream = %upstream_addr, "relaying");
-    let (up, down, err) = relay(&mut client, &mut upstream).await;
+    let ((), (up, down, err)) = tokio::join!(identify, relay(&mut client, &mut upstream));
     let _ = gate.store.end(id, up, down, err.map(|e| e.to_string()));
 }
 

@@ -188,6 +188,12 @@ pub struct StatementEnd {
 }
 
 enum Write {
+    Identify {
+        id: i64,
+        exe: Option<String>,
+        cmdline: Option<String>,
+        cgroup: Option<String>,
+    },
     /// A statement, written once: when it completed (before its result was passed on) or when
     /// it was refused.
     Statement {
@@ -291,6 +297,22 @@ impl SessionStore {
             s: Box::new(s),
         })?;
         Ok(id)
+    }
+
+    /// Completes a session's process facts (read from /proc while the session ran).
+    pub fn identify(
+        &self,
+        id: i64,
+        exe: Option<String>,
+        cmdline: Option<String>,
+        cgroup: Option<String>,
+    ) -> Result<(), SessionError> {
+        self.send(Write::Identify {
+            id,
+            exe,
+            cmdline,
+            cgroup,
+        })
     }
 
     pub fn end(
@@ -406,6 +428,18 @@ fn apply(
     acks: &mut Vec<tokio::sync::oneshot::Sender<()>>,
 ) -> rusqlite::Result<()> {
     match w {
+        Write::Identify {
+            id,
+            exe,
+            cmdline,
+            cgroup,
+        } => {
+            tx.prepare_cached(
+                "UPDATE sessions SET exe = COALESCE(?2, exe), cmdline = COALESCE(?3, cmdline),
+                 cgroup = COALESCE(?4, cgroup) WHERE id = ?1",
+            )?
+            .execute(params![id, exe, cmdline, cgroup])?;
+        }
         Write::Statement { id, ts, s, e } => {
             tx.prepare_cached(
                 "INSERT INTO statements (id, session_id, ts_ms, protocol, text, kind, tables, functions,
