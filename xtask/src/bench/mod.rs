@@ -72,6 +72,43 @@ pub fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
+/// Set in the environment of the release-built bench process that does the measuring.
+pub const INNER_ENV: &str = "AGENTGATE_BENCH_INNER";
+
+pub fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| agentgate_tests::workspace_root().join("target"))
+}
+
+/// In the outer `cargo xtask bench NAME` process: builds the release binaries (unless
+/// `no_build`) and runs the measurement in `target/release/xtask` with the daemon pointed at the
+/// release `agentgate` (environment for a child, since setting our own needs `unsafe`).
+/// Returns `Ok(true)` when that inner run is done and the caller should return.
+pub fn run_inner_release(name: &str, args: Vec<String>, no_build: bool) -> anyhow::Result<bool> {
+    use anyhow::Context as _;
+    if std::env::var_os(INNER_ENV).is_some() {
+        return Ok(false);
+    }
+    let xtask = target_dir().join("release/xtask");
+    if !no_build {
+        println!("==> cargo build --release -p agentgate -p xtask");
+        crate::sh(crate::cargo().args(["build", "--release", "-p", "agentgate", "-p", "xtask"]))?;
+    }
+    let mut cmd = std::process::Command::new(&xtask);
+    cmd.args(args).env(INNER_ENV, "1");
+    if std::env::var_os("AGENTGATE_BIN").is_none() {
+        cmd.env("AGENTGATE_BIN", target_dir().join("release/agentgate"));
+    }
+    let status = cmd
+        .status()
+        .with_context(|| format!("run {} (build it, or drop --no-build)", xtask.display()))?;
+    if !status.success() {
+        anyhow::bail!("bench {name} failed ({status})");
+    }
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

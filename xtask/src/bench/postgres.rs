@@ -33,7 +33,6 @@ use anyhow::{Context, Result, bail, ensure};
 use super::{median, round2};
 
 /// Set on the re-run from the release binary.
-const INNER_ENV: &str = "AGENTGATE_BENCH_INNER";
 const AGENT: &str = "bench";
 const TARGET: &str = "db";
 const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
@@ -90,12 +89,6 @@ impl PgBenchOpts {
     }
 }
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-}
-
 /// Entry point of `cargo xtask bench postgres`.
 pub fn run(opts: &PgBenchOpts) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -107,30 +100,7 @@ pub fn run(opts: &PgBenchOpts) -> Result<()> {
     ensure!(opts.seconds >= 1, "--seconds must be at least 1");
     ensure!(opts.clients >= 1, "--clients must be at least 1");
     ensure!(opts.scale >= 1, "--scale must be at least 1");
-    if std::env::var_os(INNER_ENV).is_none() {
-        let xtask = target_dir().join("release/xtask");
-        if !opts.no_build {
-            println!("==> cargo build --release -p agentgate -p xtask");
-            crate::sh(crate::cargo().args([
-                "build",
-                "--release",
-                "-p",
-                "agentgate",
-                "-p",
-                "xtask",
-            ]))?;
-        }
-        let mut cmd = Command::new(&xtask);
-        cmd.args(opts.to_args()).env(INNER_ENV, "1");
-        if std::env::var_os("AGENTGATE_BIN").is_none() {
-            cmd.env("AGENTGATE_BIN", target_dir().join("release/agentgate"));
-        }
-        let status = cmd
-            .status()
-            .with_context(|| format!("run {} (build it, or drop --no-build)", xtask.display()))?;
-        if !status.success() {
-            bail!("bench postgres failed ({status})");
-        }
+    if super::run_inner_release("postgres", opts.to_args(), opts.no_build)? {
         return Ok(());
     }
     for tool in ["pgbench", "psql"] {

@@ -31,7 +31,6 @@ use super::{Latency, median, round2};
 use crate::bench_client::{CHUNK, HEADER_LEN, MODE_DOWNLOAD, MODE_UPLOAD};
 
 /// Set on the re-run from the release binary.
-const INNER_ENV: &str = "AGENTGATE_BENCH_INNER";
 const AGENT: &str = "bench";
 const NGINX: &str = "/usr/sbin/nginx";
 const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
@@ -105,12 +104,6 @@ impl TcpBenchOpts {
     }
 }
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-}
-
 /// Entry point of `cargo xtask bench tcp`.
 pub fn run(opts: &TcpBenchOpts) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -126,30 +119,8 @@ pub fn run(opts: &TcpBenchOpts) -> Result<()> {
         "--iterations must be at least --rounds"
     );
     ensure!(opts.payload >= 1, "--payload must be at least 1");
-    let xtask = target_dir().join("release/xtask");
-    if std::env::var_os(INNER_ENV).is_none() {
-        if !opts.no_build {
-            println!("==> cargo build --release -p agentgate -p xtask");
-            crate::sh(crate::cargo().args([
-                "build",
-                "--release",
-                "-p",
-                "agentgate",
-                "-p",
-                "xtask",
-            ]))?;
-        }
-        let mut cmd = Command::new(&xtask);
-        cmd.args(opts.to_args()).env(INNER_ENV, "1");
-        if std::env::var_os("AGENTGATE_BIN").is_none() {
-            cmd.env("AGENTGATE_BIN", target_dir().join("release/agentgate"));
-        }
-        let status = cmd
-            .status()
-            .with_context(|| format!("run {} (build it, or drop --no-build)", xtask.display()))?;
-        if !status.success() {
-            bail!("bench tcp failed ({status})");
-        }
+    let xtask = super::target_dir().join("release/xtask");
+    if super::run_inner_release("tcp", opts.to_args(), opts.no_build)? {
         return Ok(());
     }
     Bench::new(opts, xtask)?.run()
