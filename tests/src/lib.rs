@@ -369,15 +369,21 @@ impl Postgres {
     /// Starts a server. TCP clients authenticate with `auth` (`trust`, `md5` or
     /// `scram-sha-256`); the `postgres` superuser's password is `superuser_password`.
     pub fn start(auth: &str) -> Postgres {
-        Self::try_start(auth, None).unwrap_or_else(|e| panic!("starting PostgreSQL: {e:#}"))
+        Self::try_start(auth, None, &[]).unwrap_or_else(|e| panic!("starting PostgreSQL: {e:#}"))
     }
 
     /// Like [`Postgres::start`] on a fixed port (the demo's embedded configuration names one).
     pub fn start_on(port: u16, auth: &str) -> Result<Postgres> {
-        Self::try_start(auth, Some(port))
+        Self::try_start(auth, Some(port), &[])
     }
 
-    fn try_start(auth: &str, port: Option<u16>) -> Result<Postgres> {
+    /// Like [`Postgres::start`] with extra server settings (`name=value`, passed as `-c`).
+    pub fn start_with(auth: &str, settings: &[&str]) -> Postgres {
+        Self::try_start(auth, None, settings)
+            .unwrap_or_else(|e| panic!("starting PostgreSQL: {e:#}"))
+    }
+
+    fn try_start(auth: &str, port: Option<u16>, settings: &[&str]) -> Result<Postgres> {
         require_root();
         if !Path::new(PG_BIN).join("postgres").exists() {
             bail!(
@@ -429,6 +435,7 @@ impl Postgres {
                 "-c",
                 "max_connections=200",
             ])
+            .args(settings.iter().flat_map(|s| ["-c", s]))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
