@@ -450,14 +450,6 @@ impl Intercept {
         }
         removed
     }
-
-    /// The agent id governing a cgroup id, if any.
-    pub fn governed_agent(&self, cgroup_id: u64) -> Option<u32> {
-        lock(&self.governed)
-            .get(&cgroup_id, 0)
-            .ok()
-            .map(|g| g.agent_id)
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

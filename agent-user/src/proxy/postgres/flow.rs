@@ -805,7 +805,7 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
     let keep = ctx.target.record_rows;
     loop {
         release_synthetic(&mut lock(state), &mut out);
-        if !out.is_empty() && dec_is_empty(&buf) {
+        if !out.is_empty() && !has_frame(&buf) {
             client.write_all(&out).await?;
             *bytes += out.len() as u64;
             out.clear();
@@ -886,10 +886,6 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
         let mut st = lock(state);
         on_backend(ctx, &mut st, frame, &mut out, keep)?;
     }
-}
-
-fn dec_is_empty(buf: &BytesMut) -> bool {
-    !has_frame(buf)
 }
 
 /// After a server error in the extended protocol the server skips everything up to Sync: so do
@@ -986,12 +982,17 @@ fn on_backend(
                     (q.plan.as_ref(), q.recs.get_mut(idx), Vec::new())
                 }
                 Some(Expect::Execute(x)) => {
-                    let ExecRun { rec, plan, .. } = &mut **x;
-                    (
-                        plan.as_ref().and_then(Option::as_ref),
-                        Some(rec),
-                        Vec::new(),
-                    )
+                    let ExecRun { rec, plan, portal } = &mut **x;
+                    // Binary results are recorded as hex, not as mangled text.
+                    let formats = portal
+                        .as_ref()
+                        .map(|p| {
+                            (0..values.len())
+                                .map(|i| format_of(&p.formats, i))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (plan.as_ref().and_then(Option::as_ref), Some(rec), formats)
                 }
                 _ => (None, None, Vec::new()),
             };
