@@ -16,6 +16,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::TcpListener;
 
 use crate::admin::{self, GovernedCgroup};
+use crate::approval::{Approvals, Grant};
 use crate::config::{Config, normalize_cgroup};
 use crate::identity::{CgroupFs, IdentityError, ProcessInfo, cgroup_id};
 use crate::intercept::{self, Intercept, InterceptError};
@@ -50,12 +51,59 @@ pub enum DaemonError {
 
 pub struct Daemon {
     pub gate: Arc<Gate>,
+    pub approvals: Arc<Approvals>,
     pub cgroups: CgroupFs,
     pub listeners: Vec<SocketAddr>,
+    /// Endpoints governed agents may never connect to (the admin HTTP listener).
+    protected: Vec<SocketAddr>,
     governed: Mutex<Vec<GovernedCgroup>>,
 }
 
 impl Daemon {
+    /// The agent whose governed cgroup (or a descendant) holds `pid`.
+    fn agent_of_pid(&self, pid: i32) -> Option<String> {
+        let pid = u32::try_from(pid).ok()?;
+        let cgroup = CgroupFs::of_pid(pid)?;
+        let cgroup = cgroup.trim_start_matches('/');
+        self.governed_list()
+            .into_iter()
+            .find(|g| {
+                let root = g.cgroup.trim_start_matches('/');
+                cgroup == root || cgroup.starts_with(&format!("{root}/"))
+            })
+            .map(|g| g.agent)
+    }
+
+    /// The governed agent a caller is, if any: a unix peer inside a governed cgroup, or a JWT
+    /// subject that names an agent.
+    pub fn caller_agent(&self, caller: &admin::Caller) -> Option<String> {
+        match caller {
+            admin::Caller::Unix { pid, .. } => pid.and_then(|p| self.agent_of_pid(p)),
+            admin::Caller::Http { subject } => self.gate.cfg.agent(subject).map(|a| a.name.clone()),
+        }
+    }
+
+    /// Governed processes never use the admin API, whatever their uid.
+    pub fn admin_allowed(&self, caller: &admin::Caller) -> Result<(), String> {
+        match caller {
+            admin::Caller::Unix { pid: None, .. } => Err("the caller's process is unknown".into()),
+            admin::Caller::Unix { pid: Some(pid), .. } => match self.agent_of_pid(*pid) {
+                Some(agent) => {
+                    tracing::warn!(
+                        agent,
+                        pid,
+                        "a governed process called the admin API; refused"
+                    );
+                    Err(format!(
+                        "governed agent `{agent}` may not use the admin API"
+                    ))
+                }
+                None => Ok(()),
+            },
+            admin::Caller::Http { .. } => Ok(()),
+        }
+    }
+
     pub fn governed_list(&self) -> Vec<GovernedCgroup> {
         self.governed.lock().map(|g| g.clone()).unwrap_or_default()
     }
@@ -66,7 +114,7 @@ impl Daemon {
             .iter()
             .filter_map(|g| Some((g.cgroup_id, cfg.agent_id(&g.agent)?)))
             .collect();
-        self.gate.intercept.sync(cfg, &pairs, &[])
+        self.gate.intercept.sync(cfg, &pairs, &self.protected)
     }
 
     /// Governs an existing cgroup (a systemd service, a container) as `agent`.
@@ -209,7 +257,49 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         listeners.push(addr);
     }
 
-    let postgres = proxy::postgres::Shared::build(&cfg)?;
+    let webhooks = if cfg.webhooks.is_empty() {
+        None
+    } else {
+        Some(
+            crate::webhook::Webhooks::start(&cfg.webhooks).map_err(|e| DaemonError::Io {
+                what: "webhooks".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?,
+        )
+    };
+    let reader = SessionReader::open(&cfg.sessions_db())?;
+    let grants: Vec<Grant> = reader
+        .grants()?
+        .into_iter()
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .collect();
+    let approvals = Arc::new(Approvals::new(
+        store.clone(),
+        webhooks,
+        grants,
+        reader.last_ticket_id()?,
+    ));
+    drop(reader);
+    let admin_http = match &cfg.admin.http {
+        Some(h) => {
+            let verifier =
+                admin::jwt::Verifier::from_config(&h.jwt).map_err(|e| DaemonError::Io {
+                    what: "admin.http.jwt".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            let listener =
+                TcpListener::bind(h.listen)
+                    .await
+                    .map_err(|source| DaemonError::Listen {
+                        addr: h.listen,
+                        source,
+                    })?;
+            Some((listener, Arc::new(verifier)))
+        }
+        None => None,
+    };
+    let protected: Vec<SocketAddr> = cfg.admin.http.iter().map(|h| h.listen).collect();
+    let postgres = proxy::postgres::Shared::build(&cfg, approvals.clone())?;
     let intercept = Arc::new(Intercept::load_or_adopt(&cfg, &cgroups)?);
     let gate = Arc::new(Gate {
         cfg: cfg.clone(),
@@ -221,8 +311,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     });
     let daemon = Arc::new(Daemon {
         gate: gate.clone(),
+        approvals: approvals.clone(),
         cgroups,
         listeners,
+        protected,
         governed: Mutex::new(Vec::new()),
     });
     daemon.resync(&governed)?;
@@ -240,6 +332,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         source,
     })?;
     tokio::spawn(admin::serve(admin_listener, daemon.clone()));
+    tokio::spawn(approvals.clone().tick());
+    if let Some((listener, verifier)) = admin_http {
+        tracing::info!(listen = ?listener.local_addr().ok(), "admin HTTP API listening (JWT)");
+        tokio::spawn(admin::http::serve(listener, verifier, daemon.clone()));
+    }
     for (i, l) in bound.into_iter().enumerate() {
         let gate = gate.clone();
         std::thread::Builder::new()

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod approval;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -17,3 +18,4 @@ pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod session;
+pub mod webhook;

@@ -81,10 +81,91 @@ enum Cmd {
         json: bool,
         sql: String,
     },
+    /// Statements held for human approval: list, approve, deny, watch.
+    Approvals {
+        #[command(subcommand)]
+        command: ApprovalsCmd,
+    },
+    /// Give an agent a role for a limited time.
+    Grant {
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        role: String,
+        /// How long, e.g. `30m`, `2h`.
+        #[arg(long = "for")]
+        duration: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Just-in-time grants: list or revoke.
+    Grants {
+        #[command(subcommand)]
+        command: GrantsCmd,
+    },
     /// Read recorded events (kernel refusals, connections without a flow record).
     Events {
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCmd {
+    /// Pending tickets (`--all`: decided ones too).
+    List {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the held statement of a ticket.
+    Approve {
+        id: u64,
+        /// Also let the agent run statements of the ticket's rule without review for this long.
+        #[arg(long = "for")]
+        duration: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Refuse unless the ticket's statement hash is this one (what you reviewed).
+        #[arg(long)]
+        sha256: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refuse the held statement of a ticket.
+    Deny {
+        id: u64,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print tickets and grants as they change, until interrupted.
+    Watch {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GrantsCmd {
+    /// Active grants (`--all`: expired and revoked too).
+    List {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a grant now.
+    Revoke {
+        id: u64,
+        #[arg(long)]
+        reason: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -181,6 +262,58 @@ fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Events { limit, json } => cli::events_list(&load()?, limit, json)?,
+        Cmd::Approvals { command } => {
+            let cfg = load()?;
+            let rt = rt()?;
+            use cli::approvals as a;
+            match command {
+                ApprovalsCmd::List { all, json } => rt.block_on(a::list(&cfg, all, json))?,
+                ApprovalsCmd::Approve {
+                    id,
+                    duration,
+                    reason,
+                    sha256,
+                    json,
+                } => rt.block_on(a::approve(
+                    &cfg,
+                    id,
+                    sha256,
+                    duration.as_deref(),
+                    reason,
+                    json,
+                ))?,
+                ApprovalsCmd::Deny { id, reason, json } => {
+                    rt.block_on(a::deny(&cfg, id, reason, json))?
+                }
+                ApprovalsCmd::Watch { json } => rt.block_on(a::watch(&cfg, json))?,
+            }
+        }
+        Cmd::Grant {
+            agent,
+            role,
+            duration,
+            reason,
+            json,
+        } => rt()?.block_on(cli::approvals::grant(
+            &load()?,
+            agent,
+            role,
+            &duration,
+            reason,
+            json,
+        ))?,
+        Cmd::Grants { command } => {
+            let cfg = load()?;
+            let rt = rt()?;
+            match command {
+                GrantsCmd::List { all, json } => {
+                    rt.block_on(cli::approvals::grants_list(&cfg, all, json))?
+                }
+                GrantsCmd::Revoke { id, reason, json } => {
+                    rt.block_on(cli::approvals::revoke(&cfg, id, reason, json))?
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

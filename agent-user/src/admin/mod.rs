@@ -5,6 +5,9 @@
 //! Governed agents cannot reach it: unix sockets are not redirected, so it is protected by file
 //! permissions (agents run as an unprivileged user via `agentgate exec --user`).
 
+pub mod http;
+pub mod jwt;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,21 +19,133 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::daemon::Daemon;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    Attach { agent: String, cgroup: String },
-    Detach { cgroup: String },
+    Attach {
+        agent: String,
+        cgroup: String,
+    },
+    Detach {
+        cgroup: String,
+    },
+    /// Pending tickets (`all`: decided ones too, newest first).
+    ApprovalsList {
+        #[serde(default)]
+        all: bool,
+    },
+    /// Approve a pending ticket. `sha256`, when given, must be the ticket's statement hash (the
+    /// approver confirms exactly what they saw); `for_secs` also grants the ticket's rule to
+    /// the agent for that long.
+    Approve {
+        id: u64,
+        #[serde(default)]
+        sha256: Option<String>,
+        #[serde(default)]
+        for_secs: Option<u64>,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    Deny {
+        id: u64,
+        reason: String,
+    },
+    /// Keeps the connection open and streams one `event` response per ticket or grant change,
+    /// starting with the tickets pending now.
+    Watch,
+    /// Active grants (`all`: expired and revoked ones too).
+    GrantsList {
+        #[serde(default)]
+        all: bool,
+    },
+    /// Adds a time-boxed role to an agent.
+    Grant {
+        agent: String,
+        role: String,
+        for_secs: u64,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    Revoke {
+        id: u64,
+        #[serde(default)]
+        reason: Option<String>,
+    },
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// Why a request was refused; the HTTP listener maps it to a status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    BadRequest,
+    Forbidden,
+    NotFound,
+    Conflict,
+    Internal,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<ErrorKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    /// What the request returns besides status: a ticket, a list of tickets or grants, an event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+impl Response {
+    pub fn ok() -> Response {
+        Response {
+            ok: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn data(value: serde_json::Value) -> Response {
+        Response {
+            ok: true,
+            data: Some(value),
+            ..Default::default()
+        }
+    }
+
+    pub fn refused(kind: ErrorKind, message: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            error: Some(message.into()),
+            error_kind: Some(kind),
+            ..Default::default()
+        }
+    }
+}
+
+/// Who is calling the admin API. The approver identity recorded with a decision comes from
+/// here, never from the request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A local process on the root-only unix socket (peer credentials from the kernel).
+    Unix { uid: u32, pid: Option<i32> },
+    /// An HTTP caller whose JWT verified; `subject` is its `sub` claim.
+    Http { subject: String },
+}
+
+impl Caller {
+    /// The identity recorded as approver or granter.
+    pub fn identity(&self) -> String {
+        match self {
+            Caller::Unix { uid, .. } => match nix::unistd::User::from_uid((*uid).into()) {
+                Ok(Some(u)) => format!("unix:{}", u.name),
+                _ => format!("unix:uid{uid}"),
+            },
+            Caller::Http { subject } => format!("jwt:{subject}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,42 +221,145 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
 }
 
 async fn answer(stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
+    let caller = match stream.peer_cred() {
+        Ok(c) => Caller::Unix {
+            uid: c.uid(),
+            pid: c.pid(),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "admin socket: no peer credentials; refusing");
+            return Ok(());
+        }
+    };
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r).lines();
     while let Some(line) = lines.next_line().await? {
         let response = match serde_json::from_str::<Request>(&line) {
-            Ok(Request::Status) => Response {
-                ok: true,
-                error: None,
-                status: Some(daemon.status()),
-            },
-            Ok(Request::Attach { agent, cgroup }) => result(daemon.attach(&agent, &cgroup)),
-            Ok(Request::Detach { cgroup }) => result(daemon.detach(&cgroup)),
-            Err(e) => Response {
-                ok: false,
-                error: Some(format!("bad request: {e}")),
-                status: None,
-            },
+            Ok(Request::Watch) => {
+                if let Err(refusal) = daemon.admin_allowed(&caller) {
+                    write_line(&mut w, &Response::refused(ErrorKind::Forbidden, refusal)).await?;
+                    continue;
+                }
+                return watch(daemon, &mut w, lines).await;
+            }
+            Ok(req) => dispatch(daemon, &caller, req).await,
+            Err(e) => Response::refused(ErrorKind::BadRequest, format!("bad request: {e}")),
         };
-        let mut out = serde_json::to_vec(&response).unwrap_or_default();
-        out.push(b'\n');
-        w.write_all(&out).await?;
+        write_line(&mut w, &response).await?;
     }
     Ok(())
 }
 
+async fn write_line(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(response).unwrap_or_default();
+    out.push(b'\n');
+    w.write_all(&out).await
+}
+
+/// Streams approval events until the caller hangs up.
+async fn watch(
+    daemon: &Daemon,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+) -> std::io::Result<()> {
+    let approvals = &daemon.approvals;
+    let mut rx = approvals.subscribe();
+    for t in approvals.pending() {
+        let event = crate::approval::ApprovalEvent::ticket("ticket_pending", &t);
+        write_line(w, &Response::data(serde_json::json!(event))).await?;
+    }
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Ok(event) => write_line(w, &Response::data(serde_json::json!(event))).await?,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let r = Response::refused(ErrorKind::Internal, format!("watch fell behind; {n} events skipped"));
+                    write_line(w, &r).await?;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+            line = lines.next_line() => match line {
+                Ok(Some(_)) => {}
+                _ => return Ok(()),
+            },
+        }
+    }
+}
+
+/// Answers one request for either transport.
+pub async fn dispatch(daemon: &Daemon, caller: &Caller, req: Request) -> Response {
+    if let Err(refusal) = daemon.admin_allowed(caller) {
+        return Response::refused(ErrorKind::Forbidden, refusal);
+    }
+    let approvals = &daemon.approvals;
+    let who = caller.identity();
+    match req {
+        Request::Status => Response {
+            ok: true,
+            status: Some(daemon.status()),
+            ..Default::default()
+        },
+        Request::Attach { agent, cgroup } => result(daemon.attach(&agent, &cgroup)),
+        Request::Detach { cgroup } => result(daemon.detach(&cgroup)),
+        Request::ApprovalsList { all } => Response::data(serde_json::json!(approvals.list(all))),
+        Request::Approve {
+            id,
+            sha256,
+            for_secs,
+            reason,
+        } => {
+            let decision = crate::approval::Approve {
+                approver: who,
+                caller_agent: daemon.caller_agent(caller),
+                sha256,
+                grant_for: for_secs.map(std::time::Duration::from_secs),
+                reason,
+            };
+            outcome(approvals.approve(id, decision))
+        }
+        Request::Deny { id, reason } => {
+            outcome(approvals.deny(id, &who, daemon.caller_agent(caller).as_deref(), &reason))
+        }
+        Request::Watch => Response::refused(
+            ErrorKind::BadRequest,
+            "watch is served on the unix socket only",
+        ),
+        Request::GrantsList { all } => Response::data(serde_json::json!(approvals.grants(all))),
+        Request::Grant {
+            agent,
+            role,
+            for_secs,
+            reason,
+        } => {
+            if daemon.gate.cfg.agent(&agent).is_none() {
+                return Response::refused(ErrorKind::NotFound, format!("unknown agent `{agent}`"));
+            }
+            outcome(approvals.grant_role(
+                &agent,
+                &role,
+                std::time::Duration::from_secs(for_secs),
+                &who,
+                reason,
+            ))
+        }
+        Request::Revoke { id, reason } => outcome(approvals.revoke(id, &who, reason)),
+    }
+}
+
+fn outcome<T: Serialize>(r: Result<T, crate::approval::ApprovalError>) -> Response {
+    match r {
+        Ok(v) => Response::data(serde_json::json!(v)),
+        Err(e) => Response::refused(e.kind(), e.to_string()),
+    }
+}
+
 fn result(r: Result<(), String>) -> Response {
     match r {
-        Ok(()) => Response {
-            ok: true,
-            error: None,
-            status: None,
-        },
-        Err(e) => Response {
-            ok: false,
-            error: Some(e),
-            status: None,
-        },
+        Ok(()) => Response::ok(),
+        Err(e) => Response::refused(ErrorKind::BadRequest, e),
     }
 }
 

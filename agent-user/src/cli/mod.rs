@@ -2,6 +2,8 @@
 //! (`identity` + `intercept` for `exec`, `admin` for `status`/`attach`, `session` for
 //! `sessions`). Output formatting lives here; decisions do not.
 
+pub mod approvals;
+
 use std::io::Write as _;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -228,10 +230,87 @@ pub fn sessions_list(cfg: &Config, limit: usize, json: bool) -> Result<(), CliEr
     Ok(())
 }
 
+/// A session's statements and events (its tickets, and the grants of its agent while it was
+/// open), in the order they happened.
+enum Item<'a> {
+    Statement(&'a StatementRow),
+    Event(&'a EventRow),
+}
+
+fn timeline<'a>(statements: &'a [StatementRow], events: &'a [EventRow]) -> Vec<Item<'a>> {
+    let mut items: Vec<(i64, u8, i64, Item<'a>)> = Vec::new();
+    for e in events {
+        items.push((e.ts_ms, 0, e.id, Item::Event(e)));
+    }
+    for st in statements {
+        items.push((st.ts_ms, 1, st.id, Item::Statement(st)));
+    }
+    items.sort_by_key(|(ts, order, id, _)| (*ts, *order, *id));
+    items.into_iter().map(|(_, _, _, i)| i).collect()
+}
+
+/// The session's own events plus its agent's grant events while it was open.
+fn session_events(reader: &SessionReader, row: &SessionRow) -> Result<Vec<EventRow>, CliError> {
+    let mut events = reader.events_of(row.id)?;
+    if let Some(agent) = &row.agent {
+        let until = row.ended_ms.unwrap_or_else(crate::session::now_ms);
+        events.extend(reader.grant_events(agent, row.started_ms, until)?);
+    }
+    events.sort_by_key(|e| (e.ts_ms, e.id));
+    Ok(events)
+}
+
+/// One line for a ticket or grant event.
+fn describe_event(e: &EventRow) -> String {
+    let d = &e.detail;
+    let text = |p: &str| d.pointer(p).and_then(serde_json::Value::as_str);
+    let s = |k: &str| text(&format!("/{k}")).unwrap_or("-").to_string();
+    let num = |p: &str| d.pointer(p).and_then(serde_json::Value::as_u64);
+    let id = num("/id").unwrap_or(0);
+    match e.kind.as_str() {
+        "ticket_created" => format!(
+            "ticket {id} held for approval by rule \"{}\" (sha256 {}): {}",
+            s("rule"),
+            s("sha256"),
+            one_line(text("/statement").unwrap_or(""))
+        ),
+        "ticket_approved" => format!(
+            "ticket {id} approved by {}{}{}",
+            s("decided_by"),
+            text("/reason")
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default(),
+            num("/grant_id")
+                .map(|g| format!(" (and granted the rule as grant {g})"))
+                .unwrap_or_default()
+        ),
+        "ticket_denied" => format!("ticket {id} denied by {}: {}", s("decided_by"), s("reason")),
+        "ticket_expired" => format!("ticket {id} expired: {}", s("reason")),
+        "ticket_cancelled" => format!("ticket {id} cancelled: {}", s("reason")),
+        "grant_created" | "grant_revoked" | "grant_expired" => {
+            let scope = match text("/scope/kind") {
+                Some("role") => format!("role {}", text("/scope/role").unwrap_or("?")),
+                _ => format!(
+                    "rule {} of policy {}",
+                    text("/scope/rule").unwrap_or("?"),
+                    text("/scope/policy").unwrap_or("?")
+                ),
+            };
+            let what = match e.kind.as_str() {
+                "grant_created" => format!("granted by {} until {}", s("granted_by"), s("expires")),
+                "grant_revoked" => format!("revoked by {}", s("revoked_by")),
+                _ => "expired".to_string(),
+            };
+            format!("grant {id} to agent {}: {scope} {what}", s("agent"))
+        }
+        _ => format!("{} {}", e.kind, e.detail),
+    }
+}
+
 pub fn sessions_show(cfg: &Config, id: i64, json: bool) -> Result<(), CliError> {
     let reader = SessionReader::open(&cfg.sessions_db())?;
     let row = reader.get(id)?;
-    let events = reader.events_of(id)?;
+    let events = session_events(&reader, &row)?;
     let statements = reader.statements_of(id)?;
     if json {
         let value =
@@ -242,9 +321,16 @@ pub fn sessions_show(cfg: &Config, id: i64, json: bool) -> Result<(), CliError> 
         );
         return Ok(());
     }
-    print_session(&row, &events)?;
+    print_session(&row)?;
     let mut out = std::io::stdout().lock();
-    for st in &statements {
+    for item in timeline(&statements, &events) {
+        let st = match item {
+            Item::Event(e) => {
+                writeln!(out, "  [{}] {}", e.ts, describe_event(e))?;
+                continue;
+            }
+            Item::Statement(st) => st,
+        };
         writeln!(
             out,
             "  [{}] #{} {} {}{} ({}{}) {}",
@@ -265,6 +351,9 @@ pub fn sessions_show(cfg: &Config, id: i64, json: bool) -> Result<(), CliError> 
             one_line(&st.text)
         )?;
         let mut outcome = Vec::new();
+        if let Some(m) = st.message.as_ref().filter(|_| st.decision == "allow") {
+            outcome.push(m.clone());
+        }
         if let Some(t) = &st.command_tag {
             outcome.push(t.clone());
         }
@@ -308,8 +397,12 @@ pub fn sessions_replay(cfg: &Config, id: i64) -> Result<(), CliError> {
         row.target.as_deref().unwrap_or("-"),
         row.started
     )?;
-    for st in &statements {
-        write_statement(&mut out, &agent, st)?;
+    let events = session_events(&reader, &row)?;
+    for item in timeline(&statements, &events) {
+        match item {
+            Item::Statement(st) => write_statement(&mut out, &agent, st)?,
+            Item::Event(e) => writeln!(out, "\n-- {} {}", e.ts, describe_event(e))?,
+        }
     }
     writeln!(
         out,
@@ -454,7 +547,7 @@ pub fn explain(
     Ok(())
 }
 
-fn print_session(r: &SessionRow, events: &[EventRow]) -> std::io::Result<()> {
+fn print_session(r: &SessionRow) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     writeln!(out, "session {}", r.id)?;
@@ -508,9 +601,6 @@ fn print_session(r: &SessionRow, events: &[EventRow]) -> std::io::Result<()> {
     if let Some(e) = &r.error {
         writeln!(out, "  error:       {e}")?;
     }
-    for e in events {
-        writeln!(out, "  [{}] {} {}", e.ts, e.kind, e.detail)?;
-    }
     Ok(())
 }
 
@@ -526,6 +616,12 @@ pub fn events_list(cfg: &Config, limit: usize, json: bool) -> Result<(), CliErro
     }
     let mut out = std::io::stdout().lock();
     for e in rows {
+        // Tickets and grants read better as a sentence than as their JSON.
+        let detail = if e.kind.starts_with("ticket_") || e.kind.starts_with("grant_") {
+            describe_event(&e)
+        } else {
+            e.detail.to_string()
+        };
         writeln!(
             out,
             "{:>6}  {}  {:<16}  agent={} pid={} dst={} {}",
@@ -535,7 +631,7 @@ pub fn events_list(cfg: &Config, limit: usize, json: bool) -> Result<(), CliErro
             e.agent.as_deref().unwrap_or("-"),
             e.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             e.destination.as_deref().unwrap_or("-"),
-            e.detail
+            detail
         )?;
     }
     Ok(())

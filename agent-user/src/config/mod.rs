@@ -336,6 +336,93 @@ pub struct Config {
     /// Masking profiles that policies name (see `mask`).
     #[serde(default)]
     pub masking: Option<crate::mask::MaskingConfig>,
+    /// The admin API: the unix socket is always served; `http` adds a loopback listener.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// URLs told about approval tickets (created, approved, denied, expired, cancelled).
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default)]
+    pub http: Option<AdminHttpConfig>,
+}
+
+/// The loopback HTTP admin listener. Callers authenticate with a JWT whose `sub` names them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminHttpConfig {
+    /// A loopback `ip:port`. Governed agents' connects to it are refused in the kernel.
+    pub listen: SocketAddr,
+    pub jwt: JwtConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum JwtAlgorithm {
+    HS256,
+    RS256,
+    ES256,
+}
+
+/// How admin JWTs are verified: HS256 with a shared secret file, or RS256/ES256 with a PEM
+/// public key file or a JWKS file (keys picked by `kid`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    pub algorithm: JwtAlgorithm,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub public_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss`, when set.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Required `aud`, when set.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp`/`nbf`, in seconds.
+    #[serde(default = "default_jwt_leeway")]
+    pub leeway_secs: u64,
+}
+
+fn default_jwt_leeway() -> u64 {
+    30
+}
+
+/// One webhook: events are POSTed as JSON, signed with HMAC-SHA256 of `TIMESTAMP.BODY` under the
+/// secret (see `webhook`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http://` or `https://` URL.
+    pub url: String,
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Event kinds to send (`ticket_created`, `ticket_approved`, `ticket_denied`,
+    /// `ticket_expired`, `ticket_cancelled`, `grant_created`, `grant_revoked`, `grant_expired`);
+    /// empty = all.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Delivery attempts before giving up (with exponential backoff between them).
+    #[serde(default = "default_webhook_attempts")]
+    pub max_attempts: u32,
+    /// Per-attempt timeout, in milliseconds.
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_webhook_attempts() -> u32 {
+    5
+}
+fn default_webhook_timeout_ms() -> u64 {
+    5000
 }
 
 fn default_state_dir() -> PathBuf {
@@ -449,6 +536,88 @@ impl Config {
                         "a target cannot be the enforcer's own listener".into(),
                     ));
                 }
+            }
+        }
+        if let Some(h) = &self.admin.http {
+            if !h.listen.ip().is_loopback() {
+                return Err(invalid(
+                    "admin.http.listen".into(),
+                    "the admin HTTP listener must be on a loopback address".into(),
+                ));
+            }
+            if h.listen.port() == self.listen.port || h.listen.port() == 0 {
+                return Err(invalid(
+                    "admin.http.listen".into(),
+                    "needs a fixed port other than the enforcer's".into(),
+                ));
+            }
+            let j = &h.jwt;
+            let keys = [j.public_key_file.is_some(), j.jwks_file.is_some()];
+            match j.algorithm {
+                JwtAlgorithm::HS256 if j.secret_file.is_none() => {
+                    return Err(invalid(
+                        "admin.http.jwt.secret_file".into(),
+                        "HS256 needs a secret_file".into(),
+                    ));
+                }
+                JwtAlgorithm::HS256 if keys.contains(&true) => {
+                    return Err(invalid(
+                        "admin.http.jwt".into(),
+                        "HS256 takes a secret_file, not public keys".into(),
+                    ));
+                }
+                JwtAlgorithm::RS256 | JwtAlgorithm::ES256
+                    if keys.iter().filter(|k| **k).count() != 1 || j.secret_file.is_some() =>
+                {
+                    return Err(invalid(
+                        "admin.http.jwt".into(),
+                        "RS256 and ES256 need exactly one of public_key_file or jwks_file".into(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return Err(invalid(
+                    format!("webhooks[{i}].url"),
+                    "must be an http:// or https:// URL".into(),
+                ));
+            }
+            if w.secret_env.is_some() == w.secret_file.is_some() {
+                return Err(invalid(
+                    format!("webhooks[{i}]"),
+                    "needs exactly one of secret_env or secret_file (deliveries are always signed)"
+                        .into(),
+                ));
+            }
+            const KINDS: [&str; 8] = [
+                "ticket_created",
+                "ticket_approved",
+                "ticket_denied",
+                "ticket_expired",
+                "ticket_cancelled",
+                "grant_created",
+                "grant_revoked",
+                "grant_expired",
+            ];
+            if let Some(bad) = w.events.iter().find(|e| !KINDS.contains(&e.as_str())) {
+                return Err(invalid(
+                    format!("webhooks[{i}].events"),
+                    format!("unknown event `{bad}` (known: {})", KINDS.join(", ")),
+                ));
+            }
+            if w.timeout_ms == 0 {
+                return Err(invalid(
+                    format!("webhooks[{i}].timeout_ms"),
+                    "must be at least 1".into(),
+                ));
+            }
+            if w.max_attempts == 0 {
+                return Err(invalid(
+                    format!("webhooks[{i}].max_attempts"),
+                    "must be at least 1".into(),
+                ));
             }
         }
         let policies = crate::policy::compile(self.policies.clone())

@@ -81,6 +81,12 @@ CREATE TABLE IF NOT EXISTS statements (
     masked INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS statements_session ON statements(session_id);
+CREATE TABLE IF NOT EXISTS grants (
+    id INTEGER PRIMARY KEY,
+    agent TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    detail TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS attachments (
     cgroup TEXT PRIMARY KEY,
     agent TEXT NOT NULL,
@@ -225,6 +231,10 @@ enum Write {
     },
     Detach {
         cgroup: String,
+    },
+    Grant {
+        id: u64,
+        detail: serde_json::Value,
     },
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -377,6 +387,11 @@ impl SessionStore {
         self.send(Write::Detach {
             cgroup: cgroup.into(),
         })
+    }
+
+    /// Stores (or updates) a grant.
+    pub fn grant(&self, detail: serde_json::Value, id: u64) -> Result<(), SessionError> {
+        self.send(Write::Grant { id, detail })
     }
 
     /// Resolves once everything sent before this call is committed.
@@ -537,6 +552,24 @@ fn apply(
         Write::Detach { cgroup } => {
             tx.execute("DELETE FROM attachments WHERE cgroup = ?1", params![cgroup])?;
         }
+        Write::Grant { id, detail } => {
+            tx.prepare_cached(
+                "INSERT INTO grants (id, agent, expires_ms, detail) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(id) DO UPDATE SET detail = excluded.detail, expires_ms = excluded.expires_ms",
+            )?
+            .execute(params![
+                i64::try_from(id).unwrap_or(i64::MAX),
+                detail
+                    .get("agent")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or_default(),
+                detail
+                    .get("expires_ms")
+                    .and_then(serde_json::Value::as_i64)
+                    .unwrap_or_default(),
+                detail.to_string()
+            ])?;
+        }
         Write::Flush(ack) => acks.push(ack),
     }
     Ok(())
@@ -563,6 +596,10 @@ pub struct SessionRow {
     pub reason: Option<String>,
     pub started: String,
     pub ended: Option<String>,
+    #[serde(skip)]
+    pub started_ms: i64,
+    #[serde(skip)]
+    pub ended_ms: Option<i64>,
     pub bytes_up: i64,
     pub bytes_down: i64,
     pub error: Option<String>,
@@ -572,6 +609,8 @@ pub struct SessionRow {
 pub struct EventRow {
     pub id: i64,
     pub ts: String,
+    #[serde(skip)]
+    pub ts_ms: i64,
     pub session_id: Option<i64>,
     pub kind: String,
     pub agent: Option<String>,
@@ -639,6 +678,8 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
         reason: r.get(15)?,
         started: format_ms(r.get(16)?),
         ended: r.get::<_, Option<i64>>(17)?.map(format_ms),
+        started_ms: r.get(16)?,
+        ended_ms: r.get(17)?,
         bytes_up: r.get(18)?,
         bytes_down: r.get(19)?,
         error: r.get(20)?,
@@ -650,6 +691,7 @@ fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
     Ok(EventRow {
         id: r.get(0)?,
         ts: format_ms(r.get(1)?),
+        ts_ms: r.get(1)?,
         session_id: r.get(2)?,
         kind: r.get(3)?,
         agent: r.get(4)?,
@@ -746,6 +788,46 @@ impl SessionReader {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Grant events of an agent between two times (a session's grants, for `sessions show`).
+    pub fn grant_events(
+        &self,
+        agent: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<EventRow>, SessionError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, ts_ms, session_id, kind, agent, pid, uid, cgroup_id, exe, destination, detail
+             FROM events WHERE agent = ?1 AND kind LIKE 'grant\\_%' ESCAPE '\\'
+             AND ts_ms >= ?2 AND ts_ms <= ?3 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![agent, from_ms, to_ms], event_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every stored grant, as stored (JSON).
+    pub fn grants(&self) -> Result<Vec<serde_json::Value>, SessionError> {
+        let mut stmt = self.conn.prepare("SELECT detail FROM grants ORDER BY id")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for r in rows {
+            if let Ok(v) = serde_json::from_str(&r?) {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The highest ticket id recorded so far.
+    pub fn last_ticket_id(&self) -> Result<u64, SessionError> {
+        let id: i64 = self.conn.query_row(
+            "SELECT COALESCE(MAX(CAST(json_extract(detail, '$.id') AS INTEGER)), 0) FROM events
+             WHERE kind = 'ticket_created'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(u64::try_from(id).unwrap_or(0))
     }
 
     pub fn attachments(&self) -> Result<Vec<(String, String)>, SessionError> {

@@ -216,6 +216,61 @@ async fn cancel(port: u16) {
     emit(result("after", client.query("SELECT 7", &[]).await));
 }
 
+/// A statement held for approval inside an explicit transaction (extended protocol, with a
+/// parameter): the test approves or denies it while this waits.
+async fn held_tx(port: u16) {
+    let mut client = connect(port).await;
+    let tx = client.transaction().await.expect("BEGIN");
+    let started = Instant::now();
+    let r = tx.execute("UPDATE t SET v = $1", &[&"held"]).await;
+    let mut v = match r {
+        Ok(n) => json!({"step": "update", "ok": true, "rows": n}),
+        Err(e) => err_json("update", &e),
+    };
+    v["ms"] = json!(started.elapsed().as_millis() as u64);
+    let ok = v["ok"] == true;
+    emit(v);
+    if ok {
+        emit(result(
+            "inside",
+            tx.query("SELECT count(*)::int AS n FROM t WHERE v = 'held'", &[])
+                .await,
+        ));
+        match tx.commit().await {
+            Ok(()) => emit(json!({"step": "commit", "ok": true})),
+            Err(e) => emit(err_json("commit", &e)),
+        }
+    } else {
+        // The transaction is aborted, as after any error.
+        emit(result("aborted", tx.query("SELECT 1", &[]).await));
+        let _ = tx.rollback().await;
+    }
+    emit(result("after", client.query("SELECT 7 AS n", &[]).await));
+}
+
+/// The agent's own cancel (a driver timeout) while its statement waits for approval.
+async fn held_cancel(port: u16) {
+    let client = connect(port).await;
+    let token = client.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        token.cancel_query(NoTls).await
+    });
+    let started = Instant::now();
+    let r = client.execute("DELETE FROM t", &[]).await;
+    let mut v = match r {
+        Ok(n) => json!({"step": "delete", "ok": true, "rows": n}),
+        Err(e) => err_json("delete", &e),
+    };
+    v["ms"] = json!(started.elapsed().as_millis() as u64);
+    emit(v);
+    match canceller.await.expect("join canceller") {
+        Ok(()) => emit(json!({"step": "cancel_sent", "ok": true})),
+        Err(e) => emit(err_json("cancel_sent", &e)),
+    }
+    emit(result("after", client.query("SELECT 7 AS n", &[]).await));
+}
+
 // ---- Raw wire protocol -------------------------------------------------------------------
 
 struct Raw {
@@ -564,6 +619,8 @@ fn main() {
         "denied_parse" => rt.block_on(denied_parse(port)),
         "transaction" => rt.block_on(transaction(port)),
         "cancel" => rt.block_on(cancel(port)),
+        "held_tx" => rt.block_on(held_tx(port)),
+        "held_cancel" => rt.block_on(held_cancel(port)),
         "raw_denied_name" => raw_denied_name(port),
         "raw_reparse" => raw_reparse(port),
         "raw_portal_pipeline" => raw_portal_pipeline(port),

@@ -18,6 +18,9 @@ use crate::protocol::postgres::FrontendMessage;
 #[derive(Clone)]
 pub struct CancelTarget {
     pub agent: String,
+    /// The session the key was minted for (a cancel while it holds a statement for approval
+    /// cancels the ticket instead).
+    pub session_id: i64,
     pub upstream: SocketAddr,
     pub tls: UpstreamTls,
     pub process_id: i32,
@@ -87,6 +90,13 @@ pub async fn forward(
     };
     if t.agent != agent {
         return Err(format!("cancel key belongs to agent `{}`", t.agent));
+    }
+    // Nothing runs on the server while a statement is held: the cancel is for the ticket.
+    if pg
+        .approvals
+        .cancel_session(t.session_id, super::flow::USER_CANCEL)
+    {
+        return Ok(());
     }
     let tcp = gate
         .connect_upstream(t.upstream)

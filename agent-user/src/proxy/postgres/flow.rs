@@ -18,24 +18,28 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::super::{Gate, Peer};
 use super::upstream::{Upstream, read_backend, read_frontend};
 use super::{PgError, PgTarget, Shared};
+use crate::approval::{GrantScope, Hold, NewTicket, Outcome};
 use crate::mask::{ColumnMeta, Format, RowPlan};
 use crate::policy::{
     CopyDirection, Decision, ExtractOptions, QueryDecision, StatementKind, Subject, Verdict,
 };
 use crate::protocol::postgres::{
-    BackendDecoder, BackendMessage, FieldDescription, FrontendDecoder, FrontendMessage, Target,
-    insufficient_privilege,
+    BackendDecoder, BackendMessage, ErrorFields, FieldDescription, FrontendDecoder,
+    FrontendMessage, Target,
 };
+
+const SQLSTATE_INSUFFICIENT_PRIVILEGE: &str = "42501";
+const SQLSTATE_QUERY_CANCELED: &str = "57014";
 use crate::session::{StatementEnd, StatementStart};
 
 /// Raises the error that puts the server's transaction where a real failure would.
@@ -126,6 +130,8 @@ enum Expect {
 struct Prepared {
     text: String,
     decision: Decision,
+    /// Role grants the decision relied on: once one ends, each Execute is judged again.
+    role_grants: Vec<u64>,
     kind: Option<String>,
     tables: Vec<String>,
     functions: Vec<String>,
@@ -135,6 +141,9 @@ struct Prepared {
 struct Portal {
     prepared: Option<Arc<Prepared>>,
     formats: Vec<i16>,
+    /// Bound parameters, kept only for statements under review (an approver sees them).
+    params: Vec<Option<Bytes>>,
+    param_formats: Vec<i16>,
     columns: Mutex<Option<Vec<FieldDescription>>>,
 }
 
@@ -290,8 +299,31 @@ fn rows_of_tag(tag: &str) -> Option<u64> {
     tag.rsplit(' ').next().and_then(|n| n.parse().ok())
 }
 
+/// How a `review` statement was settled (a grant, or a human), for its record.
+struct Reviewed {
+    decision: &'static str,
+    message: String,
+}
+
+impl Reviewed {
+    fn apply(r: Option<&Reviewed>, d: &Decision) -> (String, Option<String>) {
+        match r {
+            Some(r) if !d.shadow && matches!(d.verdict, Verdict::Review { .. }) => {
+                (r.decision.to_string(), Some(r.message.clone()))
+            }
+            _ => (d.verdict.name().to_string(), verdict_message(&d.verdict)),
+        }
+    }
+}
+
 /// Records the statements of a judged query string; returns their records.
-fn record_query(ctx: &Context<'_>, protocol: &str, sql: &str, qd: &QueryDecision) -> Vec<Rec> {
+fn record_query(
+    ctx: &Context<'_>,
+    protocol: &str,
+    sql: &str,
+    qd: &QueryDecision,
+    reviewed: Option<&Reviewed>,
+) -> Vec<Rec> {
     let store = &ctx.gate.store;
     if qd.statements.is_empty() {
         let d = &qd.decision;
@@ -322,6 +354,7 @@ fn record_query(ctx: &Context<'_>, protocol: &str, sql: &str, qd: &QueryDecision
         .iter()
         .map(|s| {
             let d = &s.decision;
+            let (decision, message) = Reviewed::apply(reviewed, d);
             let id = store
                 .statement(StatementStart {
                     session_id: ctx.session_id,
@@ -330,11 +363,11 @@ fn record_query(ctx: &Context<'_>, protocol: &str, sql: &str, qd: &QueryDecision
                     kind: Some(s.facts.kind.to_string()),
                     tables: s.facts.tables.iter().map(ToString::to_string).collect(),
                     functions: s.facts.functions.clone(),
-                    decision: d.verdict.name().into(),
+                    decision,
                     enforced: !d.shadow,
                     policy: d.policy.clone(),
                     rule: d.rule.clone(),
-                    message: verdict_message(&d.verdict),
+                    message,
                 })
                 .ok();
             Rec::new(id, d.mask.clone())
@@ -374,10 +407,69 @@ fn unmaskable_copy(qd: &QueryDecision) -> bool {
     })
 }
 
-fn judge(ctx: &Context<'_>, sql: &str) -> (QueryDecision, Option<String>) {
+/// What to do with a judged Query or Parse.
+enum Judged {
+    /// Run it. `note` says which grant let a `review` statement through, for the record.
+    Allow {
+        note: Option<String>,
+    },
+    Deny(String),
+    /// Hold it for a human (a Query now; a prepared statement at each Execute).
+    Review {
+        timeout: Duration,
+    },
+}
+
+/// Role grants in force for the agent now (their ids, so a prepared statement judged with
+/// them can be re-judged once they end).
+fn current_roles(ctx: &Context<'_>) -> (Option<Vec<String>>, Vec<u64>) {
+    let approvals = &ctx.shared.approvals;
+    match approvals.roles_for(&ctx.peer.agent, &ctx.peer.roles) {
+        Some(roles) => {
+            let ids = approvals
+                .grants(false)
+                .into_iter()
+                .filter(|g| g.agent == ctx.peer.agent && matches!(g.scope, GrantScope::Role { .. }))
+                .map(|g| g.id)
+                .collect();
+            (Some(roles), ids)
+        }
+        None => (None, Vec::new()),
+    }
+}
+
+/// Lets `review` statements through when the agent holds a grant of their rule; returns the
+/// note to record, or `None` if some reviewed statement has no grant.
+fn rule_grants(ctx: &Context<'_>, decisions: &[&Decision]) -> Option<String> {
+    let mut notes = Vec::new();
+    for d in decisions {
+        if d.shadow || !matches!(d.verdict, Verdict::Review { .. }) {
+            continue;
+        }
+        let (Some(policy), Some(rule)) = (d.policy.as_deref(), d.rule.as_deref()) else {
+            return None;
+        };
+        let g = ctx
+            .shared
+            .approvals
+            .rule_grant(&ctx.peer.agent, policy, rule)?;
+        notes.push(grant_note(&g));
+    }
+    Some(notes.join("; "))
+}
+
+fn grant_note(g: &crate::approval::Grant) -> String {
+    format!(
+        "allowed without review by grant {} ({}, granted by {} until {})",
+        g.id, g.scope, g.granted_by, g.expires
+    )
+}
+
+fn judge(ctx: &Context<'_>, sql: &str) -> (QueryDecision, Judged, Vec<u64>) {
+    let (granted_roles, role_grants) = current_roles(ctx);
     let subject = Subject {
         agent: &ctx.peer.agent,
-        roles: &ctx.peer.roles,
+        roles: granted_roles.as_deref().unwrap_or(&ctx.peer.roles),
     };
     let opts = ExtractOptions {
         standard_conforming_strings: ctx.standard_strings,
@@ -386,23 +478,34 @@ fn judge(ctx: &Context<'_>, sql: &str) -> (QueryDecision, Option<String>) {
         .shared
         .policies
         .decide_query_with(&subject, &ctx.target.name, sql, &opts);
-    let denial = match qd.enforced_verdict() {
-        Verdict::Allow if unmaskable_copy(&qd) => Some(
+    let judged = match qd.enforced_verdict() {
+        Verdict::Allow if unmaskable_copy(&qd) => Judged::Deny(
             "agentgate: COPY ... TO STDOUT cannot be masked; use SELECT to read masked data"
                 .to_string(),
         ),
-        Verdict::Allow => None,
-        v => Some(match &qd.parse_error {
+        Verdict::Allow => Judged::Allow { note: None },
+        Verdict::Review { timeout } => {
+            let decisions: Vec<&Decision> = qd.statements.iter().map(|s| &s.decision).collect();
+            match rule_grants(ctx, &decisions) {
+                Some(note) => Judged::Allow { note: Some(note) },
+                None => Judged::Review { timeout },
+            }
+        }
+        v => Judged::Deny(match &qd.parse_error {
             Some(e) => format!("agentgate: statement denied: it could not be parsed ({e})"),
             None => deny_message(deciding(&qd), &v),
         }),
     };
-    (qd, denial)
+    (qd, judged, role_grants)
 }
 
 fn error_frame(message: &str) -> Bytes {
+    error_frame_with(SQLSTATE_INSUFFICIENT_PRIVILEGE, message)
+}
+
+fn error_frame_with(sqlstate: &str, message: &str) -> Bytes {
     let mut b = BytesMut::new();
-    match insufficient_privilege(message, None).encode(&mut b) {
+    match BackendMessage::ErrorResponse(ErrorFields::error(sqlstate, message)).encode(&mut b) {
         Ok(()) => b.freeze(),
         Err(_) => Bytes::new(),
     }
@@ -448,6 +551,322 @@ fn inject(st: &mut State, out: &mut BytesMut) -> Result<(), PgError> {
     Ok(())
 }
 
+/// A statement waiting for a human, taken out of the message loop so that the loop can await.
+enum Held {
+    Query {
+        raw: Bytes,
+        sql: String,
+        qd: QueryDecision,
+        timeout: Duration,
+    },
+    Execute {
+        raw: Bytes,
+        portal: Option<Arc<Portal>>,
+        prepared: Arc<Prepared>,
+        timeout: Duration,
+    },
+}
+
+/// The facts an approver sees.
+fn facts_json(qd: &QueryDecision) -> serde_json::Value {
+    serde_json::json!(
+        qd.statements
+            .iter()
+            .map(|s| serde_json::json!({
+                "kind": s.facts.kind.to_string(),
+                "tables": s.facts.tables.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "functions": s.facts.functions,
+                "verdict": s.decision.verdict.name(),
+                "rule": s.decision.rule,
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
+fn new_ticket(ctx: &Context<'_>, held: &Held) -> NewTicket {
+    let (granted, _) = current_roles(ctx);
+    let base = NewTicket {
+        agent: ctx.peer.agent.clone(),
+        roles: granted.unwrap_or_else(|| ctx.peer.roles.clone()),
+        pid: ctx.peer.process.pid,
+        uid: ctx.peer.process.uid,
+        exe: ctx.peer.process.exe.clone(),
+        cmdline: ctx.peer.process.cmdline.clone(),
+        target: ctx.target.name.clone(),
+        database: ctx.database.clone(),
+        session_id: ctx.session_id,
+        protocol: "simple",
+        statement: String::new(),
+        params: Vec::new(),
+        param_formats: Vec::new(),
+        facts: serde_json::Value::Null,
+        policy: None,
+        rule: None,
+        timeout: Duration::ZERO,
+    };
+    match held {
+        Held::Query {
+            sql, qd, timeout, ..
+        } => {
+            let d = deciding_review(qd);
+            NewTicket {
+                statement: sql.clone(),
+                facts: facts_json(qd),
+                policy: d.policy.clone(),
+                rule: d.rule.clone(),
+                timeout: *timeout,
+                ..base
+            }
+        }
+        Held::Execute {
+            portal,
+            prepared,
+            timeout,
+            ..
+        } => NewTicket {
+            protocol: "extended",
+            statement: prepared.text.clone(),
+            params: portal
+                .as_ref()
+                .map(|p| p.params.clone())
+                .unwrap_or_default(),
+            param_formats: portal
+                .as_ref()
+                .map(|p| p.param_formats.clone())
+                .unwrap_or_default(),
+            facts: serde_json::json!([{
+                "kind": prepared.kind,
+                "tables": prepared.tables,
+                "functions": prepared.functions,
+                "verdict": prepared.decision.verdict.name(),
+                "rule": prepared.decision.rule,
+            }]),
+            policy: prepared.decision.policy.clone(),
+            rule: prepared.decision.rule.clone(),
+            timeout: *timeout,
+            ..base
+        },
+    }
+}
+
+/// The statement decision that sent a query to review.
+fn deciding_review(qd: &QueryDecision) -> &Decision {
+    qd.statements
+        .iter()
+        .map(|s| &s.decision)
+        .find(|d| !d.shadow && matches!(d.verdict, Verdict::Review { .. }))
+        .unwrap_or(&qd.decision)
+}
+
+/// Holds the connection while a human decides. Whatever the agent sends meanwhile stays
+/// buffered, unread by the loop; `None` means the agent hung up (the ticket is cancelled and
+/// the statement never runs).
+async fn await_approval(
+    ctx: &Context<'_>,
+    client: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut BytesMut,
+    ticket: NewTicket,
+    statement_timeout: Option<Duration>,
+) -> Result<Option<(u64, Outcome)>, PgError> {
+    let approvals = &ctx.shared.approvals;
+    let review_timeout = ticket.timeout;
+    let Hold {
+        ticket,
+        mut outcome,
+    } = approvals.hold(ticket);
+    let start = tokio::time::Instant::now();
+    let agent_deadline = statement_timeout
+        .filter(|t| *t < review_timeout)
+        .map(|t| start + t);
+    let mut expired = false;
+    let mut reading = true;
+    loop {
+        tokio::select! {
+            o = &mut outcome => {
+                let o = o.unwrap_or(Outcome::Cancelled { why: "the ticket was dropped".into() });
+                return Ok(Some((ticket.id, o)));
+            }
+            () = tokio::time::sleep_until(start + review_timeout), if !expired => {
+                expired = true;
+                approvals.expire(ticket.id);
+            }
+            () = async {
+                match agent_deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            }, if !expired => {
+                expired = true;
+                approvals.cancel(ticket.id, STATEMENT_TIMEOUT);
+            }
+            r = client.read_buf(buf), if reading => match r {
+                Ok(0) | Err(_) => {
+                    approvals.cancel(ticket.id, "the agent disconnected while its statement awaited approval");
+                    return Ok(None);
+                }
+                // Keep what arrives; stop reading once a frame's worth is queued.
+                Ok(_) => reading = buf.len() <= ctx.target.max_frame,
+            },
+        }
+    }
+}
+
+const STATEMENT_TIMEOUT: &str = "canceling statement due to statement timeout";
+pub const USER_CANCEL: &str = "canceling statement due to user request";
+
+fn approved_message(ticket: u64, by: &str, reason: Option<&str>) -> String {
+    match reason {
+        Some(r) => format!("approved by {by} (ticket {ticket}): {r}"),
+        None => format!("approved by {by} (ticket {ticket})"),
+    }
+}
+
+/// The error the agent gets when a held statement does not run.
+fn refusal(ticket: u64, rule: Option<&str>, outcome: &Outcome) -> (&'static str, String) {
+    let rule = rule.unwrap_or("default");
+    match outcome {
+        Outcome::Approved { .. } => (SQLSTATE_INSUFFICIENT_PRIVILEGE, String::new()),
+        Outcome::Denied { by, reason } => (
+            SQLSTATE_INSUFFICIENT_PRIVILEGE,
+            format!(
+                "agentgate: statement denied by approver {by}: {reason} (ticket {ticket}, rule \"{rule}\")"
+            ),
+        ),
+        Outcome::Expired { after } => (
+            SQLSTATE_INSUFFICIENT_PRIVILEGE,
+            format!(
+                "agentgate: approval request expired: no decision within {} (ticket {ticket}, rule \"{rule}\")",
+                humantime::format_duration(*after)
+            ),
+        ),
+        Outcome::Cancelled { why } => (
+            SQLSTATE_QUERY_CANCELED,
+            if why.starts_with("canceling statement") {
+                format!("{why} (agentgate ticket {ticket} cancelled)")
+            } else {
+                format!("agentgate: ticket {ticket} cancelled: {why}")
+            },
+        ),
+    }
+}
+
+/// A prepared statement judged with role grants that have since ended is judged again.
+fn rejudged(ctx: &Context<'_>, p: &Prepared) -> Option<(Decision, Option<String>)> {
+    if p.role_grants.is_empty() {
+        return None;
+    }
+    let active: Vec<u64> = ctx
+        .shared
+        .approvals
+        .grants(false)
+        .iter()
+        .map(|g| g.id)
+        .collect();
+    if p.role_grants.iter().all(|id| active.contains(id)) {
+        return None;
+    }
+    let (qd, judged, _) = judge(ctx, &p.text);
+    let decision = qd
+        .statements
+        .first()
+        .map(|s| s.decision.clone())
+        .unwrap_or(qd.decision.clone());
+    Some(match judged {
+        Judged::Deny(message) => (decision, Some(message)),
+        _ => (decision, None),
+    })
+}
+
+fn record_execute(
+    ctx: &Context<'_>,
+    p: &Prepared,
+    decision: &Decision,
+    reviewed: Option<&Reviewed>,
+) -> Rec {
+    let (verdict, message) = Reviewed::apply(reviewed, decision);
+    let id = ctx
+        .gate
+        .store
+        .statement(StatementStart {
+            session_id: ctx.session_id,
+            protocol: "extended".into(),
+            text: p.text.clone(),
+            kind: p.kind.clone(),
+            tables: p.tables.clone(),
+            functions: p.functions.clone(),
+            decision: verdict,
+            enforced: !decision.shadow,
+            policy: decision.policy.clone(),
+            rule: decision.rule.clone(),
+            message,
+        })
+        .ok();
+    Rec::new(id, decision.mask.clone())
+}
+
+/// `SET statement_timeout` seen on this connection: a held statement is cancelled when it runs
+/// out, as the server would cancel a slow one.
+fn statement_timeout_of(qd: &QueryDecision, current: Option<Duration>) -> Option<Duration> {
+    let mut t = current;
+    for s in &qd.statements {
+        if s.facts.kind != StatementKind::Set {
+            continue;
+        }
+        if let Some(v) = parse_statement_timeout(&s.facts.text) {
+            t = v;
+        }
+    }
+    t
+}
+
+/// `Some(None)`: reset (0 or DEFAULT); `Some(Some(d))`: a timeout; `None`: not about it.
+fn parse_statement_timeout(text: &str) -> Option<Option<Duration>> {
+    let lower = text.trim().trim_end_matches(';').to_ascii_lowercase();
+    if lower.starts_with("reset") {
+        return lower
+            .contains("statement_timeout")
+            .then_some(None)
+            .or(lower.contains(" all").then_some(None));
+    }
+    let rest = lower
+        .strip_prefix("set")?
+        .trim_start()
+        .trim_start_matches("session ")
+        .trim_start();
+    if rest.starts_with("local ") {
+        // Ends with the transaction; not tracked, so no cancellation is invented either.
+        return None;
+    }
+    let value = rest.strip_prefix("statement_timeout")?.trim_start();
+    let value = value
+        .strip_prefix('=')
+        .or_else(|| value.strip_prefix("to "))?
+        .trim()
+        .trim_matches('\'')
+        .trim();
+    if value == "default" {
+        return Some(None);
+    }
+    let split = value
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(value.len());
+    let (num, unit) = value.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let ms = match unit.trim() {
+        "" | "ms" => n,
+        "s" => n * 1e3,
+        "min" => n * 60e3,
+        "h" => n * 3600e3,
+        "d" => n * 86400e3,
+        "us" => n / 1e3,
+        _ => return None,
+    };
+    if ms <= 0.0 {
+        return Some(None);
+    }
+    Some(Some(Duration::from_micros((ms * 1e3) as u64)))
+}
+
 async fn agent_to_server<W: AsyncWrite + Unpin>(
     ctx: &Context<'_>,
     mut client: tokio::net::tcp::OwnedReadHalf,
@@ -461,6 +880,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
     let mut out = BytesMut::with_capacity(8192);
     let mut skipping = false;
     let masking = ctx.shared.masker.is_some();
+    let mut statement_timeout: Option<Duration> = None;
     loop {
         let Some(frame) = read_frontend(&mut client, &mut buf, &mut dec).await? else {
             let _ = upstream.shutdown().await;
@@ -468,14 +888,20 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
         };
         *bytes += frame.raw.len() as u64;
         let mut wake = false;
+        let mut held = None;
         {
             let mut st = lock(state);
             match &frame.msg {
                 FrontendMessage::Query { sql } => {
-                    let (qd, denial) = judge(ctx, sql);
-                    let recs = record_query(ctx, "simple", sql, &qd);
-                    match denial {
-                        None => {
+                    let (qd, judged, _) = judge(ctx, sql);
+                    match judged {
+                        Judged::Allow { note } => {
+                            let reviewed = note.map(|message| Reviewed {
+                                decision: "allow",
+                                message,
+                            });
+                            statement_timeout = statement_timeout_of(&qd, statement_timeout);
+                            let recs = record_query(ctx, "simple", sql, &qd, reviewed.as_ref());
                             st.queue.push_back(Expect::Query(QueryRun {
                                 recs,
                                 idx: 0,
@@ -483,13 +909,21 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                             }));
                             out.extend_from_slice(&frame.raw);
                         }
-                        Some(message) => {
-                            for r in recs {
+                        Judged::Deny(message) => {
+                            for r in record_query(ctx, "simple", sql, &qd, None) {
                                 finish(ctx, r, None, Some(message.clone()));
                             }
                             st.queue.push_back(Expect::Synthetic(error_frame(&message)));
                             inject(&mut st, &mut out)?;
                             wake = true;
+                        }
+                        Judged::Review { timeout } => {
+                            held = Some(Held::Query {
+                                raw: frame.raw.clone(),
+                                sql: sql.clone(),
+                                qd,
+                                timeout,
+                            });
                         }
                     }
                 }
@@ -497,9 +931,10 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     if skipping {
                         continue;
                     }
-                    let (qd, denial) = judge(ctx, query);
-                    match denial {
-                        None => {
+                    let (qd, judged, role_grants) = judge(ctx, query);
+                    match judged {
+                        // A statement under review is prepared; each Execute of it is held.
+                        Judged::Allow { .. } | Judged::Review { .. } => {
                             let first = qd.statements.first();
                             let decision = first
                                 .map(|s| s.decision.clone())
@@ -517,6 +952,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                     .map(|s| s.facts.functions.clone())
                                     .unwrap_or_default(),
                                 decision,
+                                role_grants,
                                 columns: Mutex::new(None),
                             });
                             let previous = st.statements.insert(name.clone(), prepared.clone());
@@ -544,14 +980,14 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 .iter()
                                 .any(|s| s.decision.shadow && !s.decision.verdict.is_allow())
                             {
-                                for r in record_query(ctx, "extended", query, &qd) {
+                                for r in record_query(ctx, "extended", query, &qd, None) {
                                     finish(ctx, r, None, None);
                                 }
                             }
                         }
-                        Some(message) => {
+                        Judged::Deny(message) => {
                             // The server never sees this Parse: whatever it had under the name stays.
-                            for r in record_query(ctx, "extended", query, &qd) {
+                            for r in record_query(ctx, "extended", query, &qd, None) {
                                 finish(ctx, r, None, Some(message.clone()));
                             }
                             st.queue.push_back(Expect::Synthetic(error_frame(&message)));
@@ -563,15 +999,27 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                 FrontendMessage::Bind {
                     portal,
                     statement,
+                    param_formats,
+                    params,
                     result_formats,
-                    ..
                 } => {
                     if skipping {
                         continue;
                     }
+                    let prepared = st.statements.get(statement).cloned();
+                    // Parameters are kept only where a human may have to see them.
+                    let reviewed = prepared
+                        .as_ref()
+                        .is_some_and(|p| matches!(p.decision.verdict, Verdict::Review { .. }));
                     let bound = Arc::new(Portal {
-                        prepared: st.statements.get(statement).cloned(),
+                        prepared,
                         formats: result_formats.clone(),
+                        params: if reviewed { params.clone() } else { Vec::new() },
+                        param_formats: if reviewed {
+                            param_formats.clone()
+                        } else {
+                            Vec::new()
+                        },
                         columns: Mutex::new(None),
                     });
                     let previous = st.portals.insert(portal.clone(), bound);
@@ -588,36 +1036,57 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     }
                     let bound = st.portals.get(portal).cloned();
                     let prepared = bound.as_ref().and_then(|p| p.prepared.clone());
-                    let rec = match prepared {
+                    match prepared {
                         Some(p) => {
-                            let id = ctx
-                                .gate
-                                .store
-                                .statement(StatementStart {
-                                    session_id: ctx.session_id,
-                                    protocol: "extended".into(),
-                                    text: p.text.clone(),
-                                    kind: p.kind.clone(),
-                                    tables: p.tables.clone(),
-                                    functions: p.functions.clone(),
-                                    decision: p.decision.verdict.name().into(),
-                                    enforced: !p.decision.shadow,
-                                    policy: p.decision.policy.clone(),
-                                    rule: p.decision.rule.clone(),
-                                    message: verdict_message(&p.decision.verdict),
-                                })
-                                .ok();
-                            Rec::new(id, p.decision.mask.clone())
+                            let (decision, denied) = match rejudged(ctx, &p) {
+                                Some((d, denial)) => (d, denial),
+                                None => (p.decision.clone(), None),
+                            };
+                            let grant = match decision.enforced_verdict() {
+                                Verdict::Review { .. } => rule_grants(ctx, &[&decision]),
+                                _ => None,
+                            };
+                            match (denied, decision.enforced_verdict(), grant) {
+                                (Some(message), _, _) => {
+                                    let rec = record_execute(ctx, &p, &decision, None);
+                                    finish(ctx, rec, None, Some(message.clone()));
+                                    st.queue.push_back(Expect::Synthetic(error_frame(&message)));
+                                    skipping = true;
+                                    wake = true;
+                                }
+                                (None, Verdict::Review { timeout }, None) => {
+                                    held = Some(Held::Execute {
+                                        raw: frame.raw.clone(),
+                                        portal: bound,
+                                        prepared: p,
+                                        timeout,
+                                    });
+                                }
+                                (None, _, note) => {
+                                    let reviewed = note.map(|message| Reviewed {
+                                        decision: "allow",
+                                        message,
+                                    });
+                                    let rec = record_execute(ctx, &p, &decision, reviewed.as_ref());
+                                    st.queue.push_back(Expect::Execute(Box::new(ExecRun {
+                                        rec,
+                                        portal: bound,
+                                        plan: None,
+                                    })));
+                                    out.extend_from_slice(&frame.raw);
+                                }
+                            }
                         }
                         // The server will answer with its own error for an unknown portal.
-                        None => Rec::new(None, Vec::new()),
-                    };
-                    st.queue.push_back(Expect::Execute(Box::new(ExecRun {
-                        rec,
-                        portal: bound,
-                        plan: None,
-                    })));
-                    out.extend_from_slice(&frame.raw);
+                        None => {
+                            st.queue.push_back(Expect::Execute(Box::new(ExecRun {
+                                rec: Rec::new(None, Vec::new()),
+                                portal: bound,
+                                plan: None,
+                            })));
+                            out.extend_from_slice(&frame.raw);
+                        }
+                    }
                 }
                 FrontendMessage::Describe { kind, name } => {
                     if skipping {
@@ -690,6 +1159,32 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                 }
             }
         }
+        if let Some(h) = held {
+            // What was pipelined before the held statement goes first; then the connection waits.
+            if !out.is_empty() {
+                upstream.write_all(&out).await?;
+                out.clear();
+            }
+            let ticket = new_ticket(ctx, &h);
+            let rule = ticket.rule.clone();
+            let Some((id, outcome)) =
+                await_approval(ctx, &mut client, &mut buf, ticket, statement_timeout).await?
+            else {
+                let _ = upstream.shutdown().await;
+                return Ok(());
+            };
+            wake |= settle_held(
+                ctx,
+                &mut lock(state),
+                &mut out,
+                &mut skipping,
+                h,
+                id,
+                rule.as_deref(),
+                &outcome,
+                &mut statement_timeout,
+            )?;
+        }
         if wake {
             notify.notify_one();
         }
@@ -697,6 +1192,87 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
         if !out.is_empty() && !has_frame(&buf) {
             upstream.write_all(&out).await?;
             out.clear();
+        }
+    }
+}
+
+/// Runs or refuses a held statement once its ticket is settled; true if a synthetic response
+/// was queued (the server-to-agent side must be woken).
+#[allow(clippy::too_many_arguments)]
+fn settle_held(
+    ctx: &Context<'_>,
+    st: &mut State,
+    out: &mut BytesMut,
+    skipping: &mut bool,
+    held: Held,
+    ticket: u64,
+    rule: Option<&str>,
+    outcome: &Outcome,
+    statement_timeout: &mut Option<Duration>,
+) -> Result<bool, PgError> {
+    let approved = match outcome {
+        Outcome::Approved { by, reason } => Some(Reviewed {
+            decision: "allow",
+            message: approved_message(ticket, by, reason.as_deref()),
+        }),
+        _ => None,
+    };
+    let (code, message) = refusal(ticket, rule, outcome);
+    match (held, approved) {
+        (Held::Query { raw, sql, qd, .. }, Some(reviewed)) => {
+            *statement_timeout = statement_timeout_of(&qd, *statement_timeout);
+            let recs = record_query(ctx, "simple", &sql, &qd, Some(&reviewed));
+            st.queue.push_back(Expect::Query(QueryRun {
+                recs,
+                idx: 0,
+                plan: None,
+            }));
+            out.extend_from_slice(&raw);
+            Ok(false)
+        }
+        (Held::Query { sql, qd, .. }, None) => {
+            let reviewed = Reviewed {
+                decision: "deny",
+                message: message.clone(),
+            };
+            for r in record_query(ctx, "simple", &sql, &qd, Some(&reviewed)) {
+                finish(ctx, r, None, Some(message.clone()));
+            }
+            st.queue
+                .push_back(Expect::Synthetic(error_frame_with(code, &message)));
+            inject(st, out)?;
+            Ok(true)
+        }
+        (
+            Held::Execute {
+                raw,
+                portal,
+                prepared,
+                ..
+            },
+            Some(reviewed),
+        ) => {
+            let rec = record_execute(ctx, &prepared, &prepared.decision, Some(&reviewed));
+            st.queue.push_back(Expect::Execute(Box::new(ExecRun {
+                rec,
+                portal,
+                plan: None,
+            })));
+            out.extend_from_slice(&raw);
+            Ok(false)
+        }
+        (Held::Execute { prepared, .. }, None) => {
+            let reviewed = Reviewed {
+                decision: "deny",
+                message: message.clone(),
+            };
+            let rec = record_execute(ctx, &prepared, &prepared.decision, Some(&reviewed));
+            finish(ctx, rec, None, Some(message.clone()));
+            st.queue
+                .push_back(Expect::Synthetic(error_frame_with(code, &message)));
+            // As after a denied Parse: the rest up to Sync is dropped, then the error statement.
+            *skipping = true;
+            Ok(true)
         }
     }
 }
@@ -1105,4 +1681,39 @@ fn on_backend(
     }
     out.extend_from_slice(&frame.raw);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_statement_timeout;
+    use std::time::Duration;
+
+    #[test]
+    fn statement_timeout_settings() {
+        let s = |t: &str| parse_statement_timeout(t);
+        assert_eq!(
+            s("SET statement_timeout = 1500"),
+            Some(Some(Duration::from_millis(1500)))
+        );
+        assert_eq!(
+            s("SET statement_timeout = '1s'"),
+            Some(Some(Duration::from_secs(1)))
+        );
+        assert_eq!(
+            s("SET SESSION statement_timeout TO '2min'"),
+            Some(Some(Duration::from_secs(120)))
+        );
+        assert_eq!(
+            s("set statement_timeout to '250ms';"),
+            Some(Some(Duration::from_millis(250)))
+        );
+        assert_eq!(s("SET statement_timeout = 0"), Some(None));
+        assert_eq!(s("SET statement_timeout = DEFAULT"), Some(None));
+        assert_eq!(s("RESET statement_timeout"), Some(None));
+        assert_eq!(s("RESET ALL"), Some(None));
+        assert_eq!(s("SET LOCAL statement_timeout = 100"), None);
+        assert_eq!(s("SET lock_timeout = 100"), None);
+        assert_eq!(s("SET statement_timeout = 'soon'"), None);
+        assert_eq!(s("RESET search_path"), None);
+    }
 }

@@ -10,11 +10,12 @@
 
 pub mod cancel;
 pub mod catalog;
-mod flow;
+pub(crate) mod flow;
 pub mod upstream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -22,6 +23,7 @@ use tokio::net::TcpStream;
 
 use super::pgtls::UpstreamTls;
 use super::{Gate, Peer};
+use crate::approval::Approvals;
 use crate::config::{Config, CredentialsConfig, Protocol};
 use crate::mask::Masker;
 use crate::policy::{PolicySet, Subject};
@@ -60,6 +62,7 @@ pub enum PgError {
 /// Everything PostgreSQL connections share, built once at daemon start.
 pub struct Shared {
     pub policies: PolicySet,
+    pub approvals: Arc<Approvals>,
     pub masker: Option<Masker>,
     pub tls: HashMap<String, UpstreamTls>,
     pub cancel: cancel::CancelRegistry,
@@ -80,7 +83,7 @@ pub enum SetupError {
 
 impl Shared {
     /// `None` when no target speaks PostgreSQL.
-    pub fn build(cfg: &Config) -> Result<Option<Shared>, SetupError> {
+    pub fn build(cfg: &Config, approvals: Arc<Approvals>) -> Result<Option<Shared>, SetupError> {
         if !cfg.targets.iter().any(|t| t.protocol == Protocol::Postgres) {
             return Ok(None);
         }
@@ -124,6 +127,7 @@ impl Shared {
         }
         Ok(Some(Shared {
             policies,
+            approvals,
             masker,
             tls,
             cancel: cancel::CancelRegistry::default(),
@@ -304,6 +308,7 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
             .cancel
             .mint(cancel::CancelTarget {
                 agent: peer.agent.clone(),
+                session_id,
                 upstream: target.upstream,
                 tls: target.tls.clone(),
                 process_id: pid,
