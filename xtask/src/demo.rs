@@ -2,7 +2,8 @@
 //!
 //! A real PostgreSQL 15 on 127.0.0.1:55432 (the embedded configuration's `demo-db` target), the
 //! daemon with pinned eBPF hooks, and an unmodified `psql` placed under the gate as `demo-agent`
-//! (running as `nobody`). The session shows up in `agentgate sessions list`; a connect to any
+//! (running as `nobody`): masked reads, an in-band denial, an UPDATE held until the operator
+//! approves it. The session shows up in `agentgate sessions list`; a connect to any
 //! other destination is refused in the kernel. Everything is stopped and unpinned at the end;
 //! the session store stays in /var/lib/agentgate for inspection.
 
@@ -45,6 +46,74 @@ fn describe(cmd: &Command) -> String {
         .map(|a| a.to_string_lossy().into_owned())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// An UPDATE without WHERE matches the default policy's `review` rule: the agent's psql waits
+/// while an operator looks at the ticket and approves it; then the result arrives.
+fn approval(conninfo: &str) -> Result<()> {
+    println!(
+        "\n==> the agent updates every row (no WHERE): held for human approval while its psql waits"
+    );
+    let mut cmd = Command::new(agentgate());
+    cmd.args([
+        "exec",
+        "--agent",
+        "demo-agent",
+        "--user",
+        "nobody",
+        "--",
+        "psql",
+        "-X",
+        conninfo,
+        "-c",
+        "UPDATE customers SET note = 'reviewed'",
+    ]);
+    println!("$ {} &", describe(&cmd));
+    let held = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("run psql under the gate")?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let id = loop {
+        let out = Command::new(agentgate())
+            .args(["approvals", "list", "--json"])
+            .output()?;
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(id) = list
+            .as_array()
+            .and_then(|l| l.first())
+            .and_then(|t| t["id"].as_u64())
+        {
+            break id;
+        }
+        if Instant::now() > deadline {
+            bail!("no approval ticket appeared for the held UPDATE");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    show(
+        "the operator's view of the pending ticket",
+        Command::new(agentgate()).args(["approvals", "list"]),
+    )?;
+    show(
+        "the operator approves it",
+        Command::new(agentgate()).args([
+            "approvals",
+            "approve",
+            &id.to_string(),
+            "--reason",
+            "demo: notes refresh",
+        ]),
+    )?;
+    let out = held.wait_with_output()?;
+    println!("--- the agent's psql, which was waiting, now prints:");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !String::from_utf8_lossy(&out.stdout).contains("UPDATE 2") {
+        bail!("the approved UPDATE did not run");
+    }
+    Ok(())
 }
 
 pub fn run() -> Result<()> {
@@ -151,6 +220,7 @@ pub fn run() -> Result<()> {
     if !denied.contains("42501") || !denied.contains("customers_still_there") {
         bail!("DROP TABLE was not denied in-band");
     }
+    approval(&conninfo)?;
     let refused = show(
         "the same agent tries a destination no target allows (port 5432): refused in the kernel",
         Command::new(agentgate())
