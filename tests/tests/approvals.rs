@@ -19,6 +19,8 @@ CREATE TABLE t2 (id int PRIMARY KEY, v text);
 INSERT INTO t2 VALUES (1, 'a'), (2, 'b');
 CREATE TABLE expiring (id int);
 INSERT INTO expiring VALUES (1), (2);
+CREATE TABLE people (id int, email text);
+INSERT INTO people VALUES (1, 'ada@example.com'), (2, 'grace@example.org');
 ";
 
 /// `bot` and `bot2` are operators: writes without WHERE need a human, statements on `expiring`
@@ -33,6 +35,7 @@ policies:
     roles: [operator]
     targets: [\"*\"]
     default: deny
+    mask: [pii]
     rules:
       - name: no-ddl
         match: { kinds: [ddl, dcl] }
@@ -42,6 +45,10 @@ policies:
         match: { tables: [expiring], kinds: [delete, update] }
         action: review
         timeout: 2s
+      - name: personal-data
+        match: { tables: [people] }
+        action: review
+        timeout: 60s
       - name: bulk-writes
         match: { kinds: [update, delete], without_where: true }
         action: review
@@ -49,6 +56,10 @@ policies:
       - name: reads-and-writes
         match: { kinds: [select, insert, update, delete, transaction, set] }
         action: allow
+masking:
+  profiles:
+    pii:
+      detectors: [email]
 ";
 
 fn config(pg: &Postgres, extra: &str) -> String {
@@ -941,4 +952,120 @@ fn webhook_receives_signed_ticket_events() {
         seen.push(v["event"].as_str().unwrap().to_string());
     }
     assert_eq!(seen, ["ticket_created", "ticket_denied"]);
+}
+
+#[test]
+fn an_approved_read_is_masked_per_policy() {
+    let (pg, gate) = start();
+    let psql = spawn_psql(
+        &gate,
+        &pg,
+        "bot",
+        "SELECT id, email FROM people ORDER BY id",
+    );
+    let ticket = pending_ticket(&gate, "bot", "FROM people");
+    assert_eq!(ticket["rule"], "personal-data");
+    cli_ok(
+        &gate,
+        &[
+            "approvals",
+            "approve",
+            &ticket["id"].as_u64().unwrap().to_string(),
+        ],
+    );
+    let o = finish(psql, "psql");
+    let out = text(&o.stdout);
+    assert!(out.contains("(2 rows)"), "{}", show(&o));
+    assert!(
+        !out.contains("ada@example.com") && !out.contains("grace@example.org"),
+        "{out}"
+    );
+    assert!(out.contains("REDACTED"), "{out}");
+}
+
+/// One HTTP/1.1 request to the admin listener: (status, JSON body).
+fn http(port: u16, method: &str, path: &str, token: &str, body: &Value) -> (u16, Value) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect admin listener");
+    let body = body.to_string();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn jwt(secret: &str, sub: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 300;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({ "sub": sub, "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[test]
+fn approvers_over_http_are_named_by_their_jwt_and_an_agent_identity_cannot_approve() {
+    let secret = "an-hs256-secret-of-at-least-32-bytes!!";
+    let dir = std::env::temp_dir().join(agentgate_tests::unique("jwt"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("secret"), secret).unwrap();
+    let port = agentgate_tests::free_port();
+    let extra = format!(
+        "admin:\n  http:\n    listen: 127.0.0.1:{port}\n    jwt: {{ algorithm: HS256, secret_file: {} }}\n",
+        dir.join("secret").display()
+    );
+    let (pg, gate) = start_with(&extra);
+    let psql = spawn_psql(&gate, &pg, "bot", "DELETE FROM t");
+    let ticket = pending_ticket(&gate, "bot", "DELETE FROM t");
+    let id = ticket["id"].as_u64().unwrap();
+    let approve = format!("/v1/approvals/{id}/approve");
+    // A token whose subject is the agent itself cannot decide the agent's ticket.
+    let (status, body) = http(
+        port,
+        "POST",
+        &approve,
+        &jwt(secret, "bot"),
+        &serde_json::json!({}),
+    );
+    assert_eq!(status, 403, "{body}");
+    // A hash other than the ticket's approves nothing.
+    let wrong = serde_json::json!({ "sha256": "ab".repeat(32) });
+    let (status, body) = http(port, "POST", &approve, &jwt(secret, "alice"), &wrong);
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = http(
+        port,
+        "GET",
+        "/v1/approvals",
+        &jwt(secret, "alice"),
+        &Value::Null,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(body["data"][0]["id"].as_u64(), Some(id), "{body}");
+    let right = serde_json::json!({ "sha256": ticket["sha256"], "reason": "reviewed in chat" });
+    let (status, body) = http(port, "POST", &approve, &jwt(secret, "alice"), &right);
+    assert_eq!(status, 200, "{body}");
+    let o = finish(psql, "psql");
+    assert!(text(&o.stdout).contains("DELETE 3"), "{}", show(&o));
+    let t = tickets(&gate, true)
+        .into_iter()
+        .find(|t| t["id"].as_u64() == Some(id))
+        .unwrap();
+    assert_eq!(t["decided_by"], "jwt:alice");
+    let (_, shown, _) = session_of(&gate, "bot");
+    assert!(
+        shown.contains(&format!(
+            "ticket {id} approved by jwt:alice: reviewed in chat"
+        )),
+        "{shown}"
+    );
 }
