@@ -445,32 +445,66 @@ fn a_multi_statement_query_with_one_denied_statement_is_denied_as_a_whole() {
 #[test]
 fn unbounded_writes_need_review_even_inside_a_cte() {
     let (pg, gate) = start();
-    let o = gated_psql(
-        &gate,
-        &pg,
-        "bot",
-        &["-A", "-t"],
-        "WITH d AS (DELETE FROM secrets RETURNING *) SELECT * FROM d;
+    // Each unbounded write, in a CTE or not, is held for a human; here every ticket is denied.
+    let script = "WITH d AS (DELETE FROM secrets RETURNING *) SELECT * FROM d;
 DELETE FROM secrets;
 UPDATE secrets SET value = 'pwned';
 WITH u AS (UPDATE secrets SET value = 'x' RETURNING id) SELECT count(*) FROM u;
 SELECT count(*) FROM secrets;
 WITH d AS (DELETE FROM secrets WHERE id = 1 RETURNING value) SELECT * FROM d;
-",
-    );
+";
+    let mut argv = vec!["psql".to_string()];
+    argv.extend(psql_conn_args(pg.port));
+    argv.extend(["-A", "-t", "-v", "VERBOSITY=verbose"].map(String::from));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut psql = gate
+        .exec("bot", &argv)
+        .env("PGPASSWORD", WRONG_PASSWORD)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    psql.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let held = [
+        "WITH d AS (DELETE FROM secrets RETURNING *)",
+        "DELETE FROM secrets;",
+        "UPDATE secrets SET value = 'pwned'",
+        "WITH u AS (UPDATE secrets SET value = 'x'",
+    ];
+    for statement in held {
+        let ticket = agentgate_tests::wait_for(
+            &format!("a ticket for {statement:?}"),
+            Duration::from_secs(15),
+            || {
+                let v = gate.cli_json(&["approvals", "list", "--json"]);
+                v.as_array()?.first().cloned()
+            },
+        );
+        assert!(
+            ticket["statement"].as_str().unwrap().starts_with(statement),
+            "{ticket}"
+        );
+        assert_eq!(ticket["rule"], "unbounded-writes");
+        let id = ticket["id"].as_u64().unwrap().to_string();
+        let o = gate.cli(&["approvals", "deny", &id, "--reason", "needs a WHERE"]);
+        assert!(o.status.success(), "{}", show(&o));
+    }
+    let o = psql.wait_with_output().unwrap();
     let (out, err) = (text(&o.stdout), text(&o.stderr));
     assert_eq!(
         occurrences(
             &err,
-            "ERROR:  42501: agentgate: statement requires human approval (rule \"unbounded-writes\""
+            "ERROR:  42501: agentgate: statement denied by approver unix:root: needs a WHERE"
         ),
         4,
         "{}",
         show(&o)
-    );
-    assert!(
-        err.contains("approvals are not available on this gate yet, so it is denied"),
-        "{err}"
     );
     assert_eq!(out, "3\none\n", "{}", show(&o));
     assert_eq!(count(&pg, "SELECT count(*) FROM secrets"), 2);
@@ -489,7 +523,10 @@ WITH d AS (DELETE FROM secrets WHERE id = 1 RETURNING value) SELECT * FROM d;
         .collect();
     assert_eq!(reviewed.len(), 4, "{st:#?}");
     assert!(
-        reviewed.iter().all(|s| s["decision"] == "review"),
+        reviewed
+            .iter()
+            .all(|s| s["decision"] == "deny"
+                && s["message"].as_str().unwrap().contains("needs a WHERE")),
         "{reviewed:#?}"
     );
 }
@@ -520,7 +557,7 @@ fn extended_protocol_with_tokio_postgres() {
         serde_json::json!([["2"]]),
         "{l:#?}"
     );
-    assert_eq!(step(&l, "delete_all")["code"], "42501", "{l:#?}");
+    assert_eq!(step(&l, "truncate")["code"], "42501", "{l:#?}");
     assert_eq!(
         step(&l, "final")["rows"],
         serde_json::json!([["3"]]),

@@ -170,10 +170,10 @@ async fn denied_parse(port: u16) {
         Err(e) => emit(err_json("after_prepare", &e)),
     }
     // `execute` prepares and runs: a denied statement never runs.
-    let r = client.execute("DELETE FROM customers", &[]).await;
+    let r = client.execute("TRUNCATE customers", &[]).await;
     match r {
-        Ok(n) => emit(json!({"step": "delete_all", "ok": true, "rows": n})),
-        Err(e) => emit(err_json("delete_all", &e)),
+        Ok(n) => emit(json!({"step": "truncate", "ok": true, "rows": n})),
+        Err(e) => emit(err_json("truncate", &e)),
     }
     emit(result(
         "final",

@@ -92,7 +92,7 @@ struct ExecRun {
     rec: Rec,
     /// The portal as bound when the Execute was sent (a pipelined re-Bind must not change it).
     portal: Option<Arc<Portal>>,
-    plan: Option<Option<RowPlan>>,
+    plan: Option<Option<Arc<RowPlan>>>,
 }
 
 /// Whose columns a Describe answers.
@@ -132,11 +132,20 @@ struct Prepared {
     decision: Decision,
     /// Role grants the decision relied on: once one ends, each Execute is judged again.
     role_grants: Vec<u64>,
+    /// Masking plans built for this statement's result, by mask profiles and result formats
+    /// (its columns are fixed: a repeated Execute need not resolve and plan them again).
+    plans: Mutex<Vec<CachedPlan>>,
     kind: Option<String>,
     tables: Vec<String>,
     functions: Vec<String>,
     columns: Mutex<Option<Vec<FieldDescription>>>,
 }
+
+/// A masking plan for (mask profiles, result formats) of one prepared statement.
+type CachedPlan = (Vec<String>, Vec<i16>, Option<Arc<RowPlan>>);
+
+/// Plans kept per prepared statement (a statement sees few format combinations).
+const PLANS_PER_STATEMENT: usize = 4;
 
 struct Portal {
     prepared: Option<Arc<Prepared>>,
@@ -260,18 +269,10 @@ pub async fn run(
     (up_bytes, down_bytes, result.err().map(|e| e.to_string()))
 }
 
-fn deny_message(d: &Decision, verdict: &Verdict) -> String {
+fn deny_message(d: &Decision, message: &str) -> String {
     let rule = d.rule.as_deref().unwrap_or("default");
     let policy = d.policy.as_deref().unwrap_or("-");
-    match verdict {
-        Verdict::Deny { message } => {
-            format!("agentgate: denied by rule \"{rule}\" of policy \"{policy}\": {message}")
-        }
-        Verdict::Review { .. } => format!(
-            "agentgate: statement requires human approval (rule \"{rule}\" of policy \"{policy}\"); approvals are not available on this gate yet, so it is denied"
-        ),
-        Verdict::Allow => "agentgate: allowed".to_string(),
-    }
+    format!("agentgate: denied by rule \"{rule}\" of policy \"{policy}\": {message}")
 }
 
 fn finish(ctx: &Context<'_>, rec: Rec, tag: Option<String>, error: Option<String>) {
@@ -491,9 +492,9 @@ fn judge(ctx: &Context<'_>, sql: &str) -> (QueryDecision, Judged, Vec<u64>) {
                 None => Judged::Review { timeout },
             }
         }
-        v => Judged::Deny(match &qd.parse_error {
+        Verdict::Deny { message } => Judged::Deny(match &qd.parse_error {
             Some(e) => format!("agentgate: statement denied: it could not be parsed ({e})"),
-            None => deny_message(deciding(&qd), &v),
+            None => deny_message(deciding(&qd), &message),
         }),
     };
     (qd, judged, role_grants)
@@ -953,6 +954,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                     .unwrap_or_default(),
                                 decision,
                                 role_grants,
+                                plans: Mutex::new(Vec::new()),
                                 columns: Mutex::new(None),
                             });
                             let previous = st.statements.insert(name.clone(), prepared.clone());
@@ -1039,8 +1041,8 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     match prepared {
                         Some(p) => {
                             let (decision, denied) = match rejudged(ctx, &p) {
-                                Some((d, denial)) => (d, denial),
-                                None => (p.decision.clone(), None),
+                                Some((d, denial)) => (std::borrow::Cow::Owned(d), denial),
+                                None => (std::borrow::Cow::Borrowed(&p.decision), None),
                             };
                             let grant = match decision.enforced_verdict() {
                                 Verdict::Review { .. } => rule_grants(ctx, &[&decision]),
@@ -1319,6 +1321,15 @@ fn format_of(formats: &[i16], i: usize) -> Format {
     Format::from_code(code).unwrap_or(Format::Text)
 }
 
+fn cached_plan(s: &Prepared, masks: &[String], formats: &[i16]) -> Option<Option<Arc<RowPlan>>> {
+    s.plans
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .find(|(m, f, _)| m == masks && f == formats)
+        .map(|(_, _, p)| p.clone())
+}
+
 /// Builds the masking plan for a result set (resolving table OIDs through the catalog).
 async fn plan_for(
     ctx: &Context<'_>,
@@ -1421,31 +1432,49 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
             }
         }
         if let BackendMessage::DataRow(_) = &frame.msg {
-            // An Execute's plan is built on its first row, from the portal's columns and formats.
+            // An Execute's plan is built on its first row, from the portal's columns and formats,
+            // or taken from its statement's cache.
             let pending = {
                 let mut st = lock(state);
                 release_synthetic(&mut st, &mut out);
-                match st.queue.front() {
+                match st.queue.front_mut() {
                     Some(Expect::Execute(x)) if x.plan.is_none() => {
-                        let portal = x.portal.as_ref();
-                        let fields = portal.and_then(|p| columns_of(&p.columns)).or_else(|| {
-                            portal
-                                .and_then(|p| p.prepared.as_ref())
-                                .and_then(|s| columns_of(&s.columns))
-                        });
-                        let formats = portal.map(|p| p.formats.clone()).unwrap_or_default();
-                        Some((x.rec.masks.clone(), fields, formats))
+                        let portal = x.portal.clone();
+                        let formats = portal
+                            .as_ref()
+                            .map(|p| p.formats.clone())
+                            .unwrap_or_default();
+                        let cached = portal
+                            .as_ref()
+                            .and_then(|p| p.prepared.as_ref())
+                            .and_then(|s| cached_plan(s, &x.rec.masks, &formats));
+                        match cached {
+                            Some(plan) => {
+                                x.plan = Some(plan);
+                                None
+                            }
+                            None => Some((x.rec.masks.clone(), portal, formats)),
+                        }
                     }
                     _ => None,
                 }
             };
-            if let Some((masks, fields, formats)) = pending {
+            if let Some((masks, portal, formats)) = pending {
+                let fields = portal
+                    .as_ref()
+                    .and_then(|p| columns_of(&p.columns))
+                    .or_else(|| {
+                        portal
+                            .as_ref()
+                            .and_then(|p| p.prepared.as_ref())
+                            .and_then(|s| columns_of(&s.columns))
+                    });
                 let plan = match (&masks[..], fields) {
                     ([], _) => None,
                     (_, Some(fields)) => {
                         let fmts: Vec<Format> =
                             (0..fields.len()).map(|i| format_of(&formats, i)).collect();
-                        plan_for(ctx, &masks, &fields, &fmts).await?
+                        plan_for(ctx, &masks, &fields, &fmts).await?.map(Arc::new)
                     }
                     // Masking applies but the columns are unknown: refuse rather than leak.
                     (_, None) => {
@@ -1454,6 +1483,16 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
                         ));
                     }
                 };
+                if let Some(s) = portal.as_ref().and_then(|p| p.prepared.as_ref()) {
+                    let mut plans = s
+                        .plans
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if plans.len() >= PLANS_PER_STATEMENT {
+                        plans.remove(0);
+                    }
+                    plans.push((masks, formats, plan.clone()));
+                }
                 if let Some(Expect::Execute(x)) = lock(state).queue.front_mut() {
                     x.plan = Some(plan);
                 }
@@ -1568,7 +1607,11 @@ fn on_backend(
                                 .collect()
                         })
                         .unwrap_or_default();
-                    (plan.as_ref().and_then(Option::as_ref), Some(rec), formats)
+                    (
+                        plan.as_ref().and_then(Option::as_ref).map(AsRef::as_ref),
+                        Some(rec),
+                        formats,
+                    )
                 }
                 _ => (None, None, Vec::new()),
             };
