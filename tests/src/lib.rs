@@ -351,6 +351,21 @@ pub fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("spawn command")
 }
 
+/// Bytes as text, lossily (for assertions on client output).
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A finished command's status, stdout and stderr, for assertion messages.
+pub fn show(o: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status,
+        text(&o.stdout),
+        text(&o.stderr)
+    )
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use agentgate_tests::{Gate, Postgres, psql_conn_args, wait_for};
+use agentgate_tests::{Gate, Postgres, psql_conn_args, show, text, wait_for};
 use serde_json::Value;
 
 const SCHEMA: &str = "
@@ -96,19 +96,6 @@ fn start() -> (Postgres, Gate) {
     start_with("")
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "status {}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    )
-}
-
 /// psql inside `agent`'s cgroup running `script`, started in the background.
 fn spawn_psql(gate: &Gate, pg: &Postgres, agent: &str, script: &str) -> Child {
     let mut argv = vec!["psql".to_string()];
@@ -192,6 +179,14 @@ fn ticket_state(gate: &Gate, id: u64) -> String {
         .find(|t| t["id"].as_u64() == Some(id))
         .map(|t| t["state"].as_str().unwrap_or("").to_string())
         .unwrap_or_default()
+}
+
+/// `agentgate approvals VERB ID EXTRA...` for a ticket, which must succeed.
+fn decide(gate: &Gate, verb: &str, ticket: &Value, extra: &[&str]) -> String {
+    let id = ticket["id"].as_u64().expect("ticket id").to_string();
+    let mut args = vec!["approvals", verb, id.as_str()];
+    args.extend_from_slice(extra);
+    cli_ok(gate, &args)
 }
 
 fn cli_ok(gate: &Gate, args: &[&str]) -> String {
@@ -473,27 +468,13 @@ fn two_agents_wait_at_once_and_are_approved_in_reverse_order() {
     let second = spawn_psql(&gate, &pg, "bot2", "UPDATE t2 SET v = 'z'");
     let t2 = pending_ticket(&gate, "bot2", "UPDATE t2 SET v = 'z'");
     assert_eq!(tickets(&gate, false).len(), 2);
-    cli_ok(
-        &gate,
-        &[
-            "approvals",
-            "approve",
-            &t2["id"].as_u64().unwrap().to_string(),
-        ],
-    );
+    decide(&gate, "approve", &t2, &[]);
     let o = finish(second, "bot2's psql");
     assert!(text(&o.stdout).contains("UPDATE 2"), "{}", show(&o));
     // The first agent is still waiting, untouched.
     assert!(still_running(&mut first));
     assert_eq!(count(&pg, "SELECT count(*) FROM t"), 3);
-    cli_ok(
-        &gate,
-        &[
-            "approvals",
-            "approve",
-            &t1["id"].as_u64().unwrap().to_string(),
-        ],
-    );
+    decide(&gate, "approve", &t1, &[]);
     let o = finish(first, "bot's psql");
     assert!(text(&o.stdout).contains("DELETE 3"), "{}", show(&o));
     assert_eq!(count(&pg, "SELECT count(*) FROM t"), 0);
@@ -512,14 +493,7 @@ fn extended_protocol_hold_inside_a_transaction() {
         param.contains("\\x68656c64") && param.contains("\"held\""),
         "{ticket}"
     );
-    cli_ok(
-        &gate,
-        &[
-            "approvals",
-            "approve",
-            &ticket["id"].as_u64().unwrap().to_string(),
-        ],
-    );
+    decide(&gate, "approve", &ticket, &[]);
     let o = finish(client, "pg_client held_tx");
     assert!(o.status.success(), "{}", show(&o));
     let l = lines(&o);
@@ -533,16 +507,7 @@ fn extended_protocol_hold_inside_a_transaction() {
     pg.admin_sql("UPDATE t SET v = 'a'");
     let client = spawn_client(&gate, &pg, "bot", "held_tx");
     let ticket = pending_ticket(&gate, "bot", "UPDATE t SET v = $1");
-    cli_ok(
-        &gate,
-        &[
-            "approvals",
-            "deny",
-            &ticket["id"].as_u64().unwrap().to_string(),
-            "--reason",
-            "nope",
-        ],
-    );
+    decide(&gate, "deny", &ticket, &["--reason", "nope"]);
     let o = finish(client, "pg_client held_tx");
     let l = lines(&o);
     assert_eq!(step(&l, "update")["code"], "42501", "{l:#?}");
@@ -710,31 +675,13 @@ fn approval_with_a_duration_grants_the_rule_until_it_expires() {
     // Other rules and other agents are not covered.
     let other = spawn_psql(&gate, &pg, "bot2", "UPDATE t SET v = 'three'");
     let t = pending_ticket(&gate, "bot2", "UPDATE t SET v = 'three'");
-    cli_ok(
-        &gate,
-        &[
-            "approvals",
-            "deny",
-            &t["id"].as_u64().unwrap().to_string(),
-            "--reason",
-            "no",
-        ],
-    );
+    decide(&gate, "deny", &t, &["--reason", "no"]);
     finish(other, "psql");
     // Expired: held again.
     std::thread::sleep(Duration::from_secs(4));
     let again = spawn_psql(&gate, &pg, "bot", "UPDATE t SET v = 'four'");
     let t = pending_ticket(&gate, "bot", "UPDATE t SET v = 'four'");
-    cli_ok(
-        &gate,
-        &[
-            "approvals",
-            "deny",
-            &t["id"].as_u64().unwrap().to_string(),
-            "--reason",
-            "expired grant",
-        ],
-    );
+    decide(&gate, "deny", &t, &["--reason", "expired grant"]);
     finish(again, "psql");
     assert_eq!(count(&pg, "SELECT count(*) FROM t WHERE v = 'two'"), 3);
 
@@ -965,14 +912,7 @@ fn an_approved_read_is_masked_per_policy() {
     );
     let ticket = pending_ticket(&gate, "bot", "FROM people");
     assert_eq!(ticket["rule"], "personal-data");
-    cli_ok(
-        &gate,
-        &[
-            "approvals",
-            "approve",
-            &ticket["id"].as_u64().unwrap().to_string(),
-        ],
-    );
+    decide(&gate, "approve", &ticket, &[]);
     let o = finish(psql, "psql");
     let out = text(&o.stdout);
     assert!(out.contains("(2 rows)"), "{}", show(&o));

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use agentgate_tests::{
-    Gate, Postgres, ensure_psycopg, psql_conn_args, psql_direct, psycopg_script, run,
+    Gate, Postgres, ensure_psycopg, psql_conn_args, psql_direct, psycopg_script, run, show, text,
     workspace_root,
 };
 use serde_json::Value;
@@ -84,19 +84,6 @@ fn start_with(extra_target: &str) -> (Postgres, Gate) {
 
 fn start() -> (Postgres, Gate) {
     start_with("")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "status {}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    )
 }
 
 /// psql through the gate as `agent` (wrong password), verbose errors (SQLSTATE shown).

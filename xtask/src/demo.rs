@@ -48,12 +48,8 @@ fn describe(cmd: &Command) -> String {
         .join(" ")
 }
 
-/// An UPDATE without WHERE matches the default policy's `review` rule: the agent's psql waits
-/// while an operator looks at the ticket and approves it; then the result arrives.
-fn approval(conninfo: &str) -> Result<()> {
-    println!(
-        "\n==> the agent updates every row (no WHERE): held for human approval while its psql waits"
-    );
+/// An unmodified psql as `nobody` inside demo-agent's cgroup, with no password.
+fn governed_psql(conninfo: &str) -> Command {
     let mut cmd = Command::new(agentgate());
     cmd.args([
         "exec",
@@ -65,9 +61,18 @@ fn approval(conninfo: &str) -> Result<()> {
         "psql",
         "-X",
         conninfo,
-        "-c",
-        "UPDATE customers SET note = 'reviewed'",
     ]);
+    cmd
+}
+
+/// An UPDATE without WHERE matches the default policy's `review` rule: the agent's psql waits
+/// while an operator looks at the ticket and approves it; then the result arrives.
+fn approval(conninfo: &str) -> Result<()> {
+    println!(
+        "\n==> the agent updates every row (no WHERE): held for human approval while its psql waits"
+    );
+    let mut cmd = governed_psql(conninfo);
+    cmd.args(["-c", "UPDATE customers SET note = 'reviewed'"]);
     println!("$ {} &", describe(&cmd));
     let held = cmd
         .stdout(Stdio::piped())
@@ -170,20 +175,8 @@ pub fn run() -> Result<()> {
     let conninfo = format!("host=127.0.0.1 port={DEMO_PORT} user=postgres dbname=postgres");
     let psql = |title: &str, sql: &[&str]| -> Result<String> {
         println!("\n==> {title}");
-        let mut cmd = Command::new(agentgate());
-        cmd.args([
-            "exec",
-            "--agent",
-            "demo-agent",
-            "--user",
-            "nobody",
-            "--",
-            "psql",
-            "-X",
-            "-v",
-            "VERBOSITY=verbose",
-            &conninfo,
-        ]);
+        let mut cmd = governed_psql(&conninfo);
+        cmd.args(["-v", "VERBOSITY=verbose"]);
         for q in sql {
             cmd.args(["-c", q]);
         }

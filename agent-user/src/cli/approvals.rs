@@ -119,22 +119,41 @@ fn describe_grant(out: &mut impl std::io::Write, g: &Grant) -> std::io::Result<(
     )
 }
 
-pub async fn list(cfg: &Config, all: bool, json: bool) -> Result<(), CliError> {
-    let data = ask(cfg, Request::ApprovalsList { all }).await?;
+/// Asks for a list and prints it as JSON, or each item with `describe` (or that there are none).
+async fn print_list<T: serde::de::DeserializeOwned>(
+    cfg: &Config,
+    req: Request,
+    json: bool,
+    none: &str,
+    describe: fn(&mut std::io::StdoutLock<'static>, &T) -> std::io::Result<()>,
+) -> Result<(), CliError> {
+    let data = ask(cfg, req).await?;
     if json {
         print_json(&data);
         return Ok(());
     }
-    let tickets: Vec<Ticket> =
+    let items: Vec<T> =
         serde_json::from_value(data).map_err(|e| msg(format!("bad answer: {e}")))?;
     let mut out = std::io::stdout().lock();
-    if tickets.is_empty() {
-        writeln!(out, "no {}tickets", if all { "" } else { "pending " })?;
+    if items.is_empty() {
+        writeln!(out, "{none}")?;
     }
-    for t in &tickets {
-        describe_ticket(&mut out, t)?;
+    for item in &items {
+        describe(&mut out, item)?;
     }
     Ok(())
+}
+
+pub async fn list(cfg: &Config, all: bool, json: bool) -> Result<(), CliError> {
+    let none = if all {
+        "no tickets"
+    } else {
+        "no pending tickets"
+    };
+    print_list(cfg, Request::ApprovalsList { all }, json, none, |o, t| {
+        describe_ticket(o, t)
+    })
+    .await
 }
 
 pub async fn approve(
@@ -255,21 +274,11 @@ pub async fn grant(
 }
 
 pub async fn grants_list(cfg: &Config, all: bool, json: bool) -> Result<(), CliError> {
-    let data = ask(cfg, Request::GrantsList { all }).await?;
-    if json {
-        print_json(&data);
-        return Ok(());
-    }
-    let grants: Vec<Grant> =
-        serde_json::from_value(data).map_err(|e| msg(format!("bad answer: {e}")))?;
-    let mut out = std::io::stdout().lock();
-    if grants.is_empty() {
-        writeln!(out, "no {}grants", if all { "" } else { "active " })?;
-    }
-    for g in &grants {
-        describe_grant(&mut out, g)?;
-    }
-    Ok(())
+    let none = if all { "no grants" } else { "no active grants" };
+    print_list(cfg, Request::GrantsList { all }, json, none, |o, g| {
+        describe_grant(o, g)
+    })
+    .await
 }
 
 pub async fn revoke(
