@@ -169,6 +169,10 @@ pub struct Status {
     pub sessions_db: String,
     pub connections_served: u64,
     pub connections_refused: u64,
+    #[serde(default)]
+    pub pending_tickets: usize,
+    #[serde(default)]
+    pub active_grants: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -403,6 +407,8 @@ impl Daemon {
             sessions_db: gate.store.path().display().to_string(),
             connections_served: gate.served.load(Ordering::Relaxed),
             connections_refused: gate.refused.load(Ordering::Relaxed),
+            pending_tickets: self.approvals.pending().len(),
+            active_grants: self.approvals.grants(false).len(),
         }
     }
 }

@@ -140,6 +140,11 @@ pub async fn status(cfg: &Config, json: bool) -> Result<bool, CliError> {
                     "connections: {} served, {} refused",
                     s.connections_served, s.connections_refused
                 )?;
+                writeln!(
+                    out,
+                    "approvals: {} pending tickets, {} active grants",
+                    s.pending_tickets, s.active_grants
+                )?;
                 writeln!(out, "governed:")?;
                 for g in &s.governed {
                     writeln!(
