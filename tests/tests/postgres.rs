@@ -1320,8 +1320,8 @@ SELECT count(*) FROM t;
             "SELECT id, email, card_number FROM customers ORDER BY id",
             "DROP TABLE customers",
             "INSERT INTO t VALUES (7, 'seven')",
-            // Recorded as the parser prints each statement of the query string.
-            "SELECT 1 / 0",
+            // Recorded as the agent wrote each statement of the query string.
+            "SELECT 1/0",
             "SELECT count(*) FROM t"
         ],
         "{v:#}"

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
-use super::facts::{self, ExtractOptions, StatementFacts};
+use super::cache::CacheStats;
+use super::facts::{self, ExtractOptions, ParseError, StatementFacts};
 use super::rules::{Action, DefaultAction, Matcher, Mode, Policy, PolicySet};
 
 /// Rule name recorded when a query cannot be parsed.
@@ -38,8 +39,8 @@ pub enum Verdict {
         /// Reason given to the agent.
         message: String,
     },
-    /// Hold it for human approval (until approvals exist, callers deny it
-    /// saying approval is required).
+    /// Hold it for human approval (the PostgreSQL handler holds the
+    /// statement while a ticket waits; see `approval`).
     Review {
         /// How long to wait for approval.
         #[serde(serialize_with = "serialize_duration")]
@@ -249,18 +250,24 @@ impl Matcher {
 }
 
 impl Policy {
-    /// Decides one statement with this policy, reporting every rule checked.
-    pub(super) fn decide_traced(&self, facts: &StatementFacts) -> (Decision, Vec<RuleCheck>) {
+    /// Decides one statement with this policy, pushing every rule checked to `checks` when
+    /// asked (explanations; judging a query does not pay for them).
+    fn decide_checking(
+        &self,
+        facts: &StatementFacts,
+        mut checks: Option<&mut Vec<RuleCheck>>,
+    ) -> Decision {
         let shadow = self.mode == Mode::Shadow;
-        let mut checks = Vec::new();
         for rule in &self.rules {
             let matched = rule
                 .matcher
                 .matches(facts, matches!(rule.action, Action::Allow));
-            checks.push(RuleCheck {
-                rule: rule.name.clone(),
-                matched,
-            });
+            if let Some(checks) = checks.as_deref_mut() {
+                checks.push(RuleCheck {
+                    rule: rule.name.clone(),
+                    matched,
+                });
+            }
             if !matched {
                 continue;
             }
@@ -277,14 +284,13 @@ impl Policy {
                 ),
                 Action::Review { timeout } => (Verdict::Review { timeout: *timeout }, mask()),
             };
-            let decision = Decision {
+            return Decision {
                 verdict,
                 policy: Some(self.name.clone()),
                 rule: Some(rule.name.clone()),
                 mask,
                 shadow,
             };
-            return (decision, checks);
         }
         let (verdict, mask) = match self.default {
             DefaultAction::Allow => (Verdict::Allow, self.mask.clone()),
@@ -297,14 +303,13 @@ impl Policy {
                 Vec::new(),
             ),
         };
-        let decision = Decision {
+        Decision {
             verdict,
             policy: Some(self.name.clone()),
             rule: None,
             mask,
             shadow,
-        };
-        (decision, checks)
+        }
     }
 
     fn applies(&self, subject: &Subject<'_>, target: &str) -> bool {
@@ -330,7 +335,7 @@ impl PolicySet {
     /// Decides one statement.
     pub fn decide(&self, subject: &Subject<'_>, target: &str, facts: &StatementFacts) -> Decision {
         match self.applicable_policy(subject, target) {
-            Some(policy) => policy.decide_traced(facts).0,
+            Some(policy) => policy.decide_checking(facts, None),
             None => Decision::no_policy(subject, target),
         }
     }
@@ -346,6 +351,11 @@ impl PolicySet {
 
     /// [`PolicySet::decide_query`] with explicit session options (pass the
     /// server's `standard_conforming_strings`).
+    ///
+    /// Facts come from the set's cache when a query of the same shape (the
+    /// same text but for its integer literals) was judged recently; the
+    /// decision is the one [`PolicySet::decide_query_uncached`] takes, each
+    /// statement's `text` being this query's own.
     pub fn decide_query_with(
         &self,
         subject: &Subject<'_>,
@@ -353,9 +363,29 @@ impl PolicySet {
         sql: &str,
         opts: &ExtractOptions,
     ) -> QueryDecision {
-        self.evaluate(subject, target, sql, opts).result
+        let statements = self.cache.extract(sql, opts);
+        self.judge(subject, target, statements, false).result
     }
 
+    /// [`PolicySet::decide_query_with`] parsing `sql` whatever the cache holds
+    /// (for comparisons and benchmarks).
+    pub fn decide_query_uncached(
+        &self,
+        subject: &Subject<'_>,
+        target: &str,
+        sql: &str,
+        opts: &ExtractOptions,
+    ) -> QueryDecision {
+        let statements = facts::extract_with(sql, opts);
+        self.judge(subject, target, statements, false).result
+    }
+
+    /// Counters of the facts cache behind [`PolicySet::decide_query_with`].
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// Everything about the decision for `sql`, with the rules checked (no cache).
     pub(super) fn evaluate(
         &self,
         subject: &Subject<'_>,
@@ -363,8 +393,20 @@ impl PolicySet {
         sql: &str,
         opts: &ExtractOptions,
     ) -> Evaluation<'_> {
+        self.judge(subject, target, facts::extract_with(sql, opts), true)
+    }
+
+    /// Decides a query from its statements' facts (or why there are none);
+    /// `trace` records the rules checked.
+    fn judge(
+        &self,
+        subject: &Subject<'_>,
+        target: &str,
+        statements: Result<Vec<StatementFacts>, ParseError>,
+        trace: bool,
+    ) -> Evaluation<'_> {
         let policy = self.applicable_policy(subject, target);
-        let statements = match facts::extract_with(sql, opts) {
+        let statements = match statements {
             Ok(statements) => statements,
             Err(e) => {
                 let decision = match policy {
@@ -402,14 +444,17 @@ impl PolicySet {
             };
         }
         let mut decided = Vec::with_capacity(statements.len());
-        let mut checks = Vec::with_capacity(statements.len());
+        let mut checks = Vec::new();
         for facts in statements {
-            let (decision, rule_checks) = match policy {
-                Some(p) => p.decide_traced(&facts),
-                None => (Decision::no_policy(subject, target), Vec::new()),
+            let mut rule_checks = Vec::new();
+            let decision = match policy {
+                Some(p) => p.decide_checking(&facts, trace.then_some(&mut rule_checks)),
+                None => Decision::no_policy(subject, target),
             };
             decided.push(StatementDecision { facts, decision });
-            checks.push(rule_checks);
+            if trace {
+                checks.push(rule_checks);
+            }
         }
         let decision = combine(&decided);
         Evaluation {

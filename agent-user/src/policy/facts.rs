@@ -265,8 +265,12 @@ pub struct CopyFacts {
 /// Everything the policy engine knows about one SQL statement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatementFacts {
-    /// The statement as sqlparser prints it (for statements sqlparser cannot
-    /// parse but that are classified by keyword, the original text).
+    /// The statement as the client wrote it: its slice of the query string,
+    /// from its first to its last token (comments before and after it and the
+    /// `;` ending it left out; comments inside kept). Should sqlparser read a
+    /// statement holding a `;` outside parentheses (so that the query string
+    /// cannot be cut into statements at those), the statements of that query
+    /// string are as sqlparser prints them instead.
     pub text: String,
     /// The most dangerous kind in `kinds`.
     pub kind: StatementKind,
@@ -299,7 +303,7 @@ pub struct StatementFacts {
 }
 
 /// Options for [`extract_with`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ExtractOptions {
     /// The session's `standard_conforming_strings` as reported by the server
     /// (`true` is the PostgreSQL default). When `false`, plain string literals
@@ -348,17 +352,56 @@ pub fn extract(sql: &str) -> Result<Vec<StatementFacts>, ParseError> {
 
 /// [`extract`] with explicit session options.
 pub fn extract_with(sql: &str, opts: &ExtractOptions) -> Result<Vec<StatementFacts>, ParseError> {
-    let dialect = PostgreSqlDialect {};
-    let tokens = Tokenizer::new(&dialect, sql)
-        .tokenize_with_location()
-        .map_err(|e| ParseError::new(e.to_string()))?;
-    check_tokens(&tokens, opts)?;
+    extract_detailed(sql, opts).map(|e| e.statements)
+}
 
-    match parse_tokens(&dialect, tokens.clone()) {
-        Ok(statements) => statements.iter().map(facts_of_statement).collect(),
+/// What [`extract_with`] finds, plus what the decision cache must know.
+pub(super) struct Extracted {
+    /// Facts of every statement, in order.
+    pub(super) statements: Vec<StatementFacts>,
+    /// Some fact depends on the value of a numeric literal (`EXPLAIN (ANALYZE 0)`,
+    /// `SET standard_conforming_strings = 1`): queries differing only in their numbers may
+    /// have different facts.
+    pub(super) reads_numbers: bool,
+}
+
+/// [`extract_with`], reporting whether numeric literals' values mattered.
+pub(super) fn extract_detailed(sql: &str, opts: &ExtractOptions) -> Result<Extracted, ParseError> {
+    let dialect = PostgreSqlDialect {};
+    let tokens = tokenize(&dialect, sql)?;
+    check_tokens(&tokens, opts)?;
+    let mut reads_numbers = false;
+    // Where each statement's text is, taken before the parser consumes the tokens (cloning
+    // them for the rare fallback below would cost an allocation per word on every query).
+    let spans = statement_spans(&tokens);
+    match parse_tokens(&dialect, tokens) {
+        Ok(statements) => {
+            let mut texts = if spans.len() == statements.len() {
+                let mut source = Source::new(sql);
+                spans
+                    .iter()
+                    .map(|(start, end)| source.span_text(*start, *end))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let mut out = Vec::with_capacity(statements.len());
+            for (i, statement) in statements.iter().enumerate() {
+                let text = match texts.get_mut(i) {
+                    Some(Some(text)) => std::mem::take(text),
+                    _ => statement.to_string(),
+                };
+                out.push(facts_of_statement(statement, text, &mut reads_numbers)?);
+            }
+            Ok(Extracted {
+                statements: out,
+                reads_numbers,
+            })
+        }
         Err(_) => {
             // Parse statement by statement so that statements sqlparser does
             // not know (DO, CLUSTER, ...) can be classified by keyword.
+            let tokens = tokenize(&dialect, sql)?;
             let mut out = Vec::new();
             let mut source = Source::new(sql);
             for chunk in split_statements(&tokens) {
@@ -367,19 +410,47 @@ pub fn extract_with(sql: &str, opts: &ExtractOptions) -> Result<Vec<StatementFac
                 }
                 match parse_tokens(&dialect, chunk.to_vec()) {
                     Ok(statements) => {
+                        let text = match statements.as_slice() {
+                            [_] => source.text(chunk),
+                            _ => None,
+                        };
                         for statement in &statements {
-                            out.push(facts_of_statement(statement)?);
+                            let text = text.clone().unwrap_or_else(|| statement.to_string());
+                            out.push(facts_of_statement(statement, text, &mut reads_numbers)?);
                         }
                     }
-                    Err(e) => match fallback(&dialect, &mut source, chunk)? {
+                    Err(e) => match fallback(&dialect, &mut source, chunk, &mut reads_numbers)? {
                         Some(facts) => out.push(facts),
                         None => return Err(e.into()),
                     },
                 }
             }
-            Ok(out)
+            Ok(Extracted {
+                statements: out,
+                reads_numbers,
+            })
         }
     }
+}
+
+fn tokenize(dialect: &PostgreSqlDialect, sql: &str) -> Result<Vec<TokenWithSpan>, ParseError> {
+    Tokenizer::new(dialect, sql)
+        .tokenize_with_location()
+        .map_err(|e| ParseError::new(e.to_string()))
+}
+
+/// Start and end of every non-empty statement (see [`split_statements`]): first and last
+/// significant token.
+fn statement_spans(tokens: &[TokenWithSpan]) -> Vec<(Location, Location)> {
+    split_statements(tokens)
+        .into_iter()
+        .filter_map(|chunk| {
+            let mut significant = chunk.iter().filter(|t| !is_trivia(&t.token));
+            let first = significant.next()?;
+            let last = significant.next_back().unwrap_or(first);
+            Some((first.span.start, last.span.end))
+        })
+        .collect()
 }
 
 /// Parses a token stream into statements, insisting that every statement is
@@ -586,6 +657,7 @@ fn fallback(
     dialect: &PostgreSqlDialect,
     source: &mut Source<'_>,
     chunk: &[TokenWithSpan],
+    reads_numbers: &mut bool,
 ) -> Result<Option<StatementFacts>, ParseError> {
     let words = upper_words(chunk);
     let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
@@ -600,9 +672,8 @@ fn fallback(
             return match parse_tokens(dialect, wrapped) {
                 Ok(statements) => match statements.as_slice() {
                     [statement] => {
-                        let mut facts = facts_of_statement(statement)?;
-                        facts.text = source.text(chunk);
-                        Ok(Some(facts))
+                        let text = source.text(chunk).unwrap_or_default();
+                        facts_of_statement(statement, text, reads_numbers).map(Some)
                     }
                     _ => Ok(None),
                 },
@@ -635,7 +706,7 @@ fn fallback(
     let mut functions = OrderedSet::default();
     scan_functions(chunk, kind == StatementKind::Do, 0, &mut functions);
     Ok(Some(StatementFacts {
-        text: source.text(chunk),
+        text: source.text(chunk).unwrap_or_default(),
         kind,
         kinds: vec![kind],
         tables: Vec::new(),
@@ -726,20 +797,19 @@ impl<'a> Source<'a> {
     }
 
     /// The original text of a chunk (first to last significant token).
-    fn text(&mut self, chunk: &[TokenWithSpan]) -> String {
+    fn text(&mut self, chunk: &[TokenWithSpan]) -> Option<String> {
         let mut significant = chunk.iter().filter(|t| !is_trivia(&t.token));
-        let Some(first) = significant.next() else {
-            return String::new();
-        };
+        let first = significant.next()?;
         let last = significant.next_back().unwrap_or(first);
-        let start = self.offset(first.span.start);
-        let end = self.offset(last.span.end);
-        match (start, end) {
-            (Some(s), Some(e)) if s <= e => {
-                self.sql.get(s..e).unwrap_or_default().trim().to_string()
-            }
-            _ => String::new(),
-        }
+        self.span_text(first.span.start, last.span.end)
+    }
+
+    /// The original text from `start` to `end`, trimmed.
+    fn span_text(&mut self, start: Location, end: Location) -> Option<String> {
+        let start = self.offset(start)?;
+        let end = self.offset(end)?;
+        let text = self.sql.get(start..end)?.trim();
+        (!text.is_empty()).then(|| text.to_string())
     }
 }
 
@@ -1031,6 +1101,8 @@ struct Collector {
     opaque_execute: bool,
     opaque: bool,
     sets_search_path: bool,
+    /// A fact depended on a numeric literal's value (see `is_false_literal`).
+    reads_numbers: bool,
     stmts: Vec<StmtCtx>,
     ctes: Vec<CteFrame>,
     /// Names visited as relations that are really table functions.
@@ -1161,9 +1233,13 @@ impl Collector {
                 analyze, options, ..
             } => {
                 self.explain = true;
+                let reads_numbers = &mut self.reads_numbers;
                 let analyze_option = options.iter().flatten().any(|o| {
                     o.name.value.eq_ignore_ascii_case("analyze")
-                        && !o.arg.as_ref().is_some_and(is_false_literal)
+                        && !o
+                            .arg
+                            .as_ref()
+                            .is_some_and(|a| is_false_literal(a, reads_numbers))
                 });
                 self.explain_analyze |= *analyze || analyze_option;
             }
@@ -1248,11 +1324,17 @@ fn literal_string(expr: &Expr) -> Option<&str> {
     }
 }
 
-fn is_false_literal(expr: &Expr) -> bool {
+// Every reader of a `Value::Number`'s digits sets `reads_numbers`: the decision cache shares
+// facts between queries that differ only in their integer literals.
+
+fn is_false_literal(expr: &Expr, reads_numbers: &mut bool) -> bool {
     match expr {
         Expr::Value(v) => match &v.value {
             Value::Boolean(b) => !b,
-            Value::Number(n, _) => n == "0",
+            Value::Number(n, _) => {
+                *reads_numbers = true;
+                n == "0"
+            }
             _ => literal_string(expr).is_some_and(is_false_word),
         },
         _ => literal_string(expr).is_some_and(is_false_word),
@@ -1266,11 +1348,14 @@ fn is_false_word(s: &str) -> bool {
     )
 }
 
-fn is_true_setting(expr: &Expr) -> bool {
+fn is_true_setting(expr: &Expr, reads_numbers: &mut bool) -> bool {
     match expr {
         Expr::Value(v) => match &v.value {
             Value::Boolean(b) => *b,
-            Value::Number(n, _) => n == "1",
+            Value::Number(n, _) => {
+                *reads_numbers = true;
+                n == "1"
+            }
             _ => literal_string(expr).is_some_and(is_true_word),
         },
         _ => literal_string(expr).is_some_and(is_true_word),
@@ -1334,7 +1419,7 @@ fn set_variables(statement: &Statement) -> Vec<(&ObjectName, Vec<&Expr>)> {
 
 /// `SET standard_conforming_strings = off` and friends (`RESET` too: the
 /// default may be off).
-fn check_set(statement: &Statement) -> ControlFlow<String> {
+fn check_set(statement: &Statement, reads_numbers: &mut bool) -> ControlFlow<String> {
     if let Statement::Reset(reset) = statement
         && let Reset::ConfigurationParameter(name) = &reset.reset
         && split_name(name).is_some_and(|(_, n)| n == SCS)
@@ -1343,7 +1428,9 @@ fn check_set(statement: &Statement) -> ControlFlow<String> {
     }
     for (name, values) in set_variables(statement) {
         let is_scs = split_name(name).is_some_and(|(_, n)| n == SCS);
-        if is_scs && !(values.len() == 1 && values.iter().all(|v| is_true_setting(v))) {
+        if is_scs
+            && !(values.len() == 1 && values.iter().all(|v| is_true_setting(v, reads_numbers)))
+        {
             return ControlFlow::Break(scs_violation());
         }
     }
@@ -1354,7 +1441,7 @@ impl Visitor for Collector {
     type Break = String;
 
     fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<String> {
-        check_set(statement)?;
+        check_set(statement, &mut self.reads_numbers)?;
         if set_variables(statement)
             .iter()
             .any(|(name, _)| split_name(name).is_some_and(|(_, n)| n == SEARCH_PATH))
@@ -1502,7 +1589,9 @@ impl Visitor for Collector {
                         e => literal_string(e),
                     });
                     if setting.is_some_and(|s| s.eq_ignore_ascii_case(SCS))
-                        && !args.get(1).is_some_and(|v| is_true_setting(v))
+                        && !args
+                            .get(1)
+                            .is_some_and(|v| is_true_setting(v, &mut self.reads_numbers))
                     {
                         return ControlFlow::Break(scs_violation());
                     }
@@ -1542,9 +1631,17 @@ impl Visitor for Collector {
     }
 }
 
-fn facts_of_statement(statement: &Statement) -> Result<StatementFacts, ParseError> {
+/// Facts of one parsed statement whose text is `text`; sets `reads_numbers` when they
+/// depend on a numeric literal's value.
+fn facts_of_statement(
+    statement: &Statement,
+    text: String,
+    reads_numbers: &mut bool,
+) -> Result<StatementFacts, ParseError> {
     let mut collector = Collector::default();
-    if let ControlFlow::Break(message) = statement.visit(&mut collector) {
+    let visited = statement.visit(&mut collector);
+    *reads_numbers |= collector.reads_numbers;
+    if let ControlFlow::Break(message) = visited {
         return Err(ParseError::new(message));
     }
     let kind = collector
@@ -1558,7 +1655,7 @@ fn facts_of_statement(statement: &Statement) -> Result<StatementFacts, ParseErro
         push_unique(&mut kinds, *k);
     }
     Ok(StatementFacts {
-        text: statement.to_string(),
+        text,
         kind,
         kinds,
         tables: collector.tables.items,

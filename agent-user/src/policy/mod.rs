@@ -6,13 +6,18 @@
 //!   validated [`PolicySet`].
 //! * [`eval`] decides: [`PolicySet::decide`] for one statement,
 //!   [`PolicySet::decide_query`] for a whole query string.
+//! * [`cache`] keeps the facts of recently judged query shapes, so that a
+//!   query differing from an earlier one only in its numbers is not parsed
+//!   again.
 //! * [`explain`](mod@explain) renders why a decision was taken (`agentgate explain`).
 
+pub mod cache;
 pub mod eval;
 pub mod explain;
 pub mod facts;
 pub mod rules;
 
+pub use cache::CacheStats;
 pub use eval::{Decision, QueryDecision, StatementDecision, Subject, Verdict};
 pub use explain::{Explanation, explain};
 pub use facts::{

@@ -66,11 +66,13 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::cache::FactsCache;
 use super::facts::{Access, StatementKind, TableRef};
 
 /// Review timeout when a `review` rule gives none.
@@ -300,6 +302,8 @@ impl PolicyError {
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
     pub(super) policies: Vec<Policy>,
+    /// Facts of recent query shapes (shared by clones: facts do not depend on policies).
+    pub(super) cache: Arc<FactsCache>,
 }
 
 impl PolicySet {
@@ -673,7 +677,10 @@ pub fn compile(cfg: Vec<PolicyConfig>) -> Result<PolicySet, PolicyError> {
             rules,
         });
     }
-    Ok(PolicySet { policies })
+    Ok(PolicySet {
+        policies,
+        cache: Arc::default(),
+    })
 }
 
 fn check_list(field: &str, items: &[String]) -> Result<(), String> {

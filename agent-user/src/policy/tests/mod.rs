@@ -1,6 +1,7 @@
 //! Tests of the policy engine.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod cache;
 mod eval;
 mod explain;
 mod facts;
