@@ -7,8 +7,12 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::Mode;
 
 use serde::Serialize;
 
@@ -142,24 +146,171 @@ pub struct ProcessInfo {
 
 impl ProcessInfo {
     pub fn read(pid: u32, uid: u32) -> ProcessInfo {
-        let exe = fs::read_link(format!("/proc/{pid}/exe"))
-            .ok()
-            .map(|p| p.display().to_string());
-        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok().map(|raw| {
-            raw.split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect::<Vec<_>>()
-                .join(" ")
-        });
         ProcessInfo {
             pid,
             uid,
-            exe,
-            cmdline,
+            exe: read_exe(pid),
+            cmdline: read_cmdline(pid),
             cgroup: CgroupFs::of_pid(pid),
         }
     }
+
+    /// The facts of the process behind a connection whose kernel record names `cgroup_id`.
+    ///
+    /// exe and cmdline are read for every connection: a process keeps its pid and its start
+    /// time across `execve`, so no cheaper key tells whether they are still what an earlier
+    /// read saw (the cmdline file of a process that connects again is kept open, so that read
+    /// is a single `pread`). The cgroup path is the one of `cgroup_id` (the cgroup the process connected
+    /// from) when that is known: `/proc/PID/cgroup` lists every v1 hierarchy on a hybrid host
+    /// and is the costliest of the three reads, so paths are remembered per cgroup id and
+    /// checked against the directory's inode number (a renamed or removed cgroup fails the
+    /// check and is read again).
+    pub fn of_connection(pid: u32, uid: u32, cgroup_id: u64) -> ProcessInfo {
+        ProcessInfo {
+            pid,
+            uid,
+            exe: read_exe(pid),
+            cmdline: read_cmdline_of_connection(pid),
+            cgroup: cgroup_path(pid, cgroup_id),
+        }
+    }
+}
+
+fn read_exe(pid: u32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+fn read_cmdline(pid: u32) -> Option<String> {
+    let raw = read_proc_file(&format!("/proc/{pid}/cmdline")).ok()?;
+    Some(join_cmdline(&raw))
+}
+
+fn join_cmdline(raw: &[u8]) -> String {
+    raw.split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(String::from_utf8_lossy)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Reads a small procfs file: open, read, close. Not `fs::read`, whose size hint costs a `statx`
+/// (and `read_to_end` an `lseek`) that procfs answers with 0.
+fn read_proc_file(path: &str) -> io::Result<Vec<u8>> {
+    read_all_at(&fs::File::open(path)?)
+}
+
+/// Reads a procfs file from its start with `pread`. A procfs read fills the buffer from what the
+/// file has (for `cmdline`, the kernel copies until the request is met or the arguments end), so
+/// a short read is the end.
+fn read_all_at(f: &fs::File) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = match f.read_at(&mut chunk, out.len() as u64) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        out.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        if n < chunk.len() {
+            return Ok(out);
+        }
+    }
+}
+
+/// Open `/proc/PID/cmdline` files of recent connecting processes, per accept thread; bounded.
+const CMDLINE_FILES_MAX: usize = 64;
+
+thread_local! {
+    static CMDLINE_FILES: std::cell::RefCell<std::collections::HashMap<u32, fs::File>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// A process's current command line, read through an open file kept for its pid: a process
+/// that connects again costs one `pread`, not open, read and close. The read is still made for
+/// every connection (it is what tells an `execve` apart). The file stays bound to the process it
+/// was opened for: once that process is gone it reads `ESRCH`, so a reused pid is opened anew
+/// and never reads as the old process.
+fn read_cmdline_of_connection(pid: u32) -> Option<String> {
+    match CMDLINE_FILES.with_borrow(|files| files.get(&pid).map(read_all_at)) {
+        Some(Ok(raw)) => return Some(join_cmdline(&raw)),
+        Some(Err(_)) => {
+            CMDLINE_FILES.with_borrow_mut(|files| files.remove(&pid));
+        }
+        None => {}
+    }
+    let f = fs::File::open(format!("/proc/{pid}/cmdline")).ok()?;
+    let raw = read_all_at(&f).ok()?;
+    CMDLINE_FILES.with_borrow_mut(|files| {
+        if files.len() >= CMDLINE_FILES_MAX {
+            files.clear();
+        }
+        files.insert(pid, f);
+    });
+    Some(join_cmdline(&raw))
+}
+
+/// Remembered cgroup paths per cgroup id, per accept thread (so no lock); bounded.
+const CGROUP_PATHS_MAX: usize = 1024;
+
+thread_local! {
+    static CGROUP_PATHS: std::cell::RefCell<std::collections::HashMap<u64, String>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// The cgroup2 mount of this host, opened once (`O_PATH`): paths are checked relative to it,
+/// without walking the mount point's own components each time.
+fn cgroup2_mount() -> Option<&'static OwnedFd> {
+    static MOUNT: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+    MOUNT
+        .get_or_init(|| {
+            let mount = CgroupFs::discover().ok()?.mount;
+            nix::fcntl::open(
+                &mount,
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .ok()
+        })
+        .as_ref()
+}
+
+/// Does `relative` (as `/proc/PID/cgroup` spells it) name the cgroup with id `id`?
+fn names_cgroup(mount: &OwnedFd, relative: &str, id: u64) -> bool {
+    let rel = match relative.trim_start_matches('/') {
+        "" => ".",
+        r => r,
+    };
+    nix::sys::stat::fstatat(mount, rel, AtFlags::empty()).is_ok_and(|st| st.st_ino == id)
+}
+
+fn cgroup_path(pid: u32, cgroup_id: u64) -> Option<String> {
+    let Some(mount) = cgroup2_mount() else {
+        return CgroupFs::of_pid(pid);
+    };
+    let cached = CGROUP_PATHS.with(|c| c.borrow().get(&cgroup_id).cloned());
+    if let Some(path) = cached {
+        if names_cgroup(mount, &path, cgroup_id) {
+            return Some(path);
+        }
+        CGROUP_PATHS.with(|c| c.borrow_mut().remove(&cgroup_id));
+    }
+    // First connection from this cgroup (or it moved): ask /proc. If the process has moved
+    // since it connected, its current cgroup is recorded, as before, and not remembered.
+    let path = CgroupFs::of_pid(pid)?;
+    if names_cgroup(mount, &path, cgroup_id) {
+        CGROUP_PATHS.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.len() >= CGROUP_PATHS_MAX {
+                c.clear();
+            }
+            c.insert(cgroup_id, path.clone());
+        });
+    }
+    Some(path)
 }
 
 #[cfg(test)]
@@ -209,5 +360,68 @@ mod tests {
         let me = ProcessInfo::read(std::process::id(), 0);
         assert!(me.exe.is_some());
         assert!(me.cmdline.is_some());
+    }
+
+    #[test]
+    fn connection_facts_match_a_full_read() {
+        let pid = std::process::id();
+        let full = ProcessInfo::read(pid, 0);
+        let (Some(_), Some(cgroup)) = (cgroup2_mount(), full.cgroup.clone()) else {
+            return;
+        };
+        let id = cgroup_id(&CgroupFs::discover().unwrap().dir(&cgroup)).unwrap();
+        // Twice: the second answer comes from the remembered path.
+        for _ in 0..2 {
+            let conn = ProcessInfo::of_connection(pid, 0, id);
+            assert_eq!(conn.exe, full.exe);
+            assert_eq!(conn.cmdline, full.cmdline);
+            assert_eq!(conn.cgroup, full.cgroup);
+        }
+        assert!(CGROUP_PATHS.with(|c| c.borrow().contains_key(&id)));
+        // An id that names no cgroup is not remembered; /proc's answer stands.
+        let other = ProcessInfo::of_connection(pid, 0, u64::MAX);
+        assert_eq!(other.cgroup, full.cgroup);
+        assert!(!CGROUP_PATHS.with(|c| c.borrow().contains_key(&u64::MAX)));
+    }
+
+    #[test]
+    fn connection_facts_follow_execve_and_never_outlive_the_process() {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("sh")
+            .args(["-c", "read _ && exec sleep 30"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // Retried: `spawn` may return while the new image is still setting up its arguments.
+        let until = |cmdline: &str| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let p = ProcessInfo::of_connection(pid, 0, 0);
+                if p.cmdline.as_deref() == Some(cmdline) || std::time::Instant::now() > deadline {
+                    return p;
+                }
+                std::thread::yield_now();
+            }
+        };
+        let before = until("sh -c read _ && exec sleep 30");
+        assert_eq!(
+            before.cmdline.as_deref(),
+            Some("sh -c read _ && exec sleep 30")
+        );
+        assert!(CMDLINE_FILES.with_borrow(|f| f.contains_key(&pid)));
+        // Same pid, same start time, another program: the kept file reads the new one.
+        child.stdin.take().unwrap().write_all(b"\n").unwrap();
+        let after = until("sleep 30");
+        assert_eq!(after.cmdline.as_deref(), Some("sleep 30"));
+        assert!(after.exe.unwrap_or_default().ends_with("/sleep"));
+        assert!(CMDLINE_FILES.with_borrow(|f| f.contains_key(&pid)));
+        // Gone (and reaped): nothing is read through the kept file, and it is let go.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let gone = ProcessInfo::of_connection(pid, 0, 0);
+        assert_eq!((gone.exe, gone.cmdline), (None, None));
+        assert!(!CMDLINE_FILES.with_borrow(|f| f.contains_key(&pid)));
     }
 }

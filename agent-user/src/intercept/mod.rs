@@ -407,13 +407,31 @@ impl Intercept {
 
     /// Takes (looks up and removes) the flow record of an accepted connection.
     pub fn take_flow(&self, client: SocketAddr, server: SocketAddr) -> Option<FlowRecord> {
+        let (key, rec) = self.lookup_flow(client, server)?;
+        self.forget_flow(&key);
+        Some(rec)
+    }
+
+    /// Looks up the flow record of an accepted connection and leaves it in the map: the caller
+    /// owes a [`Intercept::forget_flow`] (the TCP handler pays it once its first bytes are on
+    /// their way, off the connection's critical path). Until then nothing else can match the
+    /// key: it is the 4-tuple of a connection that is still open.
+    pub fn lookup_flow(
+        &self,
+        client: SocketAddr,
+        server: SocketAddr,
+    ) -> Option<(FlowKey, FlowRecord)> {
         let key = flow_key(client, server);
-        let mut flows = lock(&self.flows);
-        let rec = flows.get(&key, 0).ok()?;
-        if let Err(e) = flows.remove(&key) {
+        let rec = lock(&self.flows).get(&key, 0).ok()?;
+        Some((key, rec))
+    }
+
+    /// Removes a used flow record (aya 0.14 has no lookup-and-delete for hash maps, so taking a
+    /// record is two syscalls).
+    pub fn forget_flow(&self, key: &FlowKey) {
+        if let Err(e) = lock(&self.flows).remove(key) {
             tracing::warn!(error = %e, "could not remove a used flow record");
         }
-        Some(rec)
     }
 
     /// The ring buffer of kernel refusals; taken once by the event reader.

@@ -11,12 +11,14 @@ pub mod tcp;
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use agent_common::{FlowRecord, TARGET_UNKNOWN};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use nix::errno::Errno;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::{Config, Protocol, TargetConfig};
 use crate::identity::ProcessInfo;
@@ -86,7 +88,7 @@ impl Peer {
 
 impl Gate {
     /// `read_proc`: read the process's /proc facts now (the TCP handler reads them itself,
-    /// overlapped with its upstream connect).
+    /// while its first bytes are in flight).
     fn identify(&self, flow: &FlowRecord, client: SocketAddr, read_proc: bool) -> Option<Peer> {
         let agent = self.cfg.agent_by_id(flow.agent_id)?;
         let target = if flow.target_id == TARGET_UNKNOWN {
@@ -116,31 +118,76 @@ impl Gate {
     /// Connects to an upstream with the enforcer's mark set, so that even if this process
     /// were placed in a governed cgroup its own sockets would not be redirected.
     pub async fn connect_upstream(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let sock = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::Mark, &self.cfg.mark)
-            .map_err(io::Error::from)?;
-        sock.set_nodelay(true)?;
-        match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, sock.connect(addr)).await {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::new(
+        finish_connect(self.dial_upstream(addr)?, addr).await
+    }
+
+    /// Starts an upstream connect (mark set, Nagle off) without waiting for it: the returned
+    /// socket is non-blocking and may still be connecting. On loopback the whole handshake runs
+    /// inside `connect`, so it is usually done already; a first write says (it fails with
+    /// `WouldBlock` while the handshake is on its way).
+    pub fn dial_upstream(&self, addr: SocketAddr) -> io::Result<std::net::TcpStream> {
+        dial(addr, self.cfg.mark)
+    }
+}
+
+/// A non-blocking socket with the mark and Nagle off, connecting to `addr`.
+fn dial(addr: SocketAddr, mark: u32) -> io::Result<std::net::TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, connect, setsockopt, socket, sockopt,
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::Mark, &mark)?;
+    setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
+    match connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
+        Ok(()) | Err(Errno::EINPROGRESS | Errno::EINTR) => Ok(std::net::TcpStream::from(fd)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Waits (at most [`UPSTREAM_CONNECT_TIMEOUT`]) for a dialed connect to finish.
+pub async fn finish_connect(
+    stream: std::net::TcpStream,
+    addr: SocketAddr,
+) -> io::Result<TcpStream> {
+    let stream = TcpStream::from_std(stream)?;
+    match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, stream.writable()).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("connect to {addr} timed out"),
-            )),
+            ));
         }
+    }
+    match stream.take_error()? {
+        Some(e) => Err(e),
+        None => Ok(stream),
     }
 }
 
 /// Accepts forever on one listener.
 pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
+    // A listener bound to one address accepts connections to that address only: their local
+    // address is known without asking each socket.
+    let local = listener
+        .local_addr()
+        .ok()
+        .filter(|a| !a.ip().is_unspecified());
     loop {
         match listener.accept().await {
             Ok((sock, peer)) => {
                 let gate = gate.clone();
-                tokio::spawn(async move { handle(gate, sock, peer).await });
+                tokio::spawn(async move { handle(gate, sock, peer, local).await });
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -151,17 +198,20 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
     }
 }
 
-async fn handle(gate: Arc<Gate>, sock: TcpStream, client: SocketAddr) {
-    // Agents' request/response exchanges must not wait on Nagle.
-    let _ = sock.set_nodelay(true);
-    let local = match sock.local_addr() {
+async fn handle(
+    gate: Arc<Gate>,
+    sock: TcpStream,
+    client: SocketAddr,
+    listener_addr: Option<SocketAddr>,
+) {
+    let local = match listener_addr.map_or_else(|| sock.local_addr(), Ok) {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(error = %e, "accepted socket has no local address");
             return;
         }
     };
-    let Some(flow) = gate.intercept.take_flow(client, local) else {
+    let Some((key, flow)) = gate.intercept.lookup_flow(client, local) else {
         gate.refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%client, %local, "connection without a flow record closed");
         let _ = gate.store.event(Event {
@@ -177,6 +227,7 @@ async fn handle(gate: Arc<Gate>, sock: TcpStream, client: SocketAddr) {
         _ => Protocol::Tcp,
     };
     let Some(peer) = gate.identify(&flow, client, protocol != Protocol::Tcp) else {
+        gate.intercept.forget_flow(&key);
         gate.refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             agent_id = flow.agent_id,
@@ -195,7 +246,60 @@ async fn handle(gate: Arc<Gate>, sock: TcpStream, client: SocketAddr) {
     };
     gate.served.fetch_add(1, Ordering::Relaxed);
     match protocol {
-        Protocol::Tcp => tcp::handle(&gate, sock, peer, &flow).await,
-        Protocol::Postgres => postgres::handle(&gate, sock, peer).await,
+        // The TCP handler removes the record (and turns Nagle off) once the connection's first
+        // bytes are moving.
+        Protocol::Tcp => tcp::handle(&gate, sock, peer, &flow, key).await,
+        Protocol::Postgres => {
+            gate.intercept.forget_flow(&key);
+            // Agents' request/response exchanges must not wait on Nagle.
+            let _ = sock.set_nodelay(true);
+            // Boxed: its state is several times the size of the rest of this future, which
+            // every spawned connection would otherwise carry (and copy on spawn).
+            Box::pin(postgres::handle(&gate, sock, peer)).await
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// SO_MARK needs CAP_NET_ADMIN (or CAP_NET_RAW).
+    fn may_mark() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[tokio::test]
+    async fn loopback_dials_are_connected_when_connect_returns() {
+        if !may_mark() {
+            return;
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let s = dial(addr, 0).unwrap();
+        // Writable at once, no wait: the handshake ran inside `connect`.
+        assert_eq!(std::io::Write::write(&mut &s, b"x").unwrap(), 1);
+        assert_eq!(s.peer_addr().unwrap(), addr);
+        let (_, from) = listener.accept().await.unwrap();
+        assert_eq!(from, s.local_addr().unwrap());
+    }
+
+    #[tokio::test]
+    async fn refused_dials_fail_when_finished() {
+        if !may_mark() {
+            return;
+        }
+        // A port nobody listens on: bind, note the port, close.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = match dial(addr, 0) {
+            Ok(s) => finish_connect(s, addr).await.unwrap_err(),
+            Err(e) => e,
+        };
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
     }
 }

@@ -1,19 +1,79 @@
 //! Opaque TCP targets (and unknown destinations of agents that record them): connect upstream,
 //! relay both directions, count bytes, record the session.
+//!
+//! The path to a connection's first bytes is kept short: the session row is handed to the
+//! writer, the upstream connect is issued without waiting (on loopback the handshake is over
+//! when `connect` returns), and bytes the client has already sent leave for upstream before the
+//! upstream socket ever waits on the runtime. What the connection owes but need not wait for
+//! (removing its kernel flow record, reading the process's `/proc` facts) is paid the first time
+//! it waits on the network: see [`Settle`].
 
-use std::io;
+use std::future::{Future, poll_fn};
+use std::io::{self, Write};
+use std::pin::pin;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
-use agent_common::FlowRecord;
+use agent_common::{FlowKey, FlowRecord};
 
 use super::{Gate, Peer};
 use crate::identity::ProcessInfo;
 
 const RELAY_BUFFER: usize = 64 * 1024;
+/// Relay buffers kept per accept thread between connections (64 KiB each), so a connection
+/// does not pay a large allocation and its free for each direction.
+const POOLED_BUFFERS: usize = 32;
 
-pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer, flow: &FlowRecord) {
+/// Work a connection owes that need not delay its first bytes: removing its kernel flow record
+/// and completing its session with the process's `/proc` facts. It runs the first time the
+/// relay (or an upstream handshake that did not finish at once) waits on the network, so it
+/// overlaps the first round trip instead of adding to it, and before any byte from upstream
+/// reaches the client: a client waiting for its answer is still there to be read. Done once.
+struct Settle<'a> {
+    gate: &'a Gate,
+    key: FlowKey,
+    flow: &'a FlowRecord,
+    session: i64,
+    done: bool,
+}
+
+impl Settle<'_> {
+    fn run(&mut self) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        self.gate.intercept.forget_flow(&self.key);
+        let p = ProcessInfo::of_connection(self.flow.tgid, self.flow.uid, self.flow.cgroup_id);
+        let _ = self
+            .gate
+            .store
+            .identify(self.session, p.exe, p.cmdline, p.cgroup);
+    }
+}
+
+/// Drives `fut`, calling `on_wait` each time `fut` has to wait (`Settle::run` acts once).
+async fn on_wait<F: Future>(fut: F, mut on_wait: impl FnMut()) -> F::Output {
+    let mut fut = pin!(fut);
+    poll_fn(|cx| {
+        let r = fut.as_mut().poll(cx);
+        if r.is_pending() {
+            on_wait();
+        }
+        r
+    })
+    .await
+}
+
+/// Relays a connection whose flow record `key` the caller looked up and left in the map.
+pub async fn handle(
+    gate: &Gate,
+    mut client: TcpStream,
+    peer: Peer,
+    flow: &FlowRecord,
+    key: FlowKey,
+) {
     let decision = if peer.target.is_some() {
         "allow"
     } else {
@@ -24,41 +84,137 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer, flow: &FlowR
         .is_none()
         .then(|| "unknown destination relayed as recorded opaque TCP".to_string());
     let upstream_addr = peer.upstream();
-    // /proc is read on the blocking pool, off the connection's critical path; the session row
-    // is written first (before any byte is relayed) and completed with the process facts.
-    let (tgid, uid) = (flow.tgid, flow.uid);
-    let process = tokio::task::spawn_blocking(move || ProcessInfo::read(tgid, uid));
-    let id = match gate.store.start(peer.session_start(decision, reason)) {
+    // The session row is handed to the writer before any byte is relayed; the process facts
+    // follow from `Settle`.
+    let session = match gate.store.start(peer.session_start(decision, reason)) {
         Ok(id) => id,
         Err(e) => {
+            gate.intercept.forget_flow(&key);
             // No record, no relay.
             tracing::error!(error = %e, "cannot record session; closing");
             return;
         }
     };
-    let identify = async {
-        if let Ok(p) = process.await {
-            let _ = gate.store.identify(id, p.exe, p.cmdline, p.cgroup);
-        }
+    let mut settle = Settle {
+        gate,
+        key,
+        flow,
+        session,
+        done: false,
     };
-    let connected = gate.connect_upstream(upstream_addr).await;
+    let mut up_buf = take_buffer();
+    let mut first_up = 0u64;
+    let connected = match gate.dial_upstream(upstream_addr) {
+        Ok(std_upstream) => match forward_first(&client, &std_upstream, &mut up_buf) {
+            // A write went through: the handshake is done.
+            FirstBytes::Sent(n) => {
+                first_up = n;
+                TcpStream::from_std(std_upstream)
+            }
+            // Nothing to send yet, or the handshake is still on its way: the first wait.
+            FirstBytes::NotYet => {
+                settle.run();
+                super::finish_connect(std_upstream, upstream_addr).await
+            }
+            FirstBytes::UpstreamFailed(e) => Err(e),
+            FirstBytes::ClientFailed(e) => {
+                // The end the relay would have come to.
+                settle.run();
+                give_back(up_buf);
+                let _ = gate.store.end(session, 0, 0, Some(e.to_string()));
+                return;
+            }
+        },
+        Err(e) => Err(e),
+    };
     let mut upstream = match connected {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(session = id, upstream = %upstream_addr, error = %e, "upstream connect failed");
-            identify.await;
+            tracing::warn!(session, upstream = %upstream_addr, error = %e, "upstream connect failed");
+            settle.run();
+            give_back(up_buf);
             let _ = gate.store.end(
-                id,
-                0,
+                session,
+                first_up,
                 0,
                 Some(format!("upstream connect to {upstream_addr} failed: {e}")),
             );
             return;
         }
     };
-    tracing::debug!(session = id, agent = %peer.agent, upstream = %upstream_addr, "relaying");
-    let ((), (up, down, err)) = tokio::join!(identify, relay(&mut client, &mut upstream));
-    let _ = gate.store.end(id, up, down, err.map(|e| e.to_string()));
+    tracing::debug!(session, agent = %peer.agent, upstream = %upstream_addr, "relaying");
+    // Agents' request/response exchanges must not wait on Nagle. Set after the first bytes
+    // left: only writes to the client wait on it, and none has happened yet.
+    let _ = client.set_nodelay(true);
+    let (up, down, err) = on_wait(
+        relay_from(&mut client, &mut upstream, up_buf, first_up),
+        || settle.run(),
+    )
+    .await;
+    // A connection that never waited (over in one go) settles now.
+    settle.run();
+    let _ = gate
+        .store
+        .end(session, up, down, err.map(|e| e.to_string()));
+    // Closing the sockets (deregister, close) can wait a turn: connections that are starting
+    // meanwhile on this thread go first.
+    tokio::task::yield_now().await;
+}
+
+/// What became of the client's first bytes.
+enum FirstBytes {
+    /// This many went upstream (what the socket did not take stays in the buffer).
+    Sent(u64),
+    /// The client has sent nothing yet, or the upstream handshake is not done (what was read
+    /// stays in the buffer).
+    NotYet,
+    ClientFailed(io::Error),
+    /// The upstream connect failed.
+    UpstreamFailed(io::Error),
+}
+
+/// Moves the bytes the client has already sent to a freshly dialed upstream before the upstream
+/// socket is registered with the runtime (a new registration knows no readiness yet, so a write
+/// through it would first wait for an event-loop turn).
+fn forward_first(
+    client: &TcpStream,
+    upstream: &std::net::TcpStream,
+    buf: &mut BytesMut,
+) -> FirstBytes {
+    let would_block = |e: &io::Error| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        )
+    };
+    let spare = buf.capacity() - buf.len();
+    match client.try_read_buf(buf) {
+        Ok(0) => return FirstBytes::NotYet,
+        Ok(n) if n < spare => {
+            // A short read emptied the socket: let the runtime know, so that the relay's first
+            // read waits for the next edge instead of trying (tokio's own reads do the same).
+            let _ = client.try_io(Interest::READABLE, || {
+                Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+            });
+        }
+        Ok(_) => {}
+        Err(e) if would_block(&e) => return FirstBytes::NotYet,
+        Err(e) => return FirstBytes::ClientFailed(e),
+    }
+    // While the handshake is on its way a write fails with `WouldBlock`; once it has failed,
+    // with the connect's error.
+    match (&*upstream).write(buf) {
+        Ok(n) if n == buf.len() => {
+            buf.clear();
+            FirstBytes::Sent(n as u64)
+        }
+        Ok(n) => {
+            buf.advance(n);
+            FirstBytes::Sent(n as u64)
+        }
+        Err(e) if would_block(&e) => FirstBytes::NotYet,
+        Err(e) => FirstBytes::UpstreamFailed(e),
+    }
 }
 
 /// Copies both directions until both have finished; a half-close is passed on as a shutdown.
@@ -67,14 +223,25 @@ pub async fn relay(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
 ) -> (u64, u64, Option<io::Error>) {
+    relay_from(client, upstream, take_buffer(), 0).await
+}
+
+/// [`relay`], after `up_bytes` bytes already went upstream and with `up_buf` holding client
+/// bytes still to be written there.
+async fn relay_from(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    mut up_buf: BytesMut,
+    mut up_bytes: u64,
+) -> (u64, u64, Option<io::Error>) {
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
-    let mut up_bytes = 0u64;
+    let mut down_buf = take_buffer();
     let mut down_bytes = 0u64;
     let mut error = None;
     {
-        let up = copy_counting(&mut cr, &mut uw, &mut up_bytes);
-        let down = copy_counting(&mut ur, &mut cw, &mut down_bytes);
+        let up = copy_counting(&mut cr, &mut uw, &mut up_buf, &mut up_bytes);
+        let down = copy_counting(&mut ur, &mut cw, &mut down_buf, &mut down_bytes);
         tokio::pin!(up, down);
         let mut up_done = false;
         let mut down_done = false;
@@ -91,25 +258,55 @@ pub async fn relay(
             }
         }
     }
+    give_back(up_buf);
+    give_back(down_buf);
     (up_bytes, down_bytes, error)
 }
 
-async fn copy_counting<R, W>(r: &mut R, w: &mut W, count: &mut u64) -> io::Result<()>
+/// Writes what `buf` holds, then copies until `r` ends and passes the end on as a shutdown.
+async fn copy_counting<R, W>(
+    r: &mut R,
+    w: &mut W,
+    buf: &mut BytesMut,
+    count: &mut u64,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // Read into spare capacity: no zeroing of the buffer on every connection.
-    let mut buf = bytes::BytesMut::with_capacity(RELAY_BUFFER);
     loop {
-        let n = r.read_buf(&mut buf).await?;
-        if n == 0 {
+        if !buf.is_empty() {
+            w.write_all(buf).await?;
+            *count += buf.len() as u64;
+            buf.clear();
+        }
+        // Read into spare capacity: no zeroing of the buffer.
+        if r.read_buf(buf).await? == 0 {
             return w.shutdown().await;
         }
-        w.write_all(&buf).await?;
-        buf.clear();
-        *count += n as u64;
     }
+}
+
+thread_local! {
+    static BUFFERS: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> BytesMut {
+    BUFFERS
+        .with_borrow_mut(Vec::pop)
+        .unwrap_or_else(|| BytesMut::with_capacity(RELAY_BUFFER))
+}
+
+fn give_back(mut buf: BytesMut) {
+    buf.clear();
+    if buf.capacity() < RELAY_BUFFER {
+        return;
+    }
+    BUFFERS.with_borrow_mut(|pool| {
+        if pool.len() < POOLED_BUFFERS {
+            pool.push(buf);
+        }
+    });
 }
 
 #[cfg(test)]
@@ -117,6 +314,117 @@ where
 mod tests {
     use super::*;
     use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn on_wait_runs_while_waiting_only() {
+        let waits = std::cell::Cell::new(0);
+        let count = || waits.set(waits.get() + 1);
+        assert_eq!(on_wait(async { 7 }, count).await, 7);
+        assert_eq!(waits.get(), 0, "a future that never waits");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut waiting = pin!(on_wait(rx, count));
+        assert!(poll_once(waiting.as_mut()).await.is_none());
+        assert_eq!(waits.get(), 1, "called when the future had to wait");
+        tx.send(3).unwrap();
+        assert_eq!(waiting.await.unwrap(), 3);
+        assert_eq!(waits.get(), 1);
+    }
+
+    /// Polls once; `None` when pending.
+    async fn poll_once<F: Future + Unpin>(mut f: F) -> Option<F::Output> {
+        poll_fn(|cx| match std::pin::Pin::new(&mut f).poll(cx) {
+            std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+            std::task::Poll::Pending => std::task::Poll::Ready(None),
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn first_bytes_leave_before_the_relay_and_are_counted_once() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(front.local_addr().unwrap())
+            .await
+            .unwrap();
+        c.write_all(b"hello").await.unwrap();
+        let (mut accepted, _) = front.accept().await.unwrap();
+        let std_up = std::net::TcpStream::connect(server_addr).unwrap();
+        std_up.set_nonblocking(true).unwrap();
+        let (mut s, _) = server.accept().await.unwrap();
+        // The request may still be on its way through loopback: retry until it is read.
+        let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
+        let mut sent = 0;
+        for _ in 0..1000 {
+            match forward_first(&accepted, &std_up, &mut buf) {
+                FirstBytes::Sent(n) => {
+                    sent = n;
+                    break;
+                }
+                FirstBytes::NotYet => {}
+                FirstBytes::ClientFailed(e) | FirstBytes::UpstreamFailed(e) => panic!("{e}"),
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(sent, 5);
+        assert!(buf.is_empty());
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+        // The relay goes on from there, counting the first bytes once.
+        let mut up = TcpStream::from_std(std_up).unwrap();
+        let relay = tokio::spawn(async move {
+            let r = relay_from(&mut accepted, &mut up, buf, sent).await;
+            drop((accepted, up));
+            r
+        });
+        c.write_all(b" world").await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b" world");
+        s.write_all(b"ok").await.unwrap();
+        drop(s);
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"ok");
+        let (up_bytes, down_bytes, err) = relay.await.unwrap();
+        assert_eq!((up_bytes, down_bytes), (11, 2));
+        assert!(err.is_none());
+    }
+
+    #[tokio::test]
+    async fn first_bytes_wait_for_an_unfinished_handshake() {
+        // dial sets SO_MARK, which needs CAP_NET_ADMIN.
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        // A listener whose accept queue is full drops new SYNs: a dial to it stays connecting.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let full = sock.listen(0).unwrap();
+        let full_addr = full.local_addr().unwrap();
+        let _queued = std::net::TcpStream::connect(full_addr).unwrap();
+        let upstream = super::super::dial(full_addr, 0).unwrap();
+
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(front.local_addr().unwrap())
+            .await
+            .unwrap();
+        c.write_all(b"hello").await.unwrap();
+        let (accepted, _) = front.accept().await.unwrap();
+        let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
+        for _ in 0..1000 {
+            match forward_first(&accepted, &upstream, &mut buf) {
+                FirstBytes::NotYet if buf.is_empty() => tokio::task::yield_now().await,
+                FirstBytes::NotYet => break,
+                FirstBytes::Sent(n) => panic!("{n} bytes written before the handshake"),
+                FirstBytes::ClientFailed(e) | FirstBytes::UpstreamFailed(e) => panic!("{e}"),
+            }
+        }
+        // Read from the client and kept for the relay.
+        assert_eq!(&buf[..], b"hello");
+    }
 
     #[tokio::test]
     async fn relays_both_ways_and_counts() {

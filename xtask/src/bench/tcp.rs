@@ -624,7 +624,8 @@ targets:
     }
 
     /// The daemon served exactly the gate clients' connections and recorded them as sessions
-    /// of agent `bench` carrying the bulk bytes.
+    /// of agent `bench` carrying the bulk bytes and the client process's identity (exe,
+    /// cmdline, cgroup): a gate that skipped its per-connection work would not pass.
     fn verify(&self, served_before: u64, refused_before: u64) -> Result<serde_json::Value> {
         let gate = self
             .paths
@@ -646,6 +647,21 @@ targets:
         let limit = (gate.connections + 1000).to_string();
         let expected = usize::try_from(gate.connections)?;
         let servers = [self.servers.echo.to_string(), self.servers.bulk.to_string()];
+        // What /proc says about every gate client: `agentgate exec` runs `xtask bench-client`
+        // in the agent's cgroup.
+        let exe = std::fs::canonicalize(&self.xtask)
+            .with_context(|| format!("canonicalize {}", self.xtask.display()))?;
+        let exe = exe.to_string_lossy().into_owned();
+        let cgroup = format!("{}/{AGENT}", self.gate.cgroup_base);
+        let identified = |r: &serde_json::Value| {
+            r["exe"] == exe.as_str()
+                && r["cmdline"]
+                    .as_str()
+                    .is_some_and(|c| c.contains(" bench-client "))
+                && r["cgroup"]
+                    .as_str()
+                    .is_some_and(|c| c.ends_with(cgroup.as_str()))
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let v = self
@@ -665,9 +681,14 @@ targets:
                 .collect();
             let up: u64 = rows.iter().filter_map(|r| r["bytes_up"].as_u64()).sum();
             let down: u64 = rows.iter().filter_map(|r| r["bytes_down"].as_u64()).sum();
-            if rows.len() >= expected && up >= gate.up_bytes && down >= gate.down_bytes {
+            let with_identity = rows.iter().filter(|r| identified(r)).count();
+            if rows.len() >= expected
+                && with_identity >= expected
+                && up >= gate.up_bytes
+                && down >= gate.down_bytes
+            {
                 println!(
-                    "verified: the gate served {served_delta} connections ({} made by the gate clients), {} sessions of agent `{AGENT}` ended cleanly, relaying {:.2} GiB up and {:.2} GiB down",
+                    "verified: the gate served {served_delta} connections ({} made by the gate clients), {} sessions of agent `{AGENT}` ended cleanly ({with_identity} with the client's exe, cmdline and cgroup), relaying {:.2} GiB up and {:.2} GiB down",
                     gate.connections,
                     rows.len(),
                     up as f64 / GIB,
@@ -677,13 +698,14 @@ targets:
                     "gate_connections_made": gate.connections,
                     "gate_connections_served": served_delta,
                     "gate_sessions_recorded": rows.len(),
+                    "gate_sessions_with_identity": with_identity,
                     "gate_bytes_up_recorded": up,
                     "gate_bytes_down_recorded": down,
                 }));
             }
             if Instant::now() > deadline {
                 bail!(
-                    "the gate's session store shows {} clean sessions of agent `{AGENT}` ({expected} expected), {up} bytes up ({} expected), {down} down ({} expected)",
+                    "the gate's session store shows {} clean sessions of agent `{AGENT}` ({expected} expected), {with_identity} of them with exe {exe}, a bench-client cmdline and cgroup {cgroup}, {up} bytes up ({} expected), {down} down ({} expected)",
                     rows.len(),
                     gate.up_bytes,
                     gate.down_bytes
