@@ -1410,7 +1410,7 @@ SELECT count(*) FROM t;
     };
     assert!(
         pos("DROP TABLE customers") < pos("INSERT INTO t")
-            && pos("INSERT INTO t") < pos("SELECT 1 / 0")
+            && pos("INSERT INTO t") < pos("SELECT 1/0")
     );
 }
 
