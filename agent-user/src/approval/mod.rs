@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::admin::ErrorKind;
+use crate::protocol::postgres::format_code;
 use crate::session::{Event, SessionStore, format_ms, now_ms};
 use crate::webhook::Webhooks;
 
@@ -168,6 +169,13 @@ pub struct Grant {
     pub expired: bool,
 }
 
+/// An agent's roles widened by role grants, and the grants that widened them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantedRoles {
+    pub roles: Vec<String>,
+    pub grants: Vec<u64>,
+}
+
 impl Grant {
     pub fn active_at(&self, now: i64) -> bool {
         self.revoked_ms.is_none() && now < self.expires_ms
@@ -273,12 +281,7 @@ pub fn statement_hash(
     h.update(text.as_bytes());
     h.update((params.len() as u64).to_be_bytes());
     for (i, p) in params.iter().enumerate() {
-        let format = match formats {
-            [] => 0,
-            [one] => *one,
-            many => many.get(i).copied().unwrap_or(0),
-        };
-        h.update(format.to_be_bytes());
+        h.update(format_code(formats, i).to_be_bytes());
         match p {
             None => h.update(u64::MAX.to_be_bytes()),
             Some(b) => {
@@ -381,14 +384,7 @@ impl Approvals {
             .params
             .iter()
             .enumerate()
-            .map(|(i, p)| {
-                let f = match &n.param_formats[..] {
-                    [] => 0,
-                    [one] => *one,
-                    many => many.get(i).copied().unwrap_or(0),
-                };
-                render_param(p, f)
-            })
+            .map(|(i, p)| render_param(p, format_code(&n.param_formats, i)))
             .collect();
         let ticket = Ticket {
             id,
@@ -751,30 +747,37 @@ impl Approvals {
             .collect()
     }
 
-    /// The agent's roles now: its configured ones plus active role grants.
-    pub fn roles_for(&self, agent: &str, base: &[String]) -> Option<Vec<String>> {
+    /// The agent's roles now, when active role grants add any to its configured ones: the
+    /// roles, and the grants that added them. `None` (the common case) costs one atomic load.
+    pub fn roles_for(&self, agent: &str, base: &[String]) -> Option<GrantedRoles> {
         if !self.any_grants.load(Ordering::Acquire) {
             return None;
         }
         let now = now_ms();
         let inner = self.lock();
-        let mut extra = inner
-            .grants
-            .values()
-            .filter(|g| g.agent == agent && g.active_at(now))
-            .filter_map(|g| match &g.scope {
-                GrantScope::Role { role } if !base.contains(role) => Some(role.clone()),
-                _ => None,
-            })
-            .peekable();
-        extra.peek()?;
-        let mut roles = base.to_vec();
-        for r in extra {
-            if !roles.contains(&r) {
-                roles.push(r);
+        let mut granted = GrantedRoles {
+            roles: base.to_vec(),
+            grants: Vec::new(),
+        };
+        for g in inner.grants.values() {
+            if let GrantScope::Role { role } = &g.scope
+                && g.agent == agent
+                && g.active_at(now)
+                && !granted.roles.contains(role)
+            {
+                granted.roles.push(role.clone());
+                granted.grants.push(g.id);
             }
         }
-        Some(roles)
+        (!granted.grants.is_empty()).then_some(granted)
+    }
+
+    /// Whether every one of these grants is still in force.
+    pub fn all_active(&self, ids: &[u64]) -> bool {
+        let now = now_ms();
+        let inner = self.lock();
+        ids.iter()
+            .all(|id| inner.grants.get(id).is_some_and(|g| g.active_at(now)))
     }
 
     /// An active grant of `policy`/`rule` to the agent.

@@ -203,8 +203,12 @@ async fn role_grants_add_roles_until_they_end() {
         .unwrap();
     assert_eq!(
         a.roles_for("bot", &base),
-        Some(vec!["operator".to_string(), "dba".to_string()])
+        Some(GrantedRoles {
+            roles: vec!["operator".to_string(), "dba".to_string()],
+            grants: vec![g.id],
+        })
     );
+    assert!(a.all_active(&[g.id]));
     assert_eq!(a.roles_for("bot2", &base), None);
     assert!(
         a.grant_role("bot", "dba", Duration::ZERO, "x", None)
@@ -213,6 +217,7 @@ async fn role_grants_add_roles_until_they_end() {
     tokio::time::sleep(Duration::from_millis(350)).await;
     // Enforcement stops at expiry even before the expiry is recorded.
     assert_eq!(a.roles_for("bot", &base), None);
+    assert!(!a.all_active(&[g.id]));
     let mut events = a.subscribe();
     a.record_expiries();
     let ev = events.recv().await.unwrap();
@@ -271,7 +276,10 @@ async fn grants_survive_a_restart() {
         .collect();
     let store = Arc::new(SessionStore::open(&dir.join("s.db")).unwrap());
     let again = Approvals::new(store, None, stored, 0);
-    assert_eq!(again.roles_for("bot", &[]), Some(vec!["dba".to_string()]));
+    assert_eq!(
+        again.roles_for("bot", &[]).map(|g| g.roles),
+        Some(vec!["dba".to_string()])
+    );
     let next = again
         .grant_role("bot", "x", Duration::from_secs(1), "unix:root", None)
         .unwrap();

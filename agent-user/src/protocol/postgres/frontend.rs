@@ -687,3 +687,13 @@ pub fn parse_sasl_initial_response(payload: &[u8]) -> Result<(String, Option<Byt
 pub fn parse_sasl_response(payload: &[u8]) -> Bytes {
     Bytes::copy_from_slice(payload)
 }
+
+/// The format code of value `i` under a Bind's format-code list: none means all text, one
+/// applies to every value, otherwise one per value (a missing one reads as text).
+pub fn format_code(formats: &[i16], i: usize) -> i16 {
+    match formats {
+        [] => 0,
+        [one] => *one,
+        many => many.get(i).copied().unwrap_or(0),
+    }
+}

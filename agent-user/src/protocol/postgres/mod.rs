@@ -29,7 +29,7 @@ pub use backend::{
 };
 pub use error::{DecodeError, EncodeError};
 pub use frontend::{
-    FrontendDecoder, FrontendMessage, Phase, SensitiveBytes, Target, parse_password,
+    FrontendDecoder, FrontendMessage, Phase, SensitiveBytes, Target, format_code, parse_password,
     parse_sasl_initial_response, parse_sasl_response,
 };
 

@@ -28,14 +28,14 @@ use tokio::sync::Notify;
 use super::super::{Gate, Peer};
 use super::upstream::{Upstream, read_backend, read_frontend};
 use super::{PgError, PgTarget, Shared};
-use crate::approval::{GrantScope, Hold, NewTicket, Outcome};
+use crate::approval::{Hold, NewTicket, Outcome};
 use crate::mask::{ColumnMeta, Format, RowPlan};
 use crate::policy::{
     CopyDirection, Decision, ExtractOptions, QueryDecision, StatementKind, Subject, Verdict,
 };
 use crate::protocol::postgres::{
     BackendDecoder, BackendMessage, ErrorFields, FieldDescription, FrontendDecoder,
-    FrontendMessage, Target,
+    FrontendMessage, Target, format_code,
 };
 
 const SQLSTATE_INSUFFICIENT_PRIVILEGE: &str = "42501";
@@ -421,24 +421,6 @@ enum Judged {
     },
 }
 
-/// Role grants in force for the agent now (their ids, so a prepared statement judged with
-/// them can be re-judged once they end).
-fn current_roles(ctx: &Context<'_>) -> (Option<Vec<String>>, Vec<u64>) {
-    let approvals = &ctx.shared.approvals;
-    match approvals.roles_for(&ctx.peer.agent, &ctx.peer.roles) {
-        Some(roles) => {
-            let ids = approvals
-                .grants(false)
-                .into_iter()
-                .filter(|g| g.agent == ctx.peer.agent && matches!(g.scope, GrantScope::Role { .. }))
-                .map(|g| g.id)
-                .collect();
-            (Some(roles), ids)
-        }
-        None => (None, Vec::new()),
-    }
-}
-
 /// Lets `review` statements through when the agent holds a grant of their rule; returns the
 /// note to record, or `None` if some reviewed statement has no grant.
 fn rule_grants(ctx: &Context<'_>, decisions: &[&Decision]) -> Option<String> {
@@ -467,10 +449,15 @@ fn grant_note(g: &crate::approval::Grant) -> String {
 }
 
 fn judge(ctx: &Context<'_>, sql: &str) -> (QueryDecision, Judged, Vec<u64>) {
-    let (granted_roles, role_grants) = current_roles(ctx);
+    // Role grants in force now (their ids go with a prepared statement, which is judged again
+    // once one of them ends).
+    let granted = ctx
+        .shared
+        .approvals
+        .roles_for(&ctx.peer.agent, &ctx.peer.roles);
     let subject = Subject {
         agent: &ctx.peer.agent,
-        roles: granted_roles.as_deref().unwrap_or(&ctx.peer.roles),
+        roles: granted.as_ref().map_or(&ctx.peer.roles, |g| &g.roles),
     };
     let opts = ExtractOptions {
         standard_conforming_strings: ctx.standard_strings,
@@ -497,7 +484,7 @@ fn judge(ctx: &Context<'_>, sql: &str) -> (QueryDecision, Judged, Vec<u64>) {
             None => deny_message(deciding(&qd), &message),
         }),
     };
-    (qd, judged, role_grants)
+    (qd, judged, granted.map(|g| g.grants).unwrap_or_default())
 }
 
 fn error_frame(message: &str) -> Bytes {
@@ -585,10 +572,14 @@ fn facts_json(qd: &QueryDecision) -> serde_json::Value {
 }
 
 fn new_ticket(ctx: &Context<'_>, held: &Held) -> NewTicket {
-    let (granted, _) = current_roles(ctx);
+    let roles = ctx
+        .shared
+        .approvals
+        .roles_for(&ctx.peer.agent, &ctx.peer.roles)
+        .map_or_else(|| ctx.peer.roles.clone(), |g| g.roles);
     let base = NewTicket {
         agent: ctx.peer.agent.clone(),
-        roles: granted.unwrap_or_else(|| ctx.peer.roles.clone()),
+        roles,
         pid: ctx.peer.process.pid,
         uid: ctx.peer.process.uid,
         exe: ctx.peer.process.exe.clone(),
@@ -753,17 +744,7 @@ fn refusal(ticket: u64, rule: Option<&str>, outcome: &Outcome) -> (&'static str,
 
 /// A prepared statement judged with role grants that have since ended is judged again.
 fn rejudged(ctx: &Context<'_>, p: &Prepared) -> Option<(Decision, Option<String>)> {
-    if p.role_grants.is_empty() {
-        return None;
-    }
-    let active: Vec<u64> = ctx
-        .shared
-        .approvals
-        .grants(false)
-        .iter()
-        .map(|g| g.id)
-        .collect();
-    if p.role_grants.iter().all(|id| active.contains(id)) {
+    if p.role_grants.is_empty() || ctx.shared.approvals.all_active(&p.role_grants) {
         return None;
     }
     let (qd, judged, _) = judge(ctx, &p.text);
@@ -1313,12 +1294,7 @@ fn render(values: &[Option<Bytes>], formats: &[Format]) -> Vec<Option<String>> {
 }
 
 fn format_of(formats: &[i16], i: usize) -> Format {
-    let code = match formats {
-        [] => 0,
-        [one] => *one,
-        many => many.get(i).copied().unwrap_or(0),
-    };
-    Format::from_code(code).unwrap_or(Format::Text)
+    Format::from_code(format_code(formats, i)).unwrap_or(Format::Text)
 }
 
 fn cached_plan(s: &Prepared, masks: &[String], formats: &[i16]) -> Option<Option<Arc<RowPlan>>> {
