@@ -379,6 +379,9 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     };
     sock.set_reuseaddr(true)?;
     sock.set_reuseport(true)?;
+    // Accepted sockets inherit it: agents' request/response exchanges never wait on Nagle, and
+    // no connection pays a `setsockopt` of its own for it.
+    sock.set_nodelay(true)?;
     sock.bind(addr)?;
     sock.listen(1024)?.into_std()
 }
@@ -487,5 +490,20 @@ async fn sweep(intercept: Arc<Intercept>) {
         if removed > 0 {
             tracing::debug!(removed, "swept stale flow records");
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_have_nagle_off() {
+        let listener = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap(), "inherited from the listener");
     }
 }

@@ -9,6 +9,12 @@ use agentgate::{cli, daemon};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// Connections and statements allocate and free many small objects on one thread and free
+/// some on another (the session writer); mimalloc does both without glibc malloc's locking and
+/// consolidation passes.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "agentgate",

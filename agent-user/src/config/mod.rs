@@ -65,12 +65,18 @@ pub enum Protocol {
     Postgres,
 }
 
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
             Protocol::Tcp => "tcp",
             Protocol::Postgres => "postgres",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -255,10 +255,15 @@ fn read_cmdline_of_connection(pid: u32) -> Option<String> {
 
 /// Remembered cgroup paths per cgroup id, per accept thread (so no lock); bounded.
 const CGROUP_PATHS_MAX: usize = 1024;
+/// How long a remembered path is used before it is checked again. A cgroup id is not reused
+/// while the host runs (the kernel's 64-bit ids carry a generation), so the check only catches
+/// a cgroup renamed or removed; until then a path is at most this old.
+const CGROUP_PATH_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 thread_local! {
-    static CGROUP_PATHS: std::cell::RefCell<std::collections::HashMap<u64, String>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
+    static CGROUP_PATHS: std::cell::RefCell<
+        std::collections::HashMap<u64, (String, std::time::Instant)>,
+    > = std::cell::RefCell::new(std::collections::HashMap::new());
 }
 
 /// The cgroup2 mount of this host, opened once (`O_PATH`): paths are checked relative to it,
@@ -292,8 +297,15 @@ fn cgroup_path(pid: u32, cgroup_id: u64) -> Option<String> {
         return CgroupFs::of_pid(pid);
     };
     let cached = CGROUP_PATHS.with(|c| c.borrow().get(&cgroup_id).cloned());
-    if let Some(path) = cached {
+    if let Some((path, checked)) = cached {
+        if checked.elapsed() < CGROUP_PATH_RECHECK {
+            return Some(path);
+        }
         if names_cgroup(mount, &path, cgroup_id) {
+            CGROUP_PATHS.with(|c| {
+                c.borrow_mut()
+                    .insert(cgroup_id, (path.clone(), std::time::Instant::now()))
+            });
             return Some(path);
         }
         CGROUP_PATHS.with(|c| c.borrow_mut().remove(&cgroup_id));
@@ -307,7 +319,7 @@ fn cgroup_path(pid: u32, cgroup_id: u64) -> Option<String> {
             if c.len() >= CGROUP_PATHS_MAX {
                 c.clear();
             }
-            c.insert(cgroup_id, path.clone());
+            c.insert(cgroup_id, (path.clone(), std::time::Instant::now()));
         });
     }
     Some(path)

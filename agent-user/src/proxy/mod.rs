@@ -59,7 +59,7 @@ impl Peer {
             .unwrap_or(self.original_destination)
     }
 
-    pub fn session_start(&self, decision: &str, reason: Option<String>) -> SessionStart {
+    pub fn session_start(&self, decision: &'static str, reason: Option<String>) -> SessionStart {
         SessionStart {
             agent: Some(self.agent.clone()),
             roles: self.roles.clone(),
@@ -69,18 +69,18 @@ impl Peer {
             exe: self.process.exe.clone(),
             cmdline: self.process.cmdline.clone(),
             uid: Some(self.process.uid),
-            client: self.client.to_string(),
-            original_destination: Some(self.original_destination.to_string()),
+            client: Some(self.client),
+            original_destination: Some(self.original_destination),
             target: self.target.as_ref().map(|t| t.name.clone()),
             protocol: Some(
                 self.target
                     .as_ref()
                     .map(|t| t.protocol)
                     .unwrap_or(Protocol::Tcp)
-                    .to_string(),
+                    .name(),
             ),
-            upstream: Some(self.upstream().to_string()),
-            decision: decision.to_string(),
+            upstream: Some(self.upstream()),
+            decision,
             reason,
         }
     }
@@ -246,13 +246,11 @@ async fn handle(
     };
     gate.served.fetch_add(1, Ordering::Relaxed);
     match protocol {
-        // The TCP handler removes the record (and turns Nagle off) once the connection's first
-        // bytes are moving.
+        // The TCP handler removes the record once the connection's first bytes are moving.
+        // (Nagle is off on every accepted socket: they inherit it from the listener.)
         Protocol::Tcp => tcp::handle(&gate, sock, peer, &flow, key).await,
         Protocol::Postgres => {
             gate.intercept.forget_flow(&key);
-            // Agents' request/response exchanges must not wait on Nagle.
-            let _ = sock.set_nodelay(true);
             // Boxed: its state is several times the size of the rest of this future, which
             // every spawned connection would otherwise carry (and copy on spawn).
             Box::pin(postgres::handle(&gate, sock, peer)).await

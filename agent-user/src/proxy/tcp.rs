@@ -11,6 +11,7 @@
 use std::future::{Future, poll_fn};
 use std::io::{self, Write};
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
@@ -143,9 +144,6 @@ pub async fn handle(
         }
     };
     tracing::debug!(session, agent = %peer.agent, upstream = %upstream_addr, "relaying");
-    // Agents' request/response exchanges must not wait on Nagle. Set after the first bytes
-    // left: only writes to the client wait on it, and none has happened yet.
-    let _ = client.set_nodelay(true);
     let (up, down, err) = on_wait(
         relay_from(&mut client, &mut upstream, up_buf, first_up),
         || settle.run(),
@@ -239,9 +237,13 @@ async fn relay_from(
     let mut down_buf = take_buffer();
     let mut down_bytes = 0u64;
     let mut error = None;
+    // Set by the first direction to end; the second one then skips its shutdown, because both
+    // sockets are closed right after (a close sends the FIN; with both directions read to the
+    // end there is nothing unread that would turn it into a reset).
+    let one_ended = AtomicBool::new(false);
     {
-        let up = copy_counting(&mut cr, &mut uw, &mut up_buf, &mut up_bytes);
-        let down = copy_counting(&mut ur, &mut cw, &mut down_buf, &mut down_bytes);
+        let up = copy_counting(&mut cr, &mut uw, &mut up_buf, &mut up_bytes, &one_ended);
+        let down = copy_counting(&mut ur, &mut cw, &mut down_buf, &mut down_bytes, &one_ended);
         tokio::pin!(up, down);
         let mut up_done = false;
         let mut down_done = false;
@@ -263,12 +265,15 @@ async fn relay_from(
     (up_bytes, down_bytes, error)
 }
 
-/// Writes what `buf` holds, then copies until `r` ends and passes the end on as a shutdown.
+/// Writes what `buf` holds, then copies until `r` ends and passes the end on as a shutdown,
+/// unless the other direction has ended already (`one_ended`): then the close that follows
+/// passes it on.
 async fn copy_counting<R, W>(
     r: &mut R,
     w: &mut W,
     buf: &mut BytesMut,
     count: &mut u64,
+    one_ended: &AtomicBool,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -282,6 +287,9 @@ where
         }
         // Read into spare capacity: no zeroing of the buffer.
         if r.read_buf(buf).await? == 0 {
+            if one_ended.swap(true, Ordering::Relaxed) {
+                return w.flush().await;
+            }
             return w.shutdown().await;
         }
     }

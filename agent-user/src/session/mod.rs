@@ -12,6 +12,7 @@
 //! Readers (`agentgate sessions ...`) open the same file read-only; WAL lets them read while
 //! the daemon writes. This module stores and reads; it does not decide anything.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc;
@@ -136,13 +137,15 @@ pub struct SessionStart {
     pub exe: Option<String>,
     pub cmdline: Option<String>,
     pub uid: Option<u32>,
-    pub client: String,
-    pub original_destination: Option<String>,
+    /// Addresses stay addresses until the writer stores them: formatting them is work the
+    /// accept path does not wait for.
+    pub client: Option<SocketAddr>,
+    pub original_destination: Option<SocketAddr>,
     pub target: Option<String>,
-    pub protocol: Option<String>,
-    pub upstream: Option<String>,
+    pub protocol: Option<&'static str>,
+    pub upstream: Option<SocketAddr>,
     /// `allow`, `record` (unknown destination relayed), or `deny`.
-    pub decision: String,
+    pub decision: &'static str,
     pub reason: Option<String>,
 }
 
@@ -212,6 +215,8 @@ enum Write {
         id: i64,
         ts: i64,
         s: Box<SessionStart>,
+        /// Set when the session's end arrived in the same batch (see [`fold`]).
+        end: Option<Ending>,
     },
     End {
         id: i64,
@@ -237,6 +242,65 @@ enum Write {
         detail: serde_json::Value,
     },
     Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// How a session ended, folded into its start row when both are written in one batch.
+struct Ending {
+    ts: i64,
+    bytes_up: u64,
+    bytes_down: u64,
+    error: Option<String>,
+}
+
+/// Folds the process facts and the end of sessions that started in this batch into their start
+/// rows: a short connection (most of them: a query, an API call) costs one row insert instead of
+/// an insert and two updates. Everything else keeps its order.
+fn fold(batch: Vec<Write>) -> Vec<Write> {
+    let mut out = Vec::with_capacity(batch.len());
+    // Session id -> index of its `Start` in `out`.
+    let mut started: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
+    for w in batch {
+        let target = match &w {
+            Write::Identify { id, .. } | Write::End { id, .. } => started.get(id).copied(),
+            _ => None,
+        };
+        let Some(Write::Start { s, end, .. }) = target.and_then(|i| out.get_mut(i)) else {
+            if let Write::Start { id, .. } = &w {
+                started.insert(*id, out.len());
+            }
+            out.push(w);
+            continue;
+        };
+        match w {
+            Write::Identify {
+                exe,
+                cmdline,
+                cgroup,
+                ..
+            } => {
+                // As the UPDATE would: a fact read replaces the one at the start, if any.
+                s.exe = exe.or(s.exe.take());
+                s.cmdline = cmdline.or(s.cmdline.take());
+                s.cgroup = cgroup.or(s.cgroup.take());
+            }
+            Write::End {
+                ts,
+                bytes_up,
+                bytes_down,
+                error,
+                ..
+            } => {
+                *end = Some(Ending {
+                    ts,
+                    bytes_up,
+                    bytes_down,
+                    error,
+                });
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 /// The daemon's handle: cheap to share (`Arc`) and never blocks on disk.
@@ -305,6 +369,7 @@ impl SessionStore {
             id,
             ts: now_ms(),
             s: Box::new(s),
+            end: None,
         })?;
         Ok(id)
     }
@@ -423,7 +488,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>) {
             }
         }
         let result = conn.transaction().and_then(|tx| {
-            for w in batch {
+            for w in fold(batch) {
                 apply(&tx, w, &mut acks)?;
             }
             tx.commit()
@@ -485,12 +550,18 @@ fn apply(
                 e.masked
             ])?;
         }
-        Write::Start { id, ts, s } => {
+        Write::Start { id, ts, s, end } => {
             let roles = serde_json::to_string(&s.roles).unwrap_or_else(|_| "[]".into());
+            let (ended, up, down, error) = match end {
+                Some(e) => (Some(e.ts), e.bytes_up, e.bytes_down, e.error),
+                None => (None, 0, 0, None),
+            };
             tx.prepare_cached(
                 "INSERT INTO sessions (id, agent, roles, cgroup_id, cgroup, pid, exe, cmdline, uid, client,
-                 original_destination, target, protocol, upstream, decision, reason, started_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                 original_destination, target, protocol, upstream, decision, reason, started_ms,
+                 ended_ms, bytes_up, bytes_down, error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                 ?18, ?19, ?20, ?21)",
             )?
             .execute(params![
                     id,
@@ -502,14 +573,18 @@ fn apply(
                     s.exe,
                     s.cmdline,
                     s.uid,
-                    s.client,
-                    s.original_destination,
+                    s.client.map(|a| a.to_string()).unwrap_or_default(),
+                    s.original_destination.map(|a| a.to_string()),
                     s.target,
                     s.protocol,
-                    s.upstream,
+                    s.upstream.map(|a| a.to_string()),
                     s.decision,
                     s.reason,
-                    ts
+                    ts,
+                    ended,
+                    up as i64,
+                    down as i64,
+                    error
                 ])?;
         }
         Write::End {
@@ -844,6 +919,83 @@ impl SessionReader {
 mod tests {
     use super::*;
 
+    fn start(id: i64) -> Write {
+        Write::Start {
+            id,
+            ts: 1,
+            s: Box::new(SessionStart {
+                exe: Some("/at/start".into()),
+                decision: "allow",
+                ..Default::default()
+            }),
+            end: None,
+        }
+    }
+
+    fn end(id: i64) -> Write {
+        Write::End {
+            id,
+            ts: 9,
+            bytes_up: 3,
+            bytes_down: 4,
+            error: Some("reset".into()),
+        }
+    }
+
+    fn identify(id: i64, exe: Option<&str>) -> Write {
+        Write::Identify {
+            id,
+            exe: exe.map(Into::into),
+            cmdline: Some(format!("cmd {id}")),
+            cgroup: None,
+        }
+    }
+
+    #[test]
+    fn a_session_started_and_ended_in_one_batch_is_one_row() {
+        let folded = fold(vec![
+            identify(1, Some("/earlier")),
+            start(2),
+            end(1),
+            identify(2, Some("/usr/bin/psql")),
+            start(3),
+            identify(3, None),
+            end(2),
+        ]);
+        // Session 1 started in an earlier batch: its writes stay updates, in order.
+        assert!(matches!(
+            folded.first(),
+            Some(Write::Identify { id: 1, .. })
+        ));
+        assert!(matches!(folded.get(2), Some(Write::End { id: 1, .. })));
+        assert_eq!(folded.len(), 4, "two starts and session 1's two updates");
+        let Some(Write::Start {
+            id: 2,
+            s,
+            end: Some(e),
+            ..
+        }) = folded.get(1)
+        else {
+            panic!("session 2 is one start row carrying its end");
+        };
+        assert_eq!(s.exe.as_deref(), Some("/usr/bin/psql"));
+        assert_eq!(s.cmdline.as_deref(), Some("cmd 2"));
+        assert_eq!((e.ts, e.bytes_up, e.bytes_down), (9, 3, 4));
+        assert_eq!(e.error.as_deref(), Some("reset"));
+        let Some(Write::Start {
+            id: 3,
+            s,
+            end: None,
+            ..
+        }) = folded.get(3)
+        else {
+            panic!("session 3 has not ended");
+        };
+        // A fact that could not be read keeps the one known at the start.
+        assert_eq!(s.exe.as_deref(), Some("/at/start"));
+        assert_eq!(s.cmdline.as_deref(), Some("cmd 3"));
+    }
+
     #[tokio::test]
     async fn sessions_round_trip_and_survive_reopen() {
         let dir =
@@ -855,8 +1007,8 @@ mod tests {
             .start(SessionStart {
                 agent: Some("bot".into()),
                 roles: vec!["analyst".into()],
-                client: "127.0.0.1:4000".into(),
-                decision: "allow".into(),
+                client: Some(([127, 0, 0, 1], 4000).into()),
+                decision: "allow",
                 ..Default::default()
             })
             .unwrap();
@@ -884,8 +1036,7 @@ mod tests {
         let store = SessionStore::open(&path).unwrap();
         let id2 = store
             .start(SessionStart {
-                client: "c".into(),
-                decision: "allow".into(),
+                decision: "allow",
                 ..Default::default()
             })
             .unwrap();

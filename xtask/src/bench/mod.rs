@@ -4,6 +4,28 @@
 pub mod postgres;
 pub mod tcp;
 
+/// Nanoseconds the processes' threads have run, from `/proc/PID/task/TID/schedstat` (its first
+/// field), for the proxy CPU per connection or transaction the benches report: a proxy's work,
+/// which the machine's noise moves far less than latency or throughput. Threads that ended are
+/// not counted, so sample processes whose threads live long (the daemon, nginx, PgBouncer).
+pub fn cpu_ns(pids: &[u32]) -> u64 {
+    let mut total = 0;
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            total += stat
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
 /// Latency summary of a set of samples, in microseconds.
 #[derive(Debug, Clone, Copy)]
 pub struct Latency {

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use agentgate_tests::{Gate, Postgres, free_port, workspace_root};
 use anyhow::{Context, Result, bail, ensure};
 
-use super::{median, round2};
+use super::{cpu_ns, median, round2};
 
 /// Set on the re-run from the release binary.
 const AGENT: &str = "bench";
@@ -334,6 +334,16 @@ struct Series {
     connect_ms: Vec<f64>,
     transactions: u64,
     runs: u64,
+    /// CPU time of the proxy process (the daemon, PgBouncer) during these runs.
+    proxy_cpu_ns: u64,
+}
+
+impl Series {
+    /// The proxy's CPU time per transaction, in microseconds.
+    fn cpu_per_tx_us(&self) -> Option<f64> {
+        (self.transactions > 0 && self.proxy_cpu_ns > 0)
+            .then(|| self.proxy_cpu_ns as f64 / self.transactions as f64 / 1000.0)
+    }
 }
 
 struct Bench<'a> {
@@ -558,6 +568,20 @@ targets:
         Ok(r)
     }
 
+    /// The process relaying `route`: the daemon or PgBouncer (none for direct).
+    fn proxy_pids(&self, route: Route) -> Vec<u32> {
+        let pid = match route {
+            Route::Gate => self.gate.pid(),
+            Route::PgBouncer => self
+                .pgbouncer
+                .as_ref()
+                .and_then(PgBouncer::pid_from_file)
+                .and_then(|p| u32::try_from(p).ok()),
+            Route::Direct => None,
+        };
+        pid.into_iter().collect()
+    }
+
     fn served(&self) -> Result<(u64, u64)> {
         let v = self.gate.cli_json(&["status", "--json"]);
         let d = &v["daemon"];
@@ -592,7 +616,10 @@ targets:
             for mode in MODES {
                 let mut line = Vec::new();
                 for &route in &order {
+                    let proxy = self.proxy_pids(route);
+                    let cpu_before = cpu_ns(&proxy);
                     let r = self.pgbench(route, mode, o.seconds)?;
+                    let cpu = cpu_ns(&proxy).saturating_sub(cpu_before);
                     if route == Route::Gate {
                         gate_runs += 1;
                     }
@@ -613,6 +640,7 @@ targets:
                     s.connect_ms.extend(r.connect_ms);
                     s.transactions += r.transactions;
                     s.runs += 1;
+                    s.proxy_cpu_ns += cpu;
                 }
                 println!(
                     "    round {}/{} {mode:<8} ({:>3.0} s): {}",
@@ -824,6 +852,11 @@ targets:
             };
             row(&format!("{m} TPS"), &|r| tps(r, m), 0);
             row(&format!("{m} latency avg ms"), &|r| lat(r, m), 3);
+            row(
+                &format!("{m} proxy CPU us/tx"),
+                &|r| self.series(r, m).and_then(Series::cpu_per_tx_us),
+                1,
+            );
         }
         println!();
         let verdict = |ok: Option<bool>| match ok {
@@ -849,6 +882,7 @@ targets:
                         serde_json::json!({
                             "tps": tps(r, m).map(round2),
                             "tps_rounds": s.tps.iter().copied().map(round2).collect::<Vec<_>>(),
+                            "proxy_cpu_us_per_tx": s.cpu_per_tx_us().map(round2),
                             "latency_avg_ms": lat(r, m).map(|v| (v * 1000.0).round() / 1000.0),
                             "latency_avg_ms_rounds": s.latency_ms.clone(),
                             "initial_connection_ms_rounds": s.connect_ms.clone(),

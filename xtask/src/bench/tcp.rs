@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use agentgate_tests::{Gate, free_port, workspace_root};
 use anyhow::{Context, Result, bail, ensure};
 
-use super::{Latency, median, round2};
+use super::{Latency, cpu_ns, median, round2};
 use crate::bench_client::{CHUNK, HEADER_LEN, MODE_DOWNLOAD, MODE_UPLOAD};
 
 /// Set on the re-run from the release binary.
@@ -318,6 +318,22 @@ stream {{
     }
 }
 
+impl Nginx {
+    /// The master and its workers (children).
+    fn pids(&self) -> Vec<u32> {
+        let master = self.child.id();
+        let mut pids = vec![master];
+        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .unwrap_or_default();
+        pids.extend(
+            children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+        pids
+    }
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM: the master stops its workers (SIGKILL would orphan them).
@@ -351,6 +367,11 @@ struct Path {
     connections: u64,
     up_bytes: u64,
     down_bytes: u64,
+    /// CPU time the proxy's processes spent during this path's latency loops, and the
+    /// connections those loops made (warm-ups included): the proxy's work per connect, a figure
+    /// the machine's noise moves far less than latency.
+    latency_cpu_ns: u64,
+    latency_connections: u64,
 }
 
 impl Path {
@@ -368,6 +389,8 @@ impl Path {
             connections: 0,
             up_bytes: 0,
             down_bytes: 0,
+            latency_cpu_ns: 0,
+            latency_connections: 0,
         }
     }
 }
@@ -456,6 +479,15 @@ targets:
         ))
     }
 
+    /// The processes relaying `path`: the daemon, or nginx's master and workers.
+    fn proxy_pids(&self, path: &Path) -> Vec<u32> {
+        match path.name {
+            "gate" => self.gate.pid().into_iter().collect(),
+            "nginx" => self.nginx.as_ref().map(Nginx::pids).unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Runs one client process on `path` and returns its JSON report.
     fn client(&self, path: &Path, args: &[String]) -> Result<serde_json::Value> {
         let xtask = self.xtask.to_string_lossy().into_owned();
@@ -534,11 +566,19 @@ targets:
                 format!("--bytes={bytes}"),
             ],
         };
+        let proxy = self.proxy_pids(path);
+        let cpu_before = cpu_ns(&proxy);
         let v = self.client(path, &args)?;
+        let cpu = cpu_ns(&proxy).saturating_sub(cpu_before);
         let path = self.paths.get_mut(index).context("path index")?;
-        path.connections += v["connections"]
+        let connections = v["connections"]
             .as_u64()
             .context("client report: connections")?;
+        path.connections += connections;
+        if matches!(m, Measure::Sequential | Measure::Parallel) && !proxy.is_empty() {
+            path.latency_cpu_ns += cpu;
+            path.latency_connections += connections;
+        }
         match m {
             Measure::Sequential | Measure::Parallel => {
                 let samples = v["samples_ns"]
@@ -791,6 +831,12 @@ targets:
             });
             row("                   connects/s", &rate);
         }
+        let cpu_per_connect = |name: &str| {
+            let p = find(name)?;
+            (p.latency_connections > 0)
+                .then(|| p.latency_cpu_ns as f64 / p.latency_connections as f64 / 1000.0)
+        };
+        row("proxy CPU per connect us", &cpu_per_connect);
         println!();
 
         let added = |f: &dyn Fn(&str) -> Option<Latency>, who: &str| -> Option<f64> {
@@ -859,6 +905,7 @@ targets:
                         "latency_sequential": seq(n).map(Latency::to_json),
                         "latency_parallel": par(n).map(Latency::to_json),
                         "parallel_connects_per_s": rate(n).map(round2),
+                        "proxy_cpu_us_per_connect": cpu_per_connect(n).map(round2),
                         "connections": p.connections,
                     }),
                 ))
