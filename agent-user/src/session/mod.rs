@@ -14,6 +14,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -165,17 +166,20 @@ pub struct Event {
 }
 
 /// A judged statement, recorded when it is decided (before it runs).
-#[derive(Debug, Clone, Serialize, Default)]
+///
+/// The text and facts are shared (`Arc`) with the prepared statement they come from: a
+/// statement executed a thousand times is recorded a thousand times without being copied.
+#[derive(Debug, Clone, Default)]
 pub struct StatementStart {
     pub session_id: i64,
-    /// `simple` or `extended`.
-    pub protocol: String,
-    pub text: String,
-    pub kind: Option<String>,
-    pub tables: Vec<String>,
-    pub functions: Vec<String>,
-    /// `allow`, `deny` or `review`.
-    pub decision: String,
+    /// `simple`, `extended` or `function-call`.
+    pub protocol: &'static str,
+    pub text: Arc<str>,
+    pub kind: Option<&'static str>,
+    pub tables: Arc<[String]>,
+    pub functions: Arc<[String]>,
+    /// `allow`, `deny`, `review`, or how a review was settled (`approved`, `granted`).
+    pub decision: &'static str,
     /// False in shadow mode: the decision was recorded, not enforced.
     pub enforced: bool,
     pub policy: Option<String>,
@@ -303,13 +307,26 @@ fn fold(batch: Vec<Write>) -> Vec<Write> {
     out
 }
 
+/// A judged statement whose outcome is still to come. It travels with the connection's own
+/// bookkeeping (no shared map, no lock) until [`SessionStore::statement_end`] writes it.
+#[derive(Debug)]
+pub struct OpenStatement {
+    id: i64,
+    ts: i64,
+    s: StatementStart,
+}
+
+impl OpenStatement {
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+}
+
 /// The daemon's handle: cheap to share (`Arc`) and never blocks on disk.
 pub struct SessionStore {
     tx: mpsc::Sender<Write>,
     next_id: AtomicI64,
     next_statement: AtomicI64,
-    /// Statements judged and not yet finished, by id.
-    open_statements: std::sync::Mutex<std::collections::HashMap<i64, (i64, StatementStart)>>,
     path: PathBuf,
 }
 
@@ -353,7 +370,6 @@ impl SessionStore {
             tx,
             next_id: AtomicI64::new(max + 1),
             next_statement: AtomicI64::new(max_statement + 1),
-            open_statements: std::sync::Mutex::new(std::collections::HashMap::new()),
             path: path.into(),
         })
     }
@@ -409,26 +425,19 @@ impl SessionStore {
     /// Opens the record of a judged statement; [`SessionStore::statement_end`] hands it to the
     /// writer with its outcome, in one row write (the proxy calls it before the statement's
     /// result is passed on, or at once for a refusal).
-    pub fn statement(&self, s: StatementStart) -> Result<i64, SessionError> {
-        let id = self.next_statement.fetch_add(1, Ordering::Relaxed);
-        self.open_statements
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id, (now_ms(), s));
-        Ok(id)
+    pub fn statement(&self, s: StatementStart) -> OpenStatement {
+        OpenStatement {
+            id: self.next_statement.fetch_add(1, Ordering::Relaxed),
+            ts: now_ms(),
+            s,
+        }
     }
 
-    pub fn statement_end(&self, id: i64, e: StatementEnd) -> Result<(), SessionError> {
-        let open = self
-            .open_statements
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&id);
-        let Some((ts, s)) = open else { return Ok(()) };
+    pub fn statement_end(&self, open: OpenStatement, e: StatementEnd) -> Result<(), SessionError> {
         self.send(Write::Statement {
-            id,
-            ts,
-            s: Box::new(s),
+            id: open.id,
+            ts: open.ts,
+            s: Box::new(open.s),
             e: Box::new(e),
         })
     }
@@ -532,10 +541,10 @@ fn apply(
                 s.session_id,
                 ts,
                 s.protocol,
-                s.text,
+                &*s.text,
                 s.kind,
-                serde_json::to_string(&s.tables).unwrap_or_else(|_| "[]".into()),
-                serde_json::to_string(&s.functions).unwrap_or_else(|_| "[]".into()),
+                serde_json::to_string(&*s.tables).unwrap_or_else(|_| "[]".into()),
+                serde_json::to_string(&*s.functions).unwrap_or_else(|_| "[]".into()),
                 s.decision,
                 s.enforced,
                 s.policy,

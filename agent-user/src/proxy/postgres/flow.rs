@@ -40,7 +40,7 @@ use crate::protocol::postgres::{
 
 const SQLSTATE_INSUFFICIENT_PRIVILEGE: &str = "42501";
 const SQLSTATE_QUERY_CANCELED: &str = "57014";
-use crate::session::{StatementEnd, StatementStart};
+use crate::session::{OpenStatement, StatementEnd, StatementStart};
 
 /// Raises the error that puts the server's transaction where a real failure would.
 const DENY_SQL: &str = "DO $agentgate$BEGIN RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = 'agentgate: statement denied'; END$agentgate$";
@@ -57,7 +57,7 @@ pub struct Context<'a> {
 
 /// A statement being recorded.
 struct Rec {
-    id: Option<i64>,
+    open: Option<OpenStatement>,
     started: Instant,
     masks: Vec<String>,
     rows: u64,
@@ -68,9 +68,9 @@ struct Rec {
 }
 
 impl Rec {
-    fn new(id: Option<i64>, masks: Vec<String>) -> Rec {
+    fn new(open: Option<OpenStatement>, masks: Vec<String>) -> Rec {
         Rec {
-            id,
+            open,
             started: Instant::now(),
             masks,
             rows: 0,
@@ -85,7 +85,7 @@ impl Rec {
 struct QueryRun {
     recs: Vec<Rec>,
     idx: usize,
-    plan: Option<RowPlan>,
+    plan: Option<Arc<RowPlan>>,
 }
 
 struct ExecRun {
@@ -128,16 +128,16 @@ enum Expect {
 }
 
 struct Prepared {
-    text: String,
+    text: Arc<str>,
     decision: Decision,
     /// Role grants the decision relied on: once one ends, each Execute is judged again.
     role_grants: Vec<u64>,
     /// Masking plans built for this statement's result, by mask profiles and result formats
     /// (its columns are fixed: a repeated Execute need not resolve and plan them again).
     plans: Mutex<Vec<CachedPlan>>,
-    kind: Option<String>,
-    tables: Vec<String>,
-    functions: Vec<String>,
+    kind: Option<&'static str>,
+    tables: Arc<[String]>,
+    functions: Arc<[String]>,
     columns: Mutex<Option<Vec<FieldDescription>>>,
 }
 
@@ -146,6 +146,8 @@ type CachedPlan = (Vec<String>, Vec<i16>, Option<Arc<RowPlan>>);
 
 /// Plans kept per prepared statement (a statement sees few format combinations).
 const PLANS_PER_STATEMENT: usize = 4;
+/// Masking plans a connection keeps for the result columns of simple queries.
+const QUERY_PLANS: usize = 16;
 
 struct Portal {
     prepared: Option<Arc<Prepared>>,
@@ -276,13 +278,13 @@ fn deny_message(d: &Decision, message: &str) -> String {
 }
 
 fn finish(ctx: &Context<'_>, rec: Rec, tag: Option<String>, error: Option<String>) {
-    let Some(id) = rec.id else { return };
+    let Some(open) = rec.open else { return };
     let rows =
         tag.as_deref()
             .and_then(rows_of_tag)
             .or(if rec.rows > 0 { Some(rec.rows) } else { None });
     let _ = ctx.gate.store.statement_end(
-        id,
+        open,
         StatementEnd {
             duration_us: u64::try_from(rec.started.elapsed().as_micros()).unwrap_or(u64::MAX),
             rows,
@@ -307,12 +309,12 @@ struct Reviewed {
 }
 
 impl Reviewed {
-    fn apply(r: Option<&Reviewed>, d: &Decision) -> (String, Option<String>) {
+    fn apply(r: Option<&Reviewed>, d: &Decision) -> (&'static str, Option<String>) {
         match r {
             Some(r) if !d.shadow && matches!(d.verdict, Verdict::Review { .. }) => {
-                (r.decision.to_string(), Some(r.message.clone()))
+                (r.decision, Some(r.message.clone()))
             }
-            _ => (d.verdict.name().to_string(), verdict_message(&d.verdict)),
+            _ => (d.verdict.name(), verdict_message(&d.verdict)),
         }
     }
 }
@@ -320,7 +322,7 @@ impl Reviewed {
 /// Records the statements of a judged query string; returns their records.
 fn record_query(
     ctx: &Context<'_>,
-    protocol: &str,
+    protocol: &'static str,
     sql: &str,
     qd: &QueryDecision,
     reviewed: Option<&Reviewed>,
@@ -328,25 +330,23 @@ fn record_query(
     let store = &ctx.gate.store;
     if qd.statements.is_empty() {
         let d = &qd.decision;
-        let id = store
-            .statement(StatementStart {
-                session_id: ctx.session_id,
-                protocol: protocol.into(),
-                text: sql.to_string(),
-                kind: None,
-                decision: d.verdict.name().into(),
-                enforced: !d.shadow,
-                policy: d.policy.clone(),
-                rule: d.rule.clone(),
-                message: qd
-                    .parse_error
-                    .clone()
-                    .or_else(|| verdict_message(&d.verdict)),
-                ..Default::default()
-            })
-            .ok();
+        let open = store.statement(StatementStart {
+            session_id: ctx.session_id,
+            protocol,
+            text: sql.into(),
+            kind: None,
+            decision: d.verdict.name(),
+            enforced: !d.shadow,
+            policy: d.policy.clone(),
+            rule: d.rule.clone(),
+            message: qd
+                .parse_error
+                .clone()
+                .or_else(|| verdict_message(&d.verdict)),
+            ..Default::default()
+        });
         return if qd.parse_error.is_some() {
-            vec![Rec::new(id, Vec::new())]
+            vec![Rec::new(Some(open), Vec::new())]
         } else {
             Vec::new()
         };
@@ -356,22 +356,20 @@ fn record_query(
         .map(|s| {
             let d = &s.decision;
             let (decision, message) = Reviewed::apply(reviewed, d);
-            let id = store
-                .statement(StatementStart {
-                    session_id: ctx.session_id,
-                    protocol: protocol.into(),
-                    text: s.facts.text.clone(),
-                    kind: Some(s.facts.kind.to_string()),
-                    tables: s.facts.tables.iter().map(ToString::to_string).collect(),
-                    functions: s.facts.functions.clone(),
-                    decision,
-                    enforced: !d.shadow,
-                    policy: d.policy.clone(),
-                    rule: d.rule.clone(),
-                    message,
-                })
-                .ok();
-            Rec::new(id, d.mask.clone())
+            let open = store.statement(StatementStart {
+                session_id: ctx.session_id,
+                protocol,
+                text: s.facts.text.as_str().into(),
+                kind: Some(s.facts.kind.as_str()),
+                tables: s.facts.tables.iter().map(ToString::to_string).collect(),
+                functions: s.facts.functions.as_slice().into(),
+                decision,
+                enforced: !d.shadow,
+                policy: d.policy.clone(),
+                rule: d.rule.clone(),
+                message,
+            });
+            Rec::new(Some(open), d.mask.clone())
         })
         .collect()
 }
@@ -617,7 +615,7 @@ fn new_ticket(ctx: &Context<'_>, held: &Held) -> NewTicket {
             ..
         } => NewTicket {
             protocol: "extended",
-            statement: prepared.text.clone(),
+            statement: prepared.text.to_string(),
             params: portal
                 .as_ref()
                 .map(|p| p.params.clone())
@@ -628,8 +626,8 @@ fn new_ticket(ctx: &Context<'_>, held: &Held) -> NewTicket {
                 .unwrap_or_default(),
             facts: serde_json::json!([{
                 "kind": prepared.kind,
-                "tables": prepared.tables,
-                "functions": prepared.functions,
+                "tables": &*prepared.tables,
+                "functions": &*prepared.functions,
                 "verdict": prepared.decision.verdict.name(),
                 "rule": prepared.decision.rule,
             }]),
@@ -766,24 +764,20 @@ fn record_execute(
     reviewed: Option<&Reviewed>,
 ) -> Rec {
     let (verdict, message) = Reviewed::apply(reviewed, decision);
-    let id = ctx
-        .gate
-        .store
-        .statement(StatementStart {
-            session_id: ctx.session_id,
-            protocol: "extended".into(),
-            text: p.text.clone(),
-            kind: p.kind.clone(),
-            tables: p.tables.clone(),
-            functions: p.functions.clone(),
-            decision: verdict,
-            enforced: !decision.shadow,
-            policy: decision.policy.clone(),
-            rule: decision.rule.clone(),
-            message,
-        })
-        .ok();
-    Rec::new(id, decision.mask.clone())
+    let open = ctx.gate.store.statement(StatementStart {
+        session_id: ctx.session_id,
+        protocol: "extended",
+        text: p.text.clone(),
+        kind: p.kind,
+        tables: p.tables.clone(),
+        functions: p.functions.clone(),
+        decision: verdict,
+        enforced: !decision.shadow,
+        policy: decision.policy.clone(),
+        rule: decision.rule.clone(),
+        message,
+    });
+    Rec::new(Some(open), decision.mask.clone())
 }
 
 /// `SET statement_timeout` seen on this connection: a held statement is cancelled when it runs
@@ -923,15 +917,15 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 .unwrap_or(qd.decision.clone());
                             let needs_columns = masking && !decision.mask.is_empty();
                             let prepared = Arc::new(Prepared {
-                                text: query.clone(),
-                                kind: first.map(|s| s.facts.kind.to_string()),
+                                text: query.as_str().into(),
+                                kind: first.map(|s| s.facts.kind.as_str()),
                                 tables: first
                                     .map(|s| {
                                         s.facts.tables.iter().map(ToString::to_string).collect()
                                     })
                                     .unwrap_or_default(),
                                 functions: first
-                                    .map(|s| s.facts.functions.clone())
+                                    .map(|s| s.facts.functions.as_slice().into())
                                     .unwrap_or_default(),
                                 decision,
                                 role_grants,
@@ -1108,18 +1102,18 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                 FrontendMessage::FunctionCall(_) => {
                     // The fast-path interface calls functions by OID, beyond statement policy.
                     let message = "agentgate: the fast-path function call interface is not allowed";
-                    let id = ctx.gate.store.statement(StatementStart {
+                    let open = ctx.gate.store.statement(StatementStart {
                         session_id: ctx.session_id,
-                        protocol: "function-call".into(),
+                        protocol: "function-call",
                         text: "<fast-path function call>".into(),
-                        decision: "deny".into(),
+                        decision: "deny",
                         enforced: true,
                         message: Some(message.into()),
                         ..Default::default()
                     });
                     finish(
                         ctx,
-                        Rec::new(id.ok(), Vec::new()),
+                        Rec::new(Some(open), Vec::new()),
                         None,
                         Some(message.into()),
                     );
@@ -1366,6 +1360,7 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
 ) -> Result<(), PgError> {
     let mut out = BytesMut::with_capacity(16384);
     let keep = ctx.target.record_rows;
+    let mut query_plans: Vec<(Vec<String>, Bytes, Option<Arc<RowPlan>>)> = Vec::new();
     loop {
         release_synthetic(&mut lock(state), &mut out);
         if !out.is_empty() && !has_frame(&buf) {
@@ -1397,11 +1392,28 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
                 }
             };
             if let Some(masks) = need {
-                let formats: Vec<Format> = fields
+                // The same masks over the same columns (the RowDescription's bytes name each
+                // column's table, attribute, type and format) plan the same: an agent repeating
+                // a query does not resolve and plan its columns each time.
+                let known = query_plans
                     .iter()
-                    .map(|f| Format::from_code(f.format).unwrap_or(Format::Text))
-                    .collect();
-                let plan = plan_for(ctx, &masks, fields, &formats).await?;
+                    .find(|(m, raw, _)| *m == masks && *raw == frame.raw)
+                    .map(|(_, _, plan)| plan.clone());
+                let plan = match known {
+                    Some(plan) => plan,
+                    None => {
+                        let formats: Vec<Format> = fields
+                            .iter()
+                            .map(|f| Format::from_code(f.format).unwrap_or(Format::Text))
+                            .collect();
+                        let plan = plan_for(ctx, &masks, fields, &formats).await?.map(Arc::new);
+                        if query_plans.len() >= QUERY_PLANS {
+                            query_plans.remove(0);
+                        }
+                        query_plans.push((masks, frame.raw.clone(), plan.clone()));
+                        plan
+                    }
+                };
                 if let Some(Expect::Query(q)) = lock(state).queue.front_mut() {
                     q.plan = plan;
                 }
@@ -1570,7 +1582,7 @@ fn on_backend(
             let (plan, rec, formats) = match st.queue.front_mut() {
                 Some(Expect::Query(q)) => {
                     let idx = q.idx;
-                    (q.plan.as_ref(), q.recs.get_mut(idx), Vec::new())
+                    (q.plan.as_deref(), q.recs.get_mut(idx), Vec::new())
                 }
                 Some(Expect::Execute(x)) => {
                     let ExecRun { rec, plan, portal } = &mut **x;
