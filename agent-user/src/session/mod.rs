@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_session ON events(session_id);
+-- Start-up finds the last ticket id among `ticket_created` events without reading every event.
+CREATE INDEX IF NOT EXISTS events_kind ON events(kind);
 CREATE TABLE IF NOT EXISTS statements (
     id INTEGER PRIMARY KEY,
     session_id INTEGER NOT NULL,
@@ -1003,6 +1005,41 @@ mod tests {
         // A fact that could not be read keeps the one known at the start.
         assert_eq!(s.exe.as_deref(), Some("/at/start"));
         assert_eq!(s.cmdline.as_deref(), Some("cmd 3"));
+    }
+
+    #[tokio::test]
+    async fn the_last_ticket_id_is_found_through_the_kind_index() {
+        let dir = std::env::temp_dir().join(format!("agentgate-ticket-id-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("s.db");
+        let store = SessionStore::open(&path).unwrap();
+        for (kind, id) in [
+            ("ticket_created", 3),
+            ("kernel_deny", 99),
+            ("ticket_created", 7),
+        ] {
+            store
+                .event(Event {
+                    kind: kind.into(),
+                    detail: serde_json::json!({ "id": id }),
+                    ..Default::default()
+                })
+                .unwrap();
+        }
+        store.flush().await.unwrap();
+        let reader = SessionReader::open(&path).unwrap();
+        assert_eq!(reader.last_ticket_id().unwrap(), 7);
+        let plan: String = reader
+            .conn
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT COALESCE(MAX(CAST(json_extract(detail, '$.id') AS INTEGER)), 0)
+                 FROM events WHERE kind = 'ticket_created'",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("events_kind"), "{plan}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
