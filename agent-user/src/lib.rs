@@ -19,3 +19,6 @@ pub mod protocol;
 pub mod proxy;
 pub mod session;
 pub mod webhook;
+
+#[cfg(test)]
+mod test_support;

@@ -405,13 +405,6 @@ impl Intercept {
         Ok(())
     }
 
-    /// Takes (looks up and removes) the flow record of an accepted connection.
-    pub fn take_flow(&self, client: SocketAddr, server: SocketAddr) -> Option<FlowRecord> {
-        let (key, rec) = self.lookup_flow(client, server)?;
-        self.forget_flow(&key);
-        Some(rec)
-    }
-
     /// Looks up the flow record of an accepted connection and leaves it in the map: the caller
     /// owes a [`Intercept::forget_flow`] (the TCP handler pays it once its first bytes are on
     /// their way, off the connection's critical path). Until then nothing else can match the

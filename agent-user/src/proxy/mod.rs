@@ -264,15 +264,13 @@ mod tests {
     use super::*;
 
     /// SO_MARK needs CAP_NET_ADMIN (or CAP_NET_RAW).
-    fn may_mark() -> bool {
-        nix::unistd::geteuid().is_root()
+    fn require_mark() {
+        crate::test_support::require_root("SO_MARK needs CAP_NET_ADMIN");
     }
 
     #[tokio::test]
     async fn loopback_dials_are_connected_when_connect_returns() {
-        if !may_mark() {
-            return;
-        }
+        require_mark();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let s = dial(addr, 0).unwrap();
@@ -285,9 +283,7 @@ mod tests {
 
     #[tokio::test]
     async fn refused_dials_fail_when_finished() {
-        if !may_mark() {
-            return;
-        }
+        require_mark();
         // A port nobody listens on: bind, note the port, close.
         let addr = TcpListener::bind("127.0.0.1:0")
             .await

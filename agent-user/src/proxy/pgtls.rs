@@ -593,16 +593,6 @@ mod tests {
 
     // ---------- a real PostgreSQL (root only) ----------
 
-    fn require_root() {
-        let out = Command::new("id").arg("-u").output().expect("run `id -u`");
-        let uid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        assert!(
-            uid == "0",
-            "pgtls real-PostgreSQL tests need root (to run initdb/postgres as the `postgres` \
-             user); running as uid {uid}. Run the test suite as root."
-        );
-    }
-
     fn run(cmd: &mut Command, what: &str) -> String {
         let out = cmd
             .current_dir("/tmp")
@@ -717,7 +707,7 @@ mod tests {
 
     impl PgServer {
         fn start(label: &str, ssl: bool) -> PgServer {
-            require_root();
+            crate::test_support::require_root("to run initdb and postgres as the `postgres` user");
             let base = scratch_dir(label);
             let certs = base.join("certs");
             std::fs::create_dir(&certs).unwrap();

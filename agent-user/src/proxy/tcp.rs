@@ -403,10 +403,7 @@ mod tests {
 
     #[tokio::test]
     async fn first_bytes_wait_for_an_unfinished_handshake() {
-        // dial sets SO_MARK, which needs CAP_NET_ADMIN.
-        if !nix::unistd::geteuid().is_root() {
-            return;
-        }
+        crate::test_support::require_root("dial sets SO_MARK, which needs CAP_NET_ADMIN");
         // A listener whose accept queue is full drops new SYNs: a dial to it stays connecting.
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();

@@ -318,12 +318,6 @@ pub struct OpenStatement {
     s: StatementStart,
 }
 
-impl OpenStatement {
-    pub fn id(&self) -> i64 {
-        self.id
-    }
-}
-
 /// The daemon's handle: cheap to share (`Arc`) and never blocks on disk.
 pub struct SessionStore {
     tx: mpsc::Sender<Write>,
@@ -477,8 +471,13 @@ impl SessionStore {
         rx.await.map_err(|_| SessionError::WriterGone)
     }
 
+    /// Every record passes here, so a lost writer is logged here, whatever the caller does
+    /// with the error.
     fn send(&self, w: Write) -> Result<(), SessionError> {
-        self.tx.send(w).map_err(|_| SessionError::WriterGone)
+        self.tx.send(w).map_err(|_| {
+            tracing::error!("session store writer has stopped: a record was lost");
+            SessionError::WriterGone
+        })
     }
 }
 

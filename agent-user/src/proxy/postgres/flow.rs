@@ -149,6 +149,14 @@ const PLANS_PER_STATEMENT: usize = 4;
 /// Masking plans a connection keeps for the result columns of simple queries.
 const QUERY_PLANS: usize = 16;
 
+/// Adds `item` to a small cache of at most `cap` entries, dropping the oldest.
+fn remember<T>(list: &mut Vec<T>, cap: usize, item: T) {
+    if list.len() >= cap {
+        list.remove(0);
+    }
+    list.push(item);
+}
+
 struct Portal {
     prepared: Option<Arc<Prepared>>,
     formats: Vec<i16>,
@@ -1407,10 +1415,11 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
                             .map(|f| Format::from_code(f.format).unwrap_or(Format::Text))
                             .collect();
                         let plan = plan_for(ctx, &masks, fields, &formats).await?.map(Arc::new);
-                        if query_plans.len() >= QUERY_PLANS {
-                            query_plans.remove(0);
-                        }
-                        query_plans.push((masks, frame.raw.clone(), plan.clone()));
+                        remember(
+                            &mut query_plans,
+                            QUERY_PLANS,
+                            (masks, frame.raw.clone(), plan.clone()),
+                        );
                         plan
                     }
                 };
@@ -1476,10 +1485,11 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
                         .plans
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if plans.len() >= PLANS_PER_STATEMENT {
-                        plans.remove(0);
-                    }
-                    plans.push((masks, formats, plan.clone()));
+                    remember(
+                        &mut *plans,
+                        PLANS_PER_STATEMENT,
+                        (masks, formats, plan.clone()),
+                    );
                 }
                 if let Some(Expect::Execute(x)) = lock(state).queue.front_mut() {
                     x.plan = Some(plan);
