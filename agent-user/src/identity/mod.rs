@@ -405,18 +405,21 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id();
-        // Retried: `spawn` may return while the new image is still setting up its arguments.
-        let until = |cmdline: &str| {
+        // Retried: `spawn` may return while the new image is still setting up its arguments,
+        // and exe and cmdline are two reads, so an exec may fall between them.
+        let until = |cmdline: &str, exe: &str| {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
             loop {
                 let p = ProcessInfo::of_connection(pid, 0, 0);
-                if p.cmdline.as_deref() == Some(cmdline) || std::time::Instant::now() > deadline {
+                let done = p.cmdline.as_deref() == Some(cmdline)
+                    && p.exe.as_deref().is_some_and(|e| e.ends_with(exe));
+                if done || std::time::Instant::now() > deadline {
                     return p;
                 }
                 std::thread::yield_now();
             }
         };
-        let before = until("sh -c read _ && exec sleep 30");
+        let before = until("sh -c read _ && exec sleep 30", "sh");
         assert_eq!(
             before.cmdline.as_deref(),
             Some("sh -c read _ && exec sleep 30")
@@ -424,7 +427,7 @@ mod tests {
         assert!(CMDLINE_FILES.with_borrow(|f| f.contains_key(&pid)));
         // Same pid, same start time, another program: the kept file reads the new one.
         child.stdin.take().unwrap().write_all(b"\n").unwrap();
-        let after = until("sleep 30");
+        let after = until("sleep 30", "/sleep");
         assert_eq!(after.cmdline.as_deref(), Some("sleep 30"));
         assert!(after.exe.unwrap_or_default().ends_with("/sleep"));
         assert!(CMDLINE_FILES.with_borrow(|f| f.contains_key(&pid)));
