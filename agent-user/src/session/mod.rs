@@ -119,7 +119,8 @@ pub enum SessionError {
 /// A commit costs about the same for one row as for a hundred (WAL frames for the touched
 /// pages, and their checkpoint), so the linger sets what a busy gate pays per statement:
 /// `cargo run --release -p agentgate --example session_bench` measured 9.7 us of writer CPU per
-/// statement at 2 ms and 6.5 us at 10 ms, at 25 statements a millisecond.
+/// statement at 2 ms and 6.1 us at 10 ms (with the per-batch statement lookup), at 25 statements
+/// a millisecond.
 pub const LINGER: Duration = Duration::from_millis(10);
 
 pub fn now_ms() -> i64 {
