@@ -45,11 +45,10 @@ pub enum TicketState {
     Cancelled,
 }
 
-/// What an approver sees and decides on.
+/// Who holds a statement for approval, and where it was going: the same in a new ticket and in
+/// the ticket approvers see (flattened, so a ticket's JSON names these fields at its top level).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Ticket {
-    pub id: u64,
-    pub state: TicketState,
+pub struct Requester {
     pub agent: String,
     pub roles: Vec<String>,
     pub pid: u32,
@@ -59,6 +58,15 @@ pub struct Ticket {
     pub target: String,
     pub database: String,
     pub session_id: i64,
+}
+
+/// What an approver sees and decides on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ticket {
+    pub id: u64,
+    pub state: TicketState,
+    #[serde(flatten)]
+    pub requester: Requester,
     /// `simple` (a Query) or `extended` (an Execute of a prepared statement).
     pub protocol: String,
     /// The exact statement text the agent sent.
@@ -88,15 +96,7 @@ pub struct Ticket {
 
 /// A held statement, as the connection describes it.
 pub struct NewTicket {
-    pub agent: String,
-    pub roles: Vec<String>,
-    pub pid: u32,
-    pub uid: u32,
-    pub exe: Option<String>,
-    pub cmdline: Option<String>,
-    pub target: String,
-    pub database: String,
-    pub session_id: i64,
+    pub requester: Requester,
     pub protocol: &'static str,
     pub statement: String,
     pub params: Vec<Option<bytes::Bytes>>,
@@ -349,7 +349,11 @@ impl Approvals {
     /// Records and announces a change.
     fn announce(&self, event: ApprovalEvent) {
         let (session_id, agent, pid) = match (&event.ticket, &event.grant) {
-            (Some(t), _) => (Some(t.session_id), Some(t.agent.clone()), Some(t.pid)),
+            (Some(t), _) => (
+                Some(t.requester.session_id),
+                Some(t.requester.agent.clone()),
+                Some(t.requester.pid),
+            ),
             (None, Some(g)) => (None, Some(g.agent.clone()), None),
             (None, None) => (None, None, None),
         };
@@ -389,15 +393,7 @@ impl Approvals {
         let ticket = Ticket {
             id,
             state: TicketState::Pending,
-            agent: n.agent,
-            roles: n.roles,
-            pid: n.pid,
-            uid: n.uid,
-            exe: n.exe,
-            cmdline: n.cmdline,
-            target: n.target,
-            database: n.database,
-            session_id: n.session_id,
+            requester: n.requester,
             protocol: n.protocol.to_string(),
             statement: n.statement,
             params,
@@ -423,8 +419,8 @@ impl Approvals {
         );
         tracing::warn!(
             ticket = id,
-            agent = %ticket.agent,
-            target = %ticket.target,
+            agent = %ticket.requester.agent,
+            target = %ticket.requester.target,
             rule = ticket.rule.as_deref().unwrap_or("-"),
             "statement held for approval"
         );
@@ -497,8 +493,8 @@ impl Approvals {
                 reason: a.reason.clone(),
             },
             |t| {
-                if caller_agent.as_deref() == Some(t.agent.as_str())
-                    || a.approver == format!("jwt:{}", t.agent)
+                if caller_agent.as_deref() == Some(t.requester.agent.as_str())
+                    || a.approver == format!("jwt:{}", t.requester.agent)
                 {
                     return Err(ApprovalError::OwnTicket(id));
                 }
@@ -517,7 +513,7 @@ impl Approvals {
             (a.grant_for, ticket.policy.clone(), ticket.rule.clone())
         {
             let g = self.add_grant(
-                &ticket.agent,
+                &ticket.requester.agent,
                 GrantScope::Rule { policy, rule },
                 d,
                 &a.approver,
@@ -550,7 +546,8 @@ impl Approvals {
                 reason: reason.to_string(),
             },
             |t| {
-                if caller_agent == Some(t.agent.as_str()) || approver == format!("jwt:{}", t.agent)
+                if caller_agent == Some(t.requester.agent.as_str())
+                    || approver == format!("jwt:{}", t.requester.agent)
                 {
                     return Err(ApprovalError::OwnTicket(id));
                 }
@@ -607,7 +604,10 @@ impl Approvals {
             .lock()
             .tickets
             .values()
-            .filter(|e| e.ticket.session_id == session_id && e.ticket.state == TicketState::Pending)
+            .filter(|e| {
+                e.ticket.requester.session_id == session_id
+                    && e.ticket.state == TicketState::Pending
+            })
             .map(|e| e.ticket.id)
             .collect();
         for id in &held {

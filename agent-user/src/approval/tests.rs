@@ -18,15 +18,17 @@ static NEXT: AtomicU64 = AtomicU64::new(0);
 
 fn ticket(agent: &str, sql: &str) -> NewTicket {
     NewTicket {
-        agent: agent.into(),
-        roles: vec!["operator".into()],
-        pid: 4242,
-        uid: 1000,
-        exe: Some("/usr/bin/psql".into()),
-        cmdline: None,
-        target: "db".into(),
-        database: "postgres".into(),
-        session_id: 7,
+        requester: Requester {
+            agent: agent.into(),
+            roles: vec!["operator".into()],
+            pid: 4242,
+            uid: 1000,
+            exe: Some("/usr/bin/psql".into()),
+            cmdline: None,
+            target: "db".into(),
+            database: "postgres".into(),
+            session_id: 7,
+        },
         protocol: "simple",
         statement: sql.into(),
         params: Vec::new(),
@@ -161,7 +163,7 @@ async fn expiry_denial_and_cancel_are_delivered() {
     let h1 = a.hold(ticket("bot", "DELETE FROM a"));
     let h2 = a.hold(ticket("bot", "DELETE FROM b"));
     let mut other_session = ticket("bot", "DELETE FROM c");
-    other_session.session_id = 8;
+    other_session.requester.session_id = 8;
     let h3 = a.hold(other_session);
     a.expire(h1.ticket.id);
     assert!(

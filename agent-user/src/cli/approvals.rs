@@ -44,12 +44,12 @@ fn describe_ticket(out: &mut impl std::io::Write, t: &Ticket) -> std::io::Result
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default(),
-        t.agent,
-        t.pid,
-        t.exe.as_deref().unwrap_or("-"),
-        t.target,
-        t.database,
-        t.session_id
+        t.requester.agent,
+        t.requester.pid,
+        t.requester.exe.as_deref().unwrap_or("-"),
+        t.requester.target,
+        t.requester.database,
+        t.requester.session_id
     )?;
     writeln!(
         out,
@@ -187,7 +187,7 @@ pub async fn approve(
     if let Some(g) = t.grant_id {
         println!(
             "agent {} may run statements of rule {} without review (grant {g})",
-            t.agent,
+            t.requester.agent,
             t.rule.as_deref().unwrap_or("-")
         );
     }

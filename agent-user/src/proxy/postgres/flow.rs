@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use super::super::{Gate, Peer};
 use super::upstream::{Upstream, read_backend, read_frontend};
 use super::{PgError, PgTarget, Shared};
-use crate::approval::{Hold, NewTicket, Outcome};
+use crate::approval::{Hold, NewTicket, Outcome, Requester};
 use crate::mask::{ColumnMeta, Format, RowPlan};
 use crate::policy::{
     CopyDirection, Decision, ExtractOptions, QueryDecision, StatementKind, Subject, Verdict,
@@ -584,15 +584,17 @@ fn new_ticket(ctx: &Context<'_>, held: &Held) -> NewTicket {
         .roles_for(&ctx.peer.agent, &ctx.peer.roles)
         .map_or_else(|| ctx.peer.roles.clone(), |g| g.roles);
     let base = NewTicket {
-        agent: ctx.peer.agent.clone(),
-        roles,
-        pid: ctx.peer.process.pid,
-        uid: ctx.peer.process.uid,
-        exe: ctx.peer.process.exe.clone(),
-        cmdline: ctx.peer.process.cmdline.clone(),
-        target: ctx.target.name.clone(),
-        database: ctx.database.clone(),
-        session_id: ctx.session_id,
+        requester: Requester {
+            agent: ctx.peer.agent.clone(),
+            roles,
+            pid: ctx.peer.process.pid,
+            uid: ctx.peer.process.uid,
+            exe: ctx.peer.process.exe.clone(),
+            cmdline: ctx.peer.process.cmdline.clone(),
+            target: ctx.target.name.clone(),
+            database: ctx.database.clone(),
+            session_id: ctx.session_id,
+        },
         protocol: "simple",
         statement: String::new(),
         params: Vec::new(),
