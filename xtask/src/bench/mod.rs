@@ -107,7 +107,10 @@ pub fn target_dir() -> std::path::PathBuf {
 /// `no_build`) and runs the measurement in `target/release/xtask` with the daemon pointed at the
 /// release `agentgate` (environment for a child, since setting our own needs `unsafe`).
 /// Returns `Ok(true)` when that inner run is done and the caller should return.
-pub fn run_inner_release(name: &str, args: Vec<String>, no_build: bool) -> anyhow::Result<bool> {
+///
+/// The inner process gets this process's own arguments: it parses the same options, and
+/// [`INNER_ENV`] tells it not to build or re-run itself (so `--no-build` is moot there).
+pub fn run_inner_release(name: &str, no_build: bool) -> anyhow::Result<bool> {
     use anyhow::Context as _;
     if std::env::var_os(INNER_ENV).is_some() {
         return Ok(false);
@@ -118,7 +121,7 @@ pub fn run_inner_release(name: &str, args: Vec<String>, no_build: bool) -> anyho
         crate::sh(crate::cargo().args(["build", "--release", "-p", "agentgate", "-p", "xtask"]))?;
     }
     let mut cmd = std::process::Command::new(&xtask);
-    cmd.args(args).env(INNER_ENV, "1");
+    cmd.args(std::env::args_os().skip(1)).env(INNER_ENV, "1");
     if std::env::var_os("AGENTGATE_BIN").is_none() {
         cmd.env("AGENTGATE_BIN", target_dir().join("release/agentgate"));
     }

@@ -68,22 +68,6 @@ pub struct PgBenchOpts {
 }
 
 impl PgBenchOpts {
-    fn to_args(&self) -> Vec<String> {
-        let mut a: Vec<String> = vec![
-            "bench".into(),
-            "postgres".into(),
-            format!("--seconds={}", self.seconds),
-            format!("--rounds={}", self.rounds),
-            format!("--clients={}", self.clients),
-            format!("--scale={}", self.scale),
-            "--no-build".into(),
-        ];
-        if self.no_pgbouncer {
-            a.push("--no-pgbouncer".into());
-        }
-        a
-    }
-
     fn threads(&self) -> usize {
         self.clients.min(2)
     }
@@ -100,7 +84,7 @@ pub fn run(opts: &PgBenchOpts) -> Result<()> {
     ensure!(opts.seconds >= 1, "--seconds must be at least 1");
     ensure!(opts.clients >= 1, "--clients must be at least 1");
     ensure!(opts.scale >= 1, "--scale must be at least 1");
-    if super::run_inner_release("postgres", opts.to_args(), opts.no_build)? {
+    if super::run_inner_release("postgres", opts.no_build)? {
         return Ok(());
     }
     for tool in ["pgbench", "psql"] {

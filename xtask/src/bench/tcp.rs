@@ -81,29 +81,6 @@ pub struct TcpBenchOpts {
     pub no_build: bool,
 }
 
-impl TcpBenchOpts {
-    fn to_args(&self) -> Vec<String> {
-        let mut a: Vec<String> = vec![
-            "bench".into(),
-            "tcp".into(),
-            format!("--mib={}", self.mib),
-            format!("--conns={}", self.conns),
-            format!("--iterations={}", self.iterations),
-            format!("--warmup={}", self.warmup),
-            format!("--parallel={}", self.parallel),
-            format!("--rounds={}", self.rounds),
-            format!("--payload={}", self.payload),
-            format!("--nginx-workers={}", self.nginx_workers),
-            format!("--nginx-buffer={}", self.nginx_buffer),
-            "--no-build".into(),
-        ];
-        if self.no_nginx {
-            a.push("--no-nginx".into());
-        }
-        a
-    }
-}
-
 /// Entry point of `cargo xtask bench tcp`.
 pub fn run(opts: &TcpBenchOpts) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -120,7 +97,7 @@ pub fn run(opts: &TcpBenchOpts) -> Result<()> {
     );
     ensure!(opts.payload >= 1, "--payload must be at least 1");
     let xtask = super::target_dir().join("release/xtask");
-    if super::run_inner_release("tcp", opts.to_args(), opts.no_build)? {
+    if super::run_inner_release("tcp", opts.no_build)? {
         return Ok(());
     }
     Bench::new(opts, xtask)?.run()
