@@ -536,6 +536,37 @@ mod tests {
             .collect()
     }
 
+    /// A listener whose one connection is relayed to `server`; the task returns the relay's
+    /// result.
+    async fn relay_to(
+        server: std::net::SocketAddr,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<(u64, u64, Option<io::Error>)>,
+    ) {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let gate = tokio::spawn(async move {
+            let (mut c, _) = front.accept().await.unwrap();
+            let mut u = TcpStream::connect(server).await.unwrap();
+            relay(&mut c, &mut u).await
+        });
+        (addr, gate)
+    }
+
+    /// Sends `data` and half-closes while reading everything the peer sends, at the same time.
+    async fn exchange(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+        let (mut r, mut w) = s.split();
+        let send = async {
+            w.write_all(data).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let ((), n) = tokio::join!(send, r.read_to_end(&mut got));
+        n.unwrap();
+        got
+    }
+
     #[tokio::test]
     async fn bulk_streams_are_spliced_intact_both_ways() {
         const UP: usize = 8 * 1024 * 1024 + 123;
@@ -544,35 +575,12 @@ mod tests {
         let server_addr = server.local_addr().unwrap();
         let upstream = tokio::spawn(async move {
             let (mut s, _) = server.accept().await.unwrap();
-            let (mut sr, mut sw) = s.split();
             // Answers while the upload is still arriving: both directions are busy at once.
-            let send = async {
-                sw.write_all(&pattern(DOWN, 0x5a)).await.unwrap();
-                sw.shutdown().await.unwrap();
-            };
-            let mut got = Vec::new();
-            let receive = sr.read_to_end(&mut got);
-            let ((), n) = tokio::join!(send, receive);
-            n.unwrap();
-            got
+            exchange(&mut s, &pattern(DOWN, 0x5a)).await
         });
-        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let front_addr = front.local_addr().unwrap();
-        let gate = tokio::spawn(async move {
-            let (mut c, _) = front.accept().await.unwrap();
-            let mut u = TcpStream::connect(server_addr).await.unwrap();
-            relay(&mut c, &mut u).await
-        });
+        let (front_addr, gate) = relay_to(server_addr).await;
         let mut c = TcpStream::connect(front_addr).await.unwrap();
-        let (mut cr, mut cw) = c.split();
-        let send = async {
-            cw.write_all(&pattern(UP, 0xa5)).await.unwrap();
-            cw.shutdown().await.unwrap();
-        };
-        let mut back = Vec::new();
-        let receive = cr.read_to_end(&mut back);
-        let ((), n) = tokio::join!(send, receive);
-        n.unwrap();
+        let back = exchange(&mut c, &pattern(UP, 0xa5)).await;
         assert!(back == pattern(DOWN, 0x5a), "download arrived intact");
         assert!(
             upstream.await.unwrap() == pattern(UP, 0xa5),
@@ -600,13 +608,7 @@ mod tests {
                 s.write_all(&line).await.unwrap();
             }
         });
-        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let front_addr = front.local_addr().unwrap();
-        let gate = tokio::spawn(async move {
-            let (mut c, _) = front.accept().await.unwrap();
-            let mut u = TcpStream::connect(server_addr).await.unwrap();
-            relay(&mut c, &mut u).await
-        });
+        let (front_addr, gate) = relay_to(server_addr).await;
         let mut c = TcpStream::connect(front_addr).await.unwrap();
         for i in 0..100u8 {
             let line = [i; 64];
@@ -633,13 +635,7 @@ mod tests {
             s.write_all(&data).await.unwrap();
             s.write_all(b"!").await.unwrap();
         });
-        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let front_addr = front.local_addr().unwrap();
-        let gate = tokio::spawn(async move {
-            let (mut c, _) = front.accept().await.unwrap();
-            let mut u = TcpStream::connect(server_addr).await.unwrap();
-            relay(&mut c, &mut u).await
-        });
+        let (front_addr, gate) = relay_to(server_addr).await;
         let mut c = TcpStream::connect(front_addr).await.unwrap();
         c.write_all(&[7u8; 100_000]).await.unwrap();
         c.shutdown().await.unwrap();
