@@ -2,13 +2,42 @@
 """A tiny network client for agentgate's end-to-end tests.
 
 Each argument is one probe: `tcp:HOST:PORT`, `tcp6:HOST:PORT` (AF_INET6 socket), `udp:HOST:PORT`
-(unconnected sendto, waits for an echo), `udpc:HOST:PORT` (connected UDP). IPv6 hosts go in
-brackets. For every probe it prints one JSON line: ok, errno, the echoed payload and, for TCP,
-what getpeername() reported.
+(unconnected sendto, waits for an echo), `udpc:HOST:PORT` (connected UDP), `bulk:HOST:PORT` (sends
+8 MiB to an echo server while reading the echo, then half-closes and reads to the end). IPv6 hosts
+go in brackets. For every probe it prints one JSON line: ok, errno, the echoed payload (for bulk:
+bytes sent and echoed) and, for TCP, what getpeername() reported.
 """
+import hashlib
 import json
+import os
 import socket
 import sys
+import threading
+
+BULK = 8 * 1024 * 1024
+
+
+def bulk(host, port, out):
+    """Sends random bytes (a lost, repeated or reordered chunk shows); ok when the echo is the same."""
+    data = os.urandom(BULK)
+    s = socket.create_connection((host, port), timeout=30)
+    try:
+        sender = threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR)))
+        sender.start()
+        echoed = hashlib.sha256()
+        n = 0
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            echoed.update(chunk)
+            n += len(chunk)
+        sender.join()
+        out["sent"] = len(data)
+        out["echoed"] = n
+        out["ok"] = n == len(data) and echoed.digest() == hashlib.sha256(data).digest()
+    finally:
+        s.close()
 
 
 def split(spec):
@@ -19,6 +48,14 @@ def split(spec):
 
 def probe(spec):
     kind, host, port = split(spec)
+    if kind == "bulk":
+        out = {"probe": spec, "ok": False}
+        try:
+            bulk(host, port, out)
+        except OSError as e:
+            out["errno"] = e.errno
+            out["error"] = str(e)
+        return out
     fam = socket.AF_INET6 if kind == "tcp6" or ":" in host else socket.AF_INET
     typ = socket.SOCK_DGRAM if kind.startswith("udp") else socket.SOCK_STREAM
     out = {"probe": spec, "ok": False}

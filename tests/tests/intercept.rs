@@ -95,6 +95,21 @@ fn governed_process_is_redirected_and_ungoverned_is_untouched() {
 }
 
 #[test]
+fn bulk_streams_are_relayed_intact_and_counted() {
+    // Large enough that both directions fill whole relay buffers and are spliced.
+    const BULK: u64 = 8 * 1024 * 1024;
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let got = gate.probe("bot", &[&format!("bulk:{}", echo.addr)]);
+    assert!(ok(&got[0]), "echo differs from what was sent: {got:?}");
+    assert_eq!(got[0]["echoed"], BULK);
+    let sessions = gate.sessions_ended(1);
+    assert_eq!(sessions[0]["bytes_up"], BULK, "{sessions:?}");
+    assert_eq!(sessions[0]["bytes_down"], BULK, "{sessions:?}");
+    assert!(sessions[0]["error"].is_null(), "{sessions:?}");
+}
+
+#[test]
 fn grandchild_cgroup_stays_governed() {
     let echo = EchoServer::start("127.0.0.1:0");
     let gate = Gate::start(&config(&echo, ""));
