@@ -301,8 +301,9 @@ async fn copy_counting(
             w.write_all(buf).await?;
             *count += buf.len() as u64;
             buf.clear();
-            if let Ok(pipe) = Pipe::new() {
-                return splice_counting(r.as_ref(), w, &pipe, count, one_ended).await;
+            match Pipe::new() {
+                Ok(pipe) => return splice_counting(r.as_ref(), w, &pipe, count, one_ended).await,
+                Err(e) => tracing::debug!(error = %e, "no pipe for splicing: copying instead"),
             }
         }
     }
