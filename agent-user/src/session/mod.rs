@@ -1,9 +1,9 @@
 //! The session record: an embedded SQLite store under `state_dir`.
 //!
 //! One dedicated writer thread owns the write connection. Callers hand it records through a
-//! channel and never wait on the disk for connection-level records; the writer commits every
-//! batch it has drained (a batch is whatever queued up while the previous commit ran), so the
-//! window between "sent" and "committed" is one commit, typically well under a millisecond.
+//! channel and never wait on the disk for connection-level records; the writer commits what
+//! queued up over its linger ([`LINGER`]) in one transaction, so the window between "sent" and
+//! "committed" is the linger plus one commit.
 //! WAL mode with `synchronous=NORMAL`: a committed record survives the daemon being killed
 //! (it is in the OS page cache and the WAL); only a power loss can drop the last commits.
 //! [`SessionStore::flush`] waits for everything sent so far to be committed, for callers that must
@@ -84,7 +84,16 @@ CREATE TABLE IF NOT EXISTS statements (
     result_rows TEXT,
     masked INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS statements_session ON statements(session_id);
+-- Where a session's statements lie, instead of an index on statements(session_id): one row per
+-- session per committed batch covering the ids it wrote (a new span wherever its ids jump by
+-- more than SPAN_GAP). The index was one more B-tree insert per statement, at one of as many
+-- hot spots as there are busy sessions: about a quarter of the writer's CPU per statement.
+CREATE TABLE IF NOT EXISTS statement_spans (
+    session_id INTEGER NOT NULL,
+    first_id INTEGER NOT NULL,
+    last_id INTEGER NOT NULL,
+    PRIMARY KEY (session_id, first_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS grants (
     id INTEGER PRIMARY KEY,
     agent TEXT NOT NULL,
@@ -341,7 +350,83 @@ fn open_rw(path: &Path) -> Result<Connection, SessionError> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.execute_batch(SCHEMA)?;
+    migrate_statement_index(&conn)?;
     Ok(conn)
+}
+
+/// Stores written before statement spans have an index on `statements(session_id)` and no
+/// spans: give every session one span over all its statements (found through that index), then
+/// drop the index, in one transaction.
+fn migrate_statement_index(conn: &Connection) -> rusqlite::Result<()> {
+    if !has_statement_index(conn)? {
+        return Ok(());
+    }
+    tracing::info!("session store: replacing the statements index by statement spans (once)");
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         INSERT OR IGNORE INTO statement_spans (session_id, first_id, last_id)
+             SELECT session_id, MIN(id), MAX(id) FROM statements GROUP BY session_id;
+         DROP INDEX statements_session;
+         COMMIT;",
+    )
+}
+
+fn has_statement_index(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'statements_session')",
+        [],
+        |r| r.get(0),
+    )
+}
+
+/// A session's statement ids further apart than this within one batch start a new span, so that
+/// reading a span never walks far over other sessions' statements (a statement that ran for an
+/// hour ends in the same batch as its session's next one, whose id is far higher).
+const SPAN_GAP: i64 = 4096;
+
+/// The statement spans of one batch: session id -> its spans, in id order.
+#[derive(Default)]
+struct Spans(std::collections::HashMap<i64, Vec<(i64, i64)>>);
+
+impl Spans {
+    fn note(&mut self, session_id: i64, id: i64) {
+        let spans = self.0.entry(session_id).or_default();
+        match spans.last_mut() {
+            Some((first, last)) if id >= *first && id - *last <= SPAN_GAP => {
+                *last = (*last).max(id)
+            }
+            _ => spans.push((id, id)),
+        }
+    }
+
+    fn write(&self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO statement_spans (session_id, first_id, last_id) VALUES (?1, ?2, ?3)
+             ON CONFLICT (session_id, first_id) DO UPDATE SET last_id = MAX(last_id, excluded.last_id)",
+        )?;
+        for (session_id, spans) in &self.0 {
+            for (first, last) in spans {
+                insert.execute(params![session_id, first, last])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sorted, overlapping spans merged: each statement is read once.
+fn merge_spans(mut spans: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
+    spans.sort_unstable();
+    let mut out: Vec<(i64, i64)> = Vec::with_capacity(spans.len());
+    for (first, last) in spans {
+        match out.last_mut() {
+            Some((_, end)) if first <= *end => *end = (*end).max(last),
+            _ => out.push((first, last)),
+        }
+    }
+    out
 }
 
 impl SessionStore {
@@ -508,9 +593,14 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>) {
                 // Looked up once per batch: most of a batch is statements, and finding a cached
                 // statement hashes its whole SQL text.
                 let mut insert_statement = None;
+                let mut spans = Spans::default();
                 for w in fold(batch) {
+                    if let Write::Statement { id, s, .. } = &w {
+                        spans.note(s.session_id, *id);
+                    }
                     apply(&tx, w, &mut insert_statement, &mut acks)?;
                 }
+                spans.write(&tx)?;
             }
             tx.commit()
         });
@@ -813,6 +903,37 @@ fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
     })
 }
 
+fn statement_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StatementRow> {
+    let json = |i: usize| -> rusqlite::Result<serde_json::Value> {
+        let text: Option<String> = r.get(i)?;
+        Ok(text
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null))
+    };
+    Ok(StatementRow {
+        id: r.get(0)?,
+        ts: format_ms(r.get(1)?),
+        ts_ms: r.get(1)?,
+        protocol: r.get(2)?,
+        text: r.get(3)?,
+        kind: r.get(4)?,
+        tables: json(5)?,
+        functions: json(6)?,
+        decision: r.get(7)?,
+        enforced: r.get(8)?,
+        policy: r.get(9)?,
+        rule: r.get(10)?,
+        message: r.get(11)?,
+        duration_us: r.get(12)?,
+        rows: r.get(13)?,
+        command_tag: r.get(14)?,
+        error: r.get(15)?,
+        columns: json(16)?,
+        result_rows: json(17)?,
+        masked: r.get(18)?,
+    })
+}
+
 impl SessionReader {
     pub fn open(path: &Path) -> Result<SessionReader, SessionError> {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(
@@ -860,43 +981,32 @@ impl SessionReader {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// In id order, read span by span (see `statement_spans`); a store no daemon has opened since
+    /// spans came is read through its old index.
     pub fn statements_of(&self, session_id: i64) -> Result<Vec<StatementRow>, SessionError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT id, ts_ms, protocol, text, kind, tables, functions, decision, enforced, policy, rule,
-             message, duration_us, rows, command_tag, error, columns, result_rows, masked
-             FROM statements WHERE session_id = ?1 ORDER BY id",
-        )?;
-        let rows = stmt.query_map(params![session_id], |r| {
-            let json = |i: usize| -> rusqlite::Result<serde_json::Value> {
-                let text: Option<String> = r.get(i)?;
-                Ok(text
-                    .and_then(|t| serde_json::from_str(&t).ok())
-                    .unwrap_or(serde_json::Value::Null))
-            };
-            Ok(StatementRow {
-                id: r.get(0)?,
-                ts: format_ms(r.get(1)?),
-                ts_ms: r.get(1)?,
-                protocol: r.get(2)?,
-                text: r.get(3)?,
-                kind: r.get(4)?,
-                tables: json(5)?,
-                functions: json(6)?,
-                decision: r.get(7)?,
-                enforced: r.get(8)?,
-                policy: r.get(9)?,
-                rule: r.get(10)?,
-                message: r.get(11)?,
-                duration_us: r.get(12)?,
-                rows: r.get(13)?,
-                command_tag: r.get(14)?,
-                error: r.get(15)?,
-                columns: json(16)?,
-                result_rows: json(17)?,
-                masked: r.get(18)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        const COLUMNS: &str = "SELECT id, ts_ms, protocol, text, kind, tables, functions, decision,
+             enforced, policy, rule, message, duration_us, rows, command_tag, error, columns,
+             result_rows, masked FROM statements";
+        let spans = if has_statement_index(&self.conn)? {
+            vec![(i64::MIN, i64::MAX)]
+        } else {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT first_id, last_id FROM statement_spans WHERE session_id = ?1")?;
+            let spans = stmt.query_map(params![session_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            merge_spans(spans.collect::<Result<_, _>>()?)
+        };
+        let mut stmt = self.conn.prepare(&format!(
+            "{COLUMNS} WHERE session_id = ?1 AND id BETWEEN ?2 AND ?3 ORDER BY id"
+        ))?;
+        let mut out = Vec::new();
+        for (first, last) in spans {
+            let rows = stmt.query_map(params![session_id, first, last], statement_row)?;
+            for row in rows {
+                out.push(row?);
+            }
+        }
+        Ok(out)
     }
 
     /// Grant events of an agent between two times (a session's grants, for `sessions show`).
@@ -1028,6 +1138,137 @@ mod tests {
         // A fact that could not be read keeps the one known at the start.
         assert_eq!(s.exe.as_deref(), Some("/at/start"));
         assert_eq!(s.cmdline.as_deref(), Some("cmd 3"));
+    }
+
+    fn statement_text(session: i64, n: usize) -> StatementStart {
+        StatementStart {
+            session_id: session,
+            protocol: "simple",
+            text: format!("SELECT {n} -- session {session}").into(),
+            decision: "allow",
+            ..Default::default()
+        }
+    }
+
+    fn texts(rows: &[StatementRow]) -> Vec<String> {
+        rows.iter().map(|r| r.text.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn interleaved_sessions_read_back_whole_and_alone_through_spans() {
+        let dir = std::env::temp_dir().join(format!("agentgate-spans-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("s.db");
+        let store = SessionStore::open(&path).unwrap();
+        let (a, b, c) = (101, 102, 103);
+        // Session a's first statement runs long: it is opened first and ends last, after more
+        // than SPAN_GAP statements of session b were recorded in between.
+        let long = store.statement(statement_text(a, 0));
+        let mut expected_b = Vec::new();
+        for n in 0..(SPAN_GAP as usize + 50) {
+            let st = store.statement(statement_text(b, n));
+            expected_b.push(st.s.text.to_string());
+            store.statement_end(st, StatementEnd::default()).unwrap();
+            if n % 1000 == 999 {
+                // Several batches.
+                store.flush().await.unwrap();
+            }
+        }
+        let next = store.statement(statement_text(a, 1));
+        store.statement_end(long, StatementEnd::default()).unwrap();
+        store.statement_end(next, StatementEnd::default()).unwrap();
+        let last_c = store.statement(statement_text(c, 0));
+        store
+            .statement_end(last_c, StatementEnd::default())
+            .unwrap();
+        store.flush().await.unwrap();
+
+        let reader = SessionReader::open(&path).unwrap();
+        let rows_a = reader.statements_of(a).unwrap();
+        assert_eq!(
+            texts(&rows_a),
+            vec!["SELECT 0 -- session 101", "SELECT 1 -- session 101"]
+        );
+        assert!(rows_a.windows(2).all(|w| w[0].id < w[1].id), "id order");
+        assert_eq!(texts(&reader.statements_of(b).unwrap()), expected_b);
+        assert_eq!(
+            texts(&reader.statements_of(c).unwrap()),
+            vec!["SELECT 0 -- session 103"]
+        );
+        assert!(reader.statements_of(999).unwrap().is_empty());
+        // Session a's two statements, written in one batch, are two spans: the jump between
+        // their ids is more than SPAN_GAP, and no span makes a reader walk over it.
+        let spans: Vec<(i64, i64)> = reader
+            .conn
+            .prepare("SELECT first_id, last_id FROM statement_spans WHERE session_id = ?1 ORDER BY first_id")
+            .unwrap()
+            .query_map(params![a], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(spans.len(), 2, "{spans:?}");
+        assert!(spans.iter().all(|(f, l)| l - f <= SPAN_GAP), "{spans:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn overlapping_spans_merge_so_no_statement_is_read_twice() {
+        assert_eq!(
+            merge_spans(vec![(10, 20), (1, 3), (15, 30), (31, 31), (2, 2)]),
+            vec![(1, 3), (10, 30), (31, 31)]
+        );
+        assert!(merge_spans(Vec::new()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_store_with_the_old_statements_index_is_read_then_migrated() {
+        let dir = std::env::temp_dir().join(format!("agentgate-spans-old-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.db");
+        {
+            // The statements table and index as stores before statement spans had them.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE statements (id INTEGER PRIMARY KEY, session_id INTEGER NOT NULL,
+                 ts_ms INTEGER NOT NULL, protocol TEXT NOT NULL, text TEXT NOT NULL, kind TEXT,
+                 tables TEXT NOT NULL DEFAULT '[]', functions TEXT NOT NULL DEFAULT '[]',
+                 decision TEXT NOT NULL, enforced INTEGER NOT NULL DEFAULT 1, policy TEXT,
+                 rule TEXT, message TEXT, duration_us INTEGER, rows INTEGER, command_tag TEXT,
+                 error TEXT, columns TEXT, result_rows TEXT, masked INTEGER NOT NULL DEFAULT 0);
+                 CREATE INDEX statements_session ON statements(session_id);
+                 INSERT INTO statements (id, session_id, ts_ms, protocol, text, decision) VALUES
+                     (1, 7, 1, 'simple', 'SELECT 1', 'allow'),
+                     (2, 8, 1, 'simple', 'SELECT 2', 'allow'),
+                     (3, 7, 1, 'simple', 'SELECT 3', 'allow');",
+            )
+            .unwrap();
+        }
+        // Not yet opened by a daemon: read through the old index.
+        let reader = SessionReader::open(&path).unwrap();
+        assert_eq!(
+            texts(&reader.statements_of(7).unwrap()),
+            vec!["SELECT 1", "SELECT 3"]
+        );
+        drop(reader);
+
+        let store = SessionStore::open(&path).unwrap();
+        let st = store.statement(statement_text(7, 4));
+        assert_eq!(st.id, 4, "statement ids go on from the old ones");
+        store.statement_end(st, StatementEnd::default()).unwrap();
+        store.flush().await.unwrap();
+        let reader = SessionReader::open(&path).unwrap();
+        assert!(!has_statement_index(&reader.conn).unwrap(), "index dropped");
+        assert_eq!(
+            texts(&reader.statements_of(7).unwrap()),
+            vec!["SELECT 1", "SELECT 3", "SELECT 4 -- session 7"]
+        );
+        assert_eq!(texts(&reader.statements_of(8).unwrap()), vec!["SELECT 2"]);
+        drop(store);
+        // Opening again finds nothing left to migrate.
+        let conn = open_rw(&path).unwrap();
+        assert!(!has_statement_index(&conn).unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
