@@ -194,6 +194,16 @@ pub struct ListenConfig {
     pub ipv6: Option<Ipv6Addr>,
     #[serde(default = "default_port")]
     pub port: u16,
+    /// One accept loop per CPU the daemon may run on, each pinned to its CPU, and the kernel
+    /// hands a connection to the loop on the CPU that processed its SYN (`SO_INCOMING_CPU`; on
+    /// loopback, the agent's own CPU), so wake-ups between agent and gate stay on one core.
+    /// Off: the loops float, and connections are spread over them by hash.
+    #[serde(default = "default_pin_cpus")]
+    pub pin_cpus: bool,
+}
+
+fn default_pin_cpus() -> bool {
+    true
 }
 
 fn default_ipv4() -> Ipv4Addr {
@@ -212,6 +222,7 @@ impl Default for ListenConfig {
             ipv4: default_ipv4(),
             ipv6: default_ipv6(),
             port: default_port(),
+            pin_cpus: default_pin_cpus(),
         }
     }
 }
