@@ -402,17 +402,11 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
 fn accept_cpus(pin: bool) -> Vec<Option<usize>> {
     const MAX_LOOPS: usize = 8;
     if pin {
-        match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
-            Ok(set) => {
-                let cpus: Vec<Option<usize>> = (0..nix::sched::CpuSet::count())
-                    .filter(|&c| set.is_set(c).unwrap_or(false))
-                    .take(MAX_LOOPS)
-                    .map(Some)
-                    .collect();
-                if !cpus.is_empty() {
-                    return cpus;
-                }
+        match allowed_cpus() {
+            Ok(cpus) if !cpus.is_empty() => {
+                return cpus.into_iter().take(MAX_LOOPS).map(Some).collect();
             }
+            Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read this daemon's CPU set; accept loops are not pinned")
             }
@@ -423,6 +417,14 @@ fn accept_cpus(pin: bool) -> Vec<Option<usize>> {
         .unwrap_or(1)
         .clamp(1, MAX_LOOPS);
     vec![None; loops]
+}
+
+/// The CPUs this thread may run on (the daemon's affinity set, as started), in order.
+fn allowed_cpus() -> nix::Result<Vec<usize>> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
+    Ok((0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect())
 }
 
 /// The kernel prefers, within the SO_REUSEPORT group, the listener whose incoming CPU is the one
@@ -564,16 +566,9 @@ mod tests {
         assert!(accepted.nodelay().unwrap(), "inherited from the listener");
     }
 
-    fn allowed_cpus() -> Vec<usize> {
-        let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
-        (0..nix::sched::CpuSet::count())
-            .filter(|&c| set.is_set(c).unwrap())
-            .collect()
-    }
-
     #[test]
     fn pinned_accept_loops_take_the_cpus_this_daemon_may_run_on() {
-        let allowed = allowed_cpus();
+        let allowed = allowed_cpus().unwrap();
         let pinned: Vec<usize> = accept_cpus(true).into_iter().map(Option::unwrap).collect();
         assert_eq!(pinned, allowed.iter().copied().take(8).collect::<Vec<_>>());
         let floating = accept_cpus(false);
@@ -583,7 +578,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pinned_loop_runs_on_its_cpu_and_its_listener_is_steered_there() {
-        let cpu = *allowed_cpus().last().unwrap();
+        let cpu = *allowed_cpus().unwrap().last().unwrap();
         let listener = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
         steer_to_cpu(&listener, cpu);
         assert_eq!(
@@ -592,7 +587,7 @@ mod tests {
         );
         std::thread::spawn(move || {
             pin_this_thread(cpu);
-            assert_eq!(allowed_cpus(), vec![cpu]);
+            assert_eq!(allowed_cpus().unwrap(), vec![cpu]);
             assert_eq!(nix::sched::sched_getcpu().unwrap(), cpu);
         })
         .join()

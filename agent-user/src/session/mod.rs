@@ -336,6 +336,7 @@ pub struct OpenStatement {
 /// The daemon's handle: cheap to share (`Arc`) and never blocks on disk.
 pub struct SessionStore {
     tx: mpsc::Sender<Write>,
+    writer_tid: Option<i32>,
     next_id: AtomicI64,
     next_statement: AtomicI64,
     path: PathBuf,
@@ -446,15 +447,24 @@ impl SessionStore {
                 r.get(0)
             })?;
         let (tx, rx) = mpsc::channel();
+        let (tid_tx, tid_rx) = mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("session-writer".into())
-            .spawn(move || writer(conn, rx))
+            .spawn(move || {
+                let _ = tid_tx.send(nix::unistd::gettid().as_raw());
+                writer(conn, rx)
+            })
             .map_err(|e| SessionError::Open {
                 path: path.into(),
                 source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
             })?;
+        // Its thread id, for `chrt -p` and the like: its scheduling class changes (see
+        // `WriterPriority`).
+        let writer_tid = tid_rx.recv().ok();
+        tracing::debug!(tid = ?writer_tid, "session writer started");
         Ok(SessionStore {
             tx,
+            writer_tid,
             next_id: AtomicI64::new(max + 1),
             next_statement: AtomicI64::new(max_statement + 1),
             path: path.into(),
@@ -463,6 +473,11 @@ impl SessionStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The writer thread's id (`None` if it died before saying).
+    pub fn writer_tid(&self) -> Option<i32> {
+        self.writer_tid
     }
 
     /// Records a new session and returns its id (allocated here, so no disk round trip).
@@ -586,47 +601,48 @@ const BEHIND: Duration = Duration::from_millis(50);
 /// 1.1-1.5x with an idle writer, back to back). An idle thread gets almost nothing on a busy
 /// core, so a writer that falls behind (a full batch, or a batch committed more than [`BEHIND`]
 /// after it began) returns to normal priority until it finds its queue empty again.
-pub(crate) struct WriterPriority {
+struct WriterPriority {
     idle: bool,
-    /// Off when this process could not return from `SCHED_IDLE` (no `CAP_SYS_NICE` and an
-    /// `RLIMIT_NICE` below nice 0), or a change failed: the writer then stays at normal priority.
-    enabled: bool,
+    /// How to go back to normal: `SCHED_OTHER` at nice 0. `None` when this process could not
+    /// return from `SCHED_IDLE` (no `CAP_SYS_NICE` and an `RLIMIT_NICE` below nice 0), or a
+    /// change failed: the writer then never goes idle (again).
+    normal: Option<thread_priority::ThreadPriority>,
 }
 
 impl WriterPriority {
-    pub(crate) fn new() -> WriterPriority {
-        let enabled = can_leave_idle();
-        if !enabled {
+    fn new() -> WriterPriority {
+        // The crate maps 0..=99 onto nice 19..=-20: 47 is nice 0.
+        let nice_0 = thread_priority::ThreadPriorityValue::try_from(47u8)
+            .ok()
+            .map(thread_priority::ThreadPriority::Crossplatform);
+        let normal = if can_leave_idle() { nice_0 } else { None };
+        if normal.is_none() {
             tracing::debug!(
                 "session writer stays at normal priority: without CAP_SYS_NICE or RLIMIT_NICE >= 20 it could not leave SCHED_IDLE when behind"
             );
         }
         WriterPriority {
             idle: false,
-            enabled,
+            normal,
         }
     }
 
-    pub(crate) fn set_idle(&mut self, idle: bool) {
+    fn set_idle(&mut self, idle: bool) {
+        use thread_priority::ThreadPriority;
         use thread_priority::unix::{
             NormalThreadSchedulePolicy, ThreadSchedulePolicy, set_thread_priority_and_policy,
             thread_native_id,
         };
-        use thread_priority::{ThreadPriority, ThreadPriorityValue};
-        if !self.enabled || self.idle == idle {
+        let Some(normal) = self.normal else {
+            return;
+        };
+        if self.idle == idle {
             return;
         }
         let (policy, priority) = if idle {
             (NormalThreadSchedulePolicy::Idle, ThreadPriority::Min)
         } else {
-            // The crate maps 0..=99 onto nice 19..=-20: 47 is nice 0.
-            match ThreadPriorityValue::try_from(47u8) {
-                Ok(v) => (
-                    NormalThreadSchedulePolicy::Other,
-                    ThreadPriority::Crossplatform(v),
-                ),
-                Err(_) => return,
-            }
+            (NormalThreadSchedulePolicy::Other, normal)
         };
         match set_thread_priority_and_policy(
             thread_native_id(),
@@ -639,9 +655,13 @@ impl WriterPriority {
                     tracing::debug!("session writer is behind: back to normal priority");
                 }
             }
+            Err(e) if self.idle => {
+                self.normal = None;
+                tracing::error!(error = ?e, "session writer is behind and cannot leave SCHED_IDLE: records may be committed late");
+            }
             Err(e) => {
-                self.enabled = false;
-                tracing::warn!(error = ?e, idle, "session writer cannot change its scheduling class; it keeps the one it has");
+                self.normal = None;
+                tracing::warn!(error = ?e, "session writer cannot go to SCHED_IDLE; it stays at normal priority");
             }
         }
     }
@@ -1339,7 +1359,7 @@ mod tests {
         let this = || sched_of(&std::fs::read_to_string("/proc/thread-self/stat").unwrap());
         std::thread::spawn(move || {
             let mut p = WriterPriority::new();
-            if !p.enabled {
+            if p.normal.is_none() {
                 // Not permitted here to come back from SCHED_IDLE: never leaves normal.
                 p.set_idle(true);
                 assert_eq!(this(), (0, SCHED_OTHER));
@@ -1362,17 +1382,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("s.db");
         let store = SessionStore::open(&path).unwrap();
-        let writer_sched = || {
-            std::fs::read_dir("/proc/self/task").unwrap().find_map(|t| {
-                let dir = t.unwrap().path();
-                let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-                (comm.trim() == "session-writer")
-                    .then(|| sched_of(&std::fs::read_to_string(dir.join("stat")).unwrap()))
-            })
-        };
+        let stat = format!("/proc/self/task/{}/stat", store.writer_tid().unwrap());
+        let writer_sched = || sched_of(&std::fs::read_to_string(&stat).unwrap());
         let expect_idle = can_leave_idle();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while expect_idle && writer_sched().map(|s| s.1) != Some(SCHED_IDLE) {
+        while expect_idle && writer_sched().1 != SCHED_IDLE {
             assert!(std::time::Instant::now() < deadline, "{:?}", writer_sched());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
