@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agentgate::policy::{Access, TableRef};
 use agentgate::session::{SessionStart, SessionStore, StatementEnd, StatementStart};
 
 #[global_allocator]
@@ -66,10 +67,15 @@ async fn main() {
         .collect();
     store.flush().await.expect("flush");
 
-    let tables: Arc<[String]> = vec!["public.pgbench_accounts".to_string()].into();
+    let tables: Arc<[TableRef]> = vec![TableRef {
+        schema: Some("public".into()),
+        name: "pgbench_accounts".into(),
+        access: Access::Read,
+    }]
+    .into();
     let functions: Arc<[String]> = Vec::new().into();
-    let policy = Some("analysts".to_string());
-    let rule = Some("reads".to_string());
+    let policy: Option<Arc<str>> = Some("analysts".into());
+    let rule: Option<Arc<str>> = Some("reads".into());
     let cpu_start = thread_cpu_ns("session-writer");
     let start = Instant::now();
     let mut sent = 0usize;

@@ -446,8 +446,12 @@ fn pin_this_thread(cpu: usize) {
 }
 
 fn serve_on_own_runtime(listener: std::net::TcpListener, gate: Arc<Gate>) {
+    // Sockets and timers only: with `enable_all` every park of the loop also polled the
+    // process driver for orphaned children, and nothing here spawns a process or waits on a
+    // signal (the daemon's main runtime does).
     let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
+        .enable_io()
+        .enable_time()
         .build()
     {
         Ok(rt) => rt,

@@ -208,7 +208,7 @@ impl FactsCache {
                 .statements
                 .iter()
                 .map(|s| StatementFacts {
-                    text: String::new(),
+                    text: Arc::default(),
                     ..s.clone()
                 })
                 .collect();
@@ -261,7 +261,7 @@ fn with_texts(
         .zip(statements)
         .map(|(facts, range)| {
             Some(StatementFacts {
-                text: sql.get(range.clone())?.to_string(),
+                text: sql.get(range.clone())?.into(),
                 ..facts.clone()
             })
         })
@@ -274,7 +274,7 @@ fn texts_agree(facts: &[StatementFacts], sql: &str, statements: &[Range<usize>])
         && facts
             .iter()
             .zip(statements)
-            .all(|(f, range)| sql.get(range.clone()) == Some(f.text.as_str()))
+            .all(|(f, range)| sql.get(range.clone()) == Some(&*f.text))
 }
 
 /// What the cache needs from a query's text.

@@ -8,6 +8,7 @@
 //! policy applies the statement is denied.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Serialize, Serializer};
@@ -91,11 +92,11 @@ pub struct Decision {
     pub verdict: Verdict,
     /// The deciding policy (`None` when no policy applies, or for an empty
     /// query).
-    pub policy: Option<String>,
+    pub policy: Option<Arc<str>>,
     /// The rule that fired (`None` = the policy's default).
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
     /// Mask profiles to apply to results (allowed and reviewed statements).
-    pub mask: Vec<String>,
+    pub mask: Arc<[String]>,
     /// The deciding policy is in shadow mode: record, do not block.
     pub shadow: bool,
 }
@@ -121,7 +122,7 @@ impl Decision {
             },
             policy: None,
             rule: None,
-            mask: Vec::new(),
+            mask: Arc::default(),
             shadow: false,
         }
     }
@@ -131,7 +132,7 @@ impl Decision {
             verdict: Verdict::Allow,
             policy: None,
             rule: None,
-            mask: Vec::new(),
+            mask: Arc::default(),
             shadow: false,
         }
     }
@@ -264,7 +265,7 @@ impl Policy {
                 .matches(facts, matches!(rule.action, Action::Allow));
             if let Some(checks) = checks.as_deref_mut() {
                 checks.push(RuleCheck {
-                    rule: rule.name.clone(),
+                    rule: rule.name.to_string(),
                     matched,
                 });
             }
@@ -280,7 +281,7 @@ impl Policy {
                             format!("denied by rule {:?} of policy {:?}", rule.name, self.name)
                         }),
                     },
-                    Vec::new(),
+                    Arc::default(),
                 ),
                 Action::Review { timeout } => (Verdict::Review { timeout: *timeout }, mask()),
             };
@@ -300,7 +301,7 @@ impl Policy {
                         format!("not allowed by policy {:?}: no rule allows it", self.name)
                     }),
                 },
-                Vec::new(),
+                Arc::default(),
             ),
         };
         Decision {
@@ -416,8 +417,8 @@ impl PolicySet {
                             message: format!("cannot parse SQL: {e}"),
                         },
                         policy: Some(p.name.clone()),
-                        rule: Some(UNPARSEABLE_RULE.to_string()),
-                        mask: Vec::new(),
+                        rule: Some(UNPARSEABLE_RULE.into()),
+                        mask: Arc::default(),
                         shadow: p.mode == Mode::Shadow,
                     },
                 };
@@ -469,6 +470,28 @@ impl PolicySet {
     }
 }
 
+/// The mask profiles of every statement, each once, in order of appearance; shared with the
+/// first statement's decision when no other statement adds one (the usual single statement).
+fn mask_union(statements: &[StatementDecision]) -> Arc<[String]> {
+    let Some((first, rest)) = statements.split_first() else {
+        return Arc::default();
+    };
+    let first = &first.decision.mask;
+    let adds = |m: &Arc<[String]>| m.iter().any(|p| !first.contains(p));
+    if !rest.iter().any(|s| adds(&s.decision.mask)) {
+        return first.clone();
+    }
+    let mut mask: Vec<String> = Vec::new();
+    for s in statements {
+        for m in s.decision.mask.iter() {
+            if !mask.contains(m) {
+                mask.push(m.clone());
+            }
+        }
+    }
+    mask.into()
+}
+
 /// Combines per-statement decisions (non-empty) into the query's decision.
 fn combine(statements: &[StatementDecision]) -> Decision {
     let several = statements.len() > 1;
@@ -491,14 +514,7 @@ fn combine(statements: &[StatementDecision]) -> Decision {
     {
         return s.decision.clone();
     }
-    let mut mask: Vec<String> = Vec::new();
-    for s in statements {
-        for m in &s.decision.mask {
-            if !mask.contains(m) {
-                mask.push(m.clone());
-            }
-        }
-    }
+    let mask = mask_union(statements);
     let first = statements.first().map(|s| &s.decision);
     let rule = first.and_then(|d| d.rule.clone());
     let same_rule = statements.iter().all(|s| s.decision.rule == rule);

@@ -58,6 +58,7 @@ use std::fmt;
 use std::hash::Hash;
 use std::ops::ControlFlow;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sqlparser::ast::{
@@ -271,15 +272,15 @@ pub struct StatementFacts {
     /// statement holding a `;` outside parentheses (so that the query string
     /// cannot be cut into statements at those), the statements of that query
     /// string are as sqlparser prints them instead.
-    pub text: String,
+    pub text: Arc<str>,
     /// The most dangerous kind in `kinds`.
     pub kind: StatementKind,
     /// Every kind found in the statement, `kind` first, no duplicates.
-    pub kinds: Vec<StatementKind>,
+    pub kinds: Arc<[StatementKind]>,
     /// Every table referenced anywhere, deduplicated, in order of appearance.
-    pub tables: Vec<TableRef>,
+    pub tables: Arc<[TableRef]>,
     /// Every function called anywhere: unqualified name, normalized.
-    pub functions: Vec<String>,
+    pub functions: Arc<[String]>,
     /// An `UPDATE` or `DELETE` (possibly nested) without a `WHERE` clause.
     pub update_or_delete_without_where: bool,
     /// Present for `COPY`.
@@ -706,11 +707,11 @@ fn fallback(
     let mut functions = OrderedSet::default();
     scan_functions(chunk, kind == StatementKind::Do, 0, &mut functions);
     Ok(Some(StatementFacts {
-        text: source.text(chunk).unwrap_or_default(),
+        text: source.text(chunk).unwrap_or_default().into(),
         kind,
-        kinds: vec![kind],
-        tables: Vec::new(),
-        functions: functions.items,
+        kinds: [kind].into(),
+        tables: Arc::default(),
+        functions: functions.items.into(),
         update_or_delete_without_where: false,
         copy: None,
         explain: false,
@@ -1655,11 +1656,11 @@ fn facts_of_statement(
         push_unique(&mut kinds, *k);
     }
     Ok(StatementFacts {
-        text,
+        text: text.into(),
         kind,
-        kinds,
-        tables: collector.tables.items,
-        functions: collector.functions.items,
+        kinds: kinds.into(),
+        tables: collector.tables.items.into(),
+        functions: collector.functions.items.into(),
         update_or_delete_without_where: collector.without_where,
         copy: collector.copy,
         explain: collector.explain,

@@ -316,13 +316,14 @@ impl PolicySet {
 /// A compiled policy.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    pub(super) name: String,
+    /// Shared with every [`Decision`](super::Decision) it takes (no copy per statement).
+    pub(super) name: Arc<str>,
     pub(super) roles: Vec<String>,
     pub(super) targets: Vec<String>,
     pub(super) mode: Mode,
     pub(super) default: DefaultAction,
     pub(super) default_message: Option<String>,
-    pub(super) mask: Vec<String>,
+    pub(super) mask: Arc<[String]>,
     pub(super) rules: Vec<Rule>,
 }
 
@@ -373,10 +374,10 @@ impl Policy {
 /// A compiled rule.
 #[derive(Debug, Clone)]
 pub struct Rule {
-    pub(super) name: String,
+    pub(super) name: Arc<str>,
     pub(super) matcher: Matcher,
     pub(super) action: Action,
-    pub(super) mask: Option<Vec<String>>,
+    pub(super) mask: Option<Arc<[String]>>,
 }
 
 impl Rule {
@@ -667,13 +668,13 @@ pub fn compile(cfg: Vec<PolicyConfig>) -> Result<PolicySet, PolicyError> {
         }
 
         policies.push(Policy {
-            name: policy.name,
+            name: policy.name.into(),
             roles: policy.roles,
             targets: policy.targets,
             mode: policy.mode,
             default: policy.default,
             default_message: policy.default_message,
-            mask: policy.mask,
+            mask: policy.mask.into(),
             rules,
         });
     }
@@ -749,10 +750,10 @@ fn compile_rule(rule: RuleConfig) -> Result<Rule, String> {
         }
     };
     Ok(Rule {
-        name: rule.name,
+        name: rule.name.into(),
         matcher,
         action,
-        mask: rule.mask,
+        mask: rule.mask.map(Into::into),
     })
 }
 

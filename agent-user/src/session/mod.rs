@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::policy::TableRef;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 
@@ -193,14 +194,14 @@ pub struct StatementStart {
     pub protocol: &'static str,
     pub text: Arc<str>,
     pub kind: Option<&'static str>,
-    pub tables: Arc<[String]>,
+    pub tables: Arc<[TableRef]>,
     pub functions: Arc<[String]>,
     /// `allow`, `deny`, `review`, or how a review was settled (`approved`, `granted`).
     pub decision: &'static str,
     /// False in shadow mode: the decision was recorded, not enforced.
     pub enforced: bool,
-    pub policy: Option<String>,
-    pub rule: Option<String>,
+    pub policy: Option<Arc<str>>,
+    pub rule: Option<Arc<str>>,
     pub message: Option<String>,
 }
 
@@ -217,6 +218,14 @@ pub struct StatementEnd {
     pub masked: bool,
 }
 
+/// A statement as the writer inserts it.
+struct StatementWrite {
+    id: i64,
+    ts: i64,
+    s: StatementStart,
+    e: StatementEnd,
+}
+
 enum Write {
     Identify {
         id: i64,
@@ -226,12 +235,8 @@ enum Write {
     },
     /// A statement, written once: when it completed (before its result was passed on) or when
     /// it was refused.
-    Statement {
-        id: i64,
-        ts: i64,
-        s: Box<StatementStart>,
-        e: Box<StatementEnd>,
-    },
+    /// Boxed once: start and end travel together.
+    Statement(Box<StatementWrite>),
     Start {
         id: i64,
         ts: i64,
@@ -536,12 +541,12 @@ impl SessionStore {
     }
 
     pub fn statement_end(&self, open: OpenStatement, e: StatementEnd) -> Result<(), SessionError> {
-        self.send(Write::Statement {
+        self.send(Write::Statement(Box::new(StatementWrite {
             id: open.id,
             ts: open.ts,
-            s: Box::new(open.s),
-            e: Box::new(e),
-        })
+            s: open.s,
+            e,
+        })))
     }
 
     pub fn event(&self, e: Event) -> Result<(), SessionError> {
@@ -687,6 +692,7 @@ fn can_leave_idle() -> bool {
 
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>) {
     let mut priority = WriterPriority::new();
+    let mut lists = JsonLists::default();
     loop {
         let first = match rx.try_recv() {
             Ok(w) => w,
@@ -723,10 +729,10 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>) {
                 let mut insert_statement = None;
                 let mut spans = Spans::default();
                 for w in fold(batch) {
-                    if let Write::Statement { id, s, .. } = &w {
-                        spans.note(s.session_id, *id);
+                    if let Write::Statement(row) = &w {
+                        spans.note(row.s.session_id, row.id);
                     }
-                    apply(&tx, w, &mut insert_statement, &mut acks)?;
+                    apply(&tx, w, &mut insert_statement, &mut lists, &mut acks)?;
                 }
                 spans.write(&tx)?;
             }
@@ -749,19 +755,48 @@ const INSERT_STATEMENT: &str = "INSERT INTO statements (id, session_id, ts_ms, p
     command_tag, error, columns, result_rows, masked)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)";
 
-/// A JSON array of strings; the empty one (most statements call no function) without a trip
-/// through serde.
-fn json_list<T: Serialize>(items: &[T]) -> String {
-    if items.is_empty() {
-        return "[]".into();
+/// Buffers for the JSON lists of a statement row, reused by every row the writer inserts:
+/// SQLite copies what is bound, so a row costs no allocation for them.
+#[derive(Default)]
+struct JsonLists {
+    tables: Vec<u8>,
+    functions: Vec<u8>,
+    columns: Vec<u8>,
+    rows: Vec<u8>,
+}
+
+/// `items` as JSON text, written into `buf`.
+fn json_into<'b, T: Serialize + ?Sized>(buf: &'b mut Vec<u8>, items: &T) -> &'b str {
+    buf.clear();
+    if serde_json::to_writer(&mut *buf, items).is_err() {
+        buf.clear();
     }
-    serde_json::to_string(items).unwrap_or_else(|_| "[]".into())
+    match std::str::from_utf8(buf) {
+        Ok(text) if !text.is_empty() => text,
+        _ => "[]",
+    }
+}
+
+/// A list serialized as the JSON array of its items' `Display` forms (`schema.table`).
+struct Displayed<'a, T>(&'a [T]);
+
+impl<T: std::fmt::Display> Serialize for Displayed<'_, T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        struct Shown<'a, T>(&'a T);
+        impl<T: std::fmt::Display> Serialize for Shown<'_, T> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(self.0)
+            }
+        }
+        serializer.collect_seq(self.0.iter().map(Shown))
+    }
 }
 
 fn apply<'tx>(
     tx: &'tx rusqlite::Transaction<'_>,
     w: Write,
     insert_statement: &mut Option<rusqlite::CachedStatement<'tx>>,
+    lists: &mut JsonLists,
     acks: &mut Vec<tokio::sync::oneshot::Sender<()>>,
 ) -> rusqlite::Result<()> {
     match w {
@@ -777,11 +812,16 @@ fn apply<'tx>(
             )?
             .execute(params![id, exe, cmdline, cgroup])?;
         }
-        Write::Statement { id, ts, s, e } => {
+        Write::Statement(row) => {
+            let StatementWrite { id, ts, s, e } = *row;
             let insert = match insert_statement {
                 Some(insert) => insert,
                 None => insert_statement.insert(tx.prepare_cached(INSERT_STATEMENT)?),
             };
+            let tables = json_into(&mut lists.tables, &Displayed(&s.tables));
+            let functions = json_into(&mut lists.functions, &*s.functions);
+            let columns = json_into(&mut lists.columns, &e.columns);
+            let result_rows = json_into(&mut lists.rows, &e.result_rows);
             insert.execute(params![
                 id,
                 s.session_id,
@@ -789,8 +829,8 @@ fn apply<'tx>(
                 s.protocol,
                 &*s.text,
                 s.kind,
-                json_list(&s.tables),
-                json_list(&s.functions),
+                tables,
+                functions,
                 s.decision,
                 s.enforced,
                 s.policy,
@@ -800,8 +840,8 @@ fn apply<'tx>(
                 e.rows.map(|r| i64::try_from(r).unwrap_or(i64::MAX)),
                 e.command_tag,
                 e.error,
-                json_list(&e.columns),
-                json_list(&e.result_rows),
+                columns,
+                result_rows,
                 e.masked
             ])?;
         }
@@ -1283,6 +1323,70 @@ mod tests {
 
     fn texts(rows: &[StatementRow]) -> Vec<String> {
         rows.iter().map(|r| r.text.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn list_columns_are_written_whole_for_every_statement_of_a_batch() {
+        let dir = std::env::temp_dir().join(format!("agentgate-lists-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("s.db");
+        let store = SessionStore::open(&path).unwrap();
+        let table = |schema: Option<&str>, name: &str, access| TableRef {
+            schema: schema.map(String::from),
+            name: name.into(),
+            access,
+        };
+        // A long statement, then a short one, in one batch: each row's lists are its own,
+        // with nothing left over from the longer one before it (the writer reuses its buffers).
+        let long = store.statement(StatementStart {
+            tables: vec![
+                table(Some("crm"), "customers", crate::policy::Access::Read),
+                table(None, "audit \"log\"", crate::policy::Access::Write),
+            ]
+            .into(),
+            functions: vec!["lower".to_string(), "now".to_string()].into(),
+            ..statement_text(7, 0)
+        });
+        store
+            .statement_end(
+                long,
+                StatementEnd {
+                    columns: vec!["email".into(), "id".into()],
+                    result_rows: vec![
+                        vec![Some("a@example.com".into()), Some("1".into())],
+                        vec![None, Some("2".into())],
+                    ],
+                    ..StatementEnd::default()
+                },
+            )
+            .unwrap();
+        let short = store.statement(StatementStart {
+            tables: vec![table(None, "t", crate::policy::Access::Read)].into(),
+            ..statement_text(7, 1)
+        });
+        store.statement_end(short, StatementEnd::default()).unwrap();
+        store.flush().await.unwrap();
+
+        let rows = SessionReader::open(&path)
+            .unwrap()
+            .statements_of(7)
+            .unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            rows[0].tables,
+            serde_json::json!(["crm.customers (read)", "audit \"log\" (write)"])
+        );
+        assert_eq!(rows[0].functions, serde_json::json!(["lower", "now"]));
+        assert_eq!(rows[0].columns, serde_json::json!(["email", "id"]));
+        assert_eq!(
+            rows[0].result_rows,
+            serde_json::json!([["a@example.com", "1"], [null, "2"]])
+        );
+        assert_eq!(rows[1].tables, serde_json::json!(["t (read)"]));
+        assert_eq!(rows[1].functions, serde_json::json!([]));
+        assert_eq!(rows[1].columns, serde_json::json!([]));
+        assert_eq!(rows[1].result_rows, serde_json::json!([]));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

@@ -344,11 +344,11 @@ fn a_hit_with_other_numbers_records_the_queries_own_text() {
     let stats = set.cache_stats();
     assert_eq!((stats.hits, stats.misses), (1, 1), "{stats:?}");
     assert_eq!(
-        first.statements[0].facts.text,
+        &*first.statements[0].facts.text,
         "SELECT abalance FROM pgbench_accounts WHERE aid = 12345"
     );
     assert_eq!(
-        second.statements[0].facts.text,
+        &*second.statements[0].facts.text,
         "SELECT abalance FROM pgbench_accounts WHERE aid = 7"
     );
     assert_eq!(
@@ -362,7 +362,7 @@ fn a_hit_with_other_numbers_records_the_queries_own_text() {
     check(&set, &analyst, q, &ON);
     let q = "BEGIN;\n UPDATE pgbench_accounts SET abalance = abalance + -99 WHERE aid = 6 ;\nEND;";
     let d = check(&set, &analyst, q, &ON);
-    let texts: Vec<&str> = d.statements.iter().map(|s| s.facts.text.as_str()).collect();
+    let texts: Vec<&str> = d.statements.iter().map(|s| s.facts.text.as_ref()).collect();
     assert_eq!(
         texts,
         [
@@ -434,7 +434,7 @@ policies:
     let nobody = check(&set, &roles(&[]), "UPDATE t SET a = 5 WHERE id = 6", &ON);
     assert_eq!(reader.decision.verdict.name(), "deny");
     assert_eq!(writer.decision.verdict.name(), "allow");
-    assert_eq!(writer.decision.mask, ["pii"]);
+    assert_eq!(*writer.decision.mask, ["pii"]);
     assert_eq!(nobody.decision.policy, None);
     assert_eq!(set.cache_stats().hits, 2);
 }

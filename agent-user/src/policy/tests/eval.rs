@@ -29,7 +29,7 @@ fn verdict(set: &PolicySet, r: &[&str], sql: &str) -> &'static str {
 fn rule(set: &PolicySet, r: &[&str], sql: &str) -> String {
     decide(set, r, "db", sql)
         .rule
-        .unwrap_or_else(|| "default".into())
+        .map_or_else(|| "default".into(), |r| r.to_string())
 }
 
 fn query(set: &PolicySet, r: &[&str], sql: &str) -> super::super::eval::QueryDecision {
@@ -49,7 +49,7 @@ fn example_policy() {
     assert_eq!(d.verdict, Verdict::Allow);
     assert_eq!(d.policy.as_deref(), Some("analytics-readonly"));
     assert_eq!(d.rule.as_deref(), Some("customers"));
-    assert_eq!(d.mask, ["pii"]);
+    assert_eq!(*d.mask, ["pii"]);
     assert!(!d.shadow);
 
     let d = decide(&set, &analyst, "app-db", "DROP TABLE customers");
@@ -171,7 +171,7 @@ policies:
     let d = decide(&set, &["dev"], "db", "INSERT INTO t VALUES (1)");
     assert_eq!(
         (d.verdict, d.rule, d.mask),
-        (Verdict::Allow, None, vec!["emails".into()])
+        (Verdict::Allow, None, vec!["emails".to_string()].into())
     );
     assert_eq!(verdict(&set, &["dev"], "CREATE TABLE x (a int)"), "deny");
 }
@@ -308,7 +308,7 @@ fn review_timeouts() {
             timeout: Duration::from_secs(600)
         }
     );
-    assert_eq!(d.mask, ["pii"]);
+    assert_eq!(*d.mask, ["pii"]);
     let d = decide(&set, &["dev"], "db", "UPDATE t SET a = 1");
     assert_eq!(
         d.verdict,
@@ -355,7 +355,7 @@ fn query_combines_statement_decisions() {
     let q = query(&set, &["dev"], "SELECT 1; SELECT 2");
     assert_eq!(q.decision.verdict, Verdict::Allow);
     assert_eq!(q.decision.rule.as_deref(), Some("rest"));
-    assert_eq!(q.decision.mask, ["pii"]);
+    assert_eq!(*q.decision.mask, ["pii"]);
     assert_eq!(q.parse_error, None);
 }
 
@@ -735,7 +735,7 @@ policies:
 "#,
     );
     assert_eq!(
-        decide(&set, &["dev"], "db", "SELECT * FROM cards").mask,
+        *decide(&set, &["dev"], "db", "SELECT * FROM cards").mask,
         ["pii", "pan"]
     );
     assert!(
@@ -744,7 +744,7 @@ policies:
             .is_empty()
     );
     assert_eq!(
-        decide(&set, &["dev"], "db", "SELECT * FROM t").mask,
+        *decide(&set, &["dev"], "db", "SELECT * FROM t").mask,
         ["pii"]
     );
     let q = query(
@@ -752,7 +752,7 @@ policies:
         &["dev"],
         "SELECT * FROM lookup; SELECT * FROM t; SELECT * FROM cards",
     );
-    assert_eq!(q.decision.mask, ["pii", "pan"]);
+    assert_eq!(*q.decision.mask, ["pii", "pan"]);
     // Different rules: no single rule for the query.
     assert_eq!(q.decision.rule, None);
 }

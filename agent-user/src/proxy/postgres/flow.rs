@@ -31,7 +31,8 @@ use super::{PgError, PgTarget, Shared};
 use crate::approval::{Hold, NewTicket, Outcome, Requester};
 use crate::mask::{ColumnMeta, Format, RowPlan};
 use crate::policy::{
-    CopyDirection, Decision, ExtractOptions, QueryDecision, StatementKind, Subject, Verdict,
+    CopyDirection, Decision, ExtractOptions, QueryDecision, StatementKind, Subject, TableRef,
+    Verdict,
 };
 use crate::protocol::postgres::{
     BackendDecoder, BackendMessage, ErrorFields, FieldDescription, FrontendDecoder,
@@ -59,7 +60,7 @@ pub struct Context<'a> {
 struct Rec {
     open: Option<OpenStatement>,
     started: Instant,
-    masks: Vec<String>,
+    masks: Arc<[String]>,
     rows: u64,
     kept: Vec<Vec<Option<String>>>,
     columns: Vec<String>,
@@ -68,7 +69,7 @@ struct Rec {
 }
 
 impl Rec {
-    fn new(open: Option<OpenStatement>, masks: Vec<String>) -> Rec {
+    fn new(open: Option<OpenStatement>, masks: Arc<[String]>) -> Rec {
         Rec {
             open,
             started: Instant::now(),
@@ -136,13 +137,16 @@ struct Prepared {
     /// (its columns are fixed: a repeated Execute need not resolve and plan them again).
     plans: Mutex<Vec<CachedPlan>>,
     kind: Option<&'static str>,
-    tables: Arc<[String]>,
+    tables: Arc<[TableRef]>,
     functions: Arc<[String]>,
     columns: Mutex<Option<Vec<FieldDescription>>>,
 }
 
 /// A masking plan for (mask profiles, result formats) of one prepared statement.
-type CachedPlan = (Vec<String>, Vec<i16>, Option<Arc<RowPlan>>);
+type CachedPlan = (Arc<[String]>, Vec<i16>, Option<Arc<RowPlan>>);
+
+/// A masking plan kept for a simple query's result: by mask profiles and RowDescription bytes.
+type QueryPlan = (Arc<[String]>, Bytes, Option<Arc<RowPlan>>);
 
 /// Plans kept per prepared statement (a statement sees few format combinations).
 const PLANS_PER_STATEMENT: usize = 4;
@@ -354,7 +358,7 @@ fn record_query(
             ..Default::default()
         });
         return if qd.parse_error.is_some() {
-            vec![Rec::new(Some(open), Vec::new())]
+            vec![Rec::new(Some(open), Arc::default())]
         } else {
             Vec::new()
         };
@@ -367,10 +371,10 @@ fn record_query(
             let open = store.statement(StatementStart {
                 session_id: ctx.session_id,
                 protocol,
-                text: s.facts.text.as_str().into(),
+                text: s.facts.text.clone(),
                 kind: Some(s.facts.kind.as_str()),
-                tables: s.facts.tables.iter().map(ToString::to_string).collect(),
-                functions: s.facts.functions.as_slice().into(),
+                tables: s.facts.tables.clone(),
+                functions: s.facts.functions.clone(),
                 decision,
                 enforced: !d.shadow,
                 policy: d.policy.clone(),
@@ -612,8 +616,8 @@ fn new_ticket(ctx: &Context<'_>, held: &Held) -> NewTicket {
             NewTicket {
                 statement: sql.clone(),
                 facts: facts_json(qd),
-                policy: d.policy.clone(),
-                rule: d.rule.clone(),
+                policy: d.policy.as_deref().map(String::from),
+                rule: d.rule.as_deref().map(String::from),
                 timeout: *timeout,
                 ..base
             }
@@ -636,13 +640,13 @@ fn new_ticket(ctx: &Context<'_>, held: &Held) -> NewTicket {
                 .unwrap_or_default(),
             facts: serde_json::json!([{
                 "kind": prepared.kind,
-                "tables": &*prepared.tables,
+                "tables": prepared.tables.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "functions": &*prepared.functions,
                 "verdict": prepared.decision.verdict.name(),
                 "rule": prepared.decision.rule,
             }]),
-            policy: prepared.decision.policy.clone(),
-            rule: prepared.decision.rule.clone(),
+            policy: prepared.decision.policy.as_deref().map(String::from),
+            rule: prepared.decision.rule.as_deref().map(String::from),
             timeout: *timeout,
             ..base
         },
@@ -929,13 +933,9 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                             let prepared = Arc::new(Prepared {
                                 text: query.as_str().into(),
                                 kind: first.map(|s| s.facts.kind.as_str()),
-                                tables: first
-                                    .map(|s| {
-                                        s.facts.tables.iter().map(ToString::to_string).collect()
-                                    })
-                                    .unwrap_or_default(),
+                                tables: first.map(|s| s.facts.tables.clone()).unwrap_or_default(),
                                 functions: first
-                                    .map(|s| s.facts.functions.as_slice().into())
+                                    .map(|s| s.facts.functions.clone())
                                     .unwrap_or_default(),
                                 decision,
                                 role_grants,
@@ -1067,7 +1067,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                         // The server will answer with its own error for an unknown portal.
                         None => {
                             st.queue.push_back(Expect::Execute(Box::new(ExecRun {
-                                rec: Rec::new(None, Vec::new()),
+                                rec: Rec::new(None, Arc::default()),
                                 portal: bound,
                                 plan: None,
                             })));
@@ -1123,7 +1123,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     });
                     finish(
                         ctx,
-                        Rec::new(Some(open), Vec::new()),
+                        Rec::new(Some(open), Arc::default()),
                         None,
                         Some(message.into()),
                     );
@@ -1306,7 +1306,7 @@ fn cached_plan(s: &Prepared, masks: &[String], formats: &[i16]) -> Option<Option
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .iter()
-        .find(|(m, f, _)| m == masks && f == formats)
+        .find(|(m, f, _)| **m == *masks && f == formats)
         .map(|(_, _, p)| p.clone())
 }
 
@@ -1370,7 +1370,7 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
 ) -> Result<(), PgError> {
     let mut out = BytesMut::with_capacity(16384);
     let keep = ctx.target.record_rows;
-    let mut query_plans: Vec<(Vec<String>, Bytes, Option<Arc<RowPlan>>)> = Vec::new();
+    let mut query_plans: Vec<QueryPlan> = Vec::new();
     loop {
         release_synthetic(&mut lock(state), &mut out);
         if !out.is_empty() && !has_frame(&buf) {
@@ -1560,12 +1560,12 @@ fn on_backend(
                 return Ok(());
             }
         }
-        B::RowDescription(ref fields) => match st.queue.front() {
+        B::RowDescription(fields) => match st.queue.front() {
             Some(Expect::Describe { .. }) => {
                 if let Some(Expect::Describe { what, internal }) = st.queue.pop_front() {
                     match what {
-                        Described::Statement(Some(s)) => set_columns(&s.columns, fields),
-                        Described::Portal(Some(p)) => set_columns(&p.columns, fields),
+                        Described::Statement(Some(s)) => set_columns(&s.columns, &fields),
+                        Described::Portal(Some(p)) => set_columns(&p.columns, &fields),
                         Described::Statement(None) | Described::Portal(None) => {}
                     }
                     if internal {
@@ -1577,7 +1577,7 @@ fn on_backend(
                 if let Some(Expect::Query(q)) = st.queue.front_mut()
                     && let Some(r) = q.recs.get_mut(q.idx)
                 {
-                    r.columns = fields.iter().map(|f| f.name.clone()).collect();
+                    r.columns = fields.into_iter().map(|f| f.name).collect();
                 }
             }
             _ => {}
@@ -1633,19 +1633,19 @@ fn on_backend(
             }
             return Ok(());
         }
-        B::CommandComplete { ref tag } => match st.queue.front_mut() {
+        B::CommandComplete { tag } => match st.queue.front_mut() {
             Some(Expect::Query(q)) => {
                 let idx = q.idx;
                 q.idx += 1;
                 q.plan = None;
                 if let Some(r) = q.recs.get_mut(idx) {
-                    let r = std::mem::replace(r, Rec::new(None, Vec::new()));
-                    finish(ctx, r, Some(tag.clone()), None);
+                    let r = std::mem::replace(r, Rec::new(None, Arc::default()));
+                    finish(ctx, r, Some(tag), None);
                 }
             }
             Some(Expect::Execute(_)) => {
                 if let Some(Expect::Execute(x)) = st.queue.pop_front() {
-                    finish(ctx, x.rec, Some(tag.clone()), None);
+                    finish(ctx, x.rec, Some(tag), None);
                 }
             }
             _ => {}
@@ -1674,7 +1674,7 @@ fn on_backend(
                     let idx = q.idx;
                     q.idx += 1;
                     if let Some(r) = q.recs.get_mut(idx) {
-                        let r = std::mem::replace(r, Rec::new(None, Vec::new()));
+                        let r = std::mem::replace(r, Rec::new(None, Arc::default()));
                         finish(ctx, r, None, Some(message));
                     }
                     // The rest of the query string is not run; their records end at ReadyForQuery.
