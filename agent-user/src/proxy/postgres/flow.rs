@@ -176,8 +176,8 @@ fn columns_of(m: &Mutex<Option<Vec<FieldDescription>>>) -> Option<Vec<FieldDescr
         .clone()
 }
 
-fn set_columns(m: &Mutex<Option<Vec<FieldDescription>>>, fields: &[FieldDescription]) {
-    *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(fields.to_vec());
+fn set_columns(m: &Mutex<Option<Vec<FieldDescription>>>, fields: Vec<FieldDescription>) {
+    *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(fields);
 }
 
 /// The gate's view of the server's prepared statements and portals. Updated when a message is
@@ -1564,8 +1564,8 @@ fn on_backend(
             Some(Expect::Describe { .. }) => {
                 if let Some(Expect::Describe { what, internal }) = st.queue.pop_front() {
                     match what {
-                        Described::Statement(Some(s)) => set_columns(&s.columns, &fields),
-                        Described::Portal(Some(p)) => set_columns(&p.columns, &fields),
+                        Described::Statement(Some(s)) => set_columns(&s.columns, fields),
+                        Described::Portal(Some(p)) => set_columns(&p.columns, fields),
                         Described::Statement(None) | Described::Portal(None) => {}
                     }
                     if internal {
