@@ -1325,12 +1325,24 @@ mod tests {
         rows.iter().map(|r| r.text.clone()).collect()
     }
 
-    #[tokio::test]
-    async fn list_columns_are_written_whole_for_every_statement_of_a_batch() {
-        let dir = std::env::temp_dir().join(format!("agentgate-lists-{}", std::process::id()));
+    /// An empty directory for a test's store (named after the test) and the store's path in it.
+    fn fresh_dir(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("agentgate-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("s.db");
+        (dir, path)
+    }
+
+    /// A new store in [`fresh_dir`].
+    fn fresh_store(name: &str) -> (std::path::PathBuf, std::path::PathBuf, SessionStore) {
+        let (dir, path) = fresh_dir(name);
         let store = SessionStore::open(&path).unwrap();
+        (dir, path, store)
+    }
+
+    #[tokio::test]
+    async fn list_columns_are_written_whole_for_every_statement_of_a_batch() {
+        let (dir, path, store) = fresh_store("lists");
         let table = |schema: Option<&str>, name: &str, access| TableRef {
             schema: schema.map(String::from),
             name: name.into(),
@@ -1391,10 +1403,7 @@ mod tests {
 
     #[tokio::test]
     async fn interleaved_sessions_read_back_whole_and_alone_through_spans() {
-        let dir = std::env::temp_dir().join(format!("agentgate-spans-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join("s.db");
-        let store = SessionStore::open(&path).unwrap();
+        let (dir, path, store) = fresh_store("spans");
         let (a, b, c) = (101, 102, 103);
         // Session a's first statement runs long: it is opened first and ends last, after more
         // than SPAN_GAP statements of session b were recorded in between.
@@ -1482,10 +1491,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_writer_still_commits_everything() {
-        let dir = std::env::temp_dir().join(format!("agentgate-idle-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join("s.db");
-        let store = SessionStore::open(&path).unwrap();
+        let (dir, path, store) = fresh_store("idle");
         let stat = format!("/proc/self/task/{}/stat", store.writer_tid().unwrap());
         let writer_sched = || sched_of(&std::fs::read_to_string(&stat).unwrap());
         let expect_idle = can_leave_idle();
@@ -1517,10 +1523,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_with_the_old_statements_index_is_read_then_migrated() {
-        let dir = std::env::temp_dir().join(format!("agentgate-spans-old-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let (dir, path) = fresh_dir("spans-old");
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("s.db");
         {
             // The statements table and index as stores before statement spans had them.
             let conn = Connection::open(&path).unwrap();
@@ -1568,10 +1572,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_last_ticket_id_is_found_through_the_kind_index() {
-        let dir = std::env::temp_dir().join(format!("agentgate-ticket-id-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join("s.db");
-        let store = SessionStore::open(&path).unwrap();
+        let (dir, path, store) = fresh_store("ticket-id");
         for (kind, id) in [
             ("ticket_created", 3),
             ("kernel_deny", 99),
@@ -1603,11 +1604,7 @@ mod tests {
 
     #[tokio::test]
     async fn sessions_round_trip_and_survive_reopen() {
-        let dir =
-            std::env::temp_dir().join(format!("agentgate-session-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join("s.db");
-        let store = SessionStore::open(&path).unwrap();
+        let (dir, path, store) = fresh_store("session-test");
         let id = store
             .start(SessionStart {
                 agent: Some("bot".into()),
