@@ -19,9 +19,10 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::policy::TableRef;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
+
+use crate::policy::TableRef;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sessions (
@@ -777,7 +778,7 @@ fn json_into<'b, T: Serialize + ?Sized>(buf: &'b mut Vec<u8>, items: &T) -> &'b 
     }
 }
 
-/// A list serialized as the JSON array of its items' `Display` forms (`schema.table`).
+/// A list serialized as the JSON array of its items' `Display` forms (`crm.customers (read)`).
 struct Displayed<'a, T>(&'a [T]);
 
 impl<T: std::fmt::Display> Serialize for Displayed<'_, T> {
