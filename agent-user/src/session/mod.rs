@@ -766,16 +766,17 @@ struct JsonLists {
     rows: Vec<u8>,
 }
 
-/// `items` as JSON text, written into `buf`.
+/// `items` as JSON text, written into `buf`. Lists of strings always serialize; should one ever
+/// not, the row is still written (with `[]`, and an error logged) rather than failing the batch
+/// and every record in it.
 fn json_into<'b, T: Serialize + ?Sized>(buf: &'b mut Vec<u8>, items: &T) -> &'b str {
     buf.clear();
-    if serde_json::to_writer(&mut *buf, items).is_err() {
-        buf.clear();
+    if let Err(e) = serde_json::to_writer(&mut *buf, items) {
+        tracing::error!(error = %e, "session store: a statement's list column could not be serialized; recorded as []");
+        return "[]";
     }
-    match std::str::from_utf8(buf) {
-        Ok(text) if !text.is_empty() => text,
-        _ => "[]",
-    }
+    // serde_json writes UTF-8.
+    std::str::from_utf8(buf).unwrap_or("[]")
 }
 
 /// A list serialized as the JSON array of its items' `Display` forms (`crm.customers (read)`).
