@@ -26,6 +26,25 @@ pub fn cpu_ns(pids: &[u32]) -> u64 {
     total
 }
 
+/// Jiffies the machine's CPUs spent idle (idle and iowait) and in all, from the `cpu` line of
+/// `/proc/stat`: the difference over a run says how much of the machine nobody used, which
+/// tells a proxy that holds clients back (CPU left idle) from one that is short of CPU.
+pub fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    // user nice system idle iowait irq softirq steal (guest time is inside user and nice)
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (idle, fields.iter().sum())
+}
+
 /// Latency summary of a set of samples, in microseconds.
 #[derive(Debug, Clone, Copy)]
 pub struct Latency {

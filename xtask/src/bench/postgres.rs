@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use agentgate_tests::{Gate, Postgres, free_port, workspace_root};
 use anyhow::{Context, Result, bail, ensure};
 
-use super::{cpu_ns, median, round2};
+use super::{cpu_ns, machine_jiffies, median, round2};
 
 /// Set on the re-run from the release binary.
 const AGENT: &str = "bench";
@@ -320,6 +320,9 @@ struct Series {
     runs: u64,
     /// CPU time of the proxy process (the daemon, PgBouncer) during these runs.
     proxy_cpu_ns: u64,
+    /// The machine's idle and total CPU jiffies during these runs.
+    idle_jiffies: u64,
+    total_jiffies: u64,
 }
 
 impl Series {
@@ -327,6 +330,12 @@ impl Series {
     fn cpu_per_tx_us(&self) -> Option<f64> {
         (self.transactions > 0 && self.proxy_cpu_ns > 0)
             .then(|| self.proxy_cpu_ns as f64 / self.transactions as f64 / 1000.0)
+    }
+
+    /// Share of the machine's CPU time left idle during these runs, in percent.
+    fn idle_percent(&self) -> Option<f64> {
+        (self.total_jiffies > 0)
+            .then(|| 100.0 * self.idle_jiffies as f64 / self.total_jiffies as f64)
     }
 }
 
@@ -602,8 +611,10 @@ targets:
                 for &route in &order {
                     let proxy = self.proxy_pids(route);
                     let cpu_before = cpu_ns(&proxy);
+                    let (idle_before, total_before) = machine_jiffies();
                     let r = self.pgbench(route, mode, o.seconds)?;
                     let cpu = cpu_ns(&proxy).saturating_sub(cpu_before);
+                    let (idle_after, total_after) = machine_jiffies();
                     if route == Route::Gate {
                         gate_runs += 1;
                     }
@@ -625,6 +636,8 @@ targets:
                     s.transactions += r.transactions;
                     s.runs += 1;
                     s.proxy_cpu_ns += cpu;
+                    s.idle_jiffies += idle_after.saturating_sub(idle_before);
+                    s.total_jiffies += total_after.saturating_sub(total_before);
                 }
                 println!(
                     "    round {}/{} {mode:<8} ({:>3.0} s): {}",
@@ -824,14 +837,17 @@ targets:
             let row = |label: &str, f: &dyn Fn(Route) -> Option<f64>, prec: usize| {
                 let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
                 let (d, g, b) = (f(Route::Direct), f(Route::Gate), f(Route::PgBouncer));
+                // A share of idle CPU is read as it is: a ratio of two of them says nothing.
+                let shares = label.ends_with('%');
+                let r = |x, y| if shares { "-".to_string() } else { ratio(x, y) };
                 println!(
                     "{label:<26}{:>10}{:>10}{:>11}{:>13}{:>12}{:>10}",
                     cell(d),
                     cell(g),
                     cell(b),
-                    ratio(g, d),
-                    ratio(b, d),
-                    ratio(g, b)
+                    r(g, d),
+                    r(b, d),
+                    r(g, b)
                 );
             };
             row(&format!("{m} TPS"), &|r| tps(r, m), 0);
@@ -839,6 +855,11 @@ targets:
             row(
                 &format!("{m} proxy CPU us/tx"),
                 &|r| self.series(r, m).and_then(Series::cpu_per_tx_us),
+                1,
+            );
+            row(
+                &format!("{m} machine idle %"),
+                &|r| self.series(r, m).and_then(Series::idle_percent),
                 1,
             );
         }
@@ -867,6 +888,7 @@ targets:
                             "tps": tps(r, m).map(round2),
                             "tps_rounds": s.tps.iter().copied().map(round2).collect::<Vec<_>>(),
                             "proxy_cpu_us_per_tx": s.cpu_per_tx_us().map(round2),
+                            "machine_idle_percent": s.idle_percent().map(round2),
                             "latency_avg_ms": lat(r, m).map(|v| (v * 1000.0).round() / 1000.0),
                             "latency_avg_ms_rounds": s.latency_ms.clone(),
                             "initial_connection_ms_rounds": s.connect_ms.clone(),

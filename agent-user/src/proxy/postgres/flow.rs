@@ -254,6 +254,8 @@ pub async fn run(
             &mut down_bytes,
         );
         tokio::select! {
+            // Either ending ends the connection: no need to draw which is polled first.
+            biased;
             r = from_agent => r,
             r = from_server => r,
         }
@@ -1281,13 +1283,15 @@ fn release_synthetic(st: &mut State, out: &mut BytesMut) {
     }
 }
 
-fn render(values: &[Option<Bytes>], formats: &[Format]) -> Vec<Option<String>> {
+/// A kept row as the agent saw it; binary results (by the result format codes of the portal)
+/// are recorded as hex, not as mangled text.
+fn render(values: &[Option<Bytes>], formats: &[i16]) -> Vec<Option<String>> {
     values
         .iter()
         .enumerate()
         .map(|(i, v)| {
-            v.as_ref().map(|b| match formats.get(i) {
-                Some(Format::Binary) => format!(
+            v.as_ref().map(|b| match format_of(formats, i) {
+                Format::Binary => format!(
                     "\\x{}",
                     b.iter().map(|x| format!("{x:02x}")).collect::<String>()
                 ),
@@ -1378,10 +1382,15 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
             *bytes += out.len() as u64;
             out.clear();
         }
-        let frame = tokio::select! {
-            biased;
-            f = read_backend(&mut upstream, &mut buf, &mut dec) => f?,
-            () = notify.notified() => continue,
+        // Messages that arrived together (a whole result often does) are taken from the buffer
+        // without arming the wait on the socket and on the other direction each time.
+        let frame = match dec.decode(&mut buf)? {
+            Some(f) => Some(f),
+            None => tokio::select! {
+                biased;
+                f = read_backend(&mut upstream, &mut buf, &mut dec) => f?,
+                () = notify.notified() => continue,
+            },
         };
         let Some(frame) = frame else {
             client.write_all(&out).await?;
@@ -1591,29 +1600,21 @@ fn on_backend(
             }
         }
         B::DataRow(mut values) => {
+            // Result formats: a simple query's rows are text; an Execute's are its portal's.
             let (plan, rec, formats) = match st.queue.front_mut() {
                 Some(Expect::Query(q)) => {
                     let idx = q.idx;
-                    (q.plan.as_deref(), q.recs.get_mut(idx), Vec::new())
+                    (q.plan.as_deref(), q.recs.get_mut(idx), None)
                 }
                 Some(Expect::Execute(x)) => {
                     let ExecRun { rec, plan, portal } = &mut **x;
-                    // Binary results are recorded as hex, not as mangled text.
-                    let formats = portal
-                        .as_ref()
-                        .map(|p| {
-                            (0..values.len())
-                                .map(|i| format_of(&p.formats, i))
-                                .collect()
-                        })
-                        .unwrap_or_default();
                     (
                         plan.as_ref().and_then(Option::as_ref).map(AsRef::as_ref),
                         Some(rec),
-                        formats,
+                        portal.as_deref().map(|p| p.formats.as_slice()),
                     )
                 }
-                _ => (None, None, Vec::new()),
+                _ => (None, None, None),
             };
             let mut changed = false;
             if let Some(plan) = plan {
@@ -1623,7 +1624,7 @@ fn on_backend(
                 rec.rows += 1;
                 rec.masked |= changed;
                 if rec.kept.len() < keep {
-                    rec.kept.push(render(&values, &formats));
+                    rec.kept.push(render(&values, formats.unwrap_or_default()));
                 }
             }
             if changed {
