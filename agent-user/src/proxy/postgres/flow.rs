@@ -1729,8 +1729,28 @@ fn on_backend(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_statement_timeout;
+    use super::{parse_statement_timeout, render};
+    use bytes::Bytes;
     use std::time::Duration;
+
+    #[test]
+    fn kept_rows_render_binary_values_as_hex() {
+        let row = [
+            Some(Bytes::from_static(b"\xde\xad")),
+            None,
+            Some(Bytes::from_static(b"42")),
+        ];
+        let s = |v: &str| Some(v.to_string());
+        // No codes (a simple query, or Bind asking for text): every column is text.
+        assert_eq!(
+            render(&row, &[]),
+            [s(&String::from_utf8_lossy(b"\xde\xad")), None, s("42")]
+        );
+        // One code applies to every column.
+        assert_eq!(render(&row, &[1]), [s("\\xdead"), None, s("\\x3432")]);
+        // One code per column.
+        assert_eq!(render(&row, &[1, 0, 0]), [s("\\xdead"), None, s("42")]);
+    }
 
     #[test]
     fn statement_timeout_settings() {
