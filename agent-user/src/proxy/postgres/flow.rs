@@ -1305,12 +1305,17 @@ fn format_of(formats: &[i16], i: usize) -> Format {
     Format::from_code(format_code(formats, i)).unwrap_or(Format::Text)
 }
 
-fn cached_plan(s: &Prepared, masks: &[String], formats: &[i16]) -> Option<Option<Arc<RowPlan>>> {
+fn cached_plan(
+    s: &Prepared,
+    masks: &Arc<[String]>,
+    formats: &[i16],
+) -> Option<Option<Arc<RowPlan>>> {
     s.plans
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .iter()
-        .find(|(m, f, _)| **m == *masks && f == formats)
+        // The lists are usually the statement decision's own (same pointer): no string compares.
+        .find(|(m, f, _)| (Arc::ptr_eq(m, masks) || m == masks) && f == formats)
         .map(|(_, _, p)| p.clone())
 }
 
@@ -1446,28 +1451,31 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
                 let mut st = lock(state);
                 release_synthetic(&mut st, &mut out);
                 match st.queue.front_mut() {
+                    // Nothing to mask: rows pass as they are.
+                    Some(Expect::Execute(x)) if x.plan.is_none() && x.rec.masks.is_empty() => {
+                        x.plan = Some(None);
+                        None
+                    }
                     Some(Expect::Execute(x)) if x.plan.is_none() => {
-                        let portal = x.portal.clone();
-                        let formats = portal
-                            .as_ref()
-                            .map(|p| p.formats.clone())
-                            .unwrap_or_default();
-                        let cached = portal
-                            .as_ref()
-                            .and_then(|p| p.prepared.as_ref())
-                            .and_then(|s| cached_plan(s, &x.rec.masks, &formats));
+                        let cached = x.portal.as_ref().and_then(|p| {
+                            cached_plan(p.prepared.as_ref()?, &x.rec.masks, &p.formats)
+                        });
                         match cached {
                             Some(plan) => {
                                 x.plan = Some(plan);
                                 None
                             }
-                            None => Some((x.rec.masks.clone(), portal, formats)),
+                            None => Some((x.rec.masks.clone(), x.portal.clone())),
                         }
                     }
                     _ => None,
                 }
             };
-            if let Some((masks, portal, formats)) = pending {
+            if let Some((masks, portal)) = pending {
+                let formats = portal
+                    .as_ref()
+                    .map(|p| p.formats.clone())
+                    .unwrap_or_default();
                 let fields = portal
                     .as_ref()
                     .and_then(|p| columns_of(&p.columns))
