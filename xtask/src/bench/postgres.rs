@@ -871,6 +871,34 @@ targets:
         };
         let ahead =
             |m: &str| -> Option<bool> { Some(tps(Route::Gate, m)? > tps(Route::PgBouncer, m)?) };
+        // The paths of one round run back to back, so their ratio is less exposed to the host's
+        // drift over the whole run than a ratio of medians: both are printed.
+        let paired = |m: &str| -> Vec<f64> {
+            match (
+                self.series(Route::Gate, m),
+                self.series(Route::PgBouncer, m),
+            ) {
+                (Some(g), Some(b)) => g
+                    .tps
+                    .iter()
+                    .zip(&b.tps)
+                    .filter(|(_, b)| **b > 0.0)
+                    .map(|(g, b)| round2(g / b))
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        for m in MODES {
+            let rounds = paired(m);
+            if !rounds.is_empty() {
+                let list: Vec<String> = rounds.iter().map(|r| format!("{r:.2}")).collect();
+                println!(
+                    "gate/pgb TPS by round, {m:<8} {} (median {:.2})",
+                    list.join(" "),
+                    median(&rounds).unwrap_or(0.0)
+                );
+            }
+        }
         println!(
             "aim: gate ahead of pgbouncer (session mode) on TPS, simple / prepared ..... {} / {}",
             verdict(ahead("simple")),
@@ -911,6 +939,7 @@ targets:
                         "tps_gate_over_direct": q(Route::Gate, Route::Direct),
                         "tps_pgbouncer_over_direct": q(Route::PgBouncer, Route::Direct),
                         "tps_gate_over_pgbouncer": q(Route::Gate, Route::PgBouncer),
+                        "tps_gate_over_pgbouncer_by_round": paired(m),
                     }),
                 )
             })
