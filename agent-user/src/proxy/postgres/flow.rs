@@ -186,8 +186,51 @@ fn set_columns(m: &Mutex<Option<Vec<FieldDescription>>>, fields: Vec<FieldDescri
 #[derive(Default)]
 struct State {
     queue: VecDeque<Expect>,
-    statements: HashMap<String, Arc<Prepared>>,
-    portals: HashMap<String, Arc<Portal>>,
+    statements: Names<Arc<Prepared>>,
+    portals: Names<Arc<Portal>>,
+}
+
+/// Prepared statements or portals by name. The unnamed one (`""`) is kept apart: drivers use it
+/// for most statements (libpq binds, describes and executes the unnamed portal for every
+/// prepared execution), and then it costs no hashing or key comparison.
+struct Names<T> {
+    unnamed: Option<T>,
+    named: HashMap<String, T>,
+}
+
+impl<T> Default for Names<T> {
+    fn default() -> Self {
+        Names {
+            unnamed: None,
+            named: HashMap::new(),
+        }
+    }
+}
+
+impl<T> Names<T> {
+    fn get(&self, name: &str) -> Option<&T> {
+        if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.named.get(name)
+        }
+    }
+
+    fn insert(&mut self, name: String, value: T) -> Option<T> {
+        if name.is_empty() {
+            self.unnamed.replace(value)
+        } else {
+            self.named.insert(name, value)
+        }
+    }
+
+    fn remove(&mut self, name: &str) -> Option<T> {
+        if name.is_empty() {
+            self.unnamed.take()
+        } else {
+            self.named.remove(name)
+        }
+    }
 }
 
 impl State {
@@ -1737,9 +1780,26 @@ fn on_backend(
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_statement_timeout, render};
+    use super::{Names, parse_statement_timeout, render};
     use bytes::Bytes;
     use std::time::Duration;
+
+    #[test]
+    fn unnamed_and_named_entries_are_kept_apart() {
+        let mut names = Names::default();
+        assert_eq!(names.insert(String::new(), 1), None);
+        assert_eq!(names.insert("s1".into(), 2), None);
+        assert_eq!(names.get(""), Some(&1));
+        assert_eq!(names.get("s1"), Some(&2));
+        assert_eq!(names.get("s2"), None);
+        // Re-binding the unnamed one replaces it and hands back what it held.
+        assert_eq!(names.insert(String::new(), 3), Some(1));
+        assert_eq!(names.remove(""), Some(3));
+        assert_eq!(names.get(""), None);
+        assert_eq!(names.get("s1"), Some(&2));
+        assert_eq!(names.remove("s1"), Some(2));
+        assert_eq!(names.remove("s1"), None);
+    }
 
     #[test]
     fn kept_rows_render_binary_values_as_hex() {
