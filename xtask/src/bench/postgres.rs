@@ -834,12 +834,11 @@ targets:
             _ => "-".into(),
         };
         for m in MODES {
-            let row = |label: &str, f: &dyn Fn(Route) -> Option<f64>, prec: usize| {
+            // `ratios`: false for a share (of idle CPU), read as it is: a ratio of two says nothing.
+            let row = |label: &str, f: &dyn Fn(Route) -> Option<f64>, prec: usize, ratios: bool| {
                 let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
                 let (d, g, b) = (f(Route::Direct), f(Route::Gate), f(Route::PgBouncer));
-                // A share of idle CPU is read as it is: a ratio of two of them says nothing.
-                let shares = label.ends_with('%');
-                let r = |x, y| if shares { "-".to_string() } else { ratio(x, y) };
+                let r = |x, y| if ratios { ratio(x, y) } else { "-".to_string() };
                 println!(
                     "{label:<26}{:>10}{:>10}{:>11}{:>13}{:>12}{:>10}",
                     cell(d),
@@ -850,17 +849,19 @@ targets:
                     r(g, b)
                 );
             };
-            row(&format!("{m} TPS"), &|r| tps(r, m), 0);
-            row(&format!("{m} latency avg ms"), &|r| lat(r, m), 3);
+            row(&format!("{m} TPS"), &|r| tps(r, m), 0, true);
+            row(&format!("{m} latency avg ms"), &|r| lat(r, m), 3, true);
             row(
                 &format!("{m} proxy CPU us/tx"),
                 &|r| self.series(r, m).and_then(Series::cpu_per_tx_us),
                 1,
+                true,
             );
             row(
                 &format!("{m} machine idle %"),
                 &|r| self.series(r, m).and_then(Series::idle_percent),
                 1,
+                false,
             );
         }
         println!();

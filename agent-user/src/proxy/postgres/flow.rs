@@ -615,15 +615,30 @@ fn facts_json(qd: &QueryDecision) -> serde_json::Value {
     serde_json::json!(
         qd.statements
             .iter()
-            .map(|s| serde_json::json!({
-                "kind": s.facts.kind.to_string(),
-                "tables": s.facts.tables.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "functions": s.facts.functions,
-                "verdict": s.decision.verdict.name(),
-                "rule": s.decision.rule,
-            }))
+            .map(|s| statement_facts_json(
+                Some(s.facts.kind.as_str()),
+                &s.facts.tables,
+                &s.facts.functions,
+                &s.decision
+            ))
             .collect::<Vec<_>>()
     )
+}
+
+/// One statement's facts as a ticket shows them to the approver (simple and extended alike).
+fn statement_facts_json(
+    kind: Option<&str>,
+    tables: &[TableRef],
+    functions: &[String],
+    decision: &Decision,
+) -> serde_json::Value {
+    serde_json::json!({
+        "kind": kind,
+        "tables": tables.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "functions": functions,
+        "verdict": decision.verdict.name(),
+        "rule": decision.rule,
+    })
 }
 
 fn new_ticket(ctx: &Context<'_>, held: &Held) -> NewTicket {
@@ -683,13 +698,12 @@ fn new_ticket(ctx: &Context<'_>, held: &Held) -> NewTicket {
                 .as_ref()
                 .map(|p| p.param_formats.clone())
                 .unwrap_or_default(),
-            facts: serde_json::json!([{
-                "kind": prepared.kind,
-                "tables": prepared.tables.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "functions": &*prepared.functions,
-                "verdict": prepared.decision.verdict.name(),
-                "rule": prepared.decision.rule,
-            }]),
+            facts: serde_json::json!([statement_facts_json(
+                prepared.kind,
+                &prepared.tables,
+                &prepared.functions,
+                &prepared.decision
+            )]),
             policy: prepared.decision.policy.as_deref().map(String::from),
             rule: prepared.decision.rule.as_deref().map(String::from),
             timeout: *timeout,
@@ -1783,6 +1797,35 @@ mod tests {
     use super::{Names, parse_statement_timeout, render};
     use bytes::Bytes;
     use std::time::Duration;
+
+    #[test]
+    fn ticket_facts_name_tables_as_approvers_read_them() {
+        use crate::policy::{Access, Decision, TableRef, Verdict};
+        let decision = Decision {
+            verdict: Verdict::Review {
+                timeout: Duration::from_secs(60),
+            },
+            policy: Some("analysts".into()),
+            rule: Some("unbounded-writes".into()),
+            mask: Default::default(),
+            shadow: false,
+        };
+        let tables = [TableRef {
+            schema: Some("crm".into()),
+            name: "customers".into(),
+            access: Access::Write,
+        }];
+        assert_eq!(
+            super::statement_facts_json(Some("update"), &tables, &["now".into()], &decision),
+            serde_json::json!({
+                "kind": "update",
+                "tables": ["crm.customers (write)"],
+                "functions": ["now"],
+                "verdict": "review",
+                "rule": "unbounded-writes",
+            })
+        );
+    }
 
     #[test]
     fn unnamed_and_named_entries_are_kept_apart() {
