@@ -24,6 +24,9 @@ use serde::Serialize;
 
 use crate::policy::TableRef;
 
+mod shapes;
+use shapes::Shapes;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sessions (
     id INTEGER PRIMARY KEY,
@@ -83,6 +86,38 @@ CREATE TABLE IF NOT EXISTS statements (
     command_tag TEXT,
     error TEXT,
     columns TEXT,
+    result_rows TEXT,
+    masked INTEGER NOT NULL DEFAULT 0
+);
+-- Statements are recorded in two parts (see `shapes.rs`): what every execution of a statement
+-- under one judgement shares, once per shape, and what each execution adds, once per execution.
+-- `statements` above holds the records of stores written before the split; both share one id
+-- sequence and `statement_spans`.
+CREATE TABLE IF NOT EXISTS statement_shapes (
+    id INTEGER PRIMARY KEY,
+    protocol TEXT NOT NULL,
+    text TEXT,
+    kind TEXT,
+    tables TEXT NOT NULL DEFAULT '[]',
+    functions TEXT NOT NULL DEFAULT '[]',
+    decision TEXT NOT NULL,
+    enforced INTEGER NOT NULL DEFAULT 1,
+    policy TEXT,
+    rule TEXT,
+    message TEXT,
+    columns TEXT
+);
+CREATE TABLE IF NOT EXISTS statement_log (
+    id INTEGER PRIMARY KEY,
+    session_id INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    shape_id INTEGER NOT NULL,
+    -- NULL: the shape's text.
+    text TEXT,
+    duration_us INTEGER,
+    rows INTEGER,
+    command_tag TEXT,
+    error TEXT,
     result_rows TEXT,
     masked INTEGER NOT NULL DEFAULT 0
 );
@@ -378,6 +413,14 @@ fn migrate_statement_index(conn: &Connection) -> rusqlite::Result<()> {
     )
 }
 
+fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+        [name],
+        |r| r.get(0),
+    )
+}
+
 fn has_statement_index(conn: &Connection) -> rusqlite::Result<bool> {
     conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'statements_session')",
@@ -448,10 +491,12 @@ impl SessionStore {
         let max: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM sessions", [], |r| {
             r.get(0)
         })?;
-        let max_statement: i64 =
-            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM statements", [], |r| {
-                r.get(0)
-            })?;
+        let max_statement: i64 = conn.query_row(
+            "SELECT MAX((SELECT COALESCE(MAX(id), 0) FROM statements),
+                        (SELECT COALESCE(MAX(id), 0) FROM statement_log))",
+            [],
+            |r| r.get(0),
+        )?;
         let (tx, rx) = mpsc::channel();
         let (tid_tx, tid_rx) = mpsc::sync_channel(1);
         std::thread::Builder::new()
@@ -694,6 +739,7 @@ fn can_leave_idle() -> bool {
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>) {
     let mut priority = WriterPriority::new();
     let mut lists = JsonLists::default();
+    let mut shapes = Shapes::default();
     loop {
         let first = match rx.try_recv() {
             Ok(w) => w,
@@ -733,7 +779,14 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>) {
                     if let Write::Statement(row) = &w {
                         spans.note(row.s.session_id, row.id);
                     }
-                    apply(&tx, w, &mut insert_statement, &mut lists, &mut acks)?;
+                    apply(
+                        &tx,
+                        w,
+                        &mut insert_statement,
+                        &mut shapes,
+                        &mut lists,
+                        &mut acks,
+                    )?;
                 }
                 spans.write(&tx)?;
             }
@@ -741,6 +794,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>) {
         });
         if let Err(e) = result {
             tracing::error!(error = %e, "session store write failed");
+            shapes.forget();
         }
         for ack in acks {
             let _ = ack.send(());
@@ -751,10 +805,9 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>) {
     }
 }
 
-const INSERT_STATEMENT: &str = "INSERT INTO statements (id, session_id, ts_ms, protocol, text,
-    kind, tables, functions, decision, enforced, policy, rule, message, duration_us, rows,
-    command_tag, error, columns, result_rows, masked)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)";
+const INSERT_STATEMENT: &str = "INSERT INTO statement_log (id, session_id, ts_ms, shape_id, text,
+    duration_us, rows, command_tag, error, result_rows, masked)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 
 /// Buffers for the JSON lists of a statement row, reused by every row the writer inserts:
 /// SQLite copies what is bound, so a row costs no allocation for them.
@@ -798,6 +851,7 @@ fn apply<'tx>(
     tx: &'tx rusqlite::Transaction<'_>,
     w: Write,
     insert_statement: &mut Option<rusqlite::CachedStatement<'tx>>,
+    shapes: &mut Shapes,
     lists: &mut JsonLists,
     acks: &mut Vec<tokio::sync::oneshot::Sender<()>>,
 ) -> rusqlite::Result<()> {
@@ -815,34 +869,25 @@ fn apply<'tx>(
             .execute(params![id, exe, cmdline, cgroup])?;
         }
         Write::Statement(row) => {
-            let StatementWrite { id, ts, s, e } = *row;
+            let StatementWrite { id, ts, s, mut e } = *row;
+            let session_id = s.session_id;
+            let (shape, text) = shapes::split(s, std::mem::take(&mut e.columns));
+            let shape_id = shapes.id(tx, shape, lists)?;
             let insert = match insert_statement {
                 Some(insert) => insert,
                 None => insert_statement.insert(tx.prepare_cached(INSERT_STATEMENT)?),
             };
-            let tables = json_into(&mut lists.tables, &Displayed(&s.tables));
-            let functions = json_into(&mut lists.functions, &*s.functions);
-            let columns = json_into(&mut lists.columns, &e.columns);
             let result_rows = json_into(&mut lists.rows, &e.result_rows);
             insert.execute(params![
                 id,
-                s.session_id,
+                session_id,
                 ts,
-                s.protocol,
-                &*s.text,
-                s.kind,
-                tables,
-                functions,
-                s.decision,
-                s.enforced,
-                s.policy,
-                s.rule,
-                s.message,
+                shape_id,
+                text.as_deref(),
                 i64::try_from(e.duration_us).unwrap_or(i64::MAX),
                 e.rows.map(|r| i64::try_from(r).unwrap_or(i64::MAX)),
                 e.command_tag,
                 e.error,
-                columns,
                 result_rows,
                 e.masked
             ])?;
@@ -1157,9 +1202,21 @@ impl SessionReader {
     /// In id order, read span by span (see `statement_spans`); a store no daemon has opened since
     /// spans came is read through its old index.
     pub fn statements_of(&self, session_id: i64) -> Result<Vec<StatementRow>, SessionError> {
-        const COLUMNS: &str = "SELECT id, ts_ms, protocol, text, kind, tables, functions, decision,
+        // Both kinds of record: the single-table rows of stores written before shapes came, and
+        // the split ones (absent from a store no daemon has opened since).
+        const LEGACY: &str = "SELECT id, ts_ms, protocol, text, kind, tables, functions, decision,
              enforced, policy, rule, message, duration_us, rows, command_tag, error, columns,
-             result_rows, masked FROM statements";
+             result_rows, masked, session_id FROM statements";
+        const SPLIT: &str =
+            "SELECT l.id, l.ts_ms, s.protocol, COALESCE(l.text, s.text, ''), s.kind,
+             s.tables, s.functions, s.decision, s.enforced, s.policy, s.rule, s.message,
+             l.duration_us, l.rows, l.command_tag, l.error, s.columns, l.result_rows, l.masked,
+             l.session_id FROM statement_log l JOIN statement_shapes s ON s.id = l.shape_id";
+        let from = if has_table(&self.conn, "statement_log")? {
+            format!("({SPLIT} UNION ALL {LEGACY})")
+        } else {
+            format!("({LEGACY})")
+        };
         let spans = if has_statement_index(&self.conn)? {
             vec![(i64::MIN, i64::MAX)]
         } else {
@@ -1170,7 +1227,7 @@ impl SessionReader {
             merge_spans(spans.collect::<Result<_, _>>()?)
         };
         let mut stmt = self.conn.prepare(&format!(
-            "{COLUMNS} WHERE session_id = ?1 AND id BETWEEN ?2 AND ?3 ORDER BY id"
+            "SELECT * FROM {from} WHERE session_id = ?1 AND id BETWEEN ?2 AND ?3 ORDER BY id"
         ))?;
         let mut out = Vec::new();
         for (first, last) in spans {
@@ -1400,6 +1457,91 @@ mod tests {
         assert_eq!(rows[1].functions, serde_json::json!([]));
         assert_eq!(rows[1].columns, serde_json::json!([]));
         assert_eq!(rows[1].result_rows, serde_json::json!([]));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn executions_of_one_statement_share_one_shape_and_read_back_whole() {
+        let (dir, path, store) = fresh_store("shapes");
+        let prepared = |decision: &'static str| StatementStart {
+            session_id: 9,
+            protocol: "extended",
+            text: "SELECT email FROM crm.customers WHERE id = $1".into(),
+            kind: Some("select"),
+            decision,
+            policy: Some("analysts".into()),
+            rule: Some("reads".into()),
+            ..Default::default()
+        };
+        let ended = |n: u64| StatementEnd {
+            duration_us: n,
+            rows: Some(1),
+            command_tag: Some("SELECT 1".into()),
+            columns: vec!["email".into()],
+            result_rows: vec![vec![Some(format!("user{n}@example.com"))]],
+            ..StatementEnd::default()
+        };
+        // Three executions under one judgement, one under another, and two simple queries whose
+        // texts differ only in a literal: three shapes.
+        for (decision, n) in [("allow", 1), ("allow", 2), ("deny", 3), ("allow", 4)] {
+            let st = store.statement(prepared(decision));
+            store.statement_end(st, ended(n)).unwrap();
+        }
+        for n in [5, 6] {
+            let st = store.statement(statement_text(9, n));
+            store.statement_end(st, ended(n as u64)).unwrap();
+        }
+        store.flush().await.unwrap();
+
+        let reader = SessionReader::open(&path).unwrap();
+        let count = |table: &str| -> i64 {
+            reader
+                .conn
+                .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(count("statement_shapes"), 3);
+        assert_eq!(count("statement_log"), 6);
+        let rows = reader.statements_of(9).unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.decision.as_str()).collect::<Vec<_>>(),
+            ["allow", "allow", "deny", "allow", "allow", "allow"]
+        );
+        assert_eq!(
+            texts(&rows[..4]),
+            vec!["SELECT email FROM crm.customers WHERE id = $1"; 4]
+        );
+        assert_eq!(
+            texts(&rows[4..]),
+            ["SELECT 5 -- session 9", "SELECT 6 -- session 9"]
+        );
+        for (row, n) in rows.iter().zip(1..) {
+            assert_eq!(row.duration_us, Some(n));
+            assert_eq!(row.columns, serde_json::json!(["email"]));
+            assert_eq!(
+                row.result_rows,
+                serde_json::json!([[format!("user{n}@example.com")]])
+            );
+        }
+        assert_eq!(rows[0].policy.as_deref(), Some("analysts"));
+        assert_eq!(rows[4].policy, None);
+
+        // A span is read through both tables' primary keys, not by scanning either.
+        let plan: Vec<String> = reader
+            .conn
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT l.id FROM statement_log l JOIN statement_shapes s
+                 ON s.id = l.shape_id WHERE l.session_id = 9 AND l.id BETWEEN 1 AND 3",
+            )
+            .unwrap()
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            plan.iter().all(|step| step.contains("INTEGER PRIMARY KEY")),
+            "{plan:?}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
