@@ -67,32 +67,11 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_session ON events(session_id);
 -- Start-up finds the last ticket id among `ticket_created` events without reading every event.
 CREATE INDEX IF NOT EXISTS events_kind ON events(kind);
-CREATE TABLE IF NOT EXISTS statements (
-    id INTEGER PRIMARY KEY,
-    session_id INTEGER NOT NULL,
-    ts_ms INTEGER NOT NULL,
-    protocol TEXT NOT NULL,
-    text TEXT NOT NULL,
-    kind TEXT,
-    tables TEXT NOT NULL DEFAULT '[]',
-    functions TEXT NOT NULL DEFAULT '[]',
-    decision TEXT NOT NULL,
-    enforced INTEGER NOT NULL DEFAULT 1,
-    policy TEXT,
-    rule TEXT,
-    message TEXT,
-    duration_us INTEGER,
-    rows INTEGER,
-    command_tag TEXT,
-    error TEXT,
-    columns TEXT,
-    result_rows TEXT,
-    masked INTEGER NOT NULL DEFAULT 0
-);
 -- Statements are recorded in two parts (see `shapes.rs`): what every execution of a statement
 -- under one judgement shares, once per shape, and what each execution adds, once per execution.
--- `statements` above holds the records of stores written before the split; both share one id
--- sequence and `statement_spans`.
+-- Stores written before the split also have a `statements` table holding one whole row per
+-- statement; it is read, never written, and shares the id sequence and
+-- `statement_spans` with `statement_log`.
 CREATE TABLE IF NOT EXISTS statement_shapes (
     id INTEGER PRIMARY KEY,
     protocol TEXT NOT NULL,
@@ -491,12 +470,17 @@ impl SessionStore {
         let max: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM sessions", [], |r| {
             r.get(0)
         })?;
-        let max_statement: i64 = conn.query_row(
-            "SELECT MAX((SELECT COALESCE(MAX(id), 0) FROM statements),
-                        (SELECT COALESCE(MAX(id), 0) FROM statement_log))",
-            [],
-            |r| r.get(0),
-        )?;
+        let max_id = |table: &str| -> rusqlite::Result<i64> {
+            if !has_table(&conn, table)? {
+                return Ok(0);
+            }
+            conn.query_row(
+                &format!("SELECT COALESCE(MAX(id), 0) FROM {table}"),
+                [],
+                |r| r.get(0),
+            )
+        };
+        let max_statement = max_id("statement_log")?.max(max_id("statements")?);
         let (tx, rx) = mpsc::channel();
         let (tid_tx, tid_rx) = mpsc::sync_channel(1);
         std::thread::Builder::new()
@@ -1202,20 +1186,24 @@ impl SessionReader {
     /// In id order, read span by span (see `statement_spans`); a store no daemon has opened since
     /// spans came is read through its old index.
     pub fn statements_of(&self, session_id: i64) -> Result<Vec<StatementRow>, SessionError> {
-        // Both kinds of record: the single-table rows of stores written before shapes came, and
-        // the split ones (absent from a store no daemon has opened since).
-        const LEGACY: &str = "SELECT id, ts_ms, protocol, text, kind, tables, functions, decision,
-             enforced, policy, rule, message, duration_us, rows, command_tag, error, columns,
-             result_rows, masked, session_id FROM statements";
+        // The split records, and the whole rows of a store written before shapes came (the only
+        // ones in such a store no daemon has opened since).
         const SPLIT: &str =
             "SELECT l.id, l.ts_ms, s.protocol, COALESCE(l.text, s.text, ''), s.kind,
              s.tables, s.functions, s.decision, s.enforced, s.policy, s.rule, s.message,
              l.duration_us, l.rows, l.command_tag, l.error, s.columns, l.result_rows, l.masked,
              l.session_id FROM statement_log l JOIN statement_shapes s ON s.id = l.shape_id";
-        let from = if has_table(&self.conn, "statement_log")? {
-            format!("({SPLIT} UNION ALL {LEGACY})")
-        } else {
-            format!("({LEGACY})")
+        const LEGACY: &str = "SELECT id, ts_ms, protocol, text, kind, tables, functions, decision,
+             enforced, policy, rule, message, duration_us, rows, command_tag, error, columns,
+             result_rows, masked, session_id FROM statements";
+        let from = match (
+            has_table(&self.conn, "statement_log")?,
+            has_table(&self.conn, "statements")?,
+        ) {
+            (true, true) => format!("{SPLIT} UNION ALL {LEGACY}"),
+            (true, false) => SPLIT.to_string(),
+            (false, true) => LEGACY.to_string(),
+            (false, false) => return Ok(Vec::new()),
         };
         let spans = if has_statement_index(&self.conn)? {
             vec![(i64::MIN, i64::MAX)]
@@ -1227,7 +1215,7 @@ impl SessionReader {
             merge_spans(spans.collect::<Result<_, _>>()?)
         };
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT * FROM {from} WHERE session_id = ?1 AND id BETWEEN ?2 AND ?3 ORDER BY id"
+            "SELECT * FROM ({from}) WHERE session_id = ?1 AND id BETWEEN ?2 AND ?3 ORDER BY id"
         ))?;
         let mut out = Vec::new();
         for (first, last) in spans {
@@ -1501,6 +1489,10 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(count("statement_shapes"), 3);
+        assert!(
+            !has_table(&reader.conn, "statements").unwrap(),
+            "a new store has no old table"
+        );
         assert_eq!(count("statement_log"), 6);
         let rows = reader.statements_of(9).unwrap();
         assert_eq!(
@@ -1541,6 +1533,48 @@ mod tests {
         assert!(
             plan.iter().all(|step| step.contains("INTEGER PRIMARY KEY")),
             "{plan:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_shape_rolled_back_with_a_failed_batch_is_written_again() {
+        let (dir, path, store) = fresh_store("shapes-rollback");
+        let prepared = || StatementStart {
+            session_id: 4,
+            protocol: "extended",
+            text: "SELECT 1".into(),
+            decision: "allow",
+            ..Default::default()
+        };
+        // Another writer took the id the store hands out next: the batch holding the first
+        // statement (and the shape it inserted) fails and is rolled back.
+        Connection::open(&path)
+            .unwrap()
+            .execute(
+                "INSERT INTO statement_log (id, session_id, ts_ms, shape_id) VALUES (1, 99, 0, 99)",
+                [],
+            )
+            .unwrap();
+        let first = store.statement(prepared());
+        assert_eq!(first.id, 1);
+        store.statement_end(first, StatementEnd::default()).unwrap();
+        let _ = store.flush().await;
+        // The same shape again: its row must name a shape that exists.
+        let second = store.statement(prepared());
+        store
+            .statement_end(second, StatementEnd::default())
+            .unwrap();
+        store.flush().await.unwrap();
+        let rows = SessionReader::open(&path)
+            .unwrap()
+            .statements_of(4)
+            .unwrap();
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.id, r.text.as_str(), r.decision.as_str()))
+                .collect::<Vec<_>>(),
+            [(2, "SELECT 1", "allow")]
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
