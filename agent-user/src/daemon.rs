@@ -369,7 +369,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     tracing::info!(
         "shutting down; pinned programs stay attached (governed agents are refused until a daemon serves again)"
     );
-    let _ = store.flush().await;
+    if let Err(e) = store.flush().await {
+        tracing::error!(error = %e, "session store: the last records may not be committed");
+    }
     let _ = std::fs::remove_file(&pid_file);
     let _ = std::fs::remove_file(&admin_path);
     Ok(())

@@ -7,7 +7,8 @@
 //! WAL mode with `synchronous=NORMAL`: a committed record survives the daemon being killed
 //! (it is in the OS page cache and the WAL); only a power loss can drop the last commits.
 //! [`SessionStore::flush`] waits for everything sent so far to be committed, for callers that must
-//! not release a result before its record is durable.
+//! not release a result before its record is durable; it fails if the batch holding it was rolled
+//! back (the writer answers it for the whole batch, not for the records before it).
 //!
 //! Readers (`agentgate sessions ...`) open the same file read-only; WAL lets them read while
 //! the daemon writes. This module stores and reads; it does not decide anything.
@@ -134,6 +135,8 @@ pub enum SessionError {
     Sql(#[from] rusqlite::Error),
     #[error("session store writer has stopped")]
     WriterGone,
+    #[error("session store: the records were not committed: {0}")]
+    NotCommitted(String),
     #[error("no session {0}")]
     NotFound(i64),
 }
@@ -282,7 +285,8 @@ enum Write {
         id: u64,
         detail: serde_json::Value,
     },
-    Flush(tokio::sync::oneshot::Sender<()>),
+    /// Answered once the batch holding it is committed, or with why it was not.
+    Flush(tokio::sync::oneshot::Sender<Result<(), String>>),
 }
 
 /// How a session ended, folded into its start row when both are written in one batch.
@@ -609,7 +613,9 @@ impl SessionStore {
     pub async fn flush(&self) -> Result<(), SessionError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send(Write::Flush(tx))?;
-        rx.await.map_err(|_| SessionError::WriterGone)
+        rx.await
+            .map_err(|_| SessionError::WriterGone)?
+            .map_err(SessionError::NotCommitted)
     }
 
     /// Every record passes here, so a lost writer is logged here, whatever the caller does
@@ -738,7 +744,6 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>) {
             }
         };
         let began = std::time::Instant::now();
-        let mut acks = Vec::new();
         let mut batch = vec![first];
         // Sleep out the linger instead of waking per record: records sent meanwhile queue up
         // without waking this thread, and a connection's start and end (and bursts from many
@@ -753,6 +758,11 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>) {
             }
         }
         let full = batch.len() >= BATCH_MAX;
+        // A flush is answered for the whole batch, committed or not, wherever it sits in it: a
+        // failed record anywhere rolls back the records sent before the flush too.
+        let (flushes, batch): (Vec<Write>, Vec<Write>) = batch
+            .into_iter()
+            .partition(|w| matches!(w, Write::Flush(_)));
         let result = conn.transaction().and_then(|tx| {
             {
                 // Looked up once per batch: most of a batch is statements, and finding a cached
@@ -763,25 +773,22 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>) {
                     if let Write::Statement(row) = &w {
                         spans.note(row.s.session_id, row.id);
                     }
-                    apply(
-                        &tx,
-                        w,
-                        &mut insert_statement,
-                        &mut shapes,
-                        &mut lists,
-                        &mut acks,
-                    )?;
+                    apply(&tx, w, &mut insert_statement, &mut shapes, &mut lists)?;
                 }
                 spans.write(&tx)?;
             }
             tx.commit()
         });
-        if let Err(e) = result {
+        if let Err(e) = &result {
             tracing::error!(error = %e, "session store write failed");
             shapes.forget();
         }
-        for ack in acks {
-            let _ = ack.send(());
+        let outcome = result.map_err(|e| e.to_string());
+        for w in flushes {
+            if let Write::Flush(ack) = w {
+                // The caller may have stopped waiting.
+                let _ = ack.send(outcome.clone());
+            }
         }
         if full || began.elapsed() > LINGER + BEHIND {
             priority.set_idle(false);
@@ -793,8 +800,8 @@ const INSERT_STATEMENT: &str = "INSERT INTO statement_log (id, session_id, ts_ms
     duration_us, rows, command_tag, error, result_rows, masked)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 
-/// Buffers for the JSON lists of a statement row, reused by every row the writer inserts:
-/// SQLite copies what is bound, so a row costs no allocation for them.
+/// Buffers for the JSON lists of a statement's shape and row, reused by every row the writer
+/// inserts: SQLite copies what is bound, so a row costs no allocation for them.
 #[derive(Default)]
 struct JsonLists {
     tables: Vec<u8>,
@@ -837,7 +844,6 @@ fn apply<'tx>(
     insert_statement: &mut Option<rusqlite::CachedStatement<'tx>>,
     shapes: &mut Shapes,
     lists: &mut JsonLists,
-    acks: &mut Vec<tokio::sync::oneshot::Sender<()>>,
 ) -> rusqlite::Result<()> {
     match w {
         Write::Identify {
@@ -971,7 +977,8 @@ fn apply<'tx>(
                 detail.to_string()
             ])?;
         }
-        Write::Flush(ack) => acks.push(ack),
+        // Taken out of the batch and answered by the writer once the batch is committed.
+        Write::Flush(_) => {}
     }
     Ok(())
 }
@@ -1538,6 +1545,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_flush_is_not_answered_ok_when_a_later_record_of_its_batch_fails() {
+        let (dir, path) = fresh_dir("flush-rollback");
+        std::fs::create_dir_all(&dir).unwrap();
+        let conn = open_rw(&path).unwrap();
+        // Statement id 2 is taken: the record sent after the flush fails, and rolls back the
+        // batch with the one sent before it.
+        conn.execute(
+            "INSERT INTO statement_log (id, session_id, ts_ms, shape_id) VALUES (2, 99, 0, 99)",
+            [],
+        )
+        .unwrap();
+        let record = |id: i64| {
+            Write::Statement(Box::new(StatementWrite {
+                id,
+                ts: 0,
+                s: statement_text(5, id as usize),
+                e: StatementEnd::default(),
+            }))
+        };
+        // Queued before the writer starts: one batch, the flush in the middle.
+        let (tx, rx) = mpsc::channel();
+        let (ack, answer) = tokio::sync::oneshot::channel();
+        tx.send(record(1)).unwrap();
+        tx.send(Write::Flush(ack)).unwrap();
+        tx.send(record(2)).unwrap();
+        drop(tx);
+        let writer = std::thread::spawn(move || writer(conn, rx));
+        let outcome = answer.await.unwrap();
+        assert!(
+            outcome.as_ref().is_err_and(|m| m.contains("UNIQUE")),
+            "{outcome:?}"
+        );
+        writer.join().unwrap();
+        let reader = SessionReader::open(&path).unwrap();
+        assert!(reader.statements_of(5).unwrap().is_empty(), "rolled back");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
     async fn a_shape_rolled_back_with_a_failed_batch_is_written_again() {
         let (dir, path, store) = fresh_store("shapes-rollback");
         let prepared = || StatementStart {
@@ -1559,7 +1605,11 @@ mod tests {
         let first = store.statement(prepared());
         assert_eq!(first.id, 1);
         store.statement_end(first, StatementEnd::default()).unwrap();
-        let _ = store.flush().await;
+        let err = store.flush().await.unwrap_err();
+        assert!(
+            matches!(&err, SessionError::NotCommitted(m) if m.contains("UNIQUE")),
+            "{err}"
+        );
         // The same shape again: its row must name a shape that exists.
         let second = store.statement(prepared());
         store

@@ -5,8 +5,9 @@
 //! A busy agent runs a handful of statements over and over. Their kind, tables, functions,
 //! decision, policy, rule, message and result columns (and, for a prepared statement, the text
 //! itself) are the same each time; only the timing, the row count, the command tag, the error and
-//! the rows seen differ. Writing the shared part once per shape halves what the writer binds,
-//! serializes and puts through the WAL per statement.
+//! the rows seen differ. Writing the shared part once per shape cuts the values bound per
+//! statement from 20 to 11, serializes only the rows seen, and takes the store from about 207
+//! to 118 bytes per statement.
 //!
 //! The writer keeps the ids of the shapes it has written in memory. The map is bounded (it is
 //! emptied when full, after which a shape seen again is simply written again: two rows for one
@@ -66,9 +67,9 @@ pub(super) fn split(s: StatementStart, columns: Vec<String>) -> (Shape, Option<A
     (shape, row_text)
 }
 
-/// The writer's map from shapes to the ids of their stored rows.
-/// foldhash rather than std's SipHash: hashing a whole shape per statement was a tenth of the
-/// writer's CPU with SipHash.
+/// The writer's map from shapes to the ids of their stored rows. Hashed with foldhash rather than
+/// std's SipHash: SipHash over a whole shape per statement was about 8% of the writer's CPU in a
+/// profile of `session_bench`. (Flooding it is pointless: the map is small and starts over.)
 #[derive(Default)]
 pub(super) struct Shapes {
     ids: HashMap<Shape, i64, foldhash::fast::RandomState>,
