@@ -27,8 +27,9 @@
 //!   `REFRESH MATERIALIZED VIEW`, `LOAD` are `ddl` (maintenance that takes heavy
 //!   locks or changes the server; owner/superuser-only in PostgreSQL). Their
 //!   tables are reported with `write` access.
-//! * `SET ROLE`, `SET SESSION AUTHORIZATION`, `RESET ROLE`, row-level-security
-//!   policies, user mappings and default privileges are `dcl`.
+//! * `SET ROLE`, `SET SESSION AUTHORIZATION`, `SET role = ...`,
+//!   `SET session_authorization = ...`, `set_config('role', ...)`, `RESET ROLE`,
+//!   row-level-security policies, user mappings and default privileges are `dcl`.
 //! * `LOCK`, `LISTEN`, `NOTIFY`, `UNLISTEN`, `PREPARE`, `EXECUTE`,
 //!   `DEALLOCATE` are `other` (`LOCK` reports its tables as `write`).
 //!   `PREPARE p AS <stmt>` additionally reports the kinds, tables and functions
@@ -41,14 +42,28 @@
 //!   (`explain_analyze: true` when it really executes it).
 //! * A statement containing several statements (data-modifying CTEs,
 //!   `PREPARE`, `CREATE RULE ... DO ...`) lists them all in `kinds`; `kind` is
-//!   the most dangerous of them (see [`StatementKind::rank`]).
+//!   the most dangerous of them (see [`StatementKind::rank`]). So do
+//!   `INSERT ... ON CONFLICT ... DO UPDATE` (`insert` and `update`) and `MERGE`
+//!   (`merge` and the `insert`/`update`/`delete` of its `WHEN` clauses).
+//! * `CREATE TABLE`/`ALTER TABLE` report the other tables they name: parents
+//!   (`INHERITS`, `PARTITION OF`, `[NO] INHERIT`), partitions attached or
+//!   detached and tables referenced by foreign keys as `write` (they change),
+//!   `LIKE` sources as `read`, `RENAME TO` targets as `write`.
+//! * Calls of functions that run SQL given to them as text (`query_to_xml`,
+//!   `ts_stat`, `dblink`...; the list is `SQL_STRING_FUNCTIONS`) make the
+//!   statement `opaque`.
 //!
 //! Parser differentials with PostgreSQL that would let SQL smuggle past the
 //! policy are refused as parse errors: Unicode-escaped identifiers
-//! (`U&"..."`, which sqlparser misreads as an `&` operator), and attempts to
-//! turn `standard_conforming_strings` off with `SET`/`set_config` literals.
-//! When the server reports `standard_conforming_strings = off` (the proxy
-//! sees it in `ParameterStatus`), call [`extract_with`] with
+//! (`U&"..."`, which sqlparser misreads as an `&` operator); lines after
+//! `COPY ... FROM STDIN;` in the same query string (sqlparser reads them as
+//! COPY data, PostgreSQL runs them); turning `standard_conforming_strings` off
+//! (`SET`, `RESET`, `set_config`) or setting `client_encoding` to anything but
+//! UTF8 (`SET`, `SET NAMES`, `set_config`), also through an `UPDATE` of
+//! `pg_settings`; and `set_config` whose setting name is not a string literal
+//! (it could name either). When the server reports
+//! `standard_conforming_strings = off` (the proxy sees it in
+//! `ParameterStatus`), call [`extract_with`] with
 //! [`ExtractOptions::standard_conforming_strings`] `false`: every plain string
 //! literal containing a backslash is then refused, because PostgreSQL would
 //! read it differently from sqlparser.
@@ -62,9 +77,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sqlparser::ast::{
-    CommentObject, CopySource, CopyTarget, Expr, FromTable, FunctionArg, FunctionArgExpr,
-    FunctionArguments, GrantObjects, Ident, InTarget, ObjectName, ObjectNamePart, ObjectType,
-    Query, Reset, Select, Set, SetExpr, Statement, TableFactor, TableObject, Value, Visit, Visitor,
+    AlterTableOperation, ColumnOption, CommentObject, CopySource, CopyTarget, CreateTableLikeKind,
+    DataType, Expr, FromTable, FunctionArg, FunctionArgExpr, FunctionArguments, GrantObjects,
+    Ident, InTarget, MergeAction, MergeClauseKind, ObjectName, ObjectNamePart, ObjectType,
+    OnConflict, OnConflictAction, OnInsert, Query, RenameTableNameKind, Reset, Select, Set,
+    SetExpr, Statement, TableConstraint, TableFactor, TableObject, Value, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::{Parser, ParserError};
@@ -103,7 +120,8 @@ pub enum StatementKind {
     /// `COMMENT`/`VACUUM`/`ANALYZE`/`REINDEX`/`CLUSTER`/`SELECT INTO`...
     Ddl,
     /// Access control: `GRANT`/`REVOKE`, roles and users, `SET ROLE`,
-    /// `SET SESSION AUTHORIZATION`, row-level-security policies.
+    /// `SET SESSION AUTHORIZATION` (and the `role`/`session_authorization`
+    /// settings however set), row-level-security policies.
     Dcl,
     /// `BEGIN`/`START TRANSACTION`/`COMMIT`/`END`/`ROLLBACK`/`SAVEPOINT`/
     /// `RELEASE`/`PREPARE TRANSACTION`/`COMMIT PREPARED`...
@@ -281,7 +299,10 @@ pub struct StatementFacts {
     pub tables: Arc<[TableRef]>,
     /// Every function called anywhere: unqualified name, normalized.
     pub functions: Arc<[String]>,
-    /// An `UPDATE` or `DELETE` (possibly nested) without a `WHERE` clause.
+    /// An `UPDATE` or `DELETE` (possibly nested) without a `WHERE` clause; also
+    /// `ON CONFLICT ... DO UPDATE` without one, and a `MERGE` with a
+    /// `WHEN NOT MATCHED BY SOURCE` update or delete without an `AND` condition
+    /// (its other clauses act on the rows its `ON` condition matches).
     pub update_or_delete_without_where: bool,
     /// Present for `COPY`.
     pub copy: Option<CopyFacts>,
@@ -291,15 +312,16 @@ pub struct StatementFacts {
     pub explain_analyze: bool,
     /// `EXECUTE name`: what runs is a prepared statement the facts cannot see.
     pub opaque_execute: bool,
-    /// Sets `search_path` (`SET search_path`, `set_config('search_path', ..)`
-    /// or `set_config` of a setting whose name is not a literal), which
-    /// changes how later unqualified names resolve.
+    /// Sets `search_path` (`SET search_path`, `set_config('search_path', ..)`),
+    /// which changes how later unqualified names resolve. (`set_config` of a
+    /// setting whose name is not a literal is refused.)
     pub sets_search_path: bool,
     /// The facts may not cover everything the statement touches: `DO`
     /// blocks, `EXECUTE`, statements only classified by their leading
-    /// keywords (tables unknown, functions found heuristically), and DDL/DCL
+    /// keywords (tables unknown, functions found heuristically), DDL/DCL
     /// on objects other than relations (schemas, functions, roles, triggers,
-    /// `GRANT ... ON ALL TABLES IN SCHEMA`...).
+    /// `GRANT ... ON ALL TABLES IN SCHEMA`...), and calls of functions that
+    /// run SQL given as text (`query_to_xml`, `ts_stat`, `dblink`...).
     pub opaque: bool,
 }
 
@@ -605,6 +627,20 @@ fn check_complexity(tokens: &[TokenWithSpan]) -> Result<(), ParseError> {
 /// Refuses token streams that PostgreSQL would read differently, or that
 /// are too complex to analyse safely.
 fn check_tokens(tokens: &[TokenWithSpan], opts: &ExtractOptions) -> Result<(), ParseError> {
+    // sqlparser's PostgreSQL tokenizer reads every line after `COPY ... FROM STDIN;` as the
+    // COPY's inline data (one `Token::CopyData`, as in a psql script), but over the wire
+    // protocol PostgreSQL parses those lines as further statements and runs them.
+    if let Some(t) = tokens
+        .iter()
+        .find(|t| matches!(t.token, Token::CopyData { .. }))
+    {
+        return Err(ParseError::new(format!(
+            "lines after `COPY ... FROM STDIN;` in the same query are not allowed: PostgreSQL \
+             runs them as statements, the gate's parser would read them as COPY data; send the \
+             COPY as a query of its own{}",
+            t.span.start
+        )));
+    }
     check_complexity(tokens)?;
     for window in tokens.windows(3) {
         if let [a, b, c] = window
@@ -865,7 +901,7 @@ fn push_unique<T: PartialEq>(v: &mut Vec<T>, item: T) {
 // Classification.
 
 fn is_role_parameter(name: &ObjectName) -> bool {
-    split_name(name).is_some_and(|(_, n)| n == "role" || n == "session_authorization")
+    is_setting(name, "role") || is_setting(name, "session_authorization")
 }
 
 /// The kind of one statement node, `None` for wrappers that only carry
@@ -898,6 +934,13 @@ fn classify(statement: &Statement) -> Option<StatementKind> {
 
         Statement::Set(set) => match set {
             Set::SetRole { .. } | Set::SetSessionAuthorization(_) => K::Dcl,
+            // `SET role = 'x'`, `SET LOCAL session_authorization = 'x'`.
+            _ if set_variables(statement)
+                .iter()
+                .any(|(name, _)| is_role_parameter(name)) =>
+            {
+                K::Dcl
+            }
             _ => K::Set,
         },
         Statement::Reset(reset) => match &reset.reset {
@@ -998,6 +1041,126 @@ fn is_relation_type(object_type: &ObjectType) -> bool {
     )
 }
 
+/// Tables a `CREATE TABLE` or `ALTER TABLE` names besides the table itself, which sqlparser
+/// does not visit as relations, and whether it names one in a form not understood (the
+/// statement is then opaque):
+/// * `INHERITS (p)`, `PARTITION OF p` (visited), `ALTER TABLE ... [NO] INHERIT p`,
+///   `ATTACH`/`DETACH PARTITION c`: the other table's rows appear in or leave a parent, so
+///   it is written.
+/// * `REFERENCES r` (column or table constraint, in `CREATE TABLE` or `ALTER TABLE ... ADD`):
+///   PostgreSQL adds triggers to `r` and restricts deletes and updates of its rows, so it is
+///   written.
+/// * `LIKE s` (copies column definitions, not rows): read.
+/// * `RENAME TO n`: `n` is written (in the schema of the renamed table).
+fn related_tables(statement: &Statement) -> (Vec<TableRef>, bool) {
+    fn references(option: &ColumnOption) -> Option<&ObjectName> {
+        match option {
+            ColumnOption::ForeignKey(fk) => Some(&fk.foreign_table),
+            _ => None,
+        }
+    }
+
+    let mut out = Vec::new();
+    let mut unknown = false;
+    let add = |out: &mut Vec<TableRef>, name: &ObjectName, access: Access| {
+        if let Some((schema, name)) = split_name(name) {
+            out.push(TableRef {
+                schema,
+                name,
+                access,
+            });
+        }
+    };
+    match statement {
+        Statement::CreateTable(create) => {
+            for parent in create.inherits.iter().flatten() {
+                add(&mut out, parent, Access::Write);
+            }
+            if let Some(
+                CreateTableLikeKind::Parenthesized(like) | CreateTableLikeKind::Plain(like),
+            ) = &create.like
+            {
+                add(&mut out, &like.name, Access::Read);
+            }
+            if let Some(name) = &create.clone {
+                add(&mut out, name, Access::Read);
+            }
+            for column in &create.columns {
+                // `CREATE TABLE t (a int, LIKE s)`: sqlparser reads `LIKE s` as a column
+                // named LIKE of type `s` (LIKE is reserved: PostgreSQL has no such column).
+                if column.name.quote_style.is_none()
+                    && column.name.value.eq_ignore_ascii_case("like")
+                {
+                    match &column.data_type {
+                        DataType::Custom(name, _) => add(&mut out, name, Access::Read),
+                        _ => unknown = true,
+                    }
+                }
+                for option in &column.options {
+                    if let Some(name) = references(&option.option) {
+                        add(&mut out, name, Access::Write);
+                    }
+                }
+            }
+            for constraint in &create.constraints {
+                if let TableConstraint::ForeignKey(fk) = constraint {
+                    add(&mut out, &fk.foreign_table, Access::Write);
+                }
+            }
+        }
+        Statement::AlterTable(alter) => {
+            for operation in &alter.operations {
+                match operation {
+                    AlterTableOperation::AddConstraint {
+                        constraint: TableConstraint::ForeignKey(fk),
+                        ..
+                    } => add(&mut out, &fk.foreign_table, Access::Write),
+                    AlterTableOperation::AddColumn { column_def, .. } => {
+                        for option in &column_def.options {
+                            if let Some(name) = references(&option.option) {
+                                add(&mut out, name, Access::Write);
+                            }
+                        }
+                    }
+                    AlterTableOperation::ChangeColumn { options, .. }
+                    | AlterTableOperation::ModifyColumn { options, .. } => {
+                        for name in options.iter().filter_map(references) {
+                            add(&mut out, name, Access::Write);
+                        }
+                    }
+                    AlterTableOperation::Inherit { parent }
+                    | AlterTableOperation::NoInherit { parent } => {
+                        add(&mut out, parent, Access::Write)
+                    }
+                    AlterTableOperation::AttachPartitionOf { partition, .. }
+                    | AlterTableOperation::DetachPartitionOf { partition, .. } => {
+                        add(&mut out, partition, Access::Write)
+                    }
+                    AlterTableOperation::SwapWith { table_name } => {
+                        add(&mut out, table_name, Access::Write)
+                    }
+                    AlterTableOperation::RenameTable {
+                        table_name: RenameTableNameKind::As(new) | RenameTableNameKind::To(new),
+                    } => {
+                        let schema = split_name(&alter.name).and_then(|(schema, _)| schema);
+                        match split_name(new) {
+                            Some((_, name)) => out.push(TableRef {
+                                schema,
+                                name,
+                                access: Access::Write,
+                            }),
+                            None => unknown = true,
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+    (out, unknown)
+}
+
 /// Whether the tables reported for a DDL/DCL statement cover everything it
 /// changes. Statements on schemas, databases, functions, types, roles... do
 /// not act on a list of tables: their facts are marked `opaque`, so table
@@ -1052,6 +1215,9 @@ struct StmtCtx {
     outside: Access,
     /// How many queries of this statement enclose the current node.
     query_depth: usize,
+    /// Tables named by the statement outside of relation positions (see
+    /// [`related_tables`]), added after the statement's own.
+    related: Vec<TableRef>,
 }
 
 struct CteFrame {
@@ -1125,10 +1291,64 @@ impl Collector {
         }
     }
 
-    fn add_function(&mut self, name: &ObjectName) {
-        if let Some((_, function)) = split_name(name) {
-            self.functions.insert(function);
+    /// A function call, wherever it is (an expression, `FROM f(...)`, `CALL`...): records the
+    /// function and applies what depends on its arguments. `args` is `None` when they are
+    /// not a list.
+    fn add_call(&mut self, name: &ObjectName, args: Option<&[FunctionArg]>) -> ControlFlow<String> {
+        let Some((_, function)) = split_name(name) else {
+            return ControlFlow::Continue(());
+        };
+        match function.as_str() {
+            "set_config" => self.check_set_config(args)?,
+            // `ts_rewrite(query, select)` runs its second argument; the three-argument form
+            // takes no SQL.
+            "ts_rewrite" if args.is_none_or(|a| a.len() != 3) => self.opaque = true,
+            f if SQL_STRING_FUNCTIONS.contains(&f) => self.opaque = true,
+            _ => {}
         }
+        self.functions.insert(function);
+        ControlFlow::Continue(())
+    }
+
+    /// `set_config(setting_name, new_value, is_local)`, judged like the `SET` it performs.
+    /// The setting must be a string literal: any other expression could name
+    /// `client_encoding` or `standard_conforming_strings`, which cannot then be checked.
+    fn check_set_config(&mut self, args: Option<&[FunctionArg]>) -> ControlFlow<String> {
+        let Some([setting, value]) = args.and_then(set_config_args) else {
+            return ControlFlow::Break(
+                "set_config with arguments that are not plain expressions is not allowed: the \
+                 setting it changes cannot be checked"
+                    .to_string(),
+            );
+        };
+        let Some(setting) = setting.and_then(string_literal) else {
+            return ControlFlow::Break(format!(
+                "set_config with a setting name that is not a string literal is not allowed: it \
+                 could name {CLIENT_ENCODING} or {SCS}, which cannot then be checked"
+            ));
+        };
+        // In an expression a bare word is a column, not a value.
+        let value = value.filter(|v| !matches!(v, Expr::Identifier(_)));
+        if setting.eq_ignore_ascii_case(SCS)
+            && !value.is_some_and(|v| is_true_setting(v, &mut self.reads_numbers))
+        {
+            return ControlFlow::Break(scs_violation());
+        }
+        if setting.eq_ignore_ascii_case(CLIENT_ENCODING)
+            && !value.and_then(string_literal).is_some_and(is_utf8_name)
+        {
+            return ControlFlow::Break(encoding_violation());
+        }
+        if setting.eq_ignore_ascii_case(SEARCH_PATH) {
+            self.sets_search_path = true;
+        }
+        if ["role", "session_authorization"]
+            .iter()
+            .any(|r| setting.eq_ignore_ascii_case(r))
+        {
+            self.kinds.push(StatementKind::Dcl);
+        }
+        ControlFlow::Continue(())
     }
 
     fn is_cte(&self, name: &str) -> bool {
@@ -1170,18 +1390,52 @@ impl Collector {
         }
     }
 
-    fn statement_context(&mut self, statement: &Statement, kind: Option<StatementKind>) -> StmtCtx {
+    fn statement_context(
+        &mut self,
+        statement: &Statement,
+        kind: Option<StatementKind>,
+    ) -> ControlFlow<String, StmtCtx> {
         let mut writes: Vec<*const ObjectName> = Vec::new();
         let mut outside = match kind {
             Some(StatementKind::Ddl | StatementKind::Dcl) => Access::Write,
             _ => Access::Read,
         };
         match statement {
-            Statement::Insert(insert) => match &insert.table {
-                TableObject::TableName(name) => writes.push(name),
-                TableObject::TableFunction(function) => self.add_function(&function.name),
-                TableObject::TableQuery(_) => {}
-            },
+            Statement::Insert(insert) => {
+                match &insert.table {
+                    TableObject::TableName(name) => writes.push(name),
+                    TableObject::TableFunction(function) => {
+                        self.add_call(&function.name, argument_list(&function.args))?
+                    }
+                    TableObject::TableQuery(_) => {}
+                }
+                // An upsert updates the conflicting rows. With VALUES those are at most the
+                // rows written out in the statement; from a query they can be every row of the
+                // table (`INSERT INTO t SELECT * FROM t ON CONFLICT DO UPDATE ...`), which is as
+                // unbounded as an UPDATE without WHERE unless DO UPDATE has its own WHERE.
+                let from_query = insert
+                    .source
+                    .as_ref()
+                    .is_some_and(|q| !matches!(*q.body, SetExpr::Values(_)));
+                match &insert.on {
+                    Some(OnInsert::OnConflict(OnConflict {
+                        action: OnConflictAction::DoUpdate(update),
+                        ..
+                    })) => {
+                        self.kinds.push(StatementKind::Update);
+                        if from_query && update.selection.is_none() {
+                            self.without_where = true;
+                        }
+                    }
+                    Some(OnInsert::DuplicateKeyUpdate(_)) => {
+                        self.kinds.push(StatementKind::Update);
+                        if from_query {
+                            self.without_where = true;
+                        }
+                    }
+                    _ => {}
+                }
+            }
             Statement::Update(update) => {
                 if let TableFactor::Table { name, .. } = &update.table.relation {
                     writes.push(name);
@@ -1210,6 +1464,24 @@ impl Collector {
                 if let TableFactor::Table { name, .. } = &merge.table {
                     writes.push(name);
                 }
+                // The ON condition bounds the rows that `WHEN MATCHED` and
+                // `WHEN NOT MATCHED [BY TARGET]` act on, as a WHERE clause would. `WHEN NOT
+                // MATCHED BY SOURCE` acts on every target row that ON does not match, so
+                // without an `AND` condition it is unbounded.
+                for clause in &merge.clauses {
+                    let kind = match clause.action {
+                        MergeAction::Insert(_) => StatementKind::Insert,
+                        MergeAction::Update(_) => StatementKind::Update,
+                        MergeAction::Delete { .. } => StatementKind::Delete,
+                        MergeAction::DoNothing { .. } => continue,
+                    };
+                    self.kinds.push(kind);
+                    if clause.clause_kind == MergeClauseKind::NotMatchedBySource
+                        && clause.predicate.is_none()
+                    {
+                        self.without_where = true;
+                    }
+                }
             }
             Statement::Copy {
                 source, to, target, ..
@@ -1228,7 +1500,9 @@ impl Collector {
                     file: matches!(target, CopyTarget::File { .. }),
                 });
             }
-            Statement::Call(function) => self.add_function(&function.name),
+            Statement::Call(function) => {
+                self.add_call(&function.name, argument_list(&function.args))?
+            }
             Statement::Execute { .. } => self.opaque_execute = true,
             Statement::Explain {
                 analyze, options, ..
@@ -1236,7 +1510,8 @@ impl Collector {
                 self.explain = true;
                 let reads_numbers = &mut self.reads_numbers;
                 let analyze_option = options.iter().flatten().any(|o| {
-                    o.name.value.eq_ignore_ascii_case("analyze")
+                    (o.name.value.eq_ignore_ascii_case("analyze")
+                        || o.name.value.eq_ignore_ascii_case("analyse"))
                         && !o
                             .arg
                             .as_ref()
@@ -1290,11 +1565,16 @@ impl Collector {
             Statement::Revoke(revoke) => self.add_grant_objects(revoke.objects.as_ref()),
             _ => {}
         }
-        StmtCtx {
+        let (related, unknown) = related_tables(statement);
+        if unknown {
+            self.opaque = true;
+        }
+        ControlFlow::Continue(StmtCtx {
             writes,
             outside,
             query_depth: 0,
-        }
+            related,
+        })
     }
 
     fn add_grant_objects(&mut self, objects: Option<&GrantObjects>) {
@@ -1311,7 +1591,8 @@ impl Collector {
     }
 }
 
-fn literal_string(expr: &Expr) -> Option<&str> {
+/// The text of a string literal (`'...'`, `E'...'`, `N'...'`, `$$...$$`).
+fn string_literal(expr: &Expr) -> Option<&str> {
     match expr {
         Expr::Value(v) => match &v.value {
             Value::SingleQuotedString(s)
@@ -1320,8 +1601,15 @@ fn literal_string(expr: &Expr) -> Option<&str> {
             Value::DollarQuotedString(d) => Some(&d.value),
             _ => None,
         },
-        Expr::Identifier(ident) => Some(&ident.value),
         _ => None,
+    }
+}
+
+/// A string literal or a bare word: how `SET` statements spell values.
+fn literal_string(expr: &Expr) -> Option<&str> {
+    match expr {
+        Expr::Identifier(ident) => Some(&ident.value),
+        _ => string_literal(expr),
     }
 }
 
@@ -1372,31 +1660,117 @@ fn is_true_word(s: &str) -> bool {
 
 const SCS: &str = "standard_conforming_strings";
 const SEARCH_PATH: &str = "search_path";
+const CLIENT_ENCODING: &str = "client_encoding";
+
+/// Functions that run SQL given to them as a string, or read relations named by a value or
+/// reached through a cursor: the tables they touch are not in the statement's text, so a
+/// statement calling one of them is `opaque`. `ts_rewrite` is handled apart: only its
+/// two-argument form takes a query.
+const SQL_STRING_FUNCTIONS: &[&str] = &[
+    // XML mappings of queries, cursors, tables, schemas and databases
+    // (https://www.postgresql.org/docs/current/functions-xml.html#FUNCTIONS-XML-MAPPING).
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "table_to_xml",
+    "table_to_xmlschema",
+    "table_to_xml_and_xmlschema",
+    "schema_to_xml",
+    "schema_to_xmlschema",
+    "schema_to_xml_and_xmlschema",
+    "database_to_xml",
+    "database_to_xmlschema",
+    "database_to_xml_and_xmlschema",
+    // Text search statistics over the rows of a query string.
+    "ts_stat",
+    // Extensions: dblink (SQL run over a connection of its own), tablefunc, xml2,
+    // pg_background.
+    "dblink",
+    "dblink_exec",
+    "dblink_open",
+    "dblink_send_query",
+    "crosstab",
+    "crosstab2",
+    "crosstab3",
+    "crosstab4",
+    "connectby",
+    "xpath_table",
+    "pg_background_launch",
+];
 
 fn scs_violation() -> String {
     format!("turning {SCS} off is not allowed: it changes how SQL text is tokenized")
 }
 
-fn function_args(args: &FunctionArguments) -> Vec<&Expr> {
-    match args {
-        FunctionArguments::List(list) => list
-            .args
-            .iter()
-            .filter_map(|a| match a {
-                FunctionArg::Unnamed(FunctionArgExpr::Expr(e))
-                | FunctionArg::Named {
-                    arg: FunctionArgExpr::Expr(e),
-                    ..
-                }
-                | FunctionArg::ExprNamed {
-                    arg: FunctionArgExpr::Expr(e),
-                    ..
-                } => Some(e),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
+fn encoding_violation() -> String {
+    format!(
+        "setting {CLIENT_ENCODING} to anything but UTF8 is not allowed: the gate reads SQL text \
+         as UTF-8, and in another client encoding PostgreSQL could read the same bytes as other \
+         statements"
+    )
+}
+
+/// Whether `name` names `setting`. PostgreSQL compares setting names case-insensitively,
+/// quoted or not; a qualified name is compared by its last part.
+fn is_setting(name: &ObjectName, setting: &str) -> bool {
+    split_name(name).is_some_and(|(_, n)| n.eq_ignore_ascii_case(setting))
+}
+
+/// A value the gate accepts for `client_encoding`: one of UTF8's names.
+fn is_utf8_name(s: &str) -> bool {
+    ["utf8", "utf-8", "unicode"]
+        .iter()
+        .any(|n| s.eq_ignore_ascii_case(n))
+}
+
+/// `SET x TO DEFAULT`, which PostgreSQL runs as `RESET x`.
+fn is_default_keyword(expr: &Expr) -> bool {
+    match expr {
+        Expr::Identifier(i) => i.quote_style.is_none() && i.value.eq_ignore_ascii_case("default"),
+        _ => false,
     }
+}
+
+/// The arguments of a call as a list; `None` when they are not one (`f(SELECT ...)`).
+fn argument_list(args: &FunctionArguments) -> Option<&[FunctionArg]> {
+    match args {
+        FunctionArguments::List(list) => Some(&list.args),
+        FunctionArguments::None => Some(&[]),
+        FunctionArguments::Subquery(_) => None,
+    }
+}
+
+/// The `setting_name` and `new_value` arguments of a `set_config` call, given by position or
+/// by name; `None` when an argument is not a plain expression or has another name.
+fn set_config_args(args: &[FunctionArg]) -> Option<[Option<&Expr>; 2]> {
+    let slot = |name: &Ident| match normalize_ident(name).as_str() {
+        "setting_name" => Some(0),
+        "new_value" => Some(1),
+        "is_local" => Some(2),
+        _ => None,
+    };
+    let mut out = [None, None];
+    for (i, arg) in args.iter().enumerate() {
+        let (position, arg) = match arg {
+            FunctionArg::Unnamed(arg) => (i, arg),
+            FunctionArg::Named { name, arg, .. }
+            | FunctionArg::ExprNamed {
+                name: Expr::Identifier(name),
+                arg,
+                ..
+            } => (slot(name)?, arg),
+            FunctionArg::ExprNamed { .. } => return None,
+        };
+        let FunctionArgExpr::Expr(expr) = arg else {
+            return None;
+        };
+        if let Some(out) = out.get_mut(position) {
+            *out = Some(expr);
+        }
+    }
+    Some(out)
 }
 
 /// The variables a `SET` statement assigns, with their values.
@@ -1418,24 +1792,46 @@ fn set_variables(statement: &Statement) -> Vec<(&ObjectName, Vec<&Expr>)> {
     }
 }
 
-/// `SET standard_conforming_strings = off` and friends (`RESET` too: the
-/// default may be off).
+/// Refuses `SET`/`RESET` of settings that change how PostgreSQL reads SQL text:
+/// `standard_conforming_strings` off (`RESET` too: the default may be off), and
+/// `client_encoding` (`SET NAMES` included) to anything but UTF8 (`RESET` and `DEFAULT` are
+/// fine: the gate starts every session with UTF8).
 fn check_set(statement: &Statement, reads_numbers: &mut bool) -> ControlFlow<String> {
-    if let Statement::Reset(reset) = statement
-        && let Reset::ConfigurationParameter(name) = &reset.reset
-        && split_name(name).is_some_and(|(_, n)| n == SCS)
-    {
-        return ControlFlow::Break(scs_violation());
+    match statement {
+        Statement::Reset(reset) => {
+            if let Reset::ConfigurationParameter(name) = &reset.reset
+                && is_setting(name, SCS)
+            {
+                return ControlFlow::Break(scs_violation());
+            }
+        }
+        Statement::Set(Set::SetNames { charset_name, .. })
+            if !is_utf8_name(&charset_name.value) =>
+        {
+            return ControlFlow::Break(encoding_violation());
+        }
+        _ => {}
     }
     for (name, values) in set_variables(statement) {
-        let is_scs = split_name(name).is_some_and(|(_, n)| n == SCS);
-        if is_scs
+        if is_setting(name, SCS)
             && !(values.len() == 1 && values.iter().all(|v| is_true_setting(v, reads_numbers)))
         {
             return ControlFlow::Break(scs_violation());
         }
+        if is_setting(name, CLIENT_ENCODING)
+            && !matches!(values.as_slice(), [v] if is_default_keyword(v)
+                || literal_string(v).is_some_and(is_utf8_name))
+        {
+            return ControlFlow::Break(encoding_violation());
+        }
     }
     ControlFlow::Continue(())
+}
+
+/// `pg_settings` (unqualified or in `pg_catalog`): an `UPDATE` of it runs `set_config`
+/// through the view's rule.
+fn is_pg_settings(table: &TableRef) -> bool {
+    table.name == "pg_settings" && table.schema.as_deref().is_none_or(|s| s == "pg_catalog")
 }
 
 impl Visitor for Collector {
@@ -1445,7 +1841,7 @@ impl Visitor for Collector {
         check_set(statement, &mut self.reads_numbers)?;
         if set_variables(statement)
             .iter()
-            .any(|(name, _)| split_name(name).is_some_and(|(_, n)| n == SEARCH_PATH))
+            .any(|(name, _)| is_setting(name, SEARCH_PATH))
         {
             self.sets_search_path = true;
         }
@@ -1458,13 +1854,17 @@ impl Visitor for Collector {
                 self.opaque = true;
             }
         }
-        let ctx = self.statement_context(statement, kind);
+        let ctx = self.statement_context(statement, kind)?;
         self.stmts.push(ctx);
         ControlFlow::Continue(())
     }
 
     fn post_visit_statement(&mut self, _statement: &Statement) -> ControlFlow<String> {
-        self.stmts.pop();
+        if let Some(ctx) = self.stmts.pop() {
+            for table in ctx.related {
+                self.tables.insert(table);
+            }
+        }
         ControlFlow::Continue(())
     }
 
@@ -1544,14 +1944,14 @@ impl Visitor for Collector {
         match table_factor {
             TableFactor::Table {
                 name,
-                args: Some(_),
+                args: Some(args),
                 ..
             } => {
                 // `FROM f(...)`: a table function, not a table.
                 self.not_tables.insert(name);
-                self.add_function(name);
+                self.add_call(name, Some(&args.args))?;
             }
-            TableFactor::Function { name, .. } => self.add_function(name),
+            TableFactor::Function { name, args, .. } => self.add_call(name, Some(args))?,
             _ => {}
         }
         ControlFlow::Continue(())
@@ -1580,40 +1980,20 @@ impl Visitor for Collector {
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<String> {
         let builtin = match expr {
             Expr::Function(function) => {
-                self.add_function(&function.name);
-                let is_set_config =
-                    split_name(&function.name).is_some_and(|(_, n)| n == "set_config");
-                if is_set_config {
-                    let args = function_args(&function.args);
-                    let setting = args.first().and_then(|e| match e {
-                        Expr::Identifier(_) => None,
-                        e => literal_string(e),
-                    });
-                    if setting.is_some_and(|s| s.eq_ignore_ascii_case(SCS))
-                        && !args
-                            .get(1)
-                            .is_some_and(|v| is_true_setting(v, &mut self.reads_numbers))
-                    {
-                        return ControlFlow::Break(scs_violation());
-                    }
-                    // A setting whose name is not a literal may be search_path.
-                    if setting.is_none_or(|s| s.eq_ignore_ascii_case(SEARCH_PATH)) {
-                        self.sets_search_path = true;
-                    }
-                }
+                self.add_call(&function.name, argument_list(&function.args))?;
                 None
             }
             Expr::In {
                 target:
                     InTarget::Table {
                         name,
-                        args: Some(_),
+                        args: Some(args),
                     },
                 ..
             } => {
                 // `x IN f(...)` (dialects with IN-table expressions).
                 self.not_tables.insert(name);
-                self.add_function(name);
+                self.add_call(name, Some(args))?;
                 None
             }
             Expr::Extract { .. } => Some("extract"),
@@ -1644,6 +2024,17 @@ fn facts_of_statement(
     *reads_numbers |= collector.reads_numbers;
     if let ControlFlow::Break(message) = visited {
         return Err(ParseError::new(message));
+    }
+    if collector
+        .tables
+        .items
+        .iter()
+        .any(|t| t.access == Access::Write && is_pg_settings(t))
+    {
+        return Err(ParseError::new(format!(
+            "writing pg_settings is not allowed: an UPDATE of it runs set_config, which could \
+             change {CLIENT_ENCODING} or {SCS}"
+        )));
     }
     let kind = collector
         .kinds

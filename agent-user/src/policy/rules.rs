@@ -47,8 +47,8 @@
 //!   matched whatever schema the call used).
 //! * `without_where`, `copy_program`, `copy_file`, `explain`, `opaque`,
 //!   `sets_search_path` — booleans compared with the statement's facts
-//!   (`opaque: true` catches `DO`, `EXECUTE`, keyword-classified statements
-//!   and DDL on non-relations).
+//!   (`opaque: true` catches `DO`, `EXECUTE`, keyword-classified statements,
+//!   DDL on non-relations and calls of functions that run SQL given as text).
 //!
 //! Put `deny`/`review` rules before broad `allow` rules: first match wins, and
 //! an `allow` rule with `tables` (any) admits a statement that also touches

@@ -135,6 +135,11 @@ fn dml_targets() {
         ("INSERT INTO t (a) VALUES ($1)", K::Insert, &["t:w"]),
         (
             "INSERT INTO s.t SELECT * FROM src ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v",
+            K::Update,
+            &["s.t:w", "src:r"],
+        ),
+        (
+            "INSERT INTO s.t SELECT * FROM src ON CONFLICT DO NOTHING",
             K::Insert,
             &["s.t:w", "src:r"],
         ),
@@ -358,6 +363,18 @@ fn explain() {
         (K::Select, true, false)
     );
     assert!(!one("SELECT 1").explain);
+}
+
+#[test]
+fn explain_analyse_is_explain_analyze() {
+    // PostgreSQL accepts the British spelling as the same option.
+    let f = one("EXPLAIN (ANALYSE) DELETE FROM t");
+    assert_eq!(
+        (f.kind, f.explain, f.explain_analyze),
+        (K::Delete, true, true)
+    );
+    assert!(one("EXPLAIN (VERBOSE, analyse true) SELECT 1").explain_analyze);
+    assert!(!one("EXPLAIN (ANALYSE false) SELECT 1").explain_analyze);
 }
 
 #[test]
@@ -855,7 +872,6 @@ fn search_path_changes_are_flagged() {
             "SELECT pg_catalog.set_config('search_path', '', false)",
             true,
         ),
-        ("SELECT set_config($1, $2, false)", true),
         ("SELECT set_config('application_name', 'x', false)", false),
         ("SET application_name = 'x'", false),
         ("RESET search_path", false),
@@ -863,4 +879,293 @@ fn search_path_changes_are_flagged() {
     ] {
         assert_eq!(one(sql).sets_search_path, expected, "{sql}");
     }
+}
+
+#[test]
+fn nothing_hides_after_copy_from_stdin() {
+    // sqlparser reads the lines after `COPY ... FROM STDIN;` as COPY data; PostgreSQL runs
+    // them.
+    for sql in [
+        "COPY public.t FROM STDIN;\nDROP TABLE secret;\nSELECT pg_read_file('/etc/passwd')",
+        "COPY t FROM STDIN;\n1\tone\n\\.\n",
+        "/* c */ COPY t (a) FROM STDIN WITH (FORMAT csv); -- x\nDELETE FROM secret",
+    ] {
+        let err = extract(sql).unwrap_err();
+        assert!(err.message.contains("COPY ... FROM STDIN"), "{sql}: {err}");
+    }
+    // A COPY alone, or followed by statements on its own line, is read as PostgreSQL reads it.
+    assert_eq!(one("COPY t FROM STDIN;").kind, K::Copy);
+    assert_eq!(extract("COPY t FROM STDIN;\n").unwrap().len(), 1);
+    let all = extract("COPY t FROM STDIN; DROP TABLE x").unwrap();
+    let kinds: Vec<K> = all.iter().map(|f| f.kind).collect();
+    assert_eq!(kinds, [K::Copy, K::Ddl]);
+}
+
+#[test]
+fn role_settings_are_dcl() {
+    for sql in [
+        "SET role = 'admin'",
+        "SET LOCAL role = 'admin'",
+        "SET SESSION role = 'admin'",
+        "SET \"ROLE\" = 'admin'",
+        "SET session_authorization = 'u'",
+        "SELECT set_config('role', 'admin', false)",
+        "SELECT 1 FROM t WHERE set_config('Session_Authorization', 'u', true) IS NOT NULL",
+        "SELECT * FROM set_config('role', 'admin', false)",
+    ] {
+        let f = one(sql);
+        assert_eq!(f.kind, K::Dcl, "{sql}");
+    }
+    assert_eq!(one("SET application_name = 'role'").kind, K::Set);
+    assert_eq!(
+        one("SELECT set_config('application_name', 'role', false)").kind,
+        K::Select
+    );
+}
+
+#[test]
+fn set_config_in_from_is_checked() {
+    for sql in [
+        "SELECT * FROM set_config('search_path', 'secret, public', false)",
+        "SELECT * FROM t, LATERAL pg_catalog.set_config('search_path', 'secret', true) AS s(v)",
+    ] {
+        assert!(one(sql).sets_search_path, "{sql}");
+    }
+    for sql in [
+        "SELECT * FROM set_config('standard_conforming_strings', 'off', false)",
+        "SELECT * FROM t JOIN set_config('standard_conforming_strings', 'off', false) s ON true",
+    ] {
+        let err = extract(sql).unwrap_err();
+        assert!(
+            err.message.contains("standard_conforming_strings"),
+            "{sql}: {err}"
+        );
+    }
+    let f = one("SELECT * FROM set_config('application_name', 'x', false)");
+    assert!(!f.sets_search_path);
+    assert_eq!(*f.functions, ["set_config"]);
+    assert!(f.tables.is_empty());
+}
+
+#[test]
+fn changing_client_encoding_is_refused() {
+    for sql in [
+        "SET client_encoding = 'SJIS'",
+        "SET client_encoding TO 'BIG5'",
+        "SET SESSION client_encoding = GBK",
+        "SET LOCAL client_encoding TO 'GB18030'",
+        "SET \"CLIENT_ENCODING\" = 'SJIS'",
+        "SET client_encoding = $1",
+        "SET client_encoding = 'UTF8', 'SJIS'",
+        "SET client_encoding TO \"DEFAULT\"",
+        "SET NAMES 'JOHAB'",
+        "SET NAMES sjis",
+        "SELECT set_config('client_encoding', 'SJIS', false)",
+        "SELECT pg_catalog.set_config('CLIENT_ENCODING', $1, true)",
+        "SELECT set_config('client_encoding', enc, false) FROM (SELECT 'SJIS' AS enc) s",
+        "SELECT * FROM set_config('client_encoding', 'BIG5', false)",
+        "SELECT set_config(setting_name => 'client_encoding', new_value => 'SJIS', is_local => false)",
+        "SELECT set_config(new_value => 'SJIS', setting_name => 'client_encoding', is_local => false)",
+    ] {
+        let err = extract(sql).unwrap_err();
+        assert!(err.message.contains("client_encoding"), "{sql}: {err}");
+    }
+    for sql in [
+        "SET client_encoding = 'UTF8'",
+        "SET client_encoding TO 'utf-8'",
+        "SET SESSION client_encoding TO unicode",
+        "SET client_encoding TO DEFAULT",
+        "RESET client_encoding",
+        "SET NAMES 'UTF8'",
+        "SET NAMES DEFAULT",
+        "SELECT set_config('client_encoding', 'UTF8', false)",
+        "SHOW client_encoding",
+        "SELECT setting FROM pg_settings WHERE name = 'client_encoding'",
+    ] {
+        assert!(extract(sql).is_ok(), "{sql}");
+    }
+}
+
+#[test]
+fn set_config_needs_a_literal_setting_name() {
+    // Any other expression could name client_encoding or standard_conforming_strings.
+    for sql in [
+        "SELECT set_config($1, $2, false)",
+        "SELECT set_config(name, 'off', false) FROM settings",
+        "SELECT set_config('standard_' || 'conforming_strings', 'off', false)",
+        "SELECT set_config('standard_conforming_strings'::text, 'off', false)",
+        "SELECT * FROM set_config($1, 'off', false)",
+    ] {
+        let err = extract(sql).unwrap_err();
+        assert!(err.message.contains("not a string literal"), "{sql}: {err}");
+    }
+    // Named arguments, quoted setting names and a column as the value are read as
+    // PostgreSQL reads them.
+    for sql in [
+        "SELECT set_config(new_value => 'off', setting_name => 'standard_conforming_strings', \
+         is_local => false)",
+        "SELECT set_config('standard_conforming_strings', yes, false) FROM (SELECT 'off' AS yes) s",
+        "SET \"STANDARD_CONFORMING_STRINGS\" = off",
+        "RESET \"Standard_Conforming_Strings\"",
+    ] {
+        let err = extract(sql).unwrap_err();
+        assert!(
+            err.message.contains("standard_conforming_strings"),
+            "{sql}: {err}"
+        );
+    }
+    assert!(extract("SELECT set_config('application_name', $1, false)").is_ok());
+    assert!(extract("SELECT set_config('standard_conforming_strings', 'on', false)").is_ok());
+}
+
+#[test]
+fn writing_pg_settings_is_refused() {
+    // pg_settings' update rule calls set_config.
+    for sql in [
+        "UPDATE pg_settings SET setting = 'SJIS' WHERE name = 'client_encoding'",
+        "UPDATE pg_catalog.pg_settings SET setting = 'off' WHERE name = 'standard_conforming_strings'",
+        "WITH u AS (UPDATE pg_settings SET setting = 'x' RETURNING *) SELECT * FROM u",
+    ] {
+        let err = extract(sql).unwrap_err();
+        assert!(err.message.contains("pg_settings"), "{sql}: {err}");
+    }
+    assert!(extract("UPDATE myschema.pg_settings SET a = 1 WHERE id = 1").is_ok());
+}
+
+#[test]
+fn upserts_and_merges_report_what_they_do() {
+    // From VALUES the rows it can update are the ones written out: bounded.
+    let f = one("INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v");
+    assert_eq!(*f.kinds, [K::Update, K::Insert]);
+    assert!(!f.update_or_delete_without_where);
+    // From a query it can rewrite every row of the table.
+    let f = one("INSERT INTO t SELECT * FROM t ON CONFLICT (id) DO UPDATE SET v = 0");
+    assert_eq!(*f.kinds, [K::Update, K::Insert]);
+    assert!(f.update_or_delete_without_where);
+    let f = one(
+        "INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v WHERE t.v < 10",
+    );
+    assert_eq!(*f.kinds, [K::Update, K::Insert]);
+    assert!(!f.update_or_delete_without_where);
+    let f = one("INSERT INTO t VALUES (1) ON CONFLICT DO NOTHING");
+    assert_eq!(*f.kinds, [K::Insert]);
+    assert!(!f.update_or_delete_without_where);
+
+    let f = one(
+        "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN UPDATE SET v = s.v \
+         WHEN NOT MATCHED THEN INSERT (id, v) VALUES (s.id, s.v)",
+    );
+    assert_eq!(*f.kinds, [K::Merge, K::Update, K::Insert]);
+    // ON bounds the matched rows like a WHERE clause.
+    assert!(!f.update_or_delete_without_where);
+    let f = one("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED AND s.gone THEN DELETE");
+    assert_eq!(f.kind, K::Delete);
+    assert_eq!(*f.kinds, [K::Delete, K::Merge]);
+    assert!(!f.update_or_delete_without_where);
+    // NOT MATCHED BY SOURCE acts on every target row ON does not match.
+    let f = one("MERGE INTO t USING s ON t.id = s.id WHEN NOT MATCHED BY SOURCE THEN DELETE");
+    assert!(f.update_or_delete_without_where);
+    let f =
+        one("MERGE INTO t USING s ON t.id = s.id WHEN NOT MATCHED BY SOURCE AND t.old THEN DELETE");
+    assert!(!f.update_or_delete_without_where);
+    let f = one("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DO NOTHING");
+    assert_eq!(*f.kinds, [K::Merge]);
+}
+
+#[test]
+fn functions_running_sql_strings_are_opaque() {
+    for sql in [
+        "SELECT query_to_xml('SELECT * FROM secret', true, false, '')",
+        "SELECT pg_catalog.query_to_xml_and_xmlschema('TABLE secret', true, false, '')",
+        "SELECT query_to_xmlschema('SELECT 1', true, false, '')",
+        "SELECT cursor_to_xml('c', 10, true, false, '')",
+        "SELECT table_to_xml('secret', true, false, '')",
+        "SELECT table_to_xml_and_xmlschema('secret'::regclass, true, false, '')",
+        "SELECT schema_to_xml('private', true, false, '')",
+        "SELECT database_to_xml(true, false, '')",
+        "SELECT * FROM ts_stat('SELECT body FROM secret')",
+        "SELECT ts_rewrite('a & b'::tsquery, 'SELECT t, s FROM secret')",
+        "SELECT * FROM dblink('dbname=x', 'SELECT 1') AS t(a int)",
+        "SELECT 1 FROM t WHERE length(query_to_xml('SELECT 1', true, false, '')::text) > 0",
+    ] {
+        assert!(one(sql).opaque, "{sql} should be opaque");
+    }
+    for sql in [
+        "SELECT ts_rewrite('a & b'::tsquery, 'a'::tsquery, 'c'::tsquery)",
+        "SELECT xmlcomment(x) FROM t",
+        "SELECT \"QUERY_TO_XML\"('x')",
+    ] {
+        assert!(!one(sql).opaque, "{sql} should not be opaque");
+    }
+}
+
+#[test]
+fn ddl_reports_the_other_tables_it_names() {
+    check_tables(&[
+        (
+            "CREATE TABLE scratch.c () INHERITS (public.secret)",
+            K::Ddl,
+            &["scratch.c:w", "public.secret:w"],
+        ),
+        (
+            "CREATE TABLE scratch.t (id int REFERENCES secret.data(id))",
+            K::Ddl,
+            &["scratch.t:w", "secret.data:w"],
+        ),
+        (
+            "CREATE TABLE scratch.t (id int, CONSTRAINT f FOREIGN KEY (id) REFERENCES other (x))",
+            K::Ddl,
+            &["scratch.t:w", "other:w"],
+        ),
+        (
+            "CREATE TABLE scratch.t AS SELECT * FROM src",
+            K::Ddl,
+            &["scratch.t:w", "src:r"],
+        ),
+        ("CREATE TABLE t (LIKE secret)", K::Ddl, &["t:w", "secret:r"]),
+        (
+            "CREATE TABLE t (a int, LIKE s.secret)",
+            K::Ddl,
+            &["t:w", "s.secret:r"],
+        ),
+        (
+            "CREATE TABLE c PARTITION OF p FOR VALUES IN (1)",
+            K::Ddl,
+            &["c:w", "p:w"],
+        ),
+        (
+            "ALTER TABLE scratch.t INHERIT public.parent",
+            K::Ddl,
+            &["scratch.t:w", "public.parent:w"],
+        ),
+        (
+            "ALTER TABLE scratch.t NO INHERIT parent",
+            K::Ddl,
+            &["scratch.t:w", "parent:w"],
+        ),
+        (
+            "ALTER TABLE scratch.t ADD CONSTRAINT fk FOREIGN KEY (a) REFERENCES other(b)",
+            K::Ddl,
+            &["scratch.t:w", "other:w"],
+        ),
+        (
+            "ALTER TABLE t ALTER COLUMN c SET DEFAULT 1, ADD FOREIGN KEY (c) REFERENCES z",
+            K::Ddl,
+            &["t:w", "z:w"],
+        ),
+        (
+            "ALTER TABLE t ADD COLUMN x int REFERENCES o(id)",
+            K::Ddl,
+            &["t:w", "o:w"],
+        ),
+        (
+            "ALTER TABLE p ATTACH PARTITION s.c FOR VALUES IN (1)",
+            K::Ddl,
+            &["p:w", "s.c:w"],
+        ),
+        ("ALTER TABLE p DETACH PARTITION c", K::Ddl, &["p:w", "c:w"]),
+        ("ALTER TABLE s.t RENAME TO u", K::Ddl, &["s.t:w", "s.u:w"]),
+        ("ALTER TABLE t RENAME TO u", K::Ddl, &["t:w", "u:w"]),
+    ]);
+    assert!(!one("CREATE TABLE scratch.c () INHERITS (public.secret)").opaque);
 }
