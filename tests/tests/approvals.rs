@@ -395,6 +395,34 @@ fn denied_statement_gets_42501_with_the_reason_and_the_connection_goes_on() {
     assert!(out.contains("after") && out.contains(" 3"), "{}", show(&o));
 }
 
+#[test]
+fn copy_to_stdout_of_a_statement_under_review_is_refused_not_held() {
+    // `people` needs review and is masked with `pii`: an approval must not let COPY stream its
+    // rows unmasked, so the COPY is refused at once and no ticket is opened.
+    let (pg, gate) = start();
+    let o = finish(
+        spawn_psql(
+            &gate,
+            &pg,
+            "bot",
+            "COPY (SELECT email FROM people) TO STDOUT",
+        ),
+        "psql",
+    );
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(
+        err.contains("42501") && err.contains("COPY ... TO STDOUT cannot be masked"),
+        "{}",
+        show(&o)
+    );
+    assert!(!out.contains("ada@example.com"), "{}", show(&o));
+    assert!(
+        tickets(&gate, true).is_empty(),
+        "no ticket: {:?}",
+        tickets(&gate, true)
+    );
+}
+
 /// psql reading `script` from stdin (one statement per line, each its own query).
 fn spawn_psql_script(gate: &Gate, pg: &Postgres, agent: &str, script: &str) -> Child {
     let mut argv = vec!["psql".to_string()];

@@ -893,6 +893,111 @@ fn a_refused_reparse_of_a_statement_name_keeps_the_old_statement_recorded_and_ma
 }
 
 #[test]
+fn an_execute_the_gate_cannot_tie_to_a_judged_statement_is_refused() {
+    let (pg, gate) = start();
+    let l = pg_client(&gate, &pg, "bot", "raw_out_of_step", "");
+    assert_eq!(step(&l, "prepare")["ok"], true, "{l:#?}");
+    let refused = step(&l, "unknown_portal_then_close");
+    assert_eq!(refused["errors"][0]["code"], "42501", "{l:#?}");
+    assert!(
+        refused["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("portal \"nope\" is not bound to a statement the gate judged"),
+        "{l:#?}"
+    );
+    // The Close after the refusal was skipped (as the server skips after an error): `s` is
+    // still the judged SELECT, and its rows are masked.
+    assert_eq!(
+        step(&l, "execute_s")["rows"],
+        serde_json::json!([["[REDACTED:email]", "************1111"]]),
+        "{l:#?}"
+    );
+    // SQL PREPARE is not among what analysts may run; had it been, Execute of a portal bound
+    // to `q` would be refused like `nope` (the gate never judged `q` at Parse).
+    assert_eq!(
+        step(&l, "sql_prepare")["errors"][0]["code"],
+        "42501",
+        "{l:#?}"
+    );
+    let q = step(&l, "execute_q");
+    assert!(!q["errors"].as_array().unwrap().is_empty(), "{l:#?}");
+    assert_eq!(q["rows"], serde_json::json!([]), "{l:#?}");
+    assert_eq!(
+        step(&l, "after")["rows"],
+        serde_json::json!([["1"]]),
+        "{l:#?}"
+    );
+    let refusals: Vec<Value> = all_statements(&gate, 1)
+        .into_iter()
+        .filter(|s| s["text"] == "<execute of an unknown portal>")
+        .collect();
+    // `nope`, then the unnamed portal bound to `q` (the server failed that Bind as well).
+    assert_eq!(
+        refusals.len(),
+        2,
+        "the refusals are recorded: {refusals:#?}"
+    );
+    assert!(
+        refusals.iter().all(|s| s["decision"] == "deny"),
+        "{refusals:#?}"
+    );
+}
+
+#[test]
+fn results_after_an_extended_protocol_copy_are_still_masked() {
+    let (pg, gate) = start();
+    let l = pg_client(&gate, &pg, "bot", "raw_copy_sync", "");
+    assert_eq!(step(&l, "copy_start")["closed"], false, "{l:#?}");
+    assert_eq!(step(&l, "copy_done")["ok"], true, "{l:#?}");
+    for s in ["email_1", "email_2"] {
+        assert_eq!(
+            step(&l, s)["rows"],
+            serde_json::json!([["[REDACTED:email]"]]),
+            "{s}: {l:#?}"
+        );
+    }
+    assert_eq!(count(&pg, "SELECT count(*) FROM t WHERE id = 20"), 1);
+}
+
+#[test]
+fn start_up_settings_that_change_how_statements_are_read_are_refused() {
+    let (pg, gate) = start();
+    let l = pg_client(&gate, &pg, "bot", "raw_startup", "");
+    for (s, name) in [
+        ("options", "options"),
+        ("search_path", "search_path"),
+        ("scs", "standard_conforming_strings"),
+    ] {
+        let r = step(&l, s);
+        assert_eq!(r["errors"][0]["code"], "42501", "{s}: {l:#?}");
+        assert!(
+            r["errors"][0]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(&format!("start-up parameter `{name}` is not accepted")),
+            "{s}: {l:#?}"
+        );
+    }
+    // Asked for SJIS at start-up: the server speaks UTF8, as the gate reads statements.
+    assert_eq!(
+        step(&l, "encoding")["rows"],
+        serde_json::json!([["UTF8"]]),
+        "{l:#?}"
+    );
+    assert_eq!(
+        step(&l, "set_encoding")["errors"][0]["code"],
+        "42501",
+        "{l:#?}"
+    );
+    assert_eq!(
+        step(&l, "encoding_after")["rows"],
+        serde_json::json!([["UTF8"]]),
+        "{l:#?}"
+    );
+}
+
+#[test]
 fn tokio_postgres_pipelining_on_one_client() {
     // Several queries in flight on one connection (tokio-postgres pipelines them): the denied
     // one fails, the others answer in order, every result masked as when run alone.

@@ -378,9 +378,21 @@ fn query_msg(sql: &str) -> Vec<u8> {
     frame(b'Q', &b)
 }
 
+fn close_msg(kind: u8, name: &str) -> Vec<u8> {
+    let mut b = vec![kind];
+    cstr(&mut b, name);
+    frame(b'C', &b)
+}
+
 impl Raw {
     /// Connects and completes start-up (no password is ever sent: the gate answers AuthenticationOk).
     fn connect(port: u16) -> Raw {
+        Raw::connect_with(port, &[]).expect("start-up")
+    }
+
+    /// Like [`Raw::connect`] with `extra` start-up parameters; `Err` with what the gate answered
+    /// if it refused them.
+    fn connect_with(port: u16, extra: &[(&str, &str)]) -> Result<Raw, Vec<Msg>> {
         let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(15))).ok();
         let mut raw = Raw {
@@ -395,16 +407,37 @@ impl Raw {
         cstr(&mut b, "postgres");
         cstr(&mut b, "application_name");
         cstr(&mut b, "pg_client_raw");
+        for (k, v) in extra {
+            cstr(&mut b, k);
+            cstr(&mut b, v);
+        }
         b.push(0);
         let mut pkt = (b.len() as i32 + 4).to_be_bytes().to_vec();
         pkt.extend_from_slice(&b);
         raw.send(&pkt);
-        let msgs = raw.until_ready().expect("start-up");
+        let msgs = raw.until_ready()?;
         if let Some(m) = msgs.iter().find(|m| m.tag == b'R') {
             let code = i32::from_be_bytes(m.body[0..4].try_into().unwrap());
             assert_eq!(code, 0, "the gate asked for authentication {code}");
         }
-        raw
+        Ok(raw)
+    }
+
+    /// Messages up to and including the first one tagged `tag`.
+    fn until_tag(&mut self, tag: u8) -> Result<Vec<Msg>, Vec<Msg>> {
+        let mut out = Vec::new();
+        loop {
+            match self.read() {
+                Some(m) => {
+                    let done = m.tag == tag;
+                    out.push(m);
+                    if done {
+                        return Ok(out);
+                    }
+                }
+                None => return Err(out),
+            }
+        }
     }
 
     fn send(&mut self, bytes: &[u8]) {
@@ -601,6 +634,81 @@ fn raw_greeting(port: u16, needle: &str) {
     emit(json!({"step": "needle", "ok": true, "received_bytes": hay.len(), "found": found}));
 }
 
+/// The gate's view of prepared statements must never fall behind the server's: an Execute the
+/// gate cannot tie to a judged statement is refused, and a Close after a failure in the same
+/// pipeline does not make the gate forget a statement the server still holds.
+fn raw_out_of_step(port: u16) {
+    let mut c = Raw::connect(port);
+    let mut batch = parse_msg("s", "SELECT email, card_number FROM customers WHERE id = 1");
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("prepare", c.until_ready()));
+    let mut batch = execute_msg("nope");
+    batch.extend(close_msg(b'S', "s"));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("unknown_portal_then_close", c.until_ready()));
+    let mut batch = bind_msg("", "s");
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("execute_s", c.until_ready()));
+    // A name the agent prepared at the SQL level: the gate never judged what it holds.
+    c.send(&query_msg(
+        "PREPARE q AS SELECT email FROM customers WHERE id = 2",
+    ));
+    emit(summary("sql_prepare", c.until_ready()));
+    let mut batch = bind_msg("", "q");
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("execute_q", c.until_ready()));
+    c.send(&query_msg("SELECT 1 AS still_usable"));
+    emit(summary("after", c.until_ready()));
+}
+
+/// COPY FROM STDIN in the extended protocol as libpq sends it (Execute, Sync, the data,
+/// CopyDone, Sync): the server ignores the first Sync, and the queries after it must still be
+/// matched with their own results (and masks).
+fn raw_copy_sync(port: u16) {
+    let mut c = Raw::connect(port);
+    let mut batch = parse_msg("", "COPY t FROM STDIN");
+    batch.extend(bind_msg("", ""));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("copy_start", c.until_tag(b'G')));
+    let mut batch = frame(b'd', b"20\ttwenty\n");
+    batch.extend(frame(b'c', &[]));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("copy_done", c.until_ready()));
+    for step in ["email_1", "email_2"] {
+        c.send(&query_msg("SELECT email FROM customers WHERE id = 1"));
+        emit(summary(step, c.until_ready()));
+    }
+}
+
+/// Start-up parameters that would change how the server reads statements are refused, and the
+/// client encoding is UTF8 whatever the agent asks.
+fn raw_startup(port: u16) {
+    for (step, extra) in [
+        ("options", [("options", "-c search_path=secret")]),
+        ("search_path", [("search_path", "secret")]),
+        ("scs", [("standard_conforming_strings", "off")]),
+    ] {
+        let r = Raw::connect_with(port, &extra).map(|_| Vec::new());
+        emit(summary(step, r));
+    }
+    let mut c = Raw::connect_with(port, &[("client_encoding", "SJIS")]).expect("start-up");
+    c.send(&query_msg("SHOW client_encoding"));
+    emit(summary("encoding", c.until_ready()));
+    c.send(&query_msg("SET client_encoding TO 'SJIS'"));
+    emit(summary("set_encoding", c.until_ready()));
+    c.send(&query_msg("SHOW client_encoding"));
+    emit(summary("encoding_after", c.until_ready()));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scenario = args.get(1).map(String::as_str).unwrap_or("");
@@ -625,6 +733,9 @@ fn main() {
         "raw_reparse" => raw_reparse(port),
         "raw_portal_pipeline" => raw_portal_pipeline(port),
         "raw_reparse_allowed" => raw_reparse_allowed(port),
+        "raw_out_of_step" => raw_out_of_step(port),
+        "raw_copy_sync" => raw_copy_sync(port),
+        "raw_startup" => raw_startup(port),
         "raw_oversize" => raw_oversize(port, arg.parse().expect("size")),
         "raw_greeting" => raw_greeting(
             port,

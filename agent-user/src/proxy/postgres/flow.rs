@@ -123,7 +123,12 @@ enum Expect {
     Execute(Box<ExecRun>),
     InjectedExecute,
     Close,
-    Sync,
+    /// `ignored_in_copy`: sent right after a COPY (libpq sends Execute, Sync, then the data). A
+    /// server receiving COPY data ignores Sync, so this one gets no ReadyForQuery if the COPY
+    /// does start: it is dropped when CopyInResponse arrives.
+    Sync {
+        ignored_in_copy: bool,
+    },
     /// A response the gate produces itself, released when it reaches the head of the queue.
     Synthetic(Bytes),
 }
@@ -522,7 +527,13 @@ fn judge(ctx: &Context<'_>, sql: &str) -> (QueryDecision, Judged, Vec<u64>) {
         .policies
         .decide_query_with(&subject, &ctx.target.name, sql, &opts);
     let judged = match qd.enforced_verdict() {
-        Verdict::Allow if unmaskable_copy(&qd) => Judged::Deny(
+        Verdict::Deny { message } => Judged::Deny(match &qd.parse_error {
+            Some(e) => format!("agentgate: statement denied: it could not be parsed ({e})"),
+            None => deny_message(deciding(&qd), &message),
+        }),
+        // Whatever lets it run (allowed, a grant, a human's approval), masked rows cannot be
+        // streamed as COPY data.
+        _ if unmaskable_copy(&qd) => Judged::Deny(
             "agentgate: COPY ... TO STDOUT cannot be masked; use SELECT to read masked data"
                 .to_string(),
         ),
@@ -534,12 +545,34 @@ fn judge(ctx: &Context<'_>, sql: &str) -> (QueryDecision, Judged, Vec<u64>) {
                 None => Judged::Review { timeout },
             }
         }
-        Verdict::Deny { message } => Judged::Deny(match &qd.parse_error {
-            Some(e) => format!("agentgate: statement denied: it could not be parsed ({e})"),
-            None => deny_message(deciding(&qd), &message),
-        }),
     };
     (qd, judged, granted.map(|g| g.grants).unwrap_or_default())
+}
+
+/// Records the refusal of a message that carries no statement the policy could judge.
+fn refuse_unjudged(ctx: &Context<'_>, protocol: &'static str, text: &str, message: &str) {
+    let open = ctx.gate.store.statement(StatementStart {
+        session_id: ctx.session_id,
+        protocol,
+        text: text.into(),
+        decision: "deny",
+        enforced: true,
+        message: Some(message.into()),
+        ..Default::default()
+    });
+    finish(
+        ctx,
+        Rec::new(Some(open), Arc::default()),
+        None,
+        Some(message.into()),
+    );
+}
+
+/// Some statement of the query is a COPY.
+fn is_copy(qd: &QueryDecision) -> bool {
+    qd.statements
+        .iter()
+        .any(|s| s.facts.kind == StatementKind::Copy)
 }
 
 fn error_frame(message: &str) -> Bytes {
@@ -590,7 +623,9 @@ fn inject(st: &mut State, out: &mut BytesMut) -> Result<(), PgError> {
         previous: None,
     });
     st.queue.push_back(Expect::InjectedExecute);
-    st.queue.push_back(Expect::Sync);
+    st.queue.push_back(Expect::Sync {
+        ignored_in_copy: false,
+    });
     Ok(())
 }
 
@@ -606,6 +641,9 @@ enum Held {
         raw: Bytes,
         portal: Option<Arc<Portal>>,
         prepared: Arc<Prepared>,
+        /// The decision this Execute was held by: the statement's own, or the one it got when
+        /// judged again after a role grant it relied on ended (its masks then apply).
+        decision: Decision,
         timeout: Duration,
     },
 }
@@ -685,6 +723,7 @@ fn new_ticket(ctx: &Context<'_>, held: &Held) -> NewTicket {
         Held::Execute {
             portal,
             prepared,
+            decision,
             timeout,
             ..
         } => NewTicket {
@@ -702,10 +741,10 @@ fn new_ticket(ctx: &Context<'_>, held: &Held) -> NewTicket {
                 prepared.kind,
                 &prepared.tables,
                 &prepared.functions,
-                &prepared.decision
+                decision
             )]),
-            policy: prepared.decision.policy.as_deref().map(String::from),
-            rule: prepared.decision.rule.as_deref().map(String::from),
+            policy: decision.policy.as_deref().map(String::from),
+            rule: decision.rule.as_deref().map(String::from),
             timeout: *timeout,
             ..base
         },
@@ -928,6 +967,8 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
     let mut dec = FrontendDecoder::tagged(ctx.target.max_frame);
     let mut out = BytesMut::with_capacity(8192);
     let mut skipping = false;
+    // The last message forwarded was a COPY (a Sync right after it may be ignored).
+    let mut after_copy = false;
     let masking = ctx.shared.masker.is_some();
     let mut statement_timeout: Option<Duration> = None;
     loop {
@@ -936,6 +977,21 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
             return Ok(());
         };
         *bytes += frame.raw.len() as u64;
+        // After an error the server discards every message up to Sync; after a denial the gate
+        // does the same with what it has not sent (a Query too: it must not run).
+        if skipping
+            && !matches!(
+                frame.msg,
+                FrontendMessage::Sync | FrontendMessage::Terminate
+            )
+        {
+            continue;
+        }
+        let copy_before = if matches!(frame.msg, FrontendMessage::Flush) {
+            after_copy
+        } else {
+            std::mem::take(&mut after_copy)
+        };
         let mut wake = false;
         let mut held = None;
         {
@@ -956,6 +1012,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 idx: 0,
                                 plan: None,
                             }));
+                            after_copy = is_copy(&qd);
                             out.extend_from_slice(&frame.raw);
                         }
                         Judged::Deny(message) => {
@@ -977,9 +1034,6 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     }
                 }
                 FrontendMessage::Parse { name, query, .. } => {
-                    if skipping {
-                        continue;
-                    }
                     let (qd, judged, role_grants) = judge(ctx, query);
                     match judged {
                         // A statement under review is prepared; each Execute of it is held.
@@ -1049,9 +1103,6 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     params,
                     result_formats,
                 } => {
-                    if skipping {
-                        continue;
-                    }
                     let prepared = st.statements.get(statement).cloned();
                     // Parameters are kept only where a human may have to see them.
                     let reviewed = prepared
@@ -1077,9 +1128,6 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     out.extend_from_slice(&frame.raw);
                 }
                 FrontendMessage::Execute { portal, .. } => {
-                    if skipping {
-                        continue;
-                    }
                     let bound = st.portals.get(portal).cloned();
                     let prepared = bound.as_ref().and_then(|p| p.prepared.clone());
                     match prepared {
@@ -1101,10 +1149,12 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                     wake = true;
                                 }
                                 (None, Verdict::Review { timeout }, None) => {
+                                    let decision = decision.into_owned();
                                     held = Some(Held::Execute {
                                         raw: frame.raw.clone(),
                                         portal: bound,
                                         prepared: p,
+                                        decision,
                                         timeout,
                                     });
                                 }
@@ -1119,25 +1169,32 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                         portal: bound,
                                         plan: None,
                                     })));
+                                    after_copy = p.kind == Some(StatementKind::Copy.as_str());
                                     out.extend_from_slice(&frame.raw);
                                 }
                             }
                         }
-                        // The server will answer with its own error for an unknown portal.
+                        // A portal the gate cannot tie to a statement it judged (never bound, bound
+                        // to a statement the gate did not see prepared, or closed as far as the
+                        // gate knows): the server might still run something under that name,
+                        // unjudged and unmasked. Refused, as after a denied Parse.
                         None => {
-                            st.queue.push_back(Expect::Execute(Box::new(ExecRun {
-                                rec: Rec::new(None, Arc::default()),
-                                portal: bound,
-                                plan: None,
-                            })));
-                            out.extend_from_slice(&frame.raw);
+                            let message = format!(
+                                "agentgate: portal \"{portal}\" is not bound to a statement the gate judged"
+                            );
+                            refuse_unjudged(
+                                ctx,
+                                "extended",
+                                "<execute of an unknown portal>",
+                                &message,
+                            );
+                            st.queue.push_back(Expect::Synthetic(error_frame(&message)));
+                            skipping = true;
+                            wake = true;
                         }
                     }
                 }
                 FrontendMessage::Describe { kind, name } => {
-                    if skipping {
-                        continue;
-                    }
                     let what = match kind {
                         Target::Statement => Described::Statement(st.statements.get(name).cloned()),
                         Target::Portal => Described::Portal(st.portals.get(name).cloned()),
@@ -1149,9 +1206,6 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     out.extend_from_slice(&frame.raw);
                 }
                 FrontendMessage::Close { kind, name } => {
-                    if skipping {
-                        continue;
-                    }
                     match kind {
                         Target::Statement => st.statements.remove(name).map(|_| ()),
                         Target::Portal => st.portals.remove(name).map(|_| ()),
@@ -1164,28 +1218,16 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                         skipping = false;
                         inject(&mut st, &mut out)?;
                     } else {
-                        st.queue.push_back(Expect::Sync);
+                        st.queue.push_back(Expect::Sync {
+                            ignored_in_copy: copy_before,
+                        });
                         out.extend_from_slice(&frame.raw);
                     }
                 }
                 FrontendMessage::FunctionCall(_) => {
                     // The fast-path interface calls functions by OID, beyond statement policy.
                     let message = "agentgate: the fast-path function call interface is not allowed";
-                    let open = ctx.gate.store.statement(StatementStart {
-                        session_id: ctx.session_id,
-                        protocol: "function-call",
-                        text: "<fast-path function call>".into(),
-                        decision: "deny",
-                        enforced: true,
-                        message: Some(message.into()),
-                        ..Default::default()
-                    });
-                    finish(
-                        ctx,
-                        Rec::new(Some(open), Arc::default()),
-                        None,
-                        Some(message.into()),
-                    );
+                    refuse_unjudged(ctx, "function-call", "<fast-path function call>", message);
                     st.queue.push_back(Expect::Synthetic(error_frame(message)));
                     inject(&mut st, &mut out)?;
                     wake = true;
@@ -1294,11 +1336,12 @@ fn settle_held(
                 raw,
                 portal,
                 prepared,
+                decision,
                 ..
             },
             Some(reviewed),
         ) => {
-            let rec = record_execute(ctx, &prepared, &prepared.decision, Some(&reviewed));
+            let rec = record_execute(ctx, &prepared, &decision, Some(&reviewed));
             st.queue.push_back(Expect::Execute(Box::new(ExecRun {
                 rec,
                 portal,
@@ -1307,12 +1350,17 @@ fn settle_held(
             out.extend_from_slice(&raw);
             Ok(false)
         }
-        (Held::Execute { prepared, .. }, None) => {
+        (
+            Held::Execute {
+                prepared, decision, ..
+            },
+            None,
+        ) => {
             let reviewed = Reviewed {
                 decision: "deny",
                 message: message.clone(),
             };
-            let rec = record_execute(ctx, &prepared, &prepared.decision, Some(&reviewed));
+            let rec = record_execute(ctx, &prepared, &decision, Some(&reviewed));
             finish(ctx, rec, None, Some(message.clone()));
             st.queue
                 .push_back(Expect::Synthetic(error_frame_with(code, &message)));
@@ -1577,18 +1625,30 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
     }
 }
 
+fn out_of_step(what: &str) -> PgError {
+    PgError::Protocol(format!(
+        "the server sent {what} for no statement the gate expects; closing rather than passing rows unjudged"
+    ))
+}
+
 /// After a server error in the extended protocol the server skips everything up to Sync: so do
 /// the expectations (their view updates are rolled back, their statements recorded as not run).
 fn pop_until_sync(ctx: &Context<'_>, st: &mut State) {
     let mut skipped = Vec::new();
     while let Some(front) = st.queue.front() {
-        if matches!(front, Expect::Sync) {
+        if matches!(front, Expect::Sync { .. }) {
             break;
         }
         match st.queue.pop_front() {
             Some(Expect::Execute(x)) => {
                 let why = "not executed: an earlier message in the pipeline failed";
                 finish(ctx, x.rec, None, Some(why.into()));
+            }
+            Some(Expect::Query(q)) => {
+                for r in q.recs.into_iter().skip(q.idx) {
+                    let why = "not executed: an earlier message in the pipeline failed";
+                    finish(ctx, r, None, Some(why.into()));
+                }
             }
             Some(e) => skipped.push(e),
             None => break,
@@ -1654,8 +1714,46 @@ fn on_backend(
                     r.columns = fields.into_iter().map(|f| f.name).collect();
                 }
             }
-            _ => {}
+            // Result columns for nothing the gate sent: its view of the session is out of step,
+            // and rows that follow could not be tied to a statement's masks.
+            _ => return Err(out_of_step("RowDescription")),
         },
+        // Judging refuses statements that change these; should one change anyway, later
+        // statements would be read by the server differently from how the gate judged them.
+        B::ParameterStatus {
+            ref name,
+            ref value,
+        } if (name == "client_encoding" && value != "UTF8")
+            || (name == "standard_conforming_strings"
+                && (value == "on") != ctx.standard_strings) =>
+        {
+            return Err(PgError::Protocol(format!(
+                "the server's {name} changed to {value}; the gate no longer reads statements as the server does"
+            )));
+        }
+        B::CopyInResponse { .. } => {
+            while matches!(
+                st.queue.get(1),
+                Some(Expect::Sync {
+                    ignored_in_copy: true
+                })
+            ) {
+                st.queue.remove(1);
+            }
+        }
+        B::CopyOutResponse { .. } | B::CopyBothResponse { .. } => {
+            let masks = match st.queue.front() {
+                Some(Expect::Query(q)) => q.recs.get(q.idx).map(|r| r.masks.clone()),
+                Some(Expect::Execute(x)) => Some(x.rec.masks.clone()),
+                _ => None,
+            };
+            if masks.is_some_and(|m| !m.is_empty()) {
+                // Judging refuses COPY ... TO STDOUT under masking; this is the backstop.
+                return Err(PgError::Protocol(
+                    "COPY data of a masked statement cannot be masked".into(),
+                ));
+            }
+        }
         B::NoData => {
             if let Some(Expect::Describe { .. }) = st.queue.front()
                 && let Some(Expect::Describe { internal, .. }) = st.queue.pop_front()
@@ -1679,7 +1777,7 @@ fn on_backend(
                         portal.as_deref().map(|p| p.formats.as_slice()),
                     )
                 }
-                _ => (None, None, None),
+                _ => return Err(out_of_step("DataRow")),
             };
             let mut changed = false;
             if let Some(plan) = plan {
@@ -1760,13 +1858,13 @@ fn on_backend(
                 ) => {
                     pop_until_sync(ctx, st);
                 }
-                Some(Expect::Sync) | None => {}
+                Some(Expect::Sync { .. }) | None => {}
             }
         }
         B::ReadyForQuery { .. } => {
             while let Some(e) = st.queue.pop_front() {
                 match e {
-                    Expect::Sync => break,
+                    Expect::Sync { .. } => break,
                     Expect::Query(q) => {
                         for r in q.recs.into_iter().skip(q.idx) {
                             finish(

@@ -240,17 +240,11 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
             return;
         }
     };
-    if params.iter().any(|(k, _)| k == "replication") {
-        let sid = gate.store.start(peer.session_start(
-            "deny",
-            Some("replication connections bypass statement policy".into()),
-        ));
-        fatal(
-            &mut client,
-            "42501",
-            "agentgate: replication connections are not allowed through the gate",
-        )
-        .await;
+    if let Some(message) = upstream::refused_startup(&params) {
+        let sid = gate
+            .store
+            .start(peer.session_start("deny", Some(message.clone())));
+        fatal(&mut client, "42501", &message).await;
         if let Ok(id) = sid {
             let _ = gate.store.end(id, 0, 0, None);
         }
@@ -340,12 +334,7 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
         let _ = gate.store.end(session_id, 0, 0, Some(e.to_string()));
         return;
     }
-    let database = params
-        .iter()
-        .find(|(k, _)| k == "database")
-        .map(|(_, v)| v.clone())
-        .or_else(|| target.credentials.database.clone())
-        .unwrap_or_else(|| target.credentials.user.clone());
+    let database = upstream::database_of(&target.credentials, &params);
     let standard_strings = up
         .startup_frames
         .iter()

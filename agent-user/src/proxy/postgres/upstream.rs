@@ -65,18 +65,53 @@ pub async fn read_frontend<R: AsyncRead + Unpin>(
     read_frame(r, buf, |b| dec.decode(b)).await
 }
 
-/// Startup parameters never passed upstream as the agent sent them: the user is brokered,
-/// and a replication connection would bypass statement-level judgement.
-const WITHHELD: [&str; 3] = ["user", "database", "replication"];
+/// Startup parameters never passed upstream as the agent sent them: the user is brokered, a
+/// replication connection would bypass statement-level judgement, and the client encoding is
+/// always UTF8 (the gate reads statements as UTF-8; see [`STARTUP_SETTINGS`]).
+const WITHHELD: [&str; 4] = ["user", "database", "replication", "client_encoding"];
 
-pub async fn open(
-    gate: &Gate,
-    target: &PgTarget,
+/// Server settings an agent may give in its start-up packet. Any setting can be given there,
+/// and some change how the server reads the statements the gate judged or what their names
+/// mean: `client_encoding` (in SJIS or BIG5 a multibyte character can swallow a backslash or a
+/// quote, so the server would see statements the gate never read), `search_path`,
+/// `standard_conforming_strings`, `role`, and `options` carrying any of them as `-c`. Only these
+/// pass; an agent changes other settings with SET, which policy judges.
+pub const STARTUP_SETTINGS: [&str; 8] = [
+    "application_name",
+    "datestyle",
+    "timezone",
+    "intervalstyle",
+    "extra_float_digits",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+];
+
+/// Why the agent's start-up parameters are refused, if they are.
+pub fn refused_startup(agent_params: &[(String, String)]) -> Option<String> {
+    agent_params.iter().find_map(|(k, _)| {
+        let key = k.to_ascii_lowercase();
+        if key == "replication" {
+            return Some("agentgate: replication connections are not allowed through the gate".into());
+        }
+        if matches!(key.as_str(), "user" | "database" | "client_encoding")
+            || STARTUP_SETTINGS.contains(&key.as_str())
+        {
+            return None;
+        }
+        Some(format!(
+            "agentgate: start-up parameter `{k}` is not accepted through the gate (it could change how statements are read or which tables their names mean); set it with SET, which policy judges"
+        ))
+    })
+}
+
+/// The database a session of `agent_params` opens upstream: the target's own, else the one the
+/// agent asked for, else the brokered user's.
+pub fn database_of(
+    creds: &crate::config::CredentialsConfig,
     agent_params: &[(String, String)],
-) -> Result<Upstream, PgError> {
-    let creds = &target.credentials;
-    let password = creds.password().map_err(PgError::Credentials)?;
-    let database = creds
+) -> String {
+    creds
         .database
         .clone()
         .or_else(|| {
@@ -85,15 +120,25 @@ pub async fn open(
                 .find(|(k, _)| k == "database")
                 .map(|(_, v)| v.clone())
         })
-        .unwrap_or_else(|| creds.user.clone());
+        .unwrap_or_else(|| creds.user.clone())
+}
+
+pub async fn open(
+    gate: &Gate,
+    target: &PgTarget,
+    agent_params: &[(String, String)],
+) -> Result<Upstream, PgError> {
+    let creds = &target.credentials;
+    let password = creds.password().map_err(PgError::Credentials)?;
     let mut params = vec![
         ("user".to_string(), creds.user.clone()),
-        ("database".to_string(), database),
+        ("database".to_string(), database_of(creds, agent_params)),
+        ("client_encoding".to_string(), "UTF8".to_string()),
     ];
     params.extend(
         agent_params
             .iter()
-            .filter(|(k, _)| !WITHHELD.contains(&k.as_str()))
+            .filter(|(k, _)| !WITHHELD.iter().any(|w| k.eq_ignore_ascii_case(w)))
             .cloned(),
     );
 
