@@ -229,6 +229,11 @@ impl<T> Names<T> {
         }
     }
 
+    /// Forgets every named entry: the server's names changed in a way the gate did not follow.
+    fn forget_named(&mut self) {
+        self.named.clear();
+    }
+
     fn remove(&mut self, name: &str) -> Option<T> {
         if name.is_empty() {
             self.unnamed.take()
@@ -566,6 +571,24 @@ fn refuse_unjudged(ctx: &Context<'_>, protocol: &'static str, text: &str, messag
         None,
         Some(message.into()),
     );
+}
+
+/// Some statement of the query prepares, deallocates or discards prepared statements at the
+/// SQL level: the server's statement names then no longer match what the gate judged at Parse,
+/// so the gate forgets its named statements and refuses an Execute of them until the agent
+/// prepares them again.
+fn changes_prepared(qd: &QueryDecision) -> bool {
+    qd.statements.iter().any(|s| {
+        let first = s
+            .facts
+            .text
+            .split(|c: char| !c.is_ascii_alphabetic())
+            .next()
+            .unwrap_or_default();
+        ["prepare", "deallocate", "discard"]
+            .iter()
+            .any(|k| first.eq_ignore_ascii_case(k))
+    })
 }
 
 /// Some statement of the query is a COPY.
@@ -1013,6 +1036,9 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 plan: None,
                             }));
                             after_copy = is_copy(&qd);
+                            if changes_prepared(&qd) {
+                                st.statements.forget_named();
+                            }
                             out.extend_from_slice(&frame.raw);
                         }
                         Judged::Deny(message) => {
@@ -1055,6 +1081,9 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 plans: Mutex::new(Vec::new()),
                                 columns: Mutex::new(None),
                             });
+                            if changes_prepared(&qd) {
+                                st.statements.forget_named();
+                            }
                             let previous = st.statements.insert(name.clone(), prepared.clone());
                             st.queue.push_back(Expect::Parse {
                                 injected: false,
@@ -1892,9 +1921,40 @@ fn on_backend(
 
 #[cfg(test)]
 mod tests {
-    use super::{Names, parse_statement_timeout, render};
+    use super::{Names, changes_prepared, parse_statement_timeout, render};
     use bytes::Bytes;
     use std::time::Duration;
+
+    #[test]
+    fn sql_level_prepare_deallocate_and_discard_are_noticed() {
+        #[derive(serde::Deserialize)]
+        struct File {
+            policies: Vec<crate::policy::PolicyConfig>,
+        }
+        let file: File = serde_norway::from_str(
+            "policies:\n  - { name: p, roles: [r], targets: [db], default: allow, rules: [] }\n",
+        )
+        .unwrap();
+        let set = crate::policy::compile(file.policies).unwrap();
+        let roles = vec!["r".to_string()];
+        let subject = crate::policy::Subject {
+            agent: "a",
+            roles: &roles,
+        };
+        let changes = |sql: &str| changes_prepared(&set.decide_query(&subject, "db", sql));
+        for sql in [
+            "PREPARE s AS SELECT 1",
+            "deallocate s",
+            "DEALLOCATE ALL",
+            "DISCARD ALL",
+            "SELECT 1; prepare q AS SELECT 2",
+        ] {
+            assert!(changes(sql), "{sql}");
+        }
+        for sql in ["SELECT 'prepare'", "EXECUTE s", "SELECT prepared FROM t"] {
+            assert!(!changes(sql), "{sql}");
+        }
+    }
 
     #[test]
     fn ticket_facts_name_tables_as_approvers_read_them() {
