@@ -1926,6 +1926,7 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    #[allow(clippy::unwrap_used)]
     fn sql_level_prepare_deallocate_and_discard_are_noticed() {
         #[derive(serde::Deserialize)]
         struct File {
