@@ -261,7 +261,9 @@ impl ProfileConfig {
             let entry = format!("columns[{i}] ({:?})", rule.column);
             split_column(&rule.column).map_err(|r| err(entry.clone(), r))?;
             rule.action().map_err(|r| err(entry.clone(), r))?;
-            if !seen.insert(rule.column.as_str()) {
+            // Rules match identifiers case-insensitively (see `plan`), so
+            // `ssn` and `SSN` are the same rule.
+            if !seen.insert(rule.column.to_lowercase()) {
                 return Err(err(entry, "duplicate column rule".to_owned()));
             }
         }
@@ -452,6 +454,11 @@ masking:
             "masking: { profiles: { p4: { columns: [ { column: a, style: redact }, { column: a, style: hash } ] } } }",
         );
         assert!(e.contains("\"p4\"") && e.contains("duplicate"), "{e}");
+        // Rules match case-insensitively: differing only in case is a duplicate.
+        let e = invalid(
+            "masking: { profiles: { p4: { columns: [ { column: t.ssn, style: redact }, { column: T.SSN, style: hash } ] } } }",
+        );
+        assert!(e.contains("columns[1]") && e.contains("duplicate"), "{e}");
 
         let e = invalid("masking: { profiles: { p5: { detectors: [email, email] } } }");
         assert!(e.contains("\"p5\"") && e.contains("detectors[1]"), "{e}");

@@ -2,8 +2,10 @@
 //!
 //! Every detector is a regex (compiled once, lazily) plus a validator
 //! (Luhn, SSN ranges, NANP ranges, mod-97, boundaries). [`find_matches`]
-//! returns non-overlapping byte ranges; when two detectors overlap, the match
-//! that starts first wins, then the longer one.
+//! returns non-overlapping byte ranges; matches that overlap (from one or
+//! several detectors) are merged into one range covering their union, so no
+//! part of any match is left unmasked (`+1 4111 1111 1111 1111` is both a
+//! phone number and a card number).
 
 use std::sync::LazyLock;
 
@@ -12,14 +14,19 @@ use regex::Regex;
 use super::config::Detector;
 
 /// One detector match: byte range `start..end` in the inspected text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Match {
     /// Start byte offset.
     pub start: usize,
     /// End byte offset (exclusive).
     pub end: usize,
-    /// Which detector matched.
+    /// Which detector matched; for merged matches, the detector of the
+    /// longest one (the earliest on a tie), whose name labels the range.
     pub detector: Detector,
+    /// Other detectors whose matches overlapped and were merged into this
+    /// range (empty for a single match). The renderer applies the strongest
+    /// action among `detector` and these.
+    pub merged: Vec<Detector>,
 }
 
 fn re(pattern: &str) -> Regex {
@@ -56,7 +63,8 @@ static PRIVATE_KEY: LazyLock<Regex> = LazyLock::new(|| {
     )
 });
 
-/// Find all non-overlapping matches of `detectors` in `text`, sorted by start.
+/// Find all matches of `detectors` in `text`, sorted by start, overlapping
+/// matches merged (see [`Match`]).
 pub fn find_matches(text: &str, detectors: &[Detector]) -> Vec<Match> {
     let mut all = Vec::new();
     for &d in detectors {
@@ -66,10 +74,33 @@ pub fn find_matches(text: &str, detectors: &[Detector]) -> Vec<Match> {
         // Earliest start first, then the longest.
         all.sort_by(|a, b| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
         let mut kept: Vec<Match> = Vec::with_capacity(all.len());
+        // Length of the match that labels `kept.last()`.
+        let mut label_len = 0;
         for m in all {
-            if kept.last().is_none_or(|last| m.start >= last.end) {
-                kept.push(m);
+            match kept.last_mut() {
+                Some(last) if m.start < last.end => {
+                    last.end = last.end.max(m.end);
+                    let mut other = m.detector;
+                    // Strictly longer takes the label: on a tie the earlier
+                    // start (already the label) keeps it.
+                    if m.end - m.start > label_len {
+                        label_len = m.end - m.start;
+                        std::mem::swap(&mut last.detector, &mut other);
+                    }
+                    if other != last.detector && !last.merged.contains(&other) {
+                        last.merged.push(other);
+                    }
+                }
+                _ => {
+                    label_len = m.end - m.start;
+                    kept.push(m);
+                }
             }
+        }
+        // A detector that labels the range is not also listed as merged.
+        for m in &mut kept {
+            let label = m.detector;
+            m.merged.retain(|d| *d != label);
         }
         return kept;
     }
@@ -85,6 +116,48 @@ pub fn contains_match(text: &str, detectors: &[Detector]) -> bool {
     })
 }
 
+/// Whether any of `detectors` matches in a value of unknown binary layout.
+///
+/// The value is cut into runs of valid UTF-8 without control characters
+/// (invalid bytes and control characters end a run; no detector pattern
+/// spans one, and a private key block is matched from its BEGIN line alone),
+/// and each run is scanned as text. Container send formats (`array_send`,
+/// `record_send`, extension types such as hstore) put a big-endian `int32`
+/// length before each element; its low bytes can be printable (an element of
+/// 52 bytes has length byte `'4'`) and glue onto the element's first
+/// character, which defeats the detectors' word-boundary checks. So each run
+/// is also scanned without its first 1 to 4 characters: one of these starts
+/// exactly at the element. Reading the bytes through lossy UTF-8 instead
+/// would fill random data with U+FFFD, which sends the Unicode-aware regexes
+/// to their slow path (over a second per MiB).
+pub fn contains_match_in_bytes(bytes: &[u8], detectors: &[Detector]) -> bool {
+    // Nothing precedes the run at offset 0 (a citext value is one such run).
+    let mut first = true;
+    bytes.utf8_chunks().any(|chunk| {
+        chunk.valid().split(char::is_control).any(|run| {
+            let drops = if std::mem::take(&mut first) { 0 } else { 4 };
+            run_matches(run, drops, detectors)
+        })
+    })
+}
+
+/// Whether `run`, or `run` without its first 1 to `drops` characters, matches.
+fn run_matches(run: &str, drops: usize, detectors: &[Detector]) -> bool {
+    let mut rest = run;
+    for _ in 0..=drops {
+        if rest.is_empty() {
+            return false;
+        }
+        if contains_match(rest, detectors) {
+            return true;
+        }
+        let mut chars = rest.chars();
+        chars.next();
+        rest = chars.as_str();
+    }
+    false
+}
+
 /// Accepted length of a candidate (a prefix of it), or `None`.
 type Accept<'a> = &'a dyn Fn(&str, usize, &str) -> Option<usize>;
 
@@ -94,6 +167,7 @@ fn find_one(text: &str, d: Detector, out: &mut Vec<Match>) {
             start,
             end,
             detector: d,
+            merged: Vec::new(),
         })
     };
     let whole: Accept = &|_, _, c| Some(c.len());
@@ -564,6 +638,119 @@ mod tests {
         );
         assert!(contains_match(text, &[Detector::Phone]));
         assert!(!contains_match("nothing to see", &Detector::ALL));
+    }
+
+    #[test]
+    fn overlapping_matches_are_merged_into_their_union() {
+        // The phone number "+1 4111 1111 1111" and the card number
+        // "4111 1111 1111 1111" overlap: one range covers both.
+        let text = "call +1 4111 1111 1111 1111 now";
+        let phone = find_matches(text, &[Detector::Phone]);
+        let card = find_matches(text, &[Detector::CreditCard]);
+        assert_eq!(phone.len(), 1);
+        assert_eq!(card.len(), 1);
+        assert!(phone[0].start < card[0].start && card[0].start < phone[0].end);
+
+        let ms = find_matches(text, &[Detector::Phone, Detector::CreditCard]);
+        assert_eq!(ms.len(), 1);
+        assert_eq!(&text[ms[0].start..ms[0].end], "+1 4111 1111 1111 1111");
+        // The card match is the longer one: it labels the range.
+        assert_eq!(ms[0].detector, Detector::CreditCard);
+        assert_eq!(ms[0].merged, [Detector::Phone]);
+
+        // A chain of overlaps merges transitively; disjoint matches stay apart.
+        let text = "+1 4111 1111 1111 1111 and a@b.io";
+        let ms = find_matches(text, &Detector::ALL);
+        let got: Vec<&str> = ms.iter().map(|m| &text[m.start..m.end]).collect();
+        assert_eq!(got, ["+1 4111 1111 1111 1111", "a@b.io"]);
+        assert!(ms[1].merged.is_empty());
+    }
+
+    /// A one-dimensional `text[]` in binary format (`array_send`).
+    fn text_array_binary(elements: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for x in [1i32, 0, 25, i32::try_from(elements.len()).unwrap(), 1] {
+            out.extend_from_slice(&x.to_be_bytes());
+        }
+        for e in elements {
+            out.extend_from_slice(&i32::try_from(e.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(e);
+        }
+        out
+    }
+
+    #[test]
+    fn binary_values_are_scanned_through_length_prefixes() {
+        let card = Detector::CreditCard;
+        let plain = text_array_binary(&[b"x", b"4111 1111 1111 1111"]);
+        assert!(contains_match_in_bytes(&plain, &[card]));
+
+        // 52 bytes: the length's low byte is '4', glued to the card number.
+        let mut long = b"4111111111111111".to_vec();
+        long.resize(52, b'.');
+        let glued = text_array_binary(&[&long]);
+        assert!(glued.windows(17).any(|w| w == b"44111111111111111"));
+        assert!(!contains_match(&String::from_utf8_lossy(&glued), &[card]));
+        assert!(contains_match_in_bytes(&glued, &[card]));
+
+        // 0x0135 = 309 bytes: two length bytes after the last NUL ("" "5").
+        let mut longer = b"4111111111111111 ".to_vec();
+        longer.resize(309, b'x');
+        assert!(contains_match_in_bytes(
+            &text_array_binary(&[&longer]),
+            &[card]
+        ));
+        // 0x4135 = 16693 bytes: two printable length bytes ("A" "5").
+        longer.resize(0x4135, b'x');
+        assert!(contains_match_in_bytes(
+            &text_array_binary(&[&longer]),
+            &[card]
+        ));
+        // 0x202034 bytes: three length bytes after the NUL (" " " " "4").
+        longer.resize(0x0020_2034, b'x');
+        assert!(contains_match_in_bytes(
+            &text_array_binary(&[&longer]),
+            &[card]
+        ));
+        // A length byte that is valid UTF-8 with the next one: 0xC3A9 = 50089
+        // bytes reads as "é" glued to the element.
+        longer.resize(0xC3A9, b'x');
+        assert!(contains_match_in_bytes(
+            &text_array_binary(&[&longer]),
+            &[card]
+        ));
+
+        // Four printable length bytes (an element of 0x4142_5A34 bytes).
+        let run = "AB5Z4111 1111 1111 1111";
+        assert!(!contains_match(run, &[card]));
+        assert!(run_matches(run, 4, &[card]));
+        assert!(!run_matches(run, 3, &[card]));
+        // Runs end at invalid UTF-8 and at control characters.
+        assert!(contains_match_in_bytes(
+            b"\xff\xfe4111111111111111\x00",
+            &[card]
+        ));
+        assert!(contains_match_in_bytes(
+            b"\x00-----BEGIN PRIVATE KEY-----\nMC4CAQ\n-----END PRIVATE KEY-----",
+            &[Detector::PrivateKey]
+        ));
+        // Text with a control character right before the secret.
+        assert!(contains_match_in_bytes(
+            b"line\n4111 1111 1111 1111",
+            &[card]
+        ));
+        assert!(contains_match_in_bytes(
+            "zo\u{eb}@ex\u{e4}mple.fr".as_bytes(),
+            &[Detector::Email]
+        ));
+        assert!(!contains_match_in_bytes(
+            &text_array_binary(&[b"a", b"b"]),
+            &Detector::ALL
+        ));
+        assert!(!contains_match_in_bytes(
+            &[0xff, 0xfe, 0, 1, 2],
+            &Detector::ALL
+        ));
     }
 
     #[test]

@@ -16,16 +16,21 @@
 //!
 //! * **Column rules** match a result column by bare name (`email`), by
 //!   `table.column` or by `schema.table.column`; identifiers are compared
-//!   exactly (the caller passes them lowercased as Postgres folds them; the
-//!   schema/table come from the RowDescription table OID). Within one profile
+//!   case-insensitively (Postgres folds unquoted identifiers to lower case,
+//!   but a quoted one keeps its case: `Customers.SSN` matches `ssn` and
+//!   `"SSN"`; the schema/table come from the RowDescription table OID).
+//!   Within one profile
 //!   the most specific rule wins (`schema.table.column` > `table.column` >
 //!   `column`), so a profile can refine a broad rule; across the profiles of
 //!   one plan the strongest action wins (`redact` > `hash` > `keep_last`,
 //!   fewer kept characters being stronger).
-//! * **Detectors** (see [`detect`]) run on every column that no rule matches
-//!   and whose text can be inspected; each match is replaced in place by the
+//! * **Detectors** (see [`detect`]) run on every column that no rule matches,
+//!   except built-in number, time, address, geometry and bit-string types
+//!   (and arrays and ranges of them), whose values cannot hold free text.
+//!   In text they can rewrite, each match is replaced in place by the
 //!   profile's `detector_style` (`[REDACTED:<detector>]`, `keep_last`, or the
-//!   keyed hash).
+//!   keyed hash); overlapping matches are merged into one range, labelled by
+//!   the longest and masked with the strongest style among them.
 //!
 //! # Type safety
 //!
@@ -36,9 +41,11 @@
 //! | text-like: text, varchar, bpchar, name, unknown, cstring (text or binary = raw UTF-8) | replaced by the style output | matches replaced in place |
 //! | user-defined OID >= 16384, e.g. citext (text format)   | treated as text             | treated as text              |
 //! | json (text or binary), jsonb (text; binary keeps its version byte 1) | a JSON string: `"[REDACTED]"`, `"****1111"`, `"h:…"` | inside decoded JSON strings (and number tokens, which become strings); output stays valid JSON |
-//! | text-format arrays of text/json types, xml, tsvector, tsquery, record | NULL | value becomes NULL if any detector matches |
-//! | any other built-in type (int8, numeric, date, uuid, bytea, ...) in text format | NULL (`redact`, `keep_last` and `hash` alike: a string like `****` would break the client's parser) | not inspected |
-//! | any non-text type in binary format (incl. user-defined OIDs) | NULL, or [`MaskError::UnmaskableBinary`] with `unmaskable_binary: deny` | not inspected |
+//! | other built-in types in text format: arrays of text/json types, xml, tsvector, tsquery, record, refcursor, jsonpath... | NULL | value becomes NULL if any detector matches |
+//! | bytea (text format: `\x` hex or escape format, decoded first) | NULL | NULL, or [`MaskError::Unmaskable`] with `deny`, if any detector matches the bytes |
+//! | number, time, address, geometry, bit-string types (int8, numeric, date, uuid, inet, bit...) and arrays/ranges of them, text format | NULL (`redact`, `keep_last` and `hash` alike: a string like `****` would break the client's parser) | not inspected |
+//! | the same types in binary format | NULL, or [`MaskError::UnmaskableBinary`] with `unmaskable_binary: deny` | not inspected |
+//! | any other non-text type in binary format (bytea, arrays, records, xml, citext and other user-defined OIDs) | NULL, or [`MaskError::UnmaskableBinary`] with `deny` | the bytes are read as lossy UTF-8; any match makes the value NULL, or [`MaskError::UnmaskableBinary`] with `deny` |
 //!
 //! A value that must be inspected but cannot be (invalid UTF-8, malformed
 //! JSON, jsonb binary with an unknown version byte) is likewise NULL, or an
@@ -56,7 +63,11 @@
 //! (`SELECT ssn AS x`) or an expression (`SELECT lower(email)`) is not matched
 //! by a rule for `ssn` / `email`; only detectors catch such values. Numbers
 //! stored in numeric columns (a card number in an `int8`) are not inspected
-//! by detectors; use a column rule.
+//! by detectors; use a column rule. Binary values are scanned without knowing
+//! their layout: text the type stores encoded (JSON `\u0040` escapes inside a
+//! `json[]`, compressed or encrypted bytes) is not seen, and large random
+//! bytes (images, archives in a bytea) can contain something shaped like an
+//! e-mail address by chance, which makes the value NULL (or denies the query).
 
 pub mod config;
 pub mod detect;

@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::MaskError;
 use super::config::{Action, Detector, MIN_KEY_LEN, MaskingConfig, UnmaskablePolicy, split_column};
-use super::detect::contains_match;
+use super::detect::{contains_match, contains_match_in_bytes};
 use super::json::{Malformed, json_string, mask_json, top_level_string};
 use super::style::{Hasher, mask_text, render_value};
 
@@ -67,20 +67,64 @@ const TEXT_LIKE: &[u32] = &[
 ];
 const JSON: u32 = 114;
 const JSONB: u32 = 3802;
-/// Text-format types whose text can be inspected but not rewritten in place.
-const STRUCTURED: &[u32] = &[
-    1009, // text[]
-    1015, // varchar[]
-    1014, // bpchar[]
-    1003, // name[]
-    199,  // json[]
-    3807, // jsonb[]
-    142,  // xml
-    143,  // xml[]
-    3614, // tsvector
-    3615, // tsquery
-    2249, // record
-    2287, // record[]
+const BYTEA: u32 = 17;
+/// Built-in types whose values are numbers, times, addresses, geometry or
+/// bit strings, and arrays, ranges and multiranges of them: the text output
+/// follows a fixed grammar and the binary form is fixed-layout numbers, so no
+/// free text can be stored in them. Detectors never inspect these columns.
+///
+/// Of the detectors, only the digit-run ones (credit_card, us_ssn, phone) can
+/// match such a value, and only when the number itself is the value (a card
+/// number stored in an `int8`); inspecting them would null every ordinary
+/// 16-digit key that happens to pass the Luhn check (one in ten). That case
+/// is the documented limit: a numeric column holding a secret needs a column
+/// rule. The other detectors need a `@`, upper-case letters or fixed
+/// prefixes that these outputs cannot contain (uuid and macaddr print lower
+/// case hex). Every other type is inspected when detectors are active.
+const NOT_TEXT: &[u32] = &[
+    16,   // bool
+    18,   // "char" (one byte)
+    20,   // int8
+    21,   // int2
+    23,   // int4
+    26,   // oid
+    27,   // tid
+    28,   // xid
+    29,   // cid
+    5069, // xid8
+    700,  // float4
+    701,  // float8
+    790,  // money
+    1700, // numeric
+    1082, // date
+    1083, // time
+    1114, // timestamp
+    1184, // timestamptz
+    1186, // interval
+    1266, // timetz
+    2950, // uuid
+    869,  // inet
+    650,  // cidr
+    829,  // macaddr
+    774,  // macaddr8
+    600,  // point
+    601,  // lseg
+    602,  // path
+    603,  // box
+    604,  // polygon
+    628,  // line
+    718,  // circle
+    3220, // pg_lsn
+    1560, // bit
+    1562, // varbit
+    // Arrays of the above.
+    1000, 1002, 1016, 1005, 1007, 1028, 1010, 1011, 1012, 271, 1021, 1022, 791, 1231, 1182, 1183,
+    1115, 1185, 1187, 1270, 2951, 1041, 651, 1040, 775, 1017, 1018, 1019, 1020, 1027, 629, 719,
+    3221, 1561, 1563,
+    // int4range, int8range, numrange, tsrange, tstzrange, daterange and their arrays.
+    3904, 3926, 3906, 3908, 3910, 3912, 3905, 3927, 3907, 3909, 3911, 3913,
+    // The matching multiranges and their arrays.
+    4451, 4536, 4532, 4533, 4534, 4535, 6150, 6157, 6151, 6152, 6153, 6155,
 ];
 /// First OID assigned to user-defined objects (extensions, citext, enums...).
 const FIRST_NORMAL_OID: u32 = 16384;
@@ -99,12 +143,18 @@ enum Kind {
     Json,
     /// jsonb binary: version byte 1 + JSON text.
     JsonbBinary,
-    /// Inspectable but not rewritable (text-format arrays, xml, record...).
+    /// Inspectable but not rewritable text: every other built-in type in text
+    /// format (arrays of text and json types, xml, record, tsvector...).
     Structured,
-    /// Non-text type in text format.
+    /// bytea in text format: `\x` + hex, or the escape format.
+    ByteaText,
+    /// A [`NOT_TEXT`] type in text format.
     OpaqueText,
-    /// Non-text type in binary format.
+    /// A [`NOT_TEXT`] type in binary format.
     OpaqueBinary,
+    /// Any other type in binary format (bytea, arrays, records, xml, citext
+    /// and other user-defined types): its bytes may embed text.
+    RawBinary,
 }
 
 fn classify(type_oid: u32, format: Format) -> Kind {
@@ -114,10 +164,12 @@ fn classify(type_oid: u32, format: Format) -> Kind {
     match (type_oid, format) {
         (JSON, _) | (JSONB, Format::Text) => Kind::Json,
         (JSONB, Format::Binary) => Kind::JsonbBinary,
-        (_, Format::Binary) => Kind::OpaqueBinary,
-        (oid, Format::Text) if STRUCTURED.contains(&oid) => Kind::Structured,
+        (BYTEA, Format::Text) => Kind::ByteaText,
+        (oid, Format::Text) if NOT_TEXT.contains(&oid) => Kind::OpaqueText,
+        (oid, Format::Binary) if NOT_TEXT.contains(&oid) => Kind::OpaqueBinary,
+        (_, Format::Binary) => Kind::RawBinary,
         (oid, Format::Text) if oid == 0 || oid >= FIRST_NORMAL_OID => Kind::Text,
-        (_, Format::Text) => Kind::OpaqueText,
+        (_, Format::Text) => Kind::Structured,
     }
 }
 
@@ -134,9 +186,39 @@ struct Rule {
     action: Action,
 }
 
+/// Identifiers compared by rules, case-folded with [`fold`].
+///
+/// PostgreSQL folds unquoted identifiers to lower case, but a quoted one
+/// (`"SSN"`) keeps its case, and rules may be written in any case. Rules
+/// therefore match case-insensitively: `Customers.SSN` matches the column
+/// `ssn` of table `customers` and also a quoted `"SSN"`. Two columns that
+/// differ only in case are both matched, which masks more, never less.
+struct FoldedNames {
+    name: String,
+    table: Option<String>,
+    schema: Option<String>,
+}
+
+impl FoldedNames {
+    fn of(c: &ColumnMeta) -> FoldedNames {
+        FoldedNames {
+            name: fold(&c.name),
+            table: c.table.as_deref().map(fold),
+            schema: c.schema.as_deref().map(fold),
+        }
+    }
+}
+
+/// Case folding for identifier comparison (Unicode lower case, so non-ASCII
+/// quoted identifiers are folded too).
+fn fold(ident: &str) -> String {
+    ident.to_lowercase()
+}
+
 impl Rule {
-    /// Specificity of the match (3 = schema.table.column), or `None`.
-    fn matches(&self, c: &ColumnMeta) -> Option<u8> {
+    /// Specificity of the match (3 = schema.table.column), or `None`. The
+    /// scope's names are already folded (see [`FoldedNames`]).
+    fn matches(&self, c: &FoldedNames) -> Option<u8> {
         match &self.scope {
             Scope::Column(col) => (c.name == *col).then_some(1),
             Scope::Table(t, col) => {
@@ -159,7 +241,7 @@ struct Profile {
 
 impl Profile {
     /// The action of the most specific rule matching `c`.
-    fn rule_for(&self, c: &ColumnMeta) -> Option<Action> {
+    fn rule_for(&self, c: &FoldedNames) -> Option<Action> {
         self.rules
             .iter()
             .filter_map(|r| r.matches(c).map(|s| (s, r.action)))
@@ -214,9 +296,9 @@ impl Masker {
                 };
                 let parts = split_column(&r.column).map_err(invalid)?;
                 let scope = match parts.as_slice() {
-                    [c] => Scope::Column((*c).to_owned()),
-                    [t, c] => Scope::Table((*t).to_owned(), (*c).to_owned()),
-                    [s, t, c] => Scope::Schema((*s).to_owned(), (*t).to_owned(), (*c).to_owned()),
+                    [c] => Scope::Column(fold(c)),
+                    [t, c] => Scope::Table(fold(t), fold(c)),
+                    [s, t, c] => Scope::Schema(fold(s), fold(t), fold(c)),
                     _ => return Err(invalid("bad dotted name".to_owned())),
                 };
                 let action = r.action().map_err(invalid)?;
@@ -289,17 +371,16 @@ impl Masker {
         let mut planned = Vec::new();
         for (index, c) in columns.iter().enumerate() {
             let kind = classify(c.type_oid, c.format);
+            let names = FoldedNames::of(c);
             let rule = active
                 .iter()
-                .filter_map(|p| p.rule_for(c))
+                .filter_map(|p| p.rule_for(&names))
                 .reduce(Action::stronger);
             let op = match rule {
                 Some(a) => Op::Rule(a),
+                // Fail closed: everything but the NOT_TEXT types is inspected.
                 None if !detectors.is_empty()
-                    && matches!(
-                        kind,
-                        Kind::Text | Kind::Json | Kind::JsonbBinary | Kind::Structured
-                    ) =>
+                    && !matches!(kind, Kind::OpaqueText | Kind::OpaqueBinary) =>
                 {
                     Op::Detect
                 }
@@ -447,8 +528,12 @@ impl RowPlan {
                     None => self.unmaskable(col, "invalid UTF-8"),
                 }
             }
-            (Op::Rule(_), Kind::Structured | Kind::OpaqueText) => Ok(Outcome::Null),
-            (Op::Rule(_), Kind::OpaqueBinary) => self.unmaskable(col, "binary value"),
+            (Op::Rule(_), Kind::Structured | Kind::ByteaText | Kind::OpaqueText) => {
+                Ok(Outcome::Null)
+            }
+            (Op::Rule(_), Kind::OpaqueBinary | Kind::RawBinary) => {
+                self.unmaskable(col, "binary value")
+            }
             (Op::Detect, Kind::Text) => {
                 let Ok(text) = std::str::from_utf8(value) else {
                     return self.unmaskable(col, "invalid UTF-8");
@@ -485,15 +570,37 @@ impl RowPlan {
                 let Ok(text) = std::str::from_utf8(value) else {
                     return self.unmaskable(col, "invalid UTF-8");
                 };
-                let kinds: Vec<Detector> = self.detectors.iter().map(|(d, _)| *d).collect();
-                Ok(if contains_match(text, &kinds) {
+                Ok(if contains_match(text, &self.detector_kinds()) {
                     Outcome::Null
                 } else {
                     Outcome::Keep
                 })
             }
+            (Op::Detect, Kind::ByteaText) => {
+                let Some(bytes) = decode_bytea_text(value) else {
+                    return self.unmaskable(col, "malformed bytea");
+                };
+                if contains_match_in_bytes(&bytes, &self.detector_kinds()) {
+                    self.unmaskable(col, "detector match in bytea")
+                } else {
+                    Ok(Outcome::Keep)
+                }
+            }
+            (Op::Detect, Kind::RawBinary) => {
+                // The layout is unknown, so a match cannot be rewritten in place.
+                if contains_match_in_bytes(value, &self.detector_kinds()) {
+                    self.unmaskable(col, "detector match in a binary value")
+                } else {
+                    Ok(Outcome::Keep)
+                }
+            }
+            // Not planned (see NOT_TEXT).
             (Op::Detect, Kind::OpaqueText | Kind::OpaqueBinary) => Ok(Outcome::Keep),
         }
+    }
+
+    fn detector_kinds(&self) -> Vec<Detector> {
+        self.detectors.iter().map(|(d, _)| *d).collect()
     }
 
     fn detect_json(&self, text: &str) -> Result<Option<String>, Malformed> {
@@ -508,6 +615,41 @@ fn replace_if_changed(old: &[u8], new: Vec<u8>) -> Outcome {
     } else {
         Outcome::Replace(Bytes::from(new))
     }
+}
+
+/// The bytes of a text-format bytea value: `\x` + hex digits (the default
+/// `bytea_output`), or the escape format (`\\` for a backslash, `\nnn`
+/// octal for other bytes, the rest literal). `None` if malformed.
+fn decode_bytea_text(value: &[u8]) -> Option<Vec<u8>> {
+    if let Some(hex) = value.strip_prefix(b"\\x") {
+        return hex::decode(hex).ok();
+    }
+    let mut out = Vec::with_capacity(value.len());
+    let mut rest = value;
+    while let Some((&b, tail)) = rest.split_first() {
+        if b != b'\\' {
+            out.push(b);
+            rest = tail;
+            continue;
+        }
+        match tail {
+            [b'\\', more @ ..] => {
+                out.push(b'\\');
+                rest = more;
+            }
+            [
+                hi @ b'0'..=b'3',
+                mid @ b'0'..=b'7',
+                lo @ b'0'..=b'7',
+                more @ ..,
+            ] => {
+                out.push(((hi - b'0') << 6) | ((mid - b'0') << 3) | (lo - b'0'));
+                rest = more;
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
 }
 
 /// Text of a binary jsonb value (version byte 1), or `None`.
@@ -645,10 +787,18 @@ mod tests {
         assert_eq!(classify(JSONB, Format::Text), Kind::Json);
         assert_eq!(classify(JSONB, Format::Binary), Kind::JsonbBinary);
         assert_eq!(classify(CITEXT, Format::Text), Kind::Text);
-        assert_eq!(classify(CITEXT, Format::Binary), Kind::OpaqueBinary);
+        assert_eq!(classify(CITEXT, Format::Binary), Kind::RawBinary);
         assert_eq!(classify(INT8, Format::Text), Kind::OpaqueText);
+        assert_eq!(classify(INT8, Format::Binary), Kind::OpaqueBinary);
+        assert_eq!(classify(1016, Format::Binary), Kind::OpaqueBinary);
         assert_eq!(classify(1009, Format::Text), Kind::Structured);
-        assert_eq!(classify(1009, Format::Binary), Kind::OpaqueBinary);
+        assert_eq!(classify(1009, Format::Binary), Kind::RawBinary);
+        assert_eq!(classify(BYTEA, Format::Text), Kind::ByteaText);
+        assert_eq!(classify(BYTEA, Format::Binary), Kind::RawBinary);
+        // Built-in types outside NOT_TEXT are inspected: refcursor, jsonpath.
+        assert_eq!(classify(1790, Format::Text), Kind::Structured);
+        assert_eq!(classify(4072, Format::Binary), Kind::RawBinary);
+        assert_eq!(classify(0, Format::Binary), Kind::RawBinary);
         assert!(is_text_like(VARCHAR) && !is_text_like(UUID));
         assert_eq!(Format::from_code(1), Some(Format::Binary));
         assert_eq!(Format::from_code(2), None);
@@ -693,6 +843,61 @@ mod tests {
         assert_eq!(row[4], v("no-ssn-here"));
         assert_eq!(row[5], v("plain text"));
         assert_eq!(row[6], v("hello"));
+    }
+
+    #[test]
+    fn rule_names_match_case_insensitively() {
+        let mut cfg = config(UnmaskablePolicy::Null);
+        cfg.profiles.insert(
+            "upper".to_owned(),
+            ProfileConfig {
+                columns: vec![
+                    rule("Customers.SSN", Style::Redact, None),
+                    rule("Public.Orders.Card", Style::KeepLast, Some(4)),
+                    rule("EMAIL", Style::Redact, None),
+                ],
+                ..ProfileConfig::default()
+            },
+        );
+        let m = Masker::new(&cfg, KEY.to_vec()).unwrap();
+        let cols = vec![
+            // Unquoted identifiers, folded to lower case by PostgreSQL.
+            tcol("public", "customers", "ssn", TEXT),
+            tcol("public", "orders", "card", TEXT),
+            // Quoted identifiers that kept their case.
+            tcol("public", "Customers", "SSN", TEXT),
+            tcol("PUBLIC", "ORDERS", "Card", TEXT),
+            col("Email", TEXT, Format::Text),
+            // Other tables are still not matched by qualified rules.
+            tcol("public", "orders", "ssn", TEXT),
+        ];
+        let plan = m.plan(&["upper".to_owned()], &cols).unwrap();
+        assert_eq!(
+            plan.rule_columns().collect::<Vec<_>>(),
+            ["ssn", "card", "SSN", "Card", "Email"]
+        );
+        let (row, _) = run(
+            &plan,
+            vec![
+                v("078-05-1120"),
+                v("4111111111111111"),
+                v("078-05-1120"),
+                v("4111111111111111"),
+                v("a@b.io"),
+                v("kept"),
+            ],
+        );
+        assert_eq!(
+            row,
+            vec![
+                v("[REDACTED]"),
+                v("************1111"),
+                v("[REDACTED]"),
+                v("************1111"),
+                v("[REDACTED]"),
+                v("kept"),
+            ]
+        );
     }
 
     #[test]
@@ -941,12 +1146,153 @@ mod tests {
         let cols = vec![
             col("n", INT8, Format::Text),
             col("n2", INT4, Format::Binary),
+            col("n3", 1016, Format::Binary), // int8[]
+            col("d", UUID, Format::Binary),
         ];
         let plan = m.plan(&pii(), &cols).unwrap();
         assert!(plan.is_noop());
-        let (row, changed) = run(&plan, vec![v("4111111111111111"), v("xxxx")]);
+        let int4 = b(&1_234_567i32.to_be_bytes());
+        let ints = array_binary(20, &[&4_111_111_111_111_111i64.to_be_bytes()]);
+        let id = b(b"a@b.io a@b.io ..");
+        let (row, changed) = run(
+            &plan,
+            vec![
+                v("4111111111111111"),
+                int4.clone(),
+                ints.clone(),
+                id.clone(),
+            ],
+        );
         assert!(!changed);
-        assert_eq!(row, vec![v("4111111111111111"), v("xxxx")]);
+        assert_eq!(row, vec![v("4111111111111111"), int4, ints, id]);
+    }
+
+    /// A one-dimensional array in binary format (`array_send`), no NULLs.
+    fn array_binary(elem_oid: i32, elements: &[&[u8]]) -> Option<Bytes> {
+        let mut out = Vec::new();
+        let n = i32::try_from(elements.len()).unwrap();
+        for x in [1, 0, elem_oid, n, 1] {
+            out.extend_from_slice(&i32::to_be_bytes(x));
+        }
+        for e in elements {
+            out.extend_from_slice(&i32::try_from(e.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(e);
+        }
+        Some(Bytes::from(out))
+    }
+
+    fn b(bytes: &[u8]) -> Option<Bytes> {
+        Some(Bytes::copy_from_slice(bytes))
+    }
+
+    #[test]
+    fn citext_binary_inspected_null_or_deny() {
+        let cols = vec![
+            col("contact", CITEXT, Format::Binary),
+            col("n", INT4, Format::Binary),
+        ];
+        let plan = masker(UnmaskablePolicy::Null).plan(&pii(), &cols).unwrap();
+        assert_eq!(plan.detector_columns(), 1);
+        // The int4 next to it is neither inspected nor touched.
+        let int4 = b(&0x4040_4040i32.to_be_bytes());
+        let (row, changed) = run(&plan, vec![v("Mail Alice@Example.com"), int4.clone()]);
+        assert!(changed);
+        assert_eq!(row, vec![None, int4.clone()]);
+        let (row, changed) = run(&plan, vec![v("no contact"), int4.clone()]);
+        assert!(!changed);
+        assert_eq!(row, vec![v("no contact"), int4]);
+
+        let plan = masker(UnmaskablePolicy::Deny).plan(&pii(), &cols).unwrap();
+        let mut row = vec![v("alice@example.com"), None];
+        assert_eq!(
+            plan.apply(&mut row).unwrap_err(),
+            MaskError::UnmaskableBinary {
+                column: "contact".to_owned()
+            }
+        );
+    }
+
+    #[test]
+    fn bytea_inspected_in_both_formats() {
+        let cols = vec![
+            col("hex", BYTEA, Format::Text),
+            col("esc", BYTEA, Format::Text),
+            col("bin", BYTEA, Format::Binary),
+        ];
+        let plan = masker(UnmaskablePolicy::Null).plan(&pii(), &cols).unwrap();
+        assert_eq!(plan.detector_columns(), 3);
+        let secret: &[u8] = b"\x00\x01 to bob@corp.example\xff";
+        let hex_text = format!("\\x{}", hex::encode(secret));
+        // Escape format: non-ASCII bytes as octal (here the "ë" of an address).
+        let esc_text = "\\\\ zo\\303\\253@example.org \\000";
+        let (row, changed) = run(&plan, vec![v(&hex_text), v(esc_text), b(secret)]);
+        assert!(changed);
+        assert_eq!(row, vec![None, None, None]);
+
+        let clean: &[u8] = b"\x00\x01\x7f\xff no address";
+        let hex_clean = format!("\\x{}", hex::encode(clean));
+        let (row, changed) = run(&plan, vec![v(&hex_clean), v("plain \\\\ text"), b(clean)]);
+        assert!(!changed);
+        assert_eq!(row[0], v(&hex_clean));
+
+        // Malformed text-format bytea cannot be inspected: unmaskable.
+        let plan = masker(UnmaskablePolicy::Deny).plan(&pii(), &cols).unwrap();
+        let mut row = vec![v("\\xzz"), None, None];
+        assert!(matches!(
+            plan.apply(&mut row).unwrap_err(),
+            MaskError::Unmaskable { ref column, .. } if column == "hex"
+        ));
+        let mut row = vec![None, None, b(secret)];
+        assert_eq!(
+            plan.apply(&mut row).unwrap_err(),
+            MaskError::UnmaskableBinary {
+                column: "bin".to_owned()
+            }
+        );
+    }
+
+    #[test]
+    fn bytea_text_decoding() {
+        assert_eq!(decode_bytea_text(b"\\x41ff").unwrap(), b"A\xff");
+        assert_eq!(decode_bytea_text(b"\\x").unwrap(), b"");
+        assert_eq!(decode_bytea_text(b"a\\\\b\\001").unwrap(), b"a\\b\x01");
+        assert!(decode_bytea_text(b"\\x4").is_none());
+        assert!(decode_bytea_text(b"\\9").is_none());
+        assert!(decode_bytea_text(b"tail\\").is_none());
+    }
+
+    #[test]
+    fn arrays_and_records_in_binary_are_inspected() {
+        let cols = vec![
+            col("tags", 1009, Format::Binary),  // text[]
+            col("names", 1015, Format::Binary), // varchar[]
+            col("docs", 3807, Format::Binary),  // jsonb[]
+            col("row", 2249, Format::Binary),   // record
+            col("clean", 1009, Format::Binary), // text[]
+        ];
+        let plan = masker(UnmaskablePolicy::Null).plan(&pii(), &cols).unwrap();
+        assert_eq!(plan.detector_columns(), 5);
+        let mut record = Vec::new();
+        for x in [2i32, 23, 4, 7, 25, 11] {
+            record.extend_from_slice(&x.to_be_bytes());
+        }
+        record.extend_from_slice(b"078-05-1120");
+        let clean = array_binary(25, &[b"alpha", b"order 12345"]);
+        // 52 bytes: the length prefix ends in '4', glued to the number.
+        let glued: &[u8] = b"4111111111111111 is the card on file, keep it safe!!";
+        assert_eq!(glued.len(), usize::from(b'4'));
+        let (row, changed) = run(
+            &plan,
+            vec![
+                array_binary(25, &[b"x", b"card 4111 1111 1111 1111"]),
+                array_binary(1043, &[glued]),
+                array_binary(3802, &[b"\x01{\"k\": \"AKIAIOSFODNN7EXAMPLE\"}"]),
+                Some(Bytes::from(record)),
+                clean.clone(),
+            ],
+        );
+        assert!(changed);
+        assert_eq!(row, vec![None, None, None, None, clean]);
     }
 
     #[test]

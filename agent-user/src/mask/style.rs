@@ -121,11 +121,18 @@ pub fn mask_text(text: &str, detectors: &[(Detector, Action)], hasher: &Hasher) 
     }
     let mut out = String::with_capacity(text.len() + 16 * matches.len());
     let mut last = 0;
-    for m in matches {
-        let action = detectors
+    let action_of = |d: Detector| {
+        detectors
             .iter()
-            .find(|(d, _)| *d == m.detector)
-            .map_or(Action::Redact, |(_, a)| *a);
+            .find(|(x, _)| *x == d)
+            .map_or(Action::Redact, |(_, a)| *a)
+    };
+    for m in matches {
+        // A merged range gets the strongest action of the detectors in it.
+        let action = m
+            .merged
+            .iter()
+            .fold(action_of(m.detector), |a, d| a.stronger(action_of(*d)));
         out.push_str(text.get(last..m.start).unwrap_or(""));
         out.push_str(&render_match(
             action,
@@ -232,6 +239,33 @@ mod tests {
         );
         assert!(mask_text("nothing sensitive 12345", &dets, &h).is_none());
         assert!(mask_text("alice@example.com", &[], &h).is_none());
+    }
+
+    #[test]
+    fn overlapping_matches_leave_no_digit_of_either() {
+        let h = hasher(b"k");
+        let text = "+1 4111 1111 1111 1111";
+        let dets = [
+            (Detector::Phone, Action::Redact),
+            (Detector::CreditCard, Action::Redact),
+        ];
+        let out = mask_text(text, &dets, &h).unwrap();
+        assert_eq!(out, "[REDACTED:credit_card]");
+        assert!(!out.chars().any(|c| c.is_ascii_digit()), "{out}");
+
+        // The merged range gets the strongest action of its detectors.
+        let dets = [
+            (Detector::Phone, Action::Redact),
+            (Detector::CreditCard, Action::KeepLast(4)),
+        ];
+        let out = mask_text(&format!("tel {text}."), &dets, &h).unwrap();
+        assert_eq!(out, "tel [REDACTED:credit_card].");
+        let dets = [
+            (Detector::Phone, Action::KeepLast(2)),
+            (Detector::CreditCard, Action::KeepLast(4)),
+        ];
+        let out = mask_text(text, &dets, &h).unwrap();
+        assert_eq!(out, "********************11");
     }
 
     #[test]

@@ -4,17 +4,28 @@
 //! RowDescription carries only the table OID and attribute number. The gate resolves them with
 //! its own brokered connection per (target, database), never the agent's, and caches the result
 //! (OIDs are not reused while the table exists; a dropped and recreated table gets a new one).
+//! A cached table is looked up again when it is older than [`TTL`] or lacks an attribute
+//! number a result set names (a column added after it was cached).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
 
 use super::super::Gate;
 use super::upstream::{self, Upstream, read_backend};
 use super::{PgError, PgTarget};
 use crate::protocol::postgres::{BackendMessage, FrontendMessage};
+
+/// How long a resolved table is trusted. `ALTER TABLE ... RENAME`, `ALTER SCHEMA ... RENAME`
+/// and `RENAME COLUMN` keep the OID and attribute number, and a DBA can run them outside the gate
+/// at any time; masking rules match names, so a stale name could let a renamed column dodge the
+/// rule written for its new name. Five seconds bounds that window while a busy session still
+/// queries the catalog at most once per table per window.
+pub const TTL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct TableInfo {
@@ -25,14 +36,36 @@ pub struct TableInfo {
 
 type Key = (String, String);
 
+#[derive(Debug, Clone)]
+struct Entry {
+    info: Arc<TableInfo>,
+    /// When the catalog query that produced `info` was sent.
+    fetched: Instant,
+}
+
+/// Whether a cached table can answer for the attribute numbers `attnums`: younger than [`TTL`]
+/// and knowing every user column asked for. Attribute numbers below 1 (system columns, and 0
+/// for "not a table column") are never in the cache, so they do not make a miss.
+fn usable(
+    info: &TableInfo,
+    fetched: Instant,
+    now: Instant,
+    attnums: impl IntoIterator<Item = i16>,
+) -> bool {
+    now.saturating_duration_since(fetched) < TTL
+        && attnums
+            .into_iter()
+            .all(|a| a < 1 || info.columns.contains_key(&a))
+}
+
 #[derive(Default)]
 pub struct Catalog {
-    cache: Mutex<HashMap<(Key, u32), Arc<TableInfo>>>,
+    cache: Mutex<HashMap<(Key, u32), Entry>>,
     conns: tokio::sync::Mutex<HashMap<Key, Upstream>>,
 }
 
 impl Catalog {
-    fn cached(&self, key: &Key, oid: u32) -> Option<Arc<TableInfo>> {
+    fn cached(&self, key: &Key, oid: u32) -> Option<Entry> {
         self.cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -40,31 +73,38 @@ impl Catalog {
             .cloned()
     }
 
-    /// Resolves every OID (0 and unknown ones are absent from the result).
-    pub async fn resolve(
+    /// Resolves the tables of `(table OID, attribute number)` pairs as RowDescription gives them
+    /// (OID 0 and unknown OIDs are absent from the result). A cached table is queried again when
+    /// it is [`TTL`] old or lacks one of the attribute numbers asked for.
+    pub async fn resolve_columns(
         &self,
         gate: &Gate,
         target: &PgTarget,
         database: &str,
-        oids: &[u32],
+        wanted: &[(u32, i16)],
     ) -> Result<HashMap<u32, Arc<TableInfo>>, PgError> {
         let key = (target.name.clone(), database.to_string());
+        let mut attnums: HashMap<u32, Vec<i16>> = HashMap::new();
+        for &(oid, attnum) in wanted {
+            if oid != 0 {
+                attnums.entry(oid).or_default().push(attnum);
+            }
+        }
+        let now = Instant::now();
         let mut out = HashMap::new();
         let mut missing = Vec::new();
-        for &oid in oids {
-            if oid == 0 || out.contains_key(&oid) {
-                continue;
-            }
+        for (&oid, attnums) in &attnums {
             match self.cached(&key, oid) {
-                Some(t) => {
-                    out.insert(oid, t);
+                Some(e) if usable(&e.info, e.fetched, now, attnums.iter().copied()) => {
+                    out.insert(oid, e.info);
                 }
-                None => missing.push(oid),
+                _ => missing.push(oid),
             }
         }
         if missing.is_empty() {
             return Ok(out);
         }
+        missing.sort_unstable();
         let mut conns = self.conns.lock().await;
         if !conns.contains_key(&key) {
             let params = vec![
@@ -88,6 +128,8 @@ impl Catalog {
              WHERE c.oid IN ({}) AND a.attnum > 0 AND NOT a.attisdropped",
             list.join(",")
         );
+        // Taken before the query: a rename after this instant may be missing from the answer.
+        let fetched = Instant::now();
         let rows = match simple_query(conn, &sql).await {
             Ok(rows) => rows,
             Err(e) => {
@@ -124,9 +166,21 @@ impl Catalog {
             .cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Tables queried but gone (dropped) leave the cache, and so does every expired entry:
+        // the cache holds at most the tables seen in the last TTL.
+        for oid in &missing {
+            cache.remove(&(key.clone(), *oid));
+        }
+        cache.retain(|_, e| fetched.saturating_duration_since(e.fetched) < TTL);
         for (oid, info) in found {
             let info = Arc::new(info);
-            cache.insert((key.clone(), oid), info.clone());
+            cache.insert(
+                (key.clone(), oid),
+                Entry {
+                    info: info.clone(),
+                    fetched,
+                },
+            );
             out.insert(oid, info);
         }
         Ok(out)
@@ -165,5 +219,57 @@ async fn simple_query(conn: &mut Upstream, sql: &str) -> Result<Vec<Vec<Option<S
     match error {
         Some(e) => Err(PgError::Protocol(format!("catalog query failed: {e}"))),
         None => Ok(rows),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+    use super::*;
+
+    fn table(attnums: &[i16]) -> TableInfo {
+        TableInfo {
+            schema: "public".to_string(),
+            table: "customers".to_string(),
+            columns: attnums.iter().map(|&a| (a, format!("c{a}"))).collect(),
+        }
+    }
+
+    #[test]
+    fn fresh_entry_with_every_column_is_used() {
+        let t = table(&[1, 2, 3]);
+        let at = Instant::now();
+        assert!(usable(&t, at, at, [1, 3]));
+        assert!(usable(&t, at, at + TTL - Duration::from_millis(1), [2]));
+        // No column of the table asked for (expressions over it have attribute number 0).
+        assert!(usable(&t, at, at, []));
+    }
+
+    #[test]
+    fn entry_expires_after_ttl() {
+        let t = table(&[1, 2]);
+        let at = Instant::now();
+        assert!(!usable(&t, at, at + TTL, [1]));
+        assert!(!usable(&t, at, at + TTL * 2, []));
+        // A clock reading before the fetch (another task's `now`) is not an expiry.
+        assert!(usable(&t, at + Duration::from_secs(1), at, [1]));
+    }
+
+    #[test]
+    fn column_added_after_caching_is_a_miss() {
+        let t = table(&[1, 2]);
+        let at = Instant::now();
+        assert!(!usable(&t, at, at, [1, 4]));
+        assert!(!usable(&t, at, at, [3]));
+    }
+
+    #[test]
+    fn system_and_non_table_columns_are_not_a_miss() {
+        // attnum 0: an expression over the table; negative: ctid, xmin and the like, which the
+        // catalog query never loads.
+        let t = table(&[1]);
+        let at = Instant::now();
+        assert!(usable(&t, at, at, [0, -1, -7, 1]));
     }
 }

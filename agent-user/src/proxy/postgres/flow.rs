@@ -1466,17 +1466,19 @@ async fn plan_for(
     if masks.is_empty() {
         return Ok(None);
     }
-    let oids: Vec<u32> = fields
+    // Each column's table and attribute: a table cached before a column was added is asked
+    // again (the cache would otherwise leave that column to its alias).
+    let wanted: Vec<(u32, i16)> = fields
         .iter()
-        .map(|f| f.table_oid)
-        .filter(|o| *o != 0)
+        .filter(|f| f.table_oid != 0)
+        .map(|f| (f.table_oid, f.column_attr))
         .collect();
-    let tables = if oids.is_empty() {
+    let tables = if wanted.is_empty() {
         HashMap::new()
     } else {
         ctx.shared
             .catalog
-            .resolve(ctx.gate, ctx.target, &ctx.database, &oids)
+            .resolve_columns(ctx.gate, ctx.target, &ctx.database, &wanted)
             .await?
     };
     let columns: Vec<ColumnMeta> = fields
