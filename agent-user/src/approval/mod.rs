@@ -441,7 +441,7 @@ impl Approvals {
         by: Option<String>,
         reason: Option<String>,
     ) -> Result<Ticket, ApprovalError> {
-        let ticket = {
+        let (ticket, waiter) = {
             let mut inner = self.lock();
             let entry = inner
                 .tickets
@@ -458,13 +458,10 @@ impl Approvals {
             entry.ticket.decided_by = by;
             entry.ticket.reason = reason;
             entry.ticket.decided_ms = Some(now_ms());
-            if let Some(w) = entry.waiter.take() {
-                // The connection may be gone (it then cancels the ticket itself, and loses).
-                let _ = w.send(outcome);
-            }
+            let waiter = entry.waiter.take();
             let t = entry.ticket.clone();
             prune(&mut inner.tickets);
-            t
+            (t, waiter)
         };
         let kind = match state {
             TicketState::Approved => "ticket_approved",
@@ -473,7 +470,13 @@ impl Approvals {
             TicketState::Cancelled => "ticket_cancelled",
             TicketState::Pending => "ticket_pending",
         };
+        // Recorded before the connection wakes: the decision comes before the statement it lets
+        // run in the session's timeline (ties in time put events first).
         self.announce(ApprovalEvent::ticket(kind, &ticket));
+        if let Some(w) = waiter {
+            // The connection may be gone (it then cancels the ticket itself, and loses).
+            let _ = w.send(outcome);
+        }
         Ok(ticket)
     }
 
