@@ -458,19 +458,7 @@ impl Raw {
 
     /// Messages up to and including ReadyForQuery; `Err(messages so far)` if the connection ends.
     fn until_ready(&mut self) -> Result<Vec<Msg>, Vec<Msg>> {
-        let mut out = Vec::new();
-        loop {
-            match self.read() {
-                Some(m) => {
-                    let done = m.tag == b'Z';
-                    out.push(m);
-                    if done {
-                        return Ok(out);
-                    }
-                }
-                None => return Err(out),
-            }
-        }
+        self.until_tag(b'Z')
     }
 }
 
