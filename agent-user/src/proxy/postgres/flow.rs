@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::super::{Gate, Peer};
+use super::catalog;
 use super::upstream::{Upstream, read_backend, read_frontend};
 use super::{PgError, PgTarget, Shared};
 use crate::approval::{Hold, NewTicket, Outcome, Requester};
@@ -148,10 +149,17 @@ struct Prepared {
 }
 
 /// A masking plan for (mask profiles, result formats) of one prepared statement.
-type CachedPlan = (Arc<[String]>, Vec<i16>, Option<Arc<RowPlan>>);
+/// Each plan keeps when it was built: the names it resolved are trusted as long as the
+/// catalog's (see [`catalog::TTL`]), so a rename outside the gate reaches the plans too.
+type CachedPlan = (Arc<[String]>, Vec<i16>, Option<Arc<RowPlan>>, Instant);
 
 /// A masking plan kept for a simple query's result: by mask profiles and RowDescription bytes.
-type QueryPlan = (Arc<[String]>, Bytes, Option<Arc<RowPlan>>);
+type QueryPlan = (Arc<[String]>, Bytes, Option<Arc<RowPlan>>, Instant);
+
+/// A cached plan is used while its resolved names are.
+fn fresh(built: Instant) -> bool {
+    built.elapsed() < catalog::TTL
+}
 
 /// Plans kept per prepared statement (a statement sees few format combinations).
 const PLANS_PER_STATEMENT: usize = 4;
@@ -1449,8 +1457,10 @@ fn cached_plan(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .iter()
         // The lists are usually the statement decision's own (same pointer): no string compares.
-        .find(|(m, f, _)| (Arc::ptr_eq(m, masks) || m == masks) && f == formats)
-        .map(|(_, _, p)| p.clone())
+        .find(|(m, f, _, built)| {
+            (Arc::ptr_eq(m, masks) || m == masks) && f == formats && fresh(*built)
+        })
+        .map(|(_, _, p, _)| p.clone())
 }
 
 /// Builds the masking plan for a result set (resolving table OIDs through the catalog).
@@ -1557,8 +1567,8 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
                 // a query does not resolve and plan its columns each time.
                 let known = query_plans
                     .iter()
-                    .find(|(m, raw, _)| *m == masks && *raw == frame.raw)
-                    .map(|(_, _, plan)| plan.clone());
+                    .find(|(m, raw, _, built)| *m == masks && *raw == frame.raw && fresh(*built))
+                    .map(|(_, _, plan, _)| plan.clone());
                 let plan = match known {
                     Some(plan) => plan,
                     None => {
@@ -1567,10 +1577,11 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
                             .map(|f| Format::from_code(f.format).unwrap_or(Format::Text))
                             .collect();
                         let plan = plan_for(ctx, &masks, fields, &formats).await?.map(Arc::new);
+                        query_plans.retain(|(_, _, _, built)| fresh(*built));
                         remember(
                             &mut query_plans,
                             QUERY_PLANS,
-                            (masks, frame.raw.clone(), plan.clone()),
+                            (masks, frame.raw.clone(), plan.clone(), Instant::now()),
                         );
                         plan
                     }
@@ -1640,10 +1651,11 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
                         .plans
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    plans.retain(|(_, _, _, built)| fresh(*built));
                     remember(
                         &mut *plans,
                         PLANS_PER_STATEMENT,
-                        (masks, formats, plan.clone()),
+                        (masks, formats, plan.clone(), Instant::now()),
                     );
                 }
                 if let Some(Expect::Execute(x)) = lock(state).queue.front_mut() {
