@@ -60,10 +60,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// The agent whose governed cgroup (or a descendant) holds `pid`.
-    fn agent_of_pid(&self, pid: i32) -> Option<String> {
-        let pid = u32::try_from(pid).ok()?;
-        let cgroup = CgroupFs::of_pid(pid)?;
+    /// The agent whose governed cgroup is `cgroup` or one of its ancestors.
+    fn agent_of_cgroup(&self, cgroup: &str) -> Option<String> {
         let cgroup = cgroup.trim_start_matches('/');
         self.governed_list()
             .into_iter()
@@ -78,7 +76,9 @@ impl Daemon {
     /// subject that names an agent.
     pub fn caller_agent(&self, caller: &admin::Caller) -> Option<String> {
         match caller {
-            admin::Caller::Unix { pid, .. } => pid.and_then(|p| self.agent_of_pid(p)),
+            admin::Caller::Unix { cgroup, .. } => {
+                cgroup.as_deref().and_then(|c| self.agent_of_cgroup(c))
+            }
             admin::Caller::Http { subject } => self.gate.cfg.agent(subject).map(|a| a.name.clone()),
         }
     }
@@ -87,7 +87,16 @@ impl Daemon {
     pub fn admin_allowed(&self, caller: &admin::Caller) -> Result<(), String> {
         match caller {
             admin::Caller::Unix { pid: None, .. } => Err("the caller's process is unknown".into()),
-            admin::Caller::Unix { pid: Some(pid), .. } => match self.agent_of_pid(*pid) {
+            // The connecting process is gone (its connection may be in a governed process's
+            // hands) or its cgroup is unreadable: it cannot be shown not to be an agent.
+            admin::Caller::Unix { cgroup: None, .. } => {
+                Err("the caller's process is gone or its cgroup cannot be read".into())
+            }
+            admin::Caller::Unix {
+                pid: Some(pid),
+                cgroup: Some(cgroup),
+                ..
+            } => match self.agent_of_cgroup(cgroup) {
                 Some(agent) => {
                     tracing::warn!(
                         agent,

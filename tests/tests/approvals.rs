@@ -766,6 +766,40 @@ fn a_governed_agent_cannot_use_the_admin_api_or_approve_its_own_ticket() {
 }
 
 #[test]
+fn a_connection_made_by_a_process_that_is_gone_cannot_use_the_admin_api() {
+    // A governed process forks; the child connects to the admin socket and exits, so the
+    // kernel's peer credentials name a pid that no longer exists; the parent keeps the
+    // connection and sends the request. The caller cannot be shown not to be an agent: refused.
+    let (_pg, gate) = start();
+    let socket = gate.dir.join("state/admin.sock");
+    let script = r#"
+import json, os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+pid = os.fork()
+if pid == 0:
+    s.connect(sys.argv[1])
+    os._exit(0)
+os.waitpid(pid, 0)
+s.sendall(b'{"cmd": "approvals_list"}\n')
+print(s.makefile().readline().strip())
+"#;
+    let o = gate
+        .exec("bot", &["python3", "-c", script, socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    let reply: Value = serde_json::from_str(text(&o.stdout).trim()).unwrap_or_default();
+    assert_eq!(reply["ok"], false, "{}", show(&o));
+    let error = reply.to_string();
+    assert!(
+        error.contains("gone or its cgroup cannot be read")
+            || error.contains("may not use the admin API"),
+        "{}",
+        show(&o)
+    );
+}
+
+#[test]
 fn approvals_watch_prints_tickets_as_they_arrive() {
     let (pg, gate) = start();
     let mut watch = Command::new(agentgate_tests::agentgate_bin())

@@ -130,7 +130,14 @@ impl Response {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
     /// A local process on the root-only unix socket (peer credentials from the kernel).
-    Unix { uid: u32, pid: Option<i32> },
+    /// `cgroup` is the connecting process's, read when the connection is accepted (`None`: it
+    /// could not be read, for instance because that process is gone and another one holds the
+    /// connection).
+    Unix {
+        uid: u32,
+        pid: Option<i32>,
+        cgroup: Option<String>,
+    },
     /// An HTTP caller whose JWT verified; `subject` is its `sub` claim.
     Http { subject: String },
 }
@@ -229,6 +236,10 @@ async fn answer(stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
         Ok(c) => Caller::Unix {
             uid: c.uid(),
             pid: c.pid(),
+            cgroup: c
+                .pid()
+                .and_then(|p| u32::try_from(p).ok())
+                .and_then(crate::identity::CgroupFs::of_pid),
         },
         Err(e) => {
             tracing::warn!(error = %e, "admin socket: no peer credentials; refusing");
