@@ -31,8 +31,28 @@ fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+/// Text an agent chose (a statement, its parameters, its program's name) as the approver must
+/// read it: line breaks kept, each later line indented by `indent` (a statement after a `--`
+/// comment shows on its own line, as the server reads it), and every other control character
+/// and bidirectional-text control escaped (`\u{1b}`), so nothing can redraw or reorder what the
+/// approver sees.
+fn visible(s: &str, indent: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for (i, line) in s.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+            out.push_str(indent);
+        }
+        for c in line.chars() {
+            let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if (c.is_control() && c != '\t') || bidi {
+                out.extend(c.escape_unicode());
+            } else {
+                out.push(c);
+            }
+        }
+    }
+    out
 }
 
 fn describe_ticket(out: &mut impl std::io::Write, t: &Ticket) -> std::io::Result<()> {
@@ -46,7 +66,7 @@ fn describe_ticket(out: &mut impl std::io::Write, t: &Ticket) -> std::io::Result
             .unwrap_or_default(),
         t.requester.agent,
         t.requester.pid,
-        t.requester.exe.as_deref().unwrap_or("-"),
+        visible(t.requester.exe.as_deref().unwrap_or("-"), "    "),
         t.requester.target,
         t.requester.database,
         t.requester.session_id
@@ -63,14 +83,19 @@ fn describe_ticket(out: &mut impl std::io::Write, t: &Ticket) -> std::io::Result
         out,
         "  {} statement: {}",
         t.protocol,
-        one_line(&t.statement)
+        visible(&t.statement, "    ")
     )?;
     if !t.params.is_empty() {
         let params: Vec<String> = t
             .params
             .iter()
             .enumerate()
-            .map(|(i, p)| format!("${}={}", i + 1, p.as_deref().unwrap_or("NULL")))
+            .map(|(i, p)| {
+                let value = p
+                    .as_deref()
+                    .map_or("NULL".to_string(), |v| visible(v, "    "));
+                format!("${}={value}", i + 1)
+            })
             .collect();
         writeln!(out, "  parameters: {}", params.join(", "))?;
     }
@@ -294,4 +319,23 @@ pub async fn revoke(
         println!("revoked grant {id}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::visible;
+
+    #[test]
+    fn what_the_approver_reads_is_what_the_server_runs() {
+        // The DROP after a comment is on its own line, as the server reads it.
+        assert_eq!(
+            visible("SELECT 1 -- harmless\nDROP TABLE users", "    "),
+            "SELECT 1 -- harmless\n    DROP TABLE users"
+        );
+        // Terminal escapes, carriage returns and bidi overrides cannot redraw the line.
+        assert_eq!(
+            visible("a\u{1b}[2Kb\rc\u{202e}d\te", ""),
+            "a\\u{1b}[2Kb\\u{d}c\\u{202e}d\te"
+        );
+    }
 }
