@@ -1141,10 +1141,13 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     result_formats,
                 } => {
                     let prepared = st.statements.get(statement).cloned();
-                    // Parameters are kept only where a human may have to see them.
-                    let reviewed = prepared
-                        .as_ref()
-                        .is_some_and(|p| matches!(p.decision.verdict, Verdict::Review { .. }));
+                    // Parameters are kept only where a human may have to see them: statements
+                    // under review, and those a role grant let through (judged again at each
+                    // Execute once the grant ends, they may then be held).
+                    let reviewed = prepared.as_ref().is_some_and(|p| {
+                        matches!(p.decision.verdict, Verdict::Review { .. })
+                            || !p.role_grants.is_empty()
+                    });
                     let bound = Arc::new(Portal {
                         prepared,
                         formats: result_formats.clone(),
