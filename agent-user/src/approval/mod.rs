@@ -481,10 +481,8 @@ impl Approvals {
     }
 
     pub fn approve(&self, id: u64, a: Approve) -> Result<Ticket, ApprovalError> {
-        if let Some(d) = a.grant_for
-            && d.is_zero()
-        {
-            return Err(ApprovalError::Invalid("--for must be positive".into()));
+        if let Some(d) = a.grant_for {
+            check_grant_duration(d)?;
         }
         let wanted = a.sha256.as_ref().map(|s| s.trim().to_ascii_lowercase());
         let caller_agent = a.caller_agent.clone();
@@ -654,9 +652,7 @@ impl Approvals {
         if role.trim().is_empty() {
             return Err(ApprovalError::Invalid("a grant needs a role".into()));
         }
-        if duration.is_zero() {
-            return Err(ApprovalError::Invalid("--for must be positive".into()));
-        }
+        check_grant_duration(duration)?;
         Ok(self.add_grant(
             agent,
             GrantScope::Role {
@@ -854,6 +850,22 @@ fn prune(tickets: &mut BTreeMap<u64, Entry>) {
     for id in drop {
         tickets.remove(&id);
     }
+}
+
+/// The longest grant: access is meant to be just in time, and a longer one (past year 9999)
+/// could not even be written as a date.
+pub const MAX_GRANT: Duration = Duration::from_secs(366 * 24 * 3600);
+
+fn check_grant_duration(d: Duration) -> Result<(), ApprovalError> {
+    if d.is_zero() {
+        return Err(ApprovalError::Invalid("--for must be positive".into()));
+    }
+    if d > MAX_GRANT {
+        return Err(ApprovalError::Invalid(
+            "--for is at most 366 days: grants are just-in-time access".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -287,3 +287,31 @@ async fn grants_survive_a_restart() {
         .unwrap();
     assert!(next.id > g.id);
 }
+
+#[tokio::test]
+async fn grants_longer_than_the_maximum_are_refused_before_anything_changes() {
+    let (a, _d) = approvals();
+    let too_long = MAX_GRANT + Duration::from_secs(1);
+    // A duration past year 9999 used to panic while formatting the expiry.
+    for d in [too_long, Duration::from_secs(u64::MAX)] {
+        assert!(matches!(
+            a.grant_role("bot", "dba", d, "unix:root", None),
+            Err(ApprovalError::Invalid(_))
+        ));
+    }
+    assert!(a.grants(true).is_empty());
+    let h = a.hold(ticket("bot", "DELETE FROM t"));
+    let mut ap = approve("unix:root");
+    ap.grant_for = Some(Duration::from_secs(u64::MAX));
+    assert!(matches!(
+        a.approve(h.ticket.id, ap),
+        Err(ApprovalError::Invalid(_))
+    ));
+    // The ticket is still pending: the refusal came before the decision.
+    let pending = a.pending();
+    assert_eq!(pending.len(), 1);
+    assert!(
+        a.grant_role("bot", "dba", MAX_GRANT, "unix:root", None)
+            .is_ok()
+    );
+}
