@@ -240,6 +240,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         }
     }
 
+    // Before the listeners exist: re-adopted programs are marked not ready until the maps match
+    // this configuration, so nothing is accepted under the previous one's ids.
+    let intercept = Arc::new(Intercept::load_or_adopt(&cfg, &cgroups)?);
+
     let mut listeners = Vec::new();
     let mut bound = Vec::new();
     let mut addrs = vec![SocketAddr::new(
@@ -308,7 +312,6 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     };
     let protected: Vec<SocketAddr> = cfg.admin.http.iter().map(|h| h.listen).collect();
     let postgres = proxy::postgres::Shared::build(&cfg, approvals.clone())?;
-    let intercept = Arc::new(Intercept::load_or_adopt(&cfg, &cgroups)?);
     let gate = Arc::new(Gate {
         cfg: cfg.clone(),
         intercept: intercept.clone(),
@@ -378,6 +381,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     tracing::info!(
         "shutting down; pinned programs stay attached (governed agents are refused until a daemon serves again)"
     );
+    // Governed connects are refused in the kernel while no daemon serves, rather than sent to
+    // a port another process could bind meanwhile (a daemon killed outright skips this: its
+    // port then refuses them, see `listen.port`).
+    if let Err(e) = intercept.set_ready(false) {
+        tracing::error!(error = %e, "cannot mark the kernel side not ready");
+    }
     if let Err(e) = store.flush().await {
         tracing::error!(error = %e, "session store: the last records may not be committed");
     }

@@ -188,6 +188,17 @@ impl Gate {
     }
 
     /// `kill -9` the daemon: nothing runs its shutdown path.
+    /// Stops the daemon as an operator would (SIGTERM) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap_or(0)),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -258,13 +269,7 @@ impl Gate {
 
 impl Drop for Gate {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap_or(0)),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
+        self.stop();
         let _ = self.cli(&["uninstall"]);
         remove_cgroup_tree(&cgroup2_mount().join(&self.cgroup_base));
         if std::env::var_os("AGENTGATE_KEEP_TEST_DIRS").is_none() {

@@ -326,6 +326,52 @@ fn killed_daemon_fails_closed_and_a_restart_readopts() {
 }
 
 #[test]
+fn a_stopped_daemon_leaves_governed_connects_refused_in_the_kernel() {
+    let echo = EchoServer::start("127.0.0.1:0");
+    let mut gate = Gate::start(&config(&echo, ""));
+    let spec = format!("tcp:{}", echo.addr);
+    assert!(ok(&gate.probe("bot", &[&spec])[0]));
+
+    gate.stop();
+    // Another process takes the stopped daemon's port: governed connects must not reach it.
+    let squatter = {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockType, SockaddrIn, bind, listen, setsockopt, socket,
+            sockopt::ReuseAddr,
+        };
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .unwrap();
+        setsockopt(&fd, ReuseAddr, &true).unwrap();
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrIn::new(127, 0, 0, 1, gate.port),
+        )
+        .unwrap();
+        listen(&fd, nix::sys::socket::Backlog::new(16).unwrap()).unwrap();
+        std::net::TcpListener::from(fd)
+    };
+    let governed = gate.probe("bot", &[&spec]);
+    assert_eq!(errno(&governed[0]), EPERM, "{governed:?}");
+    assert!(
+        squatter.accept().is_err(),
+        "a governed connect reached the process on the daemon's port"
+    );
+    drop(squatter);
+    assert!(ok(&probe_ungoverned(&[&spec])[0]));
+
+    gate.spawn();
+    assert!(
+        ok(&gate.probe("bot", &[&spec])[0]),
+        "served again after restart"
+    );
+}
+
+#[test]
 fn connection_without_flow_record_is_closed() {
     let echo = EchoServer::start("127.0.0.1:0");
     let gate = Gate::start(&config(&echo, ""));

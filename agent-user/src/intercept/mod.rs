@@ -202,7 +202,14 @@ impl Intercept {
                 })?;
             }
             tracing::info!(pin_dir = %cfg.pin_dir.display(), "re-adopting pinned programs and maps");
-            return Intercept::open(&paths, true);
+            let adopted = Intercept::open(&paths, true)?;
+            // Until this daemon has synced the maps with its own configuration, governed
+            // connects are refused: a connect accepted now would carry agent and target ids of
+            // the previous configuration. Flow records left from before the restart belong to
+            // connects that failed: another process could take one over by reusing its ports.
+            adopted.set_ready(false)?;
+            adopted.forget_flows();
+            return Ok(adopted);
         }
         if pinned.iter().any(|p| *p) {
             // A half-pinned set (a crash during a previous install): start over cleanly.
@@ -403,6 +410,31 @@ impl Intercept {
             .set(0, settings, 0)
             .map_err(map_err(names::SETTINGS))?;
         Ok(())
+    }
+
+    /// Marks the kernel side ready or not: until it is, governed connects are refused in the
+    /// kernel (`enforcer_not_ready`), so a stopped daemon's port cannot be taken over to receive
+    /// them.
+    pub fn set_ready(&self, ready: bool) -> Result<(), InterceptError> {
+        let mut settings = lock(&self.settings);
+        let mut s = settings.get(&0, 0).map_err(map_err(names::SETTINGS))?;
+        s.ready = u16::from(ready);
+        settings.set(0, s, 0).map_err(map_err(names::SETTINGS))
+    }
+
+    /// Drops every flow record, pending or complete.
+    fn forget_flows(&self) {
+        let mut pending = lock(&self.pending);
+        let keys: Vec<u64> = pending.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = pending.remove(&k);
+        }
+        drop(pending);
+        let mut flows = lock(&self.flows);
+        let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = flows.remove(&k);
+        }
     }
 
     /// Looks up the flow record of an accepted connection and leaves it in the map: the caller
