@@ -45,8 +45,12 @@ const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 static GOVERNED: HashMap<u64, Governed> = HashMap::with_max_entries(MAX_GOVERNED, 0);
 #[map]
 static DESTS: LpmTrie<DestKey, DestValue> = LpmTrie::with_max_entries(MAX_DESTS, 0);
+/// LRU: an entry is left behind when a connect fails between this hook and sock_ops (a
+/// process can make that happen at will, e.g. two sockets bound to one address), and a full map
+/// would refuse every agent's connects. Eviction only drops the oldest records, those of
+/// connects long failed; a live one lasts microseconds.
 #[map]
-static PENDING: HashMap<u64, FlowRecord> = HashMap::with_max_entries(MAX_PENDING, 0);
+static PENDING: LruHashMap<u64, FlowRecord> = LruHashMap::with_max_entries(MAX_PENDING, 0);
 #[map]
 static FLOWS: HashMap<FlowKey, FlowRecord> = HashMap::with_max_entries(MAX_FLOWS, 0);
 /// Original destination by socket cookie for getpeername; LRU because sockets close without

@@ -372,6 +372,51 @@ fn a_stopped_daemon_leaves_governed_connects_refused_in_the_kernel() {
 }
 
 #[test]
+fn connects_that_fail_after_the_hook_cannot_fill_the_pending_map() {
+    // A second socket bound to the address of a live gated connection makes the same 4-tuple
+    // after the rewrite: its connect fails (EADDRNOTAVAIL) after the hook saved a pending
+    // record. More of those than the map holds must not refuse everyone's connects.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let script = r#"
+import socket, sys
+port = int(sys.argv[1])
+def bound(p):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", p))
+    return s
+a = bound(0)
+a.connect(("127.0.0.1", port))
+failed = 0
+for _ in range(20000):
+    b = bound(a.getsockname()[1])
+    try:
+        b.connect(("127.0.0.1", port))
+    except OSError:
+        failed += 1
+    b.close()
+print(failed)
+"#;
+    let port = echo.addr.port().to_string();
+    let o = gate
+        .exec("bot", &["python3", "-c", script, &port])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let failed: u32 = stdout(&o).trim().parse().unwrap_or(0);
+    assert!(
+        failed > 16384, // MAX_PENDING
+        "the colliding connects did fail: {failed}"
+    );
+    let after = gate.probe("recorder", &[&format!("tcp:{}", echo.addr)]);
+    assert!(
+        ok(&after[0]),
+        "another agent's connect after the flood: {after:?}"
+    );
+}
+
+#[test]
 fn connection_without_flow_record_is_closed() {
     let echo = EchoServer::start("127.0.0.1:0");
     let gate = Gate::start(&config(&echo, ""));
