@@ -117,13 +117,16 @@ impl Daemon {
         self.governed.lock().map(|g| g.clone()).unwrap_or_default()
     }
 
-    fn resync(&self, governed: &[GovernedCgroup]) -> Result<(), InterceptError> {
+    /// `orphan`: see [`Intercept::sync`] (true at start-up only).
+    fn resync(&self, governed: &[GovernedCgroup], orphan: bool) -> Result<(), InterceptError> {
         let cfg = &self.gate.cfg;
         let pairs: Vec<(u64, u32)> = governed
             .iter()
             .filter_map(|g| Some((g.cgroup_id, cfg.agent_id(&g.agent)?)))
             .collect();
-        self.gate.intercept.sync(cfg, &pairs, &self.protected)
+        self.gate
+            .intercept
+            .sync(cfg, &pairs, &self.protected, orphan)
     }
 
     /// Governs an existing cgroup (a systemd service, a container) as `agent`.
@@ -149,7 +152,7 @@ impl Daemon {
             return Ok(());
         }
         governed.push(describe(cfg, a, &relative, id));
-        self.resync(&governed).map_err(|e| e.to_string())?;
+        self.resync(&governed, false).map_err(|e| e.to_string())?;
         self.gate
             .store
             .attach(&relative, agent)
@@ -181,7 +184,7 @@ impl Daemon {
         if governed.len() == before {
             return Err(format!("cgroup {relative} is not attached"));
         }
-        self.resync(&governed).map_err(|e| e.to_string())?;
+        self.resync(&governed, false).map_err(|e| e.to_string())?;
         self.gate
             .store
             .detach(&relative)
@@ -328,7 +331,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         protected,
         governed: Mutex::new(Vec::new()),
     });
-    daemon.resync(&governed)?;
+    daemon.resync(&governed, true)?;
     if let Ok(mut g) = daemon.governed.lock() {
         *g = governed;
     }
@@ -553,6 +556,7 @@ async fn read_events(ring: RingBuf<MapData>, gate: Arc<Gate>) {
                     "socket": if ev.sock_type == agent_common::SOCK_DGRAM { "udp" } else { "tcp" },
                     "family": if ev.family == agent_common::AF_INET6 { "ipv6" } else { "ipv4" },
                     "governed_cgroup_id": ev.governed_cgroup_id,
+                    "orphaned_cgroup": ev.agent_id == intercept::ORPHAN_AGENT_ID,
                     "cmdline": process.cmdline,
                 }),
             });

@@ -417,6 +417,60 @@ print(failed)
 }
 
 #[test]
+fn a_restart_with_an_agent_removed_keeps_its_running_processes_refused() {
+    let echo = EchoServer::start("127.0.0.1:0");
+    let mut gate = Gate::start(&config(&echo, ""));
+    // A `bot` process that outlives the daemon, connecting once told to.
+    let go = gate.dir.join("go");
+    let script = r#"
+import os, socket, sys, time
+print("ready", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+s = socket.socket()
+try:
+    s.connect(("127.0.0.1", int(sys.argv[2])))
+    print("connected")
+except OSError as e:
+    print("errno", e.errno)
+"#;
+    let port = echo.addr.port().to_string();
+    let mut waiting = gate
+        .exec(
+            "bot",
+            &["python3", "-c", script, go.to_str().unwrap(), &port],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(waiting.stdout.take().unwrap()));
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+
+    // The operator removes `bot` from the configuration and restarts the daemon.
+    gate.stop();
+    let text = std::fs::read_to_string(&gate.config).unwrap();
+    let start = text.find("  - name: bot").unwrap();
+    let end = text.find("  - name: recorder").unwrap();
+    std::fs::write(&gate.config, format!("{}{}", &text[..start], &text[end..])).unwrap();
+    gate.spawn();
+
+    std::fs::write(&go, "").unwrap();
+    let result = lines.next().and_then(Result::ok).unwrap_or_default();
+    waiting.wait().unwrap();
+    assert_eq!(
+        result,
+        format!("errno {EPERM}"),
+        "a process of the removed agent must stay refused"
+    );
+    assert!(gate.log().contains("in no agent now"), "{}", gate.log());
+    gate.wait_event("the orphan's refusal", |e| {
+        e["detail"]["orphaned_cgroup"] == true
+    });
+    assert!(ok(&probe_ungoverned(&[&format!("tcp:{}", echo.addr)])[0]));
+}
+
+#[test]
 fn connection_without_flow_record_is_closed() {
     let echo = EchoServer::start("127.0.0.1:0");
     let gate = Gate::start(&config(&echo, ""));

@@ -35,6 +35,9 @@ use crate::identity::{self, CgroupFs};
 /// the sources they came from.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!("../../ebpf/agentgate.bpf.o");
 
+/// Agent id of orphaned cgroups: no destination is allowed for it, so every connect is refused.
+pub const ORPHAN_AGENT_ID: u32 = u32::MAX;
+
 const SOCK_ADDR_PROGRAMS: [&str; 6] = [
     names::CONNECT4,
     names::CONNECT6,
@@ -324,11 +327,18 @@ impl Intercept {
 
     /// Brings every map in line with the configuration plus runtime attachments
     /// (`(cgroup id, agent id)` pairs), then marks the kernel side ready.
+    ///
+    /// `orphan`: what happens to cgroups governed before but in neither list now. At start-up
+    /// (a configuration that dropped or renamed an agent, or moved its cgroup) they stay
+    /// governed as orphans, refused everywhere: processes still running there must not be
+    /// set free by an edit. Otherwise (an explicit detach) they are removed. Orphans go with
+    /// `agentgate uninstall`.
     pub fn sync(
         &self,
         cfg: &Config,
         agent_cgroups: &[(u64, u32)],
         protected: &[SocketAddr],
+        orphan: bool,
     ) -> Result<(), InterceptError> {
         // Governed cgroups.
         let mut want_gov: BTreeMap<u64, Governed> = BTreeMap::new();
@@ -353,13 +363,28 @@ impl Intercept {
             for (k, v) in &want_gov {
                 gov.insert(k, v, 0).map_err(map_err(names::GOVERNED))?;
             }
-            let stale: Vec<u64> = gov
-                .keys()
+            let stale: Vec<(u64, Governed)> = gov
+                .iter()
                 .filter_map(Result::ok)
-                .filter(|k| !want_gov.contains_key(k))
+                .filter(|(k, _)| !want_gov.contains_key(k))
                 .collect();
-            for k in stale {
-                gov.remove(&k).map_err(map_err(names::GOVERNED))?;
+            for (k, g) in stale {
+                if orphan {
+                    let refused = Governed {
+                        agent_id: ORPHAN_AGENT_ID,
+                        flags: 0,
+                    };
+                    if g != refused {
+                        tracing::warn!(
+                            cgroup_id = k,
+                            "a cgroup governed before is in no agent now: its processes stay refused everywhere until `agentgate uninstall`"
+                        );
+                        gov.insert(k, refused, 0)
+                            .map_err(map_err(names::GOVERNED))?;
+                    }
+                } else if g.agent_id != ORPHAN_AGENT_ID {
+                    gov.remove(&k).map_err(map_err(names::GOVERNED))?;
+                }
             }
         }
 
