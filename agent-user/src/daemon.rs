@@ -161,6 +161,28 @@ impl Daemon {
         Ok(())
     }
 
+    /// Follows governed cgroups that were removed and created again under the same path (systemd
+    /// does that on every restart of a service): the new cgroup has a new id, which the kernel
+    /// side must know or the restarted service would run ungoverned.
+    fn follow_recreated_cgroups(&self) {
+        let Ok(mut governed) = self.governed.lock() else {
+            return;
+        };
+        let mut changed = false;
+        for g in governed.iter_mut() {
+            if let Ok(id) = cgroup_id(&self.cgroups.dir(&g.cgroup))
+                && id != g.cgroup_id
+            {
+                tracing::warn!(agent = %g.agent, cgroup = %g.cgroup, old = g.cgroup_id, new = id, "a governed cgroup was created again; governing the new one");
+                g.cgroup_id = id;
+                changed = true;
+            }
+        }
+        if changed && let Err(e) = self.resync(&governed, false) {
+            tracing::error!(error = %e, "cannot govern a re-created cgroup");
+        }
+    }
+
     /// Stops governing a cgroup added with `attach` (configured agent cgroups stay governed).
     pub fn detach(&self, cgroup: &str) -> Result<(), String> {
         let relative = relative_cgroup(&self.cgroups, cgroup)?;
@@ -340,6 +362,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         tokio::spawn(read_events(ring, gate.clone()));
     }
     tokio::spawn(sweep(intercept.clone()));
+    tokio::spawn(follow_cgroups(daemon.clone()));
     let admin_path = cfg.admin_socket();
     let admin_listener = admin::bind(&admin_path).map_err(|source| DaemonError::Io {
         what: format!("admin socket {}", admin_path.display()),
@@ -561,6 +584,18 @@ async fn read_events(ring: RingBuf<MapData>, gate: Arc<Gate>) {
                 }),
             });
         }
+    }
+}
+
+/// How often governed cgroups are checked for having been created again: the longest a
+/// restarted service can run before it is governed again.
+const FOLLOW_CGROUPS_EVERY: Duration = Duration::from_millis(250);
+
+async fn follow_cgroups(daemon: Arc<Daemon>) {
+    let mut tick = tokio::time::interval(FOLLOW_CGROUPS_EVERY);
+    loop {
+        tick.tick().await;
+        daemon.follow_recreated_cgroups();
     }
 }
 

@@ -471,6 +471,41 @@ except OSError as e:
 }
 
 #[test]
+fn an_attached_cgroup_created_again_stays_governed() {
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let service = format!("{}/restarted", gate.cgroup_base);
+    let dir = gate.cgroup_dir(&service);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = gate.cli(&["attach", "--agent", "bot", "--cgroup", &service]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What systemd does when it restarts a service: the cgroup is removed and made again,
+    // with a new id.
+    std::fs::remove_dir(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    wait_for(
+        "the daemon to follow the new cgroup",
+        Duration::from_secs(5),
+        || gate.log().contains("created again").then_some(()),
+    );
+    let sh = format!(
+        "echo $$ > {}/cgroup.procs && exec python3 {} tcp:127.0.0.1:1",
+        dir.display(),
+        agentgate_tests::probe_script().display(),
+    );
+    let lines = json_lines(&stdout(&run(Command::new("sh").args(["-c", &sh]))));
+    assert_eq!(
+        errno(&lines[0]),
+        EPERM,
+        "the service's new cgroup is governed (refused, not ECONNREFUSED): {lines:?}"
+    );
+}
+
+#[test]
 fn connection_without_flow_record_is_closed() {
     let echo = EchoServer::start("127.0.0.1:0");
     let gate = Gate::start(&config(&echo, ""));
