@@ -397,6 +397,7 @@ impl Masker {
         Ok(RowPlan {
             width: columns.len(),
             columns: planned,
+            detector_kinds: detectors.iter().map(|(d, _)| *d).collect(),
             detectors,
             inner: Arc::clone(&self.inner),
         })
@@ -430,6 +431,9 @@ pub struct RowPlan {
     width: usize,
     columns: Vec<ColPlan>,
     detectors: Vec<(Detector, Action)>,
+    /// The detectors alone, for the values that are only checked for a match (taken once per
+    /// plan, not per value).
+    detector_kinds: Vec<Detector>,
     inner: Arc<Inner>,
 }
 
@@ -570,7 +574,7 @@ impl RowPlan {
                 let Ok(text) = std::str::from_utf8(value) else {
                     return self.unmaskable(col, "invalid UTF-8");
                 };
-                Ok(if contains_match(text, &self.detector_kinds()) {
+                Ok(if contains_match(text, &self.detector_kinds) {
                     Outcome::Null
                 } else {
                     Outcome::Keep
@@ -580,7 +584,7 @@ impl RowPlan {
                 let Some(bytes) = decode_bytea_text(value) else {
                     return self.unmaskable(col, "malformed bytea");
                 };
-                if contains_match_in_bytes(&bytes, &self.detector_kinds()) {
+                if contains_match_in_bytes(&bytes, &self.detector_kinds) {
                     self.unmaskable(col, "detector match in bytea")
                 } else {
                     Ok(Outcome::Keep)
@@ -588,7 +592,7 @@ impl RowPlan {
             }
             (Op::Detect, Kind::RawBinary) => {
                 // The layout is unknown, so a match cannot be rewritten in place.
-                if contains_match_in_bytes(value, &self.detector_kinds()) {
+                if contains_match_in_bytes(value, &self.detector_kinds) {
                     self.unmaskable(col, "detector match in a binary value")
                 } else {
                     Ok(Outcome::Keep)
@@ -597,10 +601,6 @@ impl RowPlan {
             // Not planned (see NOT_TEXT).
             (Op::Detect, Kind::OpaqueText | Kind::OpaqueBinary) => Ok(Outcome::Keep),
         }
-    }
-
-    fn detector_kinds(&self) -> Vec<Detector> {
-        self.detectors.iter().map(|(d, _)| *d).collect()
     }
 
     fn detect_json(&self, text: &str) -> Result<Option<String>, Malformed> {

@@ -900,8 +900,11 @@ fn push_unique<T: PartialEq>(v: &mut Vec<T>, item: T) {
 // ---------------------------------------------------------------------------
 // Classification.
 
+/// Settings that change who the session acts as: setting them is `dcl`.
+const ROLE_SETTINGS: [&str; 2] = ["role", "session_authorization"];
+
 fn is_role_parameter(name: &ObjectName) -> bool {
-    is_setting(name, "role") || is_setting(name, "session_authorization")
+    ROLE_SETTINGS.iter().any(|r| is_setting(name, r))
 }
 
 /// The kind of one statement node, `None` for wrappers that only carry
@@ -1342,7 +1345,7 @@ impl Collector {
         if setting.eq_ignore_ascii_case(SEARCH_PATH) {
             self.sets_search_path = true;
         }
-        if ["role", "session_authorization"]
+        if ROLE_SETTINGS
             .iter()
             .any(|r| setting.eq_ignore_ascii_case(r))
         {
