@@ -72,15 +72,39 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
-/// A port that was free a moment ago on both 127.0.0.1 and ::1.
+/// A port that was free a moment ago on both 127.0.0.1 and ::1, taken from below the kernel's
+/// ephemeral range. A port from inside it could be handed, between a test's daemon stopping and
+/// starting again, to some parallel test's outgoing connection as its local port, and the
+/// restarted daemon would then fail to listen (EADDRINUSE). Ports outside the range are only
+/// ever taken by an explicit bind.
 pub fn free_port() -> u16 {
-    loop {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-        let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
-        if port != 0 && TcpListener::bind(("::1", port)).is_ok() {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let (first, span) = if low > 11_000 {
+        (10_000, low - 10_000)
+    } else {
+        (high + 1, 65_535 - high)
+    };
+    // Test binaries run side by side: each starts at its own place in the span.
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let offset = start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let Ok(port) = u16::try_from(first + offset) else {
+            continue;
+        };
+        if let Ok(_v4) = TcpListener::bind(("127.0.0.1", port))
+            && TcpListener::bind(("::1", port)).is_ok()
+        {
             return port;
         }
     }
+    panic!("no free port in {first}..{}", first + span);
 }
 
 /// A running `agentgate run` with its own configuration.

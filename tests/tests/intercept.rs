@@ -342,7 +342,9 @@ fn a_stopped_daemon_leaves_governed_connects_refused_in_the_kernel() {
         let fd = socket(
             AddressFamily::Inet,
             SockType::Stream,
-            SockFlag::SOCK_NONBLOCK,
+            // CLOEXEC: a daemon that a parallel test spawns must not inherit this listener and
+            // keep the port taken after it is dropped.
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
             None,
         )
         .unwrap();
