@@ -23,6 +23,7 @@ pub mod names {
     pub const PROTECTED: &str = "PROTECTED";
     pub const SETTINGS: &str = "SETTINGS";
     pub const EVENTS: &str = "EVENTS";
+    pub const EVENTS_LOST: &str = "EVENTS_LOST";
 
     pub const CONNECT4: &str = "ag_connect4";
     pub const CONNECT6: &str = "ag_connect6";
@@ -33,8 +34,17 @@ pub mod names {
     pub const SOCK_OPS: &str = "ag_sock_ops";
 
     /// Every map, in the order the daemon pins them.
-    pub const MAPS: [&str; 9] = [
-        GOVERNED, DESTS, PENDING, FLOWS, ORIG_DST, RESOLVERS, PROTECTED, SETTINGS, EVENTS,
+    pub const MAPS: [&str; 10] = [
+        GOVERNED,
+        DESTS,
+        PENDING,
+        FLOWS,
+        ORIG_DST,
+        RESOLVERS,
+        PROTECTED,
+        SETTINGS,
+        EVENTS,
+        EVENTS_LOST,
     ];
 }
 

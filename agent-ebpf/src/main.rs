@@ -32,7 +32,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
     macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext},
 };
 
@@ -65,6 +65,10 @@ static PROTECTED: HashMap<Endpoint, u8> = HashMap::with_max_entries(MAX_PROTECTE
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+/// Refusals that found `EVENTS` full (the daemon reading too slowly, or not at all): counted so
+/// that the record says how many are missing. Per CPU, so no atomics; the daemon sums them.
+#[map]
+static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// The governed cgroup that decides for the current task: the deepest governed one among the
 /// task's cgroup and its ancestors.
@@ -196,6 +200,9 @@ fn deny(caller: &Caller, refusal: &Refusal) -> i32 {
             (*ev).sock_type = refusal.sock_type;
         }
         entry.submit(0);
+    } else if let Some(lost) = EVENTS_LOST.get_ptr_mut(0) {
+        // SAFETY: this CPU's own slot; a program runs to completion on one CPU.
+        unsafe { *lost += 1 };
     }
     DENY
 }

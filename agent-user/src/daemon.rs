@@ -9,7 +9,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
@@ -21,6 +21,7 @@ use crate::config::{Config, normalize_cgroup};
 use crate::identity::{CgroupFs, IdentityError, ProcessInfo, cgroup_id};
 use crate::intercept::{self, Intercept, InterceptError};
 use crate::proxy::{self, Gate};
+use crate::session::limit::{self, EventLimiter, Source};
 use crate::session::{Event, SessionError, SessionReader, SessionStore};
 
 /// PENDING/FLOWS records older than this were never used and are swept.
@@ -344,6 +345,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         postgres,
         served: AtomicU64::new(0),
         refused: AtomicU64::new(0),
+        events: EventLimiter::new(cfg.events),
     });
     let daemon = Arc::new(Daemon {
         gate: gate.clone(),
@@ -362,6 +364,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         tokio::spawn(read_events(ring, gate.clone()));
     }
     tokio::spawn(sweep(intercept.clone()));
+    tokio::spawn(record_left_out_events(gate.clone()));
     tokio::spawn(follow_cgroups(daemon.clone()));
     let admin_path = cfg.admin_socket();
     let admin_listener = admin::bind(&admin_path).map_err(|source| DaemonError::Io {
@@ -559,8 +562,22 @@ async fn read_events(ring: RingBuf<MapData>, gate: Arc<Gate>) {
             }
         }
         guard.clear_ready();
+        let now = Instant::now();
         for ev in batch.drain(..) {
             let agent = gate.cfg.agent_by_id(ev.agent_id).map(|a| a.name.clone());
+            // A governed agent looping on a refused connect makes one of these per call: each
+            // agent's are recorded within the limits, the rest counted (`session::limit`).
+            let source = Source {
+                kind: "kernel_deny",
+                agent: Some(
+                    agent
+                        .clone()
+                        .unwrap_or_else(|| format!("agent id {}", ev.agent_id)),
+                ),
+            };
+            if !gate.events.admit(&source, now) {
+                continue;
+            }
             let process = ProcessInfo::read(ev.tgid, ev.uid);
             let dst = SocketAddr::new(intercept::ip_of(&ev.dst_addr), ev.dst_port);
             let reason = intercept::reason_name(ev.reason);
@@ -582,6 +599,51 @@ async fn read_events(ring: RingBuf<MapData>, gate: Arc<Gate>) {
                     "orphaned_cgroup": ev.agent_id == intercept::ORPHAN_AGENT_ID,
                     "cmdline": process.cmdline,
                 }),
+            });
+        }
+    }
+}
+
+/// Records, every [`limit::FLUSH_EVERY`], how many events each source had left out.
+async fn record_left_out_events(gate: Arc<Gate>) {
+    let mut tick = tokio::time::interval(limit::FLUSH_EVERY);
+    // The kernel's count lives as long as the pinned maps: only what this daemon sees grow is
+    // reported (a restart does not report the previous daemon's losses again).
+    let mut lost_seen = gate.intercept.events_lost();
+    loop {
+        tick.tick().await;
+        let lost = gate.intercept.events_lost();
+        if lost > lost_seen {
+            let count = lost - lost_seen;
+            tracing::warn!(
+                count,
+                "kernel refusals found the event ring buffer full and were not reported"
+            );
+            let _ = gate.store.event(Event {
+                kind: "kernel_events_lost".into(),
+                detail: serde_json::json!({ "count": count, "total_since_load": lost }),
+                ..Default::default()
+            });
+        }
+        lost_seen = lost;
+        for left in gate.events.flush(Instant::now()) {
+            let agent = left.source.agent;
+            tracing::warn!(
+                kind = left.source.kind,
+                agent = agent.as_deref().unwrap_or("-"),
+                count = left.count,
+                "events over the recording limit were counted, not recorded"
+            );
+            let _ = gate.store.event(Event {
+                kind: "events_suppressed".into(),
+                agent,
+                detail: serde_json::json!({
+                    "of_kind": left.source.kind,
+                    "count": left.count,
+                    "over_ms": u64::try_from(left.over.as_millis()).unwrap_or(u64::MAX),
+                    "limits": { "burst": gate.cfg.events.burst, "per_second": gate.cfg.events.per_second },
+                }),
+                ..Default::default()
             });
         }
     }

@@ -688,3 +688,123 @@ fn check_config_reports_file_line_and_key() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_governed_agent_looping_on_refused_connects_cannot_flood_the_record() {
+    // Each refused connect is a kernel event. Recorded one by one, a loop would fill the state
+    // directory's disk: each agent gets `burst` records then `per_second`, and the rest are
+    // counted in `events_suppressed` (or `kernel_events_lost` when the ring buffer was full).
+    let echo = EchoServer::start("127.0.0.1:0");
+    let resolver = udp_echo("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, "events: {burst: 50, per_second: 10}\n"));
+    const ATTEMPTS: u64 = 5000;
+    let script = format!(
+        r#"
+import errno, socket, time
+refused = 0
+began = time.monotonic()
+for _ in range({ATTEMPTS}):
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", 9))
+    except PermissionError:
+        refused += 1
+    s.close()
+print(refused, time.monotonic() - began)
+"#
+    );
+    let out = run(&mut gate.exec("bot", &["python3", "-c", &script]));
+    let text = stdout(&out);
+    let mut fields = text.split_whitespace();
+    let refused: u64 = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+    let seconds: f64 = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0.0);
+    assert_eq!(refused, ATTEMPTS, "every connect refused: {text}");
+
+    // Another agent's refusal is still recorded: the flood spent only the bot's burst.
+    let other = gate.probe("recorder", &[&format!("udp:{resolver}")]);
+    assert_eq!(errno(&other[0]), EPERM, "{other:?}");
+    gate.wait_event("the other agent's refusal", |e| {
+        e["kind"] == "kernel_deny" && e["agent"] == "recorder"
+    });
+
+    // Every refusal is accounted for: recorded, counted as left out, or counted as lost.
+    let (recorded, left_out, lost) = wait_for(
+        "every refusal recorded or counted",
+        Duration::from_secs(15),
+        || {
+            let v = gate.cli_json(&["events", "--limit", "100000", "--json"]);
+            let events = v.as_array()?;
+            let bot = |e: &&Value| e["agent"] == "bot";
+            let recorded = events
+                .iter()
+                .filter(bot)
+                .filter(|e| e["kind"] == "kernel_deny")
+                .count() as u64;
+            let left_out: u64 = events
+                .iter()
+                .filter(bot)
+                .filter(|e| e["kind"] == "events_suppressed")
+                .inspect(|e| assert_eq!(e["detail"]["of_kind"], "kernel_deny", "{e}"))
+                .map(|e| e["detail"]["count"].as_u64().unwrap_or(0))
+                .sum();
+            let lost: u64 = events
+                .iter()
+                .filter(|e| e["kind"] == "kernel_events_lost")
+                .map(|e| e["detail"]["count"].as_u64().unwrap_or(0))
+                .sum();
+            (recorded + left_out + lost == ATTEMPTS).then_some((recorded, left_out, lost))
+        },
+    );
+    // The loop took `seconds`; the record may hold the burst plus the rate over that time (and
+    // over the moments until the daemon had read the last of them).
+    let allowed = 50 + (10.0 * (seconds + 2.0)).ceil() as u64;
+    assert!(
+        recorded >= 50 && recorded <= allowed,
+        "recorded {recorded} refusals of {ATTEMPTS} in {seconds:.2} s (at most {allowed}); left out {left_out}, lost {lost}"
+    );
+    assert!(left_out > 0, "the rest were counted as left out");
+
+    // Any local user can connect to the gate's listener without a flow record: the same limits.
+    const DIRECT: u64 = 300;
+    let script = format!(
+        r#"
+import socket
+for _ in range({DIRECT}):
+    s = socket.create_connection(("127.0.0.1", {port}))
+    s.recv(1)
+    s.close()
+"#,
+        port = gate.port
+    );
+    run(Command::new("python3").args(["-c", &script]));
+    let (recorded, left_out) = wait_for(
+        "every connection without a flow record recorded or counted",
+        Duration::from_secs(15),
+        || {
+            let v = gate.cli_json(&["events", "--limit", "100000", "--json"]);
+            let events = v.as_array()?;
+            let recorded = events
+                .iter()
+                .filter(|e| e["kind"] == "no_flow_record")
+                .count() as u64;
+            let left_out: u64 = events
+                .iter()
+                .filter(|e| {
+                    e["kind"] == "events_suppressed" && e["detail"]["of_kind"] == "no_flow_record"
+                })
+                .map(|e| e["detail"]["count"].as_u64().unwrap_or(0))
+                .sum();
+            (recorded + left_out == DIRECT).then_some((recorded, left_out))
+        },
+    );
+    assert!(
+        recorded < DIRECT && left_out > 0,
+        "no flow record: {recorded} recorded, {left_out} left out"
+    );
+    assert!(
+        gate.log()
+            .contains("events over the recording limit were counted, not recorded"),
+        "{}",
+        gate.log()
+    );
+}

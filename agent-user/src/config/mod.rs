@@ -359,6 +359,10 @@ pub struct Config {
     /// URLs told about approval tickets (created, approved, denied, expired, cancelled).
     #[serde(default)]
     pub webhooks: Vec<WebhookConfig>,
+    /// How many events one source (a governed agent refused in the kernel, connections without a
+    /// flow record) may have recorded; the rest are counted (see `session::limit`).
+    #[serde(default)]
+    pub events: crate::session::limit::EventLimits,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -594,6 +598,12 @@ impl Config {
                 _ => {}
             }
         }
+        if self.events.burst == 0 {
+            return Err(invalid(
+                "events.burst".into(),
+                "must be at least 1 (every source's first event is recorded)".into(),
+            ));
+        }
         for (i, w) in self.webhooks.iter().enumerate() {
             if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
                 return Err(invalid(
@@ -802,6 +812,19 @@ mod tests {
         let bad = "agents:\n  - name: a\n    cgroup: x\n    targets: [nope]\n";
         let err = Config::parse(bad, "f.yaml").unwrap_err().to_string();
         assert_eq!(err, "f.yaml: `agents[0].targets[0]`: unknown target `nope`");
+    }
+
+    #[test]
+    fn event_limits_default_and_a_zero_burst_is_refused() {
+        let cfg = Config::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        assert_eq!(cfg.events, crate::session::limit::EventLimits::default());
+        let err = Config::parse("events: {burst: 0}\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("events.burst"), "{err}");
+        let cfg = Config::parse("events: {per_second: 0}\n", "f").unwrap();
+        assert_eq!(cfg.events.burst, 100);
+        assert_eq!(cfg.events.per_second, 0);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use agent_common::{
     addr_from_bytes, names, v4_mapped,
 };
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, Map, MapData, MapError, RingBuf};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSockAddr, ProgramError, SockOps};
 use aya::{Ebpf, EbpfError};
@@ -178,6 +178,7 @@ pub struct Intercept {
     protected: Mutex<HashMap<MapData, Endpoint, u8>>,
     settings: Mutex<Array<MapData, Settings>>,
     events: Mutex<Option<RingBuf<MapData>>>,
+    events_lost: Mutex<PerCpuArray<MapData, u64>>,
     /// True when this daemon found the programs already pinned and loaded nothing.
     pub adopted: bool,
 }
@@ -321,6 +322,10 @@ impl Intercept {
             events: Mutex::new(Some(
                 RingBuf::try_from(hash(names::EVENTS)?).map_err(map_err(names::EVENTS))?,
             )),
+            events_lost: Mutex::new(
+                PerCpuArray::try_from(hash(names::EVENTS_LOST)?)
+                    .map_err(map_err(names::EVENTS_LOST))?,
+            ),
             adopted,
         })
     }
@@ -482,6 +487,16 @@ impl Intercept {
         if let Err(e) = lock(&self.flows).remove(key) {
             tracing::warn!(error = %e, "could not remove a used flow record");
         }
+    }
+
+    /// Kernel refusals that found the ring buffer full, since the programs were loaded.
+    pub fn events_lost(&self) -> u64 {
+        let Ok(map) = self.events_lost.lock() else {
+            return 0;
+        };
+        map.get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().copied().fold(0u64, u64::wrapping_add))
+            .unwrap_or(0)
     }
 
     /// The ring buffer of kernel refusals; taken once by the event reader.

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agent_common::{FlowRecord, TARGET_UNKNOWN};
 use nix::errno::Errno;
@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::config::{Config, Protocol, TargetConfig};
 use crate::identity::ProcessInfo;
 use crate::intercept::{Intercept, ip_of};
+use crate::session::limit::{EventLimiter, Source};
 use crate::session::{Event, SessionStart, SessionStore};
 
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,6 +37,8 @@ pub struct Gate {
     pub postgres: Option<postgres::Shared>,
     pub served: AtomicU64,
     pub refused: AtomicU64,
+    /// Events caused by the other side (kernel refusals, connections without a flow record).
+    pub events: EventLimiter,
 }
 
 /// Who is on the other end of an accepted connection and where they wanted to go.
@@ -213,6 +216,14 @@ async fn handle(
     };
     let Some((key, flow)) = gate.intercept.lookup_flow(client, local) else {
         gate.refused.fetch_add(1, Ordering::Relaxed);
+        // Any local user can open these: recorded within the limits (`session::limit`).
+        let source = Source {
+            kind: "no_flow_record",
+            agent: None,
+        };
+        if !gate.events.admit(&source, Instant::now()) {
+            return;
+        }
         tracing::warn!(%client, %local, "connection without a flow record closed");
         let _ = gate.store.event(Event {
             kind: "no_flow_record".into(),
@@ -229,6 +240,13 @@ async fn handle(
     let Some(peer) = gate.identify(&flow, client, protocol != Protocol::Tcp) else {
         gate.intercept.forget_flow(&key);
         gate.refused.fetch_add(1, Ordering::Relaxed);
+        let source = Source {
+            kind: "unknown_identity",
+            agent: None,
+        };
+        if !gate.events.admit(&source, Instant::now()) {
+            return;
+        }
         tracing::warn!(
             agent_id = flow.agent_id,
             target_id = flow.target_id,

@@ -25,6 +25,7 @@ use serde::Serialize;
 
 use crate::policy::TableRef;
 
+pub mod limit;
 mod shapes;
 use shapes::Shapes;
 
