@@ -311,12 +311,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         .into_iter()
         .filter_map(|v| serde_json::from_value(v).ok())
         .collect();
-    let approvals = Arc::new(Approvals::new(
-        store.clone(),
-        webhooks,
-        grants,
-        reader.last_ticket_id()?,
-    ));
+    let approvals = Arc::new(
+        Approvals::new(store.clone(), webhooks, grants, reader.last_ticket_id()?)
+            .with_limits(cfg.approvals),
+    );
     drop(reader);
     let admin_http = match &cfg.admin.http {
         Some(h) => {

@@ -509,6 +509,71 @@ fn two_agents_wait_at_once_and_are_approved_in_reverse_order() {
 }
 
 #[test]
+fn an_agent_cannot_bury_the_approvers_in_tickets() {
+    // Each held statement holds a connection; an agent opening connection after connection to
+    // queue reviews gets a refusal, without a ticket, beyond `max_pending_per_agent`.
+    let (pg, gate) = start_with("approvals: { max_pending_per_agent: 2 }");
+    let mut first = spawn_psql(&gate, &pg, "bot", "DELETE FROM t");
+    pending_ticket(&gate, "bot", "DELETE FROM t");
+    let mut second = spawn_psql(&gate, &pg, "bot", "UPDATE t2 SET v = 'y'");
+    let t2 = pending_ticket(&gate, "bot", "UPDATE t2 SET v = 'y'");
+    let third = finish(
+        spawn_psql(&gate, &pg, "bot", "UPDATE t2 SET v = 'x'"),
+        "the third psql",
+    );
+    let err = text(&third.stderr);
+    assert!(!third.status.success(), "{}", show(&third));
+    assert!(err.contains("42501"), "{err}");
+    assert!(
+        err.contains("already has 2 statements awaiting approval")
+            && err.contains("no ticket was opened"),
+        "{err}"
+    );
+    assert_eq!(tickets(&gate, true).len(), 2, "no third ticket");
+    // Another agent's reviews are unaffected.
+    let other = spawn_psql(&gate, &pg, "bot2", "UPDATE t2 SET v = 'z'");
+    let t3 = pending_ticket(&gate, "bot2", "UPDATE t2 SET v = 'z'");
+    decide(&gate, "deny", &t3, &["--reason", "not now"]);
+    finish(other, "bot2's psql");
+    // Once one is decided, the agent may ask again.
+    decide(&gate, "deny", &t2, &["--reason", "not now"]);
+    finish(
+        std::mem::replace(
+            &mut second,
+            spawn_psql(&gate, &pg, "bot", "UPDATE t2 SET v = 'w'"),
+        ),
+        "the second psql",
+    );
+    pending_ticket(&gate, "bot", "UPDATE t2 SET v = 'w'");
+    assert!(still_running(&mut first) && still_running(&mut second));
+    let _ = first.kill();
+    let _ = second.kill();
+    let _ = first.wait();
+    let _ = second.wait();
+    // The refused statement is in the record, denied, and nothing changed.
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM t2 WHERE v IN ('x', 'w', 'z')"),
+        0
+    );
+    let refused = wait_for(
+        "the refused statement recorded",
+        Duration::from_secs(10),
+        || {
+            gate.sessions_ended(1).iter().find_map(|s| {
+                let id = s["id"].as_i64()?.to_string();
+                let shown = gate.cli_json(&["sessions", "show", &id, "--json"]);
+                shown["statements"]
+                    .as_array()?
+                    .iter()
+                    .find(|st| st["text"] == "UPDATE t2 SET v = 'x'")
+                    .cloned()
+            })
+        },
+    );
+    assert_eq!(refused["decision"], "deny", "{refused}");
+}
+
+#[test]
 fn extended_protocol_hold_inside_a_transaction() {
     let (pg, gate) = start();
     // Approved: the UPDATE runs inside the agent's transaction and commits.

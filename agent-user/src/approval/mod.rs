@@ -110,10 +110,25 @@ pub struct NewTicket {
 /// How a held statement ended; delivered once to the connection holding it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Approved { by: String, reason: Option<String> },
-    Denied { by: String, reason: String },
-    Expired { after: Duration },
-    Cancelled { why: String },
+    Approved {
+        by: String,
+        reason: Option<String>,
+    },
+    Denied {
+        by: String,
+        reason: String,
+    },
+    Expired {
+        after: Duration,
+    },
+    Cancelled {
+        why: String,
+    },
+    /// No ticket was opened: the agent already had as many pending as it may
+    /// (`approvals.max_pending_per_agent`).
+    Refused {
+        why: String,
+    },
 }
 
 /// A ticket being waited on: the connection awaits `outcome`.
@@ -265,6 +280,32 @@ pub struct Approvals {
     next_grant: AtomicU64,
     /// Any grant not yet known to be over: lets statements skip the lock when there are none.
     any_grants: AtomicBool,
+    /// Pending tickets one agent may have at once (see [`ApprovalLimits`]).
+    max_pending_per_agent: usize,
+}
+
+/// `approvals:` in the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalLimits {
+    /// Statements of one agent that may await approval at once. Each holds a connection, and
+    /// an agent that opens connection after connection to queue reviews would otherwise bury
+    /// the approvers (and the webhooks) in tickets; beyond it a statement is refused at once
+    /// without a ticket.
+    #[serde(default = "default_max_pending_per_agent")]
+    pub max_pending_per_agent: usize,
+}
+
+fn default_max_pending_per_agent() -> usize {
+    16
+}
+
+impl Default for ApprovalLimits {
+    fn default() -> Self {
+        ApprovalLimits {
+            max_pending_per_agent: default_max_pending_per_agent(),
+        }
+    }
 }
 
 /// The hash an approval is bound to.
@@ -333,7 +374,13 @@ impl Approvals {
             next_ticket: AtomicU64::new(last_ticket + 1),
             next_grant: AtomicU64::new(next_grant),
             any_grants: AtomicBool::new(any),
+            max_pending_per_agent: default_max_pending_per_agent(),
         }
+    }
+
+    pub fn with_limits(mut self, limits: ApprovalLimits) -> Self {
+        self.max_pending_per_agent = limits.max_pending_per_agent;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -379,8 +426,32 @@ impl Approvals {
         let _ = self.events.send(event);
     }
 
-    /// Opens a ticket for a held statement.
-    pub fn hold(&self, n: NewTicket) -> Hold {
+    /// Opens a ticket for a held statement, unless its agent already has as many pending as it
+    /// may: then the outcome, a refusal, is returned at once and no ticket exists.
+    pub fn hold(&self, n: NewTicket) -> Result<Hold, Outcome> {
+        let mut inner = self.lock();
+        let pending = inner
+            .tickets
+            .values()
+            .filter(|e| {
+                e.ticket.state == TicketState::Pending
+                    && e.ticket.requester.agent == n.requester.agent
+            })
+            .count();
+        if pending >= self.max_pending_per_agent {
+            drop(inner);
+            tracing::warn!(
+                agent = %n.requester.agent,
+                pending,
+                "statement refused: its agent has as many statements awaiting approval as it may"
+            );
+            return Err(Outcome::Refused {
+                why: format!(
+                    "agent \"{}\" already has {pending} statements awaiting approval, the most it may have (approvals.max_pending_per_agent); no ticket was opened",
+                    n.requester.agent
+                ),
+            });
+        }
         let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let now = now_ms();
         let sha256 = statement_hash(n.protocol, &n.statement, &n.params, &n.param_formats);
@@ -410,13 +481,15 @@ impl Approvals {
             grant_id: None,
         };
         let (tx, rx) = oneshot::channel();
-        self.lock().tickets.insert(
+        // Counted and inserted under one lock: concurrent holds cannot both pass the limit.
+        inner.tickets.insert(
             id,
             Entry {
                 ticket: ticket.clone(),
                 waiter: Some(tx),
             },
         );
+        drop(inner);
         tracing::warn!(
             ticket = id,
             agent = %ticket.requester.agent,
@@ -425,10 +498,10 @@ impl Approvals {
             "statement held for approval"
         );
         self.announce(ApprovalEvent::ticket("ticket_created", &ticket));
-        Hold {
+        Ok(Hold {
             ticket,
             outcome: rx,
-        }
+        })
     }
 
     /// Moves a pending ticket to its final state and wakes its connection.

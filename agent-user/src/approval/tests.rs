@@ -53,16 +53,19 @@ fn approve(by: &str) -> Approve {
 #[tokio::test]
 async fn ids_continue_after_the_last_recorded_ticket() {
     let (a, _d) = approvals();
-    let h = a.hold(ticket("bot", "DELETE FROM t"));
+    let h = a.hold(ticket("bot", "DELETE FROM t")).unwrap();
     assert_eq!(h.ticket.id, 42);
-    assert_eq!(a.hold(ticket("bot", "DELETE FROM t")).ticket.id, 43);
+    assert_eq!(
+        a.hold(ticket("bot", "DELETE FROM t")).unwrap().ticket.id,
+        43
+    );
 }
 
 #[tokio::test]
 async fn approval_reaches_the_holder_once() {
     let (a, _d) = approvals();
     let mut events = a.subscribe();
-    let h = a.hold(ticket("bot", "DELETE FROM t"));
+    let h = a.hold(ticket("bot", "DELETE FROM t")).unwrap();
     assert_eq!(events.recv().await.unwrap().event, "ticket_created");
     let t = a.approve(h.ticket.id, approve("unix:root")).unwrap();
     assert_eq!(t.state, TicketState::Approved);
@@ -90,7 +93,7 @@ async fn approval_reaches_the_holder_once() {
 #[tokio::test]
 async fn approval_is_bound_to_the_statement_hash() {
     let (a, _d) = approvals();
-    let h = a.hold(ticket("bot", "DELETE FROM t"));
+    let h = a.hold(ticket("bot", "DELETE FROM t")).unwrap();
     let other = statement_hash("simple", "DELETE FROM u", &[], &[]);
     let err = a
         .approve(
@@ -135,7 +138,7 @@ fn the_hash_covers_protocol_text_parameters_and_formats() {
 #[tokio::test]
 async fn an_agent_cannot_decide_its_own_ticket() {
     let (a, _d) = approvals();
-    let h = a.hold(ticket("bot", "DELETE FROM t"));
+    let h = a.hold(ticket("bot", "DELETE FROM t")).unwrap();
     let own = Approve {
         caller_agent: Some("bot".into()),
         ..approve("unix:root")
@@ -160,11 +163,11 @@ async fn an_agent_cannot_decide_its_own_ticket() {
 #[tokio::test]
 async fn expiry_denial_and_cancel_are_delivered() {
     let (a, _d) = approvals();
-    let h1 = a.hold(ticket("bot", "DELETE FROM a"));
-    let h2 = a.hold(ticket("bot", "DELETE FROM b"));
+    let h1 = a.hold(ticket("bot", "DELETE FROM a")).unwrap();
+    let h2 = a.hold(ticket("bot", "DELETE FROM b")).unwrap();
     let mut other_session = ticket("bot", "DELETE FROM c");
     other_session.requester.session_id = 8;
-    let h3 = a.hold(other_session);
+    let h3 = a.hold(other_session).unwrap();
     a.expire(h1.ticket.id);
     assert!(
         matches!(h1.outcome.await.unwrap(), Outcome::Expired { after } if after == Duration::from_secs(60))
@@ -236,7 +239,7 @@ async fn role_grants_add_roles_until_they_end() {
 #[tokio::test]
 async fn approving_with_a_duration_grants_the_rule() {
     let (a, _d) = approvals();
-    let h = a.hold(ticket("bot", "DELETE FROM t"));
+    let h = a.hold(ticket("bot", "DELETE FROM t")).unwrap();
     let t = a
         .approve(
             h.ticket.id,
@@ -300,7 +303,7 @@ async fn grants_longer_than_the_maximum_are_refused_before_anything_changes() {
         ));
     }
     assert!(a.grants(true).is_empty());
-    let h = a.hold(ticket("bot", "DELETE FROM t"));
+    let h = a.hold(ticket("bot", "DELETE FROM t")).unwrap();
     let mut ap = approve("unix:root");
     ap.grant_for = Some(Duration::from_secs(u64::MAX));
     assert!(matches!(
@@ -314,4 +317,28 @@ async fn grants_longer_than_the_maximum_are_refused_before_anything_changes() {
         a.grant_role("bot", "dba", MAX_GRANT, "unix:root", None)
             .is_ok()
     );
+}
+
+#[tokio::test]
+async fn an_agent_may_have_only_so_many_tickets_pending() {
+    let (a, _d) = approvals();
+    let a = a.with_limits(ApprovalLimits {
+        max_pending_per_agent: 2,
+    });
+    let h1 = a.hold(ticket("bot", "DELETE FROM a")).unwrap();
+    let _h2 = a.hold(ticket("bot", "DELETE FROM b")).unwrap();
+    let Err(Outcome::Refused { why }) = a.hold(ticket("bot", "DELETE FROM c")) else {
+        panic!("a third ticket was opened");
+    };
+    assert!(
+        why.contains("already has 2 statements awaiting approval"),
+        "{why}"
+    );
+    assert_eq!(a.list(true).len(), 2, "no ticket for the refused statement");
+    // Another agent has its own allowance.
+    a.hold(ticket("bot2", "DELETE FROM c")).unwrap();
+    // A decided ticket frees a place.
+    a.deny(h1.ticket.id, "unix:root", None, "no").unwrap();
+    a.hold(ticket("bot", "DELETE FROM c")).unwrap();
+    assert!(a.hold(ticket("bot", "DELETE FROM d")).is_err());
 }

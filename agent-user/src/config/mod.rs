@@ -363,6 +363,9 @@ pub struct Config {
     /// flow record) may have recorded; the rest are counted (see `session::limit`).
     #[serde(default)]
     pub events: crate::session::limit::EventLimits,
+    /// Limits on approval tickets (see `approval::ApprovalLimits`).
+    #[serde(default)]
+    pub approvals: crate::approval::ApprovalLimits,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -806,7 +806,11 @@ async fn await_approval(
     let Hold {
         ticket,
         mut outcome,
-    } = approvals.hold(ticket);
+    } = match approvals.hold(ticket) {
+        Ok(hold) => hold,
+        // No ticket was opened (id 0 names none).
+        Err(refused) => return Ok(Some((0, refused))),
+    };
     let start = tokio::time::Instant::now();
     let agent_deadline = statement_timeout
         .filter(|t| *t < review_timeout)
@@ -871,6 +875,10 @@ fn refusal(ticket: u64, rule: Option<&str>, outcome: &Outcome) -> (&'static str,
                 "agentgate: approval request expired: no decision within {} (ticket {ticket}, rule \"{rule}\")",
                 humantime::format_duration(*after)
             ),
+        ),
+        Outcome::Refused { why } => (
+            SQLSTATE_INSUFFICIENT_PRIVILEGE,
+            format!("agentgate: statement needs approval but was refused: {why} (rule \"{rule}\")"),
         ),
         Outcome::Cancelled { why } => (
             SQLSTATE_QUERY_CANCELED,
