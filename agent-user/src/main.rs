@@ -50,6 +50,10 @@ enum Cmd {
         agent: String,
         #[arg(long)]
         user: Option<String>,
+        /// Pass on descriptors above stderr inherited from the caller. By default they are
+        /// closed: a socket opened before the cgroup was joined is not governed.
+        #[arg(long)]
+        keep_fds: bool,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -240,8 +244,15 @@ fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
         Cmd::Exec {
             agent,
             user,
+            keep_fds,
             command,
-        } => cli::exec(&load()?, &agent, user.as_deref(), &command)?,
+        } => {
+            // Before anything else is opened: every descriptor above stderr now is inherited.
+            if !keep_fds {
+                cli::close_inherited_fds()?;
+            }
+            cli::exec(&load()?, &agent, user.as_deref(), &command)?
+        }
         Cmd::Attach { agent, cgroup } => rt()?.block_on(cli::attach(&load()?, &agent, &cgroup))?,
         Cmd::Detach { cgroup } => rt()?.block_on(cli::detach(&load()?, &cgroup))?,
         Cmd::Status { json } => {

@@ -808,3 +808,34 @@ for _ in range({DIRECT}):
         gate.log()
     );
 }
+
+#[test]
+fn a_socket_connected_before_exec_is_not_passed_to_the_governed_command() {
+    // A wrapper that connects first and then runs the agent under the gate would hand it an
+    // ungoverned connection: `exec` closes inherited descriptors unless told `--keep-fds`.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let child = r#"
+import os, socket
+try:
+    s = socket.socket(fileno=3)
+    s.sendall(b"ping")
+    print("used:" + s.recv(4).decode())
+except OSError as e:
+    print("closed:" + str(e.errno))
+"#;
+    let port = echo.addr.port();
+    let run_wrapped = |extra: &str| {
+        let script = format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{port} && exec {bin} exec --config {config} --agent bot {extra} -- python3 -c '{child}'",
+            bin = agentgate_tests::agentgate_bin().display(),
+            config = gate.config.display(),
+        );
+        stdout(&run(Command::new("bash").args(["-c", &script])))
+    };
+    let out = run_wrapped("");
+    assert_eq!(out.trim(), "closed:9", "EBADF expected: {out}");
+    // The operator may opt out, knowing the connection is not governed.
+    let out = run_wrapped("--keep-fds");
+    assert_eq!(out.trim(), "used:ping", "{out}");
+}

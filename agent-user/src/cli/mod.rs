@@ -37,6 +37,30 @@ fn msg(s: impl Into<String>) -> CliError {
     CliError::Msg(s.into())
 }
 
+/// Closes every descriptor above stderr, before `exec` opens anything of its own: they were
+/// inherited from the caller, and would otherwise pass to the governed command. A socket among
+/// them was connected outside the cgroup and is not governed; a file may be one the command's
+/// user could not open. Nothing in this process owns them, so closing them by number is sound.
+pub fn close_inherited_fds() -> Result<(), CliError> {
+    // Listed first and the listing closed before anything is closed (its own descriptor is in
+    // the list; closing it is then a harmless EBADF).
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        match nix::unistd::close(fd) {
+            Ok(()) | Err(nix::errno::Errno::EBADF) => {}
+            Err(e) => {
+                return Err(msg(format!(
+                    "cannot close inherited descriptor {fd}: {e} (use --keep-fds to pass them on)"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs `cmd` inside the agent's cgroup, as `user` if given. On success this never returns:
 /// the process becomes the command, so stdio, signals and the exit code are the command's own.
 pub fn exec(cfg: &Config, agent: &str, user: Option<&str>, cmd: &[String]) -> Result<(), CliError> {
@@ -77,7 +101,8 @@ pub fn exec(cfg: &Config, agent: &str, user: Option<&str>, cmd: &[String]) -> Re
             .gid(u.gid.as_raw())
             .env("USER", &u.name)
             .env("LOGNAME", &u.name)
-            .env("HOME", &u.dir);
+            .env("HOME", &u.dir)
+            .env("SHELL", &u.shell);
     }
     // Join before exec so that every socket the command creates is created inside the cgroup.
     cgroups.join(&relative, std::process::id())?;
