@@ -19,7 +19,9 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,6 +31,7 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 
 use super::jwt::{JwtError, Verifier};
@@ -45,6 +48,10 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more are closed on accept.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Time a response may wait on a client that does not read it. Without it, a local process that
+/// sends requests and never reads the answers would keep its connection slot for ever, and
+/// [`MAX_CONNECTIONS`] of those would lock the approvers out.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What answers a routed request. The daemon in production; a stand-in in this module's tests.
 pub(crate) trait Dispatch: Send + Sync + 'static {
@@ -93,13 +100,96 @@ pub(crate) async fn serve_with<D: Dispatch>(
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .max_header_size(MAX_HEADER_SIZE)
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(
+                    TokioIo::new(StallLimit::new(stream, WRITE_STALL_TIMEOUT)),
+                    service,
+                )
                 .await;
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "admin http connection ended");
             }
             drop(slot);
         });
+    }
+}
+
+/// A stream whose writes fail with `TimedOut` once one has waited `limit` without progress
+/// (hyper has a timeout for reading a request head, none for writing a response).
+struct StallLimit<S> {
+    io: S,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> StallLimit<S> {
+    fn new(io: S, limit: Duration) -> Self {
+        StallLimit {
+            io,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Called when the stream could not take more: Ready(error) once the limit has passed.
+    fn waited_too_long(&mut self, cx: &mut TaskContext<'_>) -> Poll<std::io::Error> {
+        let limit = self.limit;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        sleep.as_mut().poll(cx).map(|()| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing for {limit:?}"),
+            )
+        })
+    }
+
+    fn progress<T>(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        r: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match r {
+            Poll::Pending => self.waited_too_long(cx).map(Err),
+            done => {
+                self.stalled = None;
+                done
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for StallLimit<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for StallLimit<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.progress(cx, r)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.progress(cx, r)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.progress(cx, r)
     }
 }
 
@@ -774,6 +864,30 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+
+    #[tokio::test]
+    async fn a_response_the_client_never_reads_fails_after_the_stall_limit() {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut w = StallLimit::new(server, Duration::from_millis(200));
+        let chunk = vec![0u8; 64 * 1024];
+        let began = std::time::Instant::now();
+        let err = loop {
+            if let Err(e) = w.write_all(&chunk).await {
+                break e;
+            }
+            assert!(
+                began.elapsed() < Duration::from_secs(30),
+                "writes to a client that reads nothing never failed"
+            );
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        drop(client);
     }
 
     async fn server() -> Server {
