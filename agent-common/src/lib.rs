@@ -32,6 +32,7 @@ pub mod names {
     pub const GETPEERNAME4: &str = "ag_getpeername4";
     pub const GETPEERNAME6: &str = "ag_getpeername6";
     pub const SOCK_OPS: &str = "ag_sock_ops";
+    pub const SOCK_CREATE: &str = "ag_sock_create";
 
     /// Every map, in the order the daemon pins them.
     pub const MAPS: [&str; 10] = [
@@ -64,6 +65,9 @@ pub const MAX_CGROUP_DEPTH: u32 = 32;
 /// `Governed::flags`: connects to destinations outside the allow list are redirected and
 /// relayed as recorded opaque TCP instead of being refused.
 pub const GOVERNED_UNKNOWN_RECORD: u32 = 1;
+/// `Governed::flags`: ICMP echo ("ping") sockets may be created (they are refused otherwise:
+/// no sendmsg hook sees their datagrams).
+pub const GOVERNED_ALLOW_PING: u32 = 2;
 
 /// `FlowRecord::target_id` for a destination that matched no configured target.
 pub const TARGET_UNKNOWN: u32 = u32::MAX;
@@ -178,6 +182,9 @@ pub mod reason {
     pub const UNSUPPORTED_SOCKET: u32 = 5;
     pub const NOT_READY: u32 = 6;
     pub const PROTECTED_ENDPOINT: u32 = 7;
+    /// A socket other than TCP or UDP (raw, ICMP, SCTP, MPTCP...) refused at creation: no hook
+    /// sees what it sends.
+    pub const SOCKET_NOT_ALLOWED: u32 = 8;
 }
 
 /// Sent through the `EVENTS` ring buffer for every refusal.
@@ -194,8 +201,11 @@ pub struct DenyEvent {
     pub dst_addr: Addr,
     pub dst_port: u16,
     pub family: u16,
-    /// Socket type (`SOCK_STREAM` = 1, `SOCK_DGRAM` = 2) of the refused socket.
+    /// Socket type (`SOCK_STREAM` = 1, `SOCK_DGRAM` = 2, `SOCK_RAW` = 3) of the refused socket.
     pub sock_type: u32,
+    /// Its protocol (`IPPROTO_*`); the destination is zero for a socket refused at creation.
+    pub protocol: u32,
+    pub _pad: u32,
 }
 
 /// An IPv6 address as four words holding network-order bytes (see the module docs).
@@ -208,6 +218,11 @@ pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const SOCK_STREAM: u32 = 1;
 pub const SOCK_DGRAM: u32 = 2;
+pub const SOCK_RAW: u32 = 3;
+pub const IPPROTO_ICMP: u32 = 1;
+pub const IPPROTO_TCP: u32 = 6;
+pub const IPPROTO_UDP: u32 = 17;
+pub const IPPROTO_ICMPV6: u32 = 58;
 
 /// `::ffff:a.b.c.d` for an IPv4 address given as its network-order bytes.
 pub const fn v4_mapped(v4: [u8; 4]) -> Addr {

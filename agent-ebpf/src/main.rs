@@ -19,8 +19,9 @@
 
 use agent_common::{
     AF_INET, Addr, V4_MAPPED_WORD, AF_INET6, DEST_KEY_FIXED_BITS, DenyEvent, DestKey, DestValue, EVENTS_BYTES, Endpoint,
-    FlowKey, FlowRecord, GOVERNED_UNKNOWN_RECORD, Governed, MAX_CGROUP_DEPTH, MAX_DESTS,
-    MAX_FLOWS, MAX_GOVERNED, MAX_ORIG_DST, MAX_PENDING, MAX_PROTECTED, MAX_RESOLVERS, SOCK_DGRAM,
+    FlowKey, FlowRecord, GOVERNED_ALLOW_PING, GOVERNED_UNKNOWN_RECORD, Governed, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, MAX_CGROUP_DEPTH, MAX_DESTS, MAX_FLOWS,
+    MAX_GOVERNED, MAX_ORIG_DST, MAX_PENDING, MAX_PROTECTED, MAX_RESOLVERS, SOCK_DGRAM,
     SOCK_STREAM, Settings, TARGET_UNKNOWN, reason, v4_mapped,
 };
 use aya_ebpf::{
@@ -31,14 +32,13 @@ use aya_ebpf::{
         bpf_ktime_get_ns,
     },
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
-const IPPROTO_TCP: u32 = 6;
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 
 #[map]
@@ -198,6 +198,8 @@ fn deny(caller: &Caller, refusal: &Refusal) -> i32 {
             (*ev).dst_port = refusal.port;
             (*ev).family = refusal.family;
             (*ev).sock_type = refusal.sock_type;
+            (*ev).protocol = refusal.protocol;
+            (*ev)._pad = 0;
         }
         entry.submit(0);
     } else if let Some(lost) = EVENTS_LOST.get_ptr_mut(0) {
@@ -213,6 +215,7 @@ struct Refusal {
     port: u16,
     family: u16,
     sock_type: u32,
+    protocol: u32,
 }
 
 #[inline(always)]
@@ -234,7 +237,7 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
     match decide_connect(ctx, v6, &caller, &gov, &dst, port, sock_type, protocol) {
         Ok(()) => ALLOW,
-        Err(reason) => deny(&caller, &Refusal { reason, dst, port, family, sock_type }),
+        Err(reason) => deny(&caller, &Refusal { reason, dst, port, family, sock_type, protocol }),
     }
 }
 
@@ -327,7 +330,15 @@ fn try_sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     let caller = Caller::current(gov_cgroup, &gov);
     let family = if v6 { AF_INET6 } else { AF_INET };
-    deny(&caller, &Refusal { reason: reason::UDP_NOT_RESOLVER, dst, port, family, sock_type: SOCK_DGRAM })
+    let refusal = Refusal {
+        reason: reason::UDP_NOT_RESOLVER,
+        dst,
+        port,
+        family,
+        sock_type: SOCK_DGRAM,
+        protocol: IPPROTO_UDP,
+    };
+    deny(&caller, &refusal)
 }
 
 fn try_getpeername(ctx: &SockAddrContext, v6: bool) -> i32 {
@@ -396,6 +407,42 @@ fn try_sock_ops(ctx: &SockOpsContext) -> u32 {
     let _ = FLOWS.insert(&key, &rec, 0);
     let _ = PENDING.remove(&cookie);
     1
+}
+
+/// Governed processes may create TCP and UDP sockets only: the connect and sendmsg hooks see
+/// what those send. Raw sockets (with `CAP_NET_RAW`), ICMP echo sockets (`ping_group_range`),
+/// SCTP, MPTCP and the rest would send past them, so their creation fails with `EPERM`. ICMP
+/// echo sockets are allowed for agents that opt in (`GOVERNED_ALLOW_PING`).
+fn try_sock_create(ctx: &SockContext) -> i32 {
+    let Some((gov_cgroup, gov)) = governed() else {
+        return ALLOW;
+    };
+    let sk = ctx.sock;
+    // SAFETY: 4-byte loads of fields that sock_create programs may read.
+    let (family, sock_type, protocol) = unsafe { ((*sk).family, (*sk).type_, (*sk).protocol) };
+    let allowed = match (sock_type, protocol) {
+        (SOCK_STREAM, IPPROTO_TCP) | (SOCK_DGRAM, IPPROTO_UDP) => true,
+        (SOCK_DGRAM, IPPROTO_ICMP | IPPROTO_ICMPV6) => gov.flags & GOVERNED_ALLOW_PING != 0,
+        _ => false,
+    };
+    if allowed {
+        return ALLOW;
+    }
+    let caller = Caller::current(gov_cgroup, &gov);
+    let refusal = Refusal {
+        reason: reason::SOCKET_NOT_ALLOWED,
+        dst: [0; 4],
+        port: 0,
+        family: family as u16,
+        sock_type,
+        protocol,
+    };
+    deny(&caller, &refusal)
+}
+
+#[cgroup_sock(sock_create)]
+pub fn ag_sock_create(ctx: SockContext) -> i32 {
+    try_sock_create(&ctx)
 }
 
 #[cgroup_sock_addr(connect4)]

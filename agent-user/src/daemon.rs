@@ -577,9 +577,20 @@ async fn read_events(ring: RingBuf<MapData>, gate: Arc<Gate>) {
                 continue;
             }
             let process = ProcessInfo::read(ev.tgid, ev.uid);
-            let dst = SocketAddr::new(intercept::ip_of(&ev.dst_addr), ev.dst_port);
+            // A socket refused at creation has no destination yet.
+            let dst = (ev.reason != agent_common::reason::SOCKET_NOT_ALLOWED)
+                .then(|| SocketAddr::new(intercept::ip_of(&ev.dst_addr), ev.dst_port));
             let reason = intercept::reason_name(ev.reason);
-            tracing::warn!(agent = agent.as_deref().unwrap_or("?"), pid = ev.tgid, uid = ev.uid, destination = %dst, reason, "kernel refused a governed socket");
+            let socket = intercept::socket_name(ev.sock_type, ev.protocol);
+            tracing::warn!(
+                agent = agent.as_deref().unwrap_or("?"),
+                pid = ev.tgid,
+                uid = ev.uid,
+                destination = dst.map(|d| d.to_string()).unwrap_or_default(),
+                socket,
+                reason,
+                "kernel refused a governed socket"
+            );
             let _ = gate.store.event(Event {
                 session_id: None,
                 kind: "kernel_deny".into(),
@@ -588,10 +599,11 @@ async fn read_events(ring: RingBuf<MapData>, gate: Arc<Gate>) {
                 uid: Some(ev.uid),
                 cgroup_id: Some(ev.cgroup_id),
                 exe: process.exe,
-                destination: Some(dst.to_string()),
+                destination: dst.map(|d| d.to_string()),
                 detail: serde_json::json!({
                     "reason": reason,
-                    "socket": if ev.sock_type == agent_common::SOCK_DGRAM { "udp" } else { "tcp" },
+                    "socket": socket,
+                    "protocol": ev.protocol,
                     "family": if ev.family == agent_common::AF_INET6 { "ipv6" } else { "ipv4" },
                     "governed_cgroup_id": ev.governed_cgroup_id,
                     "orphaned_cgroup": ev.agent_id == intercept::ORPHAN_AGENT_ID,

@@ -839,3 +839,84 @@ except OSError as e:
     let out = run_wrapped("--keep-fds");
     assert_eq!(out.trim(), "used:ping", "{out}");
 }
+
+#[test]
+fn governed_processes_can_create_only_tcp_and_udp_sockets() {
+    // Raw, ICMP echo, UDP-Lite, MPTCP and other sockets send past the connect and sendmsg hooks:
+    // their creation is refused in the kernel. ICMP echo is allowed to agents that opt in.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&format!(
+        "agents:
+  - name: bot
+    cgroup: {{base}}/bot
+    targets: [echo]
+  - name: pinger
+    cgroup: {{base}}/pinger
+    targets: [echo]
+    allow_ping: true
+targets:
+  - name: echo
+    match: [\"{}\"]
+    protocol: tcp
+",
+        echo.addr
+    ));
+    // In a network namespace of its own the script may widen ping_group_range (a per-namespace
+    // setting; the host's "1 0" makes ping sockets fail with EACCES before any hook runs). The
+    // cgroup hooks follow the process into it.
+    let script = r#"
+import json, socket
+with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+    f.write("0 2147483647")
+kinds = {
+    "tcp": (socket.AF_INET, socket.SOCK_STREAM, 0),
+    "udp6": (socket.AF_INET6, socket.SOCK_DGRAM, 0),
+    "raw": (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),
+    "raw6": (socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP),
+    "ping": (socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP),
+    "ping6": (socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6),
+    "udplite": (socket.AF_INET, socket.SOCK_DGRAM, 136),
+    "mptcp": (socket.AF_INET, socket.SOCK_STREAM, 262),
+}
+out = {}
+for name, (family, kind, proto) in kinds.items():
+    try:
+        socket.socket(family, kind, proto).close()
+        out[name] = 0
+    except OSError as e:
+        out[name] = e.errno
+print(json.dumps(out))
+"#;
+    let outcome = |cmd: &mut Command| -> Value {
+        serde_json::from_str(stdout(&run(cmd)).trim()).expect("probe output")
+    };
+    let ungoverned = outcome(Command::new("unshare").args(["-n", "python3", "-c", script]));
+    let bot = outcome(&mut gate.exec("bot", &["unshare", "-n", "python3", "-c", script]));
+    let pinger = outcome(&mut gate.exec("pinger", &["unshare", "-n", "python3", "-c", script]));
+    for kind in ["raw", "raw6", "ping", "ping6", "udplite", "mptcp"] {
+        assert_eq!(
+            ungoverned[kind], 0,
+            "{kind} works outside the gate: {ungoverned}"
+        );
+        assert_eq!(
+            bot[kind], EPERM,
+            "{kind} refused for a governed process: {bot}"
+        );
+    }
+    for kind in ["tcp", "udp6"] {
+        assert_eq!(bot[kind], 0, "{kind}: {bot}");
+    }
+    assert_eq!(pinger["ping"], 0, "{pinger}");
+    assert_eq!(pinger["ping6"], 0, "{pinger}");
+    assert_eq!(
+        pinger["raw"], EPERM,
+        "allow_ping allows ICMP echo only: {pinger}"
+    );
+
+    let e = gate.wait_event("a socket refused at creation", |e| {
+        e["detail"]["reason"] == "socket_not_allowed"
+            && e["detail"]["socket"] == "mptcp"
+            && e["agent"] == "bot"
+    });
+    assert!(e["destination"].is_null(), "{e}");
+}

@@ -240,6 +240,11 @@ pub struct AgentConfig {
     pub targets: Vec<String>,
     #[serde(default)]
     pub unknown_destinations: UnknownDestinations,
+    /// ICMP echo ("ping") sockets may be created. Off by default: no hook sees what they send,
+    /// and ICMP payloads can carry anything. Raw sockets, SCTP and other non-TCP/UDP sockets
+    /// are always refused at creation.
+    #[serde(default)]
+    pub allow_ping: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -17,13 +17,13 @@ use std::sync::Mutex;
 
 use agent_common::{
     Addr, DEST_KEY_FIXED_BITS, DenyEvent, DestKey, DestValue, Endpoint, FlowKey, FlowRecord,
-    GOVERNED_UNKNOWN_RECORD, Governed, Settings, V4_MAPPED_PREFIX_BITS, addr_bytes,
-    addr_from_bytes, names, v4_mapped,
+    GOVERNED_ALLOW_PING, GOVERNED_UNKNOWN_RECORD, Governed, Settings, V4_MAPPED_PREFIX_BITS,
+    addr_bytes, addr_from_bytes, names, v4_mapped,
 };
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
-use aya::programs::{CgroupSockAddr, ProgramError, SockOps};
+use aya::programs::{CgroupSock, CgroupSockAddr, ProgramError, SockOps};
 use aya::{Ebpf, EbpfError};
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -146,7 +146,7 @@ impl Paths {
     fn all_links(&self) -> impl Iterator<Item = PathBuf> + '_ {
         SOCK_ADDR_PROGRAMS
             .iter()
-            .chain([&names::SOCK_OPS])
+            .chain([&names::SOCK_OPS, &names::SOCK_CREATE])
             .map(|p| self.link(p))
     }
 }
@@ -249,37 +249,34 @@ impl Intercept {
             path: cgroups.mount.clone(),
             source,
         })?;
-        for name in SOCK_ADDR_PROGRAMS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(InterceptError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| InterceptError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| InterceptError::Program { name, source })?;
-            let id = prog
-                .attach(&root, CgroupAttachMode::Single)
-                .map_err(|source| InterceptError::Program { name, source })?;
-            let link = prog
-                .take_link(id)
-                .map_err(|source| InterceptError::Program { name, source })?;
-            pin_link(FdLink::try_from(link), &paths.link(name))?;
+        // Loads program `name` as `$kind`, attaches it at the cgroup2 root and pins the link.
+        // (A macro: the program types share these methods but no trait.)
+        macro_rules! attach_and_pin {
+            ($kind:ty, $name:expr) => {{
+                let name = $name;
+                let prog: &mut $kind = ebpf
+                    .program_mut(name)
+                    .ok_or(InterceptError::MissingProgram(name))?
+                    .try_into()
+                    .map_err(|source| InterceptError::Program { name, source })?;
+                prog.load()
+                    .map_err(|source| InterceptError::Program { name, source })?;
+                let id = prog
+                    .attach(&root, CgroupAttachMode::Single)
+                    .map_err(|source| InterceptError::Program { name, source })?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| InterceptError::Program { name, source })?;
+                pin_link(FdLink::try_from(link), &paths.link(name))?;
+            }};
         }
-        let name = names::SOCK_OPS;
-        let prog: &mut SockOps = ebpf
-            .program_mut(name)
-            .ok_or(InterceptError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| InterceptError::Program { name, source })?;
-        prog.load()
-            .map_err(|source| InterceptError::Program { name, source })?;
-        let id = prog
-            .attach(&root, CgroupAttachMode::Single)
-            .map_err(|source| InterceptError::Program { name, source })?;
-        let link = prog
-            .take_link(id)
-            .map_err(|source| InterceptError::Program { name, source })?;
-        pin_link(FdLink::try_from(link), &paths.link(name))?;
+        // Socket creation first: from then on a governed process holds only sockets the other
+        // hooks see.
+        attach_and_pin!(CgroupSock, names::SOCK_CREATE);
+        for name in SOCK_ADDR_PROGRAMS {
+            attach_and_pin!(CgroupSockAddr, name);
+        }
+        attach_and_pin!(SockOps, names::SOCK_OPS);
 
         if let Some(dir) = paths.hash_file.parent() {
             fs::create_dir_all(dir).map_err(|source| InterceptError::Io {
@@ -351,10 +348,13 @@ impl Intercept {
             let Some(agent) = cfg.agent_by_id(*agent_id) else {
                 continue;
             };
-            let flags = match agent.unknown_destinations {
+            let mut flags = match agent.unknown_destinations {
                 UnknownDestinations::Deny => 0,
                 UnknownDestinations::Record => GOVERNED_UNKNOWN_RECORD,
             };
+            if agent.allow_ping {
+                flags |= GOVERNED_ALLOW_PING;
+            }
             want_gov.insert(
                 *cgroup,
                 Governed {
@@ -695,7 +695,27 @@ pub fn decode_event(b: &[u8]) -> Option<DenyEvent> {
         dst_port: u16_at(56)?,
         family: u16_at(58)?,
         sock_type: u32_at(60)?,
+        protocol: u32_at(64)?,
+        _pad: 0,
     })
+}
+
+/// A refused socket's kind, from its type and protocol.
+pub fn socket_name(sock_type: u32, protocol: u32) -> String {
+    use agent_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, SOCK_RAW};
+    const IPPROTO_SCTP: u32 = 132;
+    const IPPROTO_UDPLITE: u32 = 136;
+    const IPPROTO_MPTCP: u32 = 262;
+    match (sock_type, protocol) {
+        (SOCK_RAW, p) => format!("raw (protocol {p})"),
+        (_, IPPROTO_TCP) => "tcp".into(),
+        (_, IPPROTO_UDP) => "udp".into(),
+        (_, IPPROTO_ICMP | IPPROTO_ICMPV6) => "icmp".into(),
+        (_, IPPROTO_SCTP) => "sctp".into(),
+        (_, IPPROTO_UDPLITE) => "udplite".into(),
+        (_, IPPROTO_MPTCP) => "mptcp".into(),
+        (t, p) => format!("type {t} protocol {p}"),
+    }
 }
 
 pub fn reason_name(reason: u32) -> &'static str {
@@ -708,6 +728,7 @@ pub fn reason_name(reason: u32) -> &'static str {
         UNSUPPORTED_SOCKET => "unsupported_socket",
         NOT_READY => "enforcer_not_ready",
         PROTECTED_ENDPOINT => "protected_endpoint",
+        SOCKET_NOT_ALLOWED => "socket_not_allowed",
         _ => "unknown",
     }
 }
