@@ -290,7 +290,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 36);
         assert_eq!(size_of::<Endpoint>(), 20);
         assert_eq!(size_of::<Settings>(), 4 + 2 + 2 + 16 + 4 + 4);
-        assert_eq!(size_of::<DenyEvent>(), 8 * 3 + 4 * 4 + 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<DenyEvent>(), 8 * 3 + 4 * 4 + 16 + 2 + 2 + 4 * 3);
     }
 
     #[test]

@@ -668,6 +668,10 @@ fn dest_identity(k: &Key<DestKey>) -> (u32, [u8; 24]) {
 
 /// Decodes a `DenyEvent` from ring buffer bytes (bounds-checked; no unsafe casts).
 pub fn decode_event(b: &[u8]) -> Option<DenyEvent> {
+    // A short entry is not an event of this object's layout (padding included).
+    if b.len() < size_of::<DenyEvent>() {
+        return None;
+    }
     let u64_at = |o: usize| {
         b.get(o..o + 8)
             .and_then(|s| s.try_into().ok())
@@ -837,9 +841,14 @@ mod tests {
         b.extend_from_slice(&[0; 16]);
         b.extend_from_slice(&5432u16.to_ne_bytes());
         b.extend_from_slice(&[0; 6]);
-        assert_eq!(b.len(), 64);
+        b.extend_from_slice(&agent_common::IPPROTO_TCP.to_ne_bytes());
+        // One byte short of the whole event: refused.
+        b.extend_from_slice(&[0; 3]);
+        assert!(decode_event(&b).is_none());
+        b.push(0);
+        assert_eq!(b.len(), size_of::<DenyEvent>());
         let e = decode_event(&b).unwrap();
-        assert_eq!((e.tgid, e.dst_port), (1234, 5432));
+        assert_eq!((e.tgid, e.dst_port, e.protocol), (1234, 5432, 6));
         assert_eq!(reason_name(e.reason), "unknown_destination");
     }
 }
