@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
+use super::text::visible;
 use super::{CliError, msg};
 use crate::admin::{self, Request, Response};
 use crate::approval::{ApprovalEvent, Grant, Ticket};
@@ -29,30 +30,6 @@ async fn ask(cfg: &Config, req: Request) -> Result<serde_json::Value, CliError> 
 
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
-/// Text an agent chose (a statement, its parameters, its program's name) as the approver must
-/// read it: line breaks kept, each later line indented by `indent` (a statement after a `--`
-/// comment shows on its own line, as the server reads it), and every other control character
-/// and bidirectional-text control escaped (`\u{1b}`), so nothing can redraw or reorder what the
-/// approver sees.
-fn visible(s: &str, indent: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for (i, line) in s.split('\n').enumerate() {
-        if i > 0 {
-            out.push('\n');
-            out.push_str(indent);
-        }
-        for c in line.chars() {
-            let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-            if (c.is_control() && c != '\t') || bidi {
-                out.extend(c.escape_unicode());
-            } else {
-                out.push(c);
-            }
-        }
-    }
-    out
 }
 
 fn describe_ticket(out: &mut impl std::io::Write, t: &Ticket) -> std::io::Result<()> {
@@ -150,7 +127,10 @@ async fn print_list<T: serde::de::DeserializeOwned>(
     req: Request,
     json: bool,
     none: &str,
-    describe: fn(&mut std::io::StdoutLock<'static>, &T) -> std::io::Result<()>,
+    describe: fn(
+        &mut super::text::Visible<std::io::StdoutLock<'static>>,
+        &T,
+    ) -> std::io::Result<()>,
 ) -> Result<(), CliError> {
     let data = ask(cfg, req).await?;
     if json {
@@ -159,7 +139,7 @@ async fn print_list<T: serde::de::DeserializeOwned>(
     }
     let items: Vec<T> =
         serde_json::from_value(data).map_err(|e| msg(format!("bad answer: {e}")))?;
-    let mut out = std::io::stdout().lock();
+    let mut out = super::text::stdout();
     if items.is_empty() {
         writeln!(out, "{none}")?;
     }
@@ -250,7 +230,7 @@ pub async fn watch(cfg: &Config, json: bool) -> Result<(), CliError> {
             return Err(msg(resp.error.unwrap_or_else(|| "refused".into())));
         }
         let Some(data) = resp.data else { continue };
-        let mut out = std::io::stdout().lock();
+        let mut out = super::text::stdout();
         if json {
             writeln!(out, "{data}")?;
             out.flush()?;
@@ -294,7 +274,7 @@ pub async fn grant(
         return Ok(());
     }
     let g: Grant = serde_json::from_value(data).map_err(|e| msg(format!("bad answer: {e}")))?;
-    describe_grant(&mut std::io::stdout().lock(), &g)?;
+    describe_grant(&mut super::text::stdout(), &g)?;
     Ok(())
 }
 

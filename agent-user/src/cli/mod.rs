@@ -3,6 +3,7 @@
 //! `sessions`). Output formatting lives here; decisions do not.
 
 pub mod approvals;
+pub(crate) mod text;
 
 use std::io::Write as _;
 use std::os::unix::process::CommandExt;
@@ -149,7 +150,7 @@ pub async fn status(cfg: &Config, json: bool) -> Result<bool, CliError> {
         println!("{value:#}");
         return Ok(attached && daemon.is_ok());
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = text::stdout();
     match &daemon {
         Ok(resp) => {
             if let Some(s) = &resp.status {
@@ -228,7 +229,7 @@ pub fn sessions_list(cfg: &Config, limit: usize, json: bool) -> Result<(), CliEr
         );
         return Ok(());
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = text::stdout();
     writeln!(
         out,
         "{:>6}  {:<24}  {:<16}  {:>7}  {:<21}  {:<12}  {:<7}  {:>10}  {:>10}",
@@ -302,7 +303,7 @@ fn describe_event(e: &EventRow) -> String {
             "ticket {id} held for approval by rule \"{}\" (sha256 {}): {}",
             s("rule"),
             s("sha256"),
-            one_line(text("/statement").unwrap_or(""))
+            text::visible(text("/statement").unwrap_or("").trim(), "    ")
         ),
         "ticket_approved" => format!(
             "ticket {id} approved by {}{}{}",
@@ -352,7 +353,7 @@ pub fn sessions_show(cfg: &Config, id: i64, json: bool) -> Result<(), CliError> 
         return Ok(());
     }
     print_session(&row)?;
-    let mut out = std::io::stdout().lock();
+    let mut out = text::stdout();
     for item in timeline(&statements, &events) {
         let st = match item {
             Item::Event(e) => {
@@ -378,7 +379,8 @@ pub fn sessions_show(cfg: &Config, id: i64, json: bool) -> Result<(), CliError> 
                 .as_ref()
                 .map(|r| format!(", rule {r}"))
                 .unwrap_or_default(),
-            one_line(&st.text)
+            // Line breaks kept: `SELECT 1 -- x` then `DROP TABLE t` is two lines, as it ran.
+            text::visible(st.text.trim(), "      ")
         )?;
         let mut outcome = Vec::new();
         if let Some(m) = st.message.as_ref().filter(|_| st.decision == "allow") {
@@ -406,16 +408,12 @@ pub fn sessions_show(cfg: &Config, id: i64, json: bool) -> Result<(), CliError> 
     Ok(())
 }
 
-fn one_line(sql: &str) -> String {
-    sql.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
 /// The session as a readable psql-like transcript, statements in the order they ran.
 pub fn sessions_replay(cfg: &Config, id: i64) -> Result<(), CliError> {
     let reader = SessionReader::open(&cfg.sessions_db())?;
     let row = reader.get(id)?;
     let statements = reader.statements_of(id)?;
-    let mut out = std::io::stdout().lock();
+    let mut out = text::stdout();
     let agent = row.agent.clone().unwrap_or_else(|| "agent".into());
     writeln!(
         out,
@@ -447,8 +445,9 @@ fn json_strings(v: &serde_json::Value) -> Vec<String> {
         .map(|c| {
             c.iter()
                 .map(|v| {
+                    // A cell stays on one line, whatever the value holds.
                     v.as_str()
-                        .map(str::to_string)
+                        .map(text::escaped)
                         .unwrap_or_else(|| "NULL".into())
                 })
                 .collect()
@@ -578,8 +577,9 @@ pub fn explain(
 }
 
 fn print_session(r: &SessionRow) -> std::io::Result<()> {
-    let mut out = std::io::stdout().lock();
-    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let mut out = text::stdout();
+    // One line per field: a command line holding a line break cannot fake the next field.
+    let opt = |v: &Option<String>| v.as_deref().map_or_else(|| "-".into(), text::escaped);
     writeln!(out, "session {}", r.id)?;
     writeln!(
         out,
@@ -629,7 +629,7 @@ fn print_session(r: &SessionRow) -> std::io::Result<()> {
         r.bytes_up, r.bytes_down
     )?;
     if let Some(e) = &r.error {
-        writeln!(out, "  error:       {e}")?;
+        writeln!(out, "  error:       {}", text::escaped(e))?;
     }
     Ok(())
 }
@@ -644,7 +644,7 @@ pub fn events_list(cfg: &Config, limit: usize, json: bool) -> Result<(), CliErro
         );
         return Ok(());
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = text::stdout();
     for e in rows {
         // Tickets and grants read better as a sentence than as their JSON.
         let detail = if e.kind.starts_with("ticket_") || e.kind.starts_with("grant_") {
@@ -685,4 +685,50 @@ pub fn uninstall(cfg: &Config) -> Result<(), CliError> {
         cfg.pin_dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replayed_statement_cannot_drive_the_operators_terminal() {
+        // The agent chose the text; the database returned a value the agent stored earlier.
+        let st = StatementRow {
+            id: 1,
+            ts: "t".into(),
+            ts_ms: 0,
+            protocol: "simple".into(),
+            text: "SELECT note FROM notes -- \u{1b}[2K\nWHERE id = 1".into(),
+            kind: Some("select".into()),
+            tables: serde_json::json!([]),
+            functions: serde_json::json!([]),
+            decision: "allow".into(),
+            enforced: true,
+            policy: None,
+            rule: None,
+            message: None,
+            duration_us: Some(1),
+            rows: Some(1),
+            command_tag: Some("SELECT 1".into()),
+            error: None,
+            columns: serde_json::json!(["note"]),
+            result_rows: serde_json::json!([["\u{1b}]52;c;cm0gLXJmIC8=\u{7}line\nbreak\u{202e}"]]),
+            masked: false,
+        };
+        let mut out = text::Visible(Vec::new());
+        write_statement(&mut out, "bot", &st).unwrap();
+        let shown = String::from_utf8(out.0).unwrap();
+        assert!(
+            !shown.contains('\u{1b}') && !shown.contains('\u{7}') && !shown.contains('\u{202e}'),
+            "{shown:?}"
+        );
+        assert!(
+            shown.contains("\\u{1b}]52;c;cm0gLXJmIC8=\\u{7}line\\nbreak\\u{202e}"),
+            "{shown}"
+        );
+        // The statement keeps its line break: the WHERE is not hidden behind the comment.
+        assert!(shown.contains("-- \\u{1b}[2K\nWHERE id = 1;"), "{shown}");
+    }
 }
