@@ -920,3 +920,54 @@ print(json.dumps(out))
     });
     assert!(e["destination"].is_null(), "{e}");
 }
+
+#[test]
+fn pins_of_another_build_with_fewer_programs_are_not_replaced_behind_the_operators_back() {
+    // An upgrade that adds a program finds some of its links pinned, not all. Replacing them
+    // would detach every program until the new ones are installed: refused, as for any pins
+    // of another build, and governed connects stay refused meanwhile.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let mut gate = Gate::start(&config(&echo, ""));
+    let spec = format!("tcp:{}", echo.addr);
+    assert!(ok(&gate.probe("bot", &[&spec])[0]));
+    gate.stop();
+    // What the previous build left: no sock_create link, another object's hash.
+    std::fs::remove_file(gate.pin_dir.join("links/ag_sock_create")).unwrap();
+    std::fs::write(gate.dir.join("state/pinned-object.sha256"), "0".repeat(64)).unwrap();
+
+    let mut daemon = Command::new(agentgate_tests::agentgate_bin())
+        .args(["run", "--config"])
+        .arg(&gate.config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            let _ = daemon.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = daemon.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the daemon must refuse to start: {err}"
+    );
+    assert!(err.contains("different build"), "{err}");
+    assert!(
+        gate.pin_dir.join("links/ag_connect4").exists(),
+        "the other build's links are left in place"
+    );
+    let governed = gate.probe("bot", &[&spec]);
+    assert_eq!(errno(&governed[0]), EPERM, "{governed:?}");
+
+    // After `uninstall` this build installs its own.
+    assert!(gate.cli(&["uninstall"]).status.success());
+    gate.spawn();
+    assert!(ok(&gate.probe("bot", &[&spec])[0]));
+}

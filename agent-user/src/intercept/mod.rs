@@ -216,7 +216,16 @@ impl Intercept {
             return Ok(adopted);
         }
         if pinned.iter().any(|p| *p) {
-            // A half-pinned set (a crash during a previous install): start over cleanly.
+            // Some of this build's links are pinned, not all. Pins of another build (one with
+            // fewer programs, before an upgrade) are not replaced here: removing them would
+            // leave governed processes unhooked until this daemon has installed and synced, and
+            // forget orphaned cgroups. The operator uninstalls first, as for any other build.
+            let recorded = fs::read_to_string(&paths.hash_file).ok();
+            if recorded.is_some_and(|h| h.trim() != object_hash()) {
+                return Err(InterceptError::StalePins(cfg.pin_dir.clone()));
+            }
+            // Otherwise an install by this build stopped half way (the hash is written last):
+            // start over cleanly.
             tracing::warn!(pin_dir = %cfg.pin_dir.display(), "incomplete pinned state found; replacing it");
             remove_pins(&paths)?;
         }
