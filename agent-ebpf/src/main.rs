@@ -51,8 +51,13 @@ static DESTS: LpmTrie<DestKey, DestValue> = LpmTrie::with_max_entries(MAX_DESTS,
 /// connects long failed; a live one lasts microseconds.
 #[map]
 static PENDING: LruHashMap<u64, FlowRecord> = LruHashMap::with_max_entries(MAX_PENDING, 0);
+/// LRU for the same reason as `PENDING`: a connect whose SYN never reaches the enforcer (a TCP
+/// MD5 key set for the loopback address makes the listener drop it, no capability needed)
+/// leaves its record until the daemon's sweep, and a process can make those at will. Eviction
+/// drops the oldest records; a live one is taken within microseconds of the handshake, so
+/// evicting one only closes that connection (fail closed).
 #[map]
-static FLOWS: HashMap<FlowKey, FlowRecord> = HashMap::with_max_entries(MAX_FLOWS, 0);
+static FLOWS: LruHashMap<FlowKey, FlowRecord> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 /// Original destination by socket cookie for getpeername; LRU because sockets close without
 /// telling us, and losing an entry only changes what getpeername shows.
 #[map]

@@ -971,3 +971,47 @@ fn pins_of_another_build_with_fewer_programs_are_not_replaced_behind_the_operato
     gate.spawn();
     assert!(ok(&gate.probe("bot", &[&spec])[0]));
 }
+
+#[test]
+fn connects_whose_handshake_never_reaches_the_gate_cannot_fill_the_flow_map() {
+    // A TCP MD5 key for 127.0.0.1 (no capability needed) makes the gate's listener drop the
+    // redirected SYN: the flow record written at the SYN stays until the sweep. More of those
+    // than the map holds must not close every other agent's connections.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let script = format!(
+        r#"
+import socket, struct
+def md5(s):
+    addr = struct.pack("=HH4s", socket.AF_INET, 0, socket.inet_aton("127.0.0.1")).ljust(128, b"\0")
+    key = b"k" * 8
+    s.setsockopt(socket.IPPROTO_TCP, 14, addr + struct.pack("=BBHI", 0, 0, len(key), 0) + key.ljust(80, b"\0"))
+sent = 0
+for i in range(30000):
+    s = socket.socket()
+    md5(s)
+    # Several source addresses: more 4-tuples than ephemeral ports.
+    s.bind(("127.0.0.%d" % (2 + i % 4), 0))
+    s.setblocking(False)
+    try:
+        s.connect(("127.0.0.1", {port}))
+    except BlockingIOError:
+        sent += 1
+    s.close()
+print(sent)
+"#,
+        port = echo.addr.port()
+    );
+    let out = run(&mut gate.exec("bot", &["python3", "-c", &script]));
+    assert_eq!(
+        stdout(&out).trim(),
+        "30000",
+        "every SYN sent: {}",
+        stdout(&out)
+    );
+    let spec = format!("tcp:{}", echo.addr);
+    for agent in ["recorder", "bot"] {
+        let p = gate.probe(agent, &[&spec]);
+        assert!(ok(&p[0]), "{agent} after the flood: {p:?}");
+    }
+}
