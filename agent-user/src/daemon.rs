@@ -7,7 +7,7 @@
 //! operator runs `agentgate uninstall`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -238,6 +238,7 @@ fn relative_cgroup(cgroups: &CgroupFs, path: &str) -> Result<String, String> {
 
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let cfg = Arc::new(cfg);
+    raise_fd_limit();
     let cgroups = CgroupFs::discover()?;
     std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::Io {
         what: format!("state_dir {}", cfg.state_dir.display()),
@@ -344,6 +345,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         served: AtomicU64::new(0),
         refused: AtomicU64::new(0),
         events: EventLimiter::new(cfg.events),
+        active: cfg.agents.iter().map(|_| AtomicUsize::new(0)).collect(),
     });
     let daemon = Arc::new(Daemon {
         gate: gate.clone(),
@@ -611,6 +613,22 @@ async fn read_events(ring: RingBuf<MapData>, gate: Arc<Gate>) {
                 }),
             });
         }
+    }
+}
+
+/// Every relayed connection holds two to four descriptors. The usual soft limit (1024) would
+/// let a few hundred connections refuse everyone's (accept fails with `EMFILE`), so the soft
+/// limit is raised to the hard one; per-agent `max_connections` keeps one agent from taking
+/// them all.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
     }
 }
 

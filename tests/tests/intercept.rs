@@ -1015,3 +1015,64 @@ print(sent)
         assert!(ok(&p[0]), "{agent} after the flood: {p:?}");
     }
 }
+
+#[test]
+fn an_agent_holding_its_maximum_of_connections_cannot_open_more() {
+    // One agent must not run the daemon out of descriptors for everyone: beyond
+    // `max_connections` its connections are closed at accept; other agents are unaffected.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&format!(
+        "agents:
+  - name: bot
+    cgroup: {{base}}/bot
+    targets: [echo]
+    max_connections: 3
+  - name: other
+    cgroup: {{base}}/other
+    targets: [echo]
+targets:
+  - name: echo
+    match: [\"{}\"]
+    protocol: tcp
+",
+        echo.addr
+    ));
+    let script = format!(
+        r#"
+import socket
+def echo(s):
+    try:
+        s.sendall(b"hi")
+        return s.recv(2) == b"hi"
+    except OSError:
+        return False
+held = [socket.create_connection(("127.0.0.1", {port})) for _ in range(5)]
+print(",".join("ok" if echo(s) else "closed" for s in held))
+for s in held:
+    s.close()
+# The gate gives a slot back when it has seen the close: retry for a while.
+import time
+for _ in range(100):
+    again = socket.create_connection(("127.0.0.1", {port}))
+    if echo(again):
+        print("ok")
+        break
+    again.close()
+    time.sleep(0.05)
+else:
+    print("closed")
+"#,
+        port = echo.addr.port()
+    );
+    let out = stdout(&run(&mut gate.exec("bot", &["python3", "-c", &script])));
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("ok,ok,ok,closed,closed"), "{out}");
+    // Once they are closed, the agent may connect again (the slots are given back).
+    assert_eq!(lines.next(), Some("ok"), "{out}");
+    assert!(ok(&gate.probe("other", &[&format!("tcp:{}", echo.addr)])[0]));
+    let e = gate.wait_event("a connection_limit event", |e| {
+        e["kind"] == "connection_limit"
+    });
+    assert_eq!(e["agent"], "bot");
+    assert_eq!(e["detail"]["max_connections"], 3);
+}

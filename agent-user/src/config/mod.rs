@@ -245,6 +245,14 @@ pub struct AgentConfig {
     /// are always refused at creation.
     #[serde(default)]
     pub allow_ping: bool,
+    /// Connections of this agent the enforcer serves at once; more are closed at accept (with
+    /// a `connection_limit` event). One agent cannot run the daemon out of descriptors for all.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_connections() -> usize {
+    1024
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -13,7 +13,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use agent_common::{FlowRecord, TARGET_UNKNOWN};
@@ -39,6 +39,32 @@ pub struct Gate {
     pub refused: AtomicU64,
     /// Events caused by the other side (kernel refusals, connections without a flow record).
     pub events: EventLimiter,
+    /// Connections being served, per agent id (index `id - 1`; see `AgentConfig::max_connections`).
+    pub active: Vec<AtomicUsize>,
+}
+
+/// One served connection of an agent; counted until dropped.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Gate {
+    /// A slot among the agent's `max_connections`, or `None` when they are all taken.
+    fn slot(&self, agent_id: u32) -> Option<Slot<'_>> {
+        let agent = self.cfg.agent_by_id(agent_id)?;
+        let count = self
+            .active
+            .get(usize::try_from(agent_id).ok()?.checked_sub(1)?)?;
+        if count.fetch_add(1, Ordering::Relaxed) >= agent.max_connections {
+            count.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Slot(count))
+    }
 }
 
 /// Who is on the other end of an accepted connection and where they wanted to go.
@@ -260,6 +286,30 @@ async fn handle(
             detail: serde_json::json!({ "agent_id": flow.agent_id, "target_id": flow.target_id }),
             ..Default::default()
         });
+        return;
+    };
+    let Some(_slot) = gate.slot(flow.agent_id) else {
+        gate.intercept.forget_flow(&key);
+        gate.refused.fetch_add(1, Ordering::Relaxed);
+        let source = Source {
+            kind: "connection_limit",
+            agent: Some(peer.agent.clone()),
+        };
+        if gate.events.admit(&source, Instant::now()) {
+            tracing::warn!(agent = %peer.agent, pid = flow.tgid, "agent has as many connections open as it may; closed");
+            let _ = gate.store.event(Event {
+                kind: "connection_limit".into(),
+                agent: Some(peer.agent.clone()),
+                pid: Some(flow.tgid),
+                uid: Some(flow.uid),
+                cgroup_id: Some(flow.cgroup_id),
+                destination: Some(peer.original_destination.to_string()),
+                detail: serde_json::json!({
+                    "max_connections": gate.cfg.agent_by_id(flow.agent_id).map(|a| a.max_connections),
+                }),
+                ..Default::default()
+            });
+        }
         return;
     };
     gate.served.fetch_add(1, Ordering::Relaxed);
