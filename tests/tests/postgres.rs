@@ -1557,3 +1557,63 @@ fn a_frame_larger_than_max_frame_bytes_closes_the_connection_and_runs_nothing() 
     );
     assert_eq!(text(&o.stdout), "fits\n", "{}", show(&o));
 }
+
+#[test]
+fn the_gates_view_of_names_and_responses_cannot_be_parted_from_the_servers() {
+    let (pg, gate) = start();
+    let l = pg_client(&gate, &pg, "bot", "raw_desync", "");
+    let masked_row = serde_json::json!([["[REDACTED:email]", "************1111"]]);
+    // 1. The Parse and Query sent after the server's error were skipped by the server: `s` is
+    //    still the masked SELECT.
+    assert_eq!(
+        step(&l, "bind_error")["errors"].as_array().unwrap().len(),
+        1,
+        "{l:#?}"
+    );
+    assert_eq!(step(&l, "skipped_reparse")["tags"], "Z", "{l:#?}");
+    assert_eq!(step(&l, "execute_s")["rows"], masked_row, "{l:#?}");
+    // 2. An overlong name is refused.
+    let long = step(&l, "long_name");
+    assert_eq!(long["errors"][0]["code"], "42501", "{l:#?}");
+    assert!(
+        long["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limited to 63 bytes"),
+        "{l:#?}"
+    );
+    // 3. The portal `c` ended with its transaction; the SQL cursor `c` is not the gate's.
+    assert_eq!(step(&l, "declare_c")["ok"], true, "{l:#?}");
+    let c = step(&l, "execute_c");
+    assert_eq!(c["rows"], serde_json::json!([]), "{l:#?}");
+    assert_eq!(c["errors"][0]["code"], "42501", "{l:#?}");
+    // 4. The Sync inside the COPY data is not waited for: the next results keep their masks.
+    assert_eq!(step(&l, "copy_done")["ok"], true, "{l:#?}");
+    assert_eq!(step(&l, "empty")["ok"], true, "{l:#?}");
+    assert_eq!(step(&l, "masked_after_copy")["rows"], masked_row, "{l:#?}");
+    // 5. The server's message would quote the value; it is withheld, the SQLSTATE kept.
+    for (name, secret, code) in [
+        ("cast_ssn", "123-45-6789", "22P02"),
+        ("cast_email", "alice@example.com", "22007"),
+    ] {
+        let e = &step(&l, name)["errors"][0];
+        assert_eq!(e["code"], code, "{l:#?}");
+        let message = e["message"].as_str().unwrap();
+        assert!(
+            !message.contains(secret) && message.contains("withheld"),
+            "{l:#?}"
+        );
+    }
+    assert_eq!(
+        step(&l, "after")["rows"],
+        serde_json::json!([["1"]]),
+        "{l:#?}"
+    );
+    // Nor does the record hold the value.
+    let statements = all_statements(&gate, 1);
+    let shown = serde_json::to_string(&statements).unwrap();
+    assert!(
+        !shown.contains("123-45-6789") && !shown.contains("alice@example.com"),
+        "{shown}"
+    );
+}

@@ -655,6 +655,78 @@ fn raw_out_of_step(port: u16) {
     emit(summary("after", c.until_ready()));
 }
 
+/// Ways to make the gate's view of names and responses part from the server's (each must leave
+/// masking and judging intact).
+fn raw_desync(port: u16) {
+    let masked = "SELECT email, card_number FROM customers WHERE id = 1";
+    let flush = frame(b'H', &[]);
+    let mut c = Raw::connect(port);
+
+    // 1. Messages sent after a server error has reached the agent, before Sync: the server
+    //    skips them, so the gate must not take the Parse as done.
+    let mut batch = parse_msg("s", masked);
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("prepare_s", c.until_ready()));
+    let mut batch = bind_msg("", "nonexistent");
+    batch.extend(&flush);
+    c.send(&batch);
+    emit(summary("bind_error", c.until_tag(b'E')));
+    let mut batch = parse_msg("s", "SELECT 1");
+    batch.extend(query_msg("SELECT 2"));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("skipped_reparse", c.until_ready()));
+    let mut batch = bind_msg("", "s");
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("execute_s", c.until_ready()));
+
+    // 2. Names longer than the server keeps (it compares 63 bytes): refused.
+    let long = "a".repeat(63);
+    let mut batch = parse_msg(&format!("{long}X"), "SELECT 1");
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("long_name", c.until_ready()));
+
+    // 3. A portal bound in an ended transaction, then a SQL cursor of the same name.
+    let mut batch = parse_msg("", "SELECT 1 AS n");
+    batch.extend(bind_msg("c", ""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("bind_c", c.until_ready()));
+    c.send(&query_msg(&format!("BEGIN; DECLARE c CURSOR FOR {masked}")));
+    emit(summary("declare_c", c.until_ready()));
+    let mut batch = execute_msg("c");
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("execute_c", c.until_ready()));
+    c.send(&query_msg("ROLLBACK"));
+    emit(summary("rollback", c.until_ready()));
+
+    // 4. A Sync in the middle of COPY data (the server ignores it), then an empty query.
+    c.send(&query_msg("COPY t FROM STDIN"));
+    emit(summary("copy_start", c.until_tag(b'G')));
+    let mut batch = frame(b'd', b"9\tz\n");
+    batch.extend(sync_msg());
+    batch.extend(frame(b'c', &[]));
+    c.send(&batch);
+    emit(summary("copy_done", c.until_ready()));
+    c.send(&query_msg(""));
+    emit(summary("empty", c.until_ready()));
+    c.send(&query_msg(masked));
+    emit(summary("masked_after_copy", c.until_ready()));
+
+    // 5. Errors that quote the data a masked statement read.
+    c.send(&query_msg("SELECT ssn::int FROM customers WHERE id = 1"));
+    emit(summary("cast_ssn", c.until_ready()));
+    c.send(&query_msg("SELECT email::date FROM customers WHERE id = 1"));
+    emit(summary("cast_email", c.until_ready()));
+    c.send(&query_msg("SELECT 1 AS still_usable"));
+    emit(summary("after", c.until_ready()));
+}
+
 /// COPY FROM STDIN in the extended protocol as libpq sends it (Execute, Sync, the data,
 /// CopyDone, Sync): the server ignores the first Sync, and the queries after it must still be
 /// matched with their own results (and masks).
@@ -723,6 +795,7 @@ fn main() {
         "raw_reparse_allowed" => raw_reparse_allowed(port),
         "raw_out_of_step" => raw_out_of_step(port),
         "raw_copy_sync" => raw_copy_sync(port),
+        "raw_desync" => raw_desync(port),
         "raw_startup" => raw_startup(port),
         "raw_oversize" => raw_oversize(port, arg.parse().expect("size")),
         "raw_greeting" => raw_greeting(

@@ -37,7 +37,7 @@ use crate::policy::{
 };
 use crate::protocol::postgres::{
     BackendDecoder, BackendMessage, ErrorFields, FieldDescription, FrontendDecoder,
-    FrontendMessage, Target, format_code,
+    FrontendMessage, Target, TransactionStatus, format_code,
 };
 
 const SQLSTATE_INSUFFICIENT_PRIVILEGE: &str = "42501";
@@ -201,6 +201,13 @@ struct State {
     queue: VecDeque<Expect>,
     statements: Names<Arc<Prepared>>,
     portals: Names<Arc<Portal>>,
+    /// The server reported an error in the extended protocol and is discarding every message
+    /// up to the agent's next Sync: what the agent sends meanwhile must not change the gate's
+    /// view (the server never runs it), so it is dropped.
+    server_skipping: bool,
+    /// The server is in COPY FROM STDIN (CopyInResponse seen, no CopyDone/CopyFail yet): it
+    /// ignores Sync and would swallow any other message as a protocol error.
+    copy_in: bool,
 }
 
 /// Prepared statements or portals by name. The unnamed one (`""`) is kept apart: drivers use it
@@ -240,6 +247,14 @@ impl<T> Names<T> {
     /// Forgets every named entry: the server's names changed in a way the gate did not follow.
     fn forget_named(&mut self) {
         self.named.clear();
+    }
+
+    /// Forgets every entry, named or not, except those named in `keep`.
+    fn forget_all_but(&mut self, keep: &[String]) {
+        if !keep.iter().any(String::is_empty) {
+            self.unnamed = None;
+        }
+        self.named.retain(|name, _| keep.contains(name));
     }
 
     fn remove(&mut self, name: &str) -> Option<T> {
@@ -586,6 +601,93 @@ fn refuse_unjudged(ctx: &Context<'_>, protocol: &'static str, text: &str, messag
 /// so the gate forgets its named statements and refuses an Execute of them until the agent
 /// prepares them again.
 fn changes_prepared(qd: &QueryDecision) -> bool {
+    first_keyword_in(qd, &["prepare", "deallocate", "discard"])
+}
+
+/// What happens to an agent message before it is judged.
+enum Pre {
+    Judge,
+    /// Not sent: the server would not run it (after its error, up to Sync) or, for a Sync during
+    /// COPY, it was forwarded with nothing to expect.
+    Drop,
+    /// Refused with an error queued: the rest up to Sync is skipped.
+    Refused,
+}
+
+/// The checks that come before judging: COPY FROM STDIN in progress, the server skipping after
+/// an error, names the server would shorten.
+fn before_judging(
+    ctx: &Context<'_>,
+    st: &mut State,
+    msg: &FrontendMessage,
+    raw: &[u8],
+    out: &mut BytesMut,
+) -> Result<Pre, PgError> {
+    if st.copy_in {
+        match msg {
+            FrontendMessage::CopyDone | FrontendMessage::CopyFail { .. } => st.copy_in = false,
+            // Ignored by the server during COPY: nothing answers this Sync.
+            FrontendMessage::Sync => {
+                out.extend_from_slice(raw);
+                return Ok(Pre::Drop);
+            }
+            FrontendMessage::CopyData(_) | FrontendMessage::Flush | FrontendMessage::Terminate => {}
+            other => {
+                // The server would take it as a protocol error and drop it, while the gate
+                // would expect its answer: the two views would part.
+                return Err(PgError::Protocol(format!(
+                    "{} sent during COPY FROM STDIN",
+                    other.name()
+                )));
+            }
+        }
+    }
+    if st.server_skipping {
+        match msg {
+            FrontendMessage::Sync => st.server_skipping = false,
+            FrontendMessage::Terminate => {}
+            // The server discards it after its error: so does the gate, unsent.
+            _ => return Ok(Pre::Drop),
+        }
+    }
+    if let Some(name) = overlong_name(msg) {
+        let message = format!(
+            "agentgate: statement and portal names are limited to {MAX_NAME_BYTES} bytes (the server shortens longer ones, so two names could reach one object): {}...",
+            name.chars().take(16).collect::<String>()
+        );
+        refuse_unjudged(ctx, "extended", msg.name(), &message);
+        st.queue.push_back(Expect::Synthetic(error_frame(&message)));
+        return Ok(Pre::Refused);
+    }
+    Ok(Pre::Judge)
+}
+
+/// The longest statement or portal name the server keeps whole (`NAMEDATALEN - 1`).
+const MAX_NAME_BYTES: usize = 63;
+
+/// A statement or portal name longer than the server keeps: the server compares only its first
+/// [`MAX_NAME_BYTES`] bytes, the gate the whole name.
+fn overlong_name(msg: &FrontendMessage) -> Option<&str> {
+    let names: [&str; 2] = match msg {
+        FrontendMessage::Parse { name, .. } => [name, ""],
+        FrontendMessage::Bind {
+            portal, statement, ..
+        } => [portal, statement],
+        FrontendMessage::Execute { portal, .. } => [portal, ""],
+        FrontendMessage::Describe { name, .. } | FrontendMessage::Close { name, .. } => [name, ""],
+        _ => return None,
+    };
+    names.into_iter().find(|n| n.len() > MAX_NAME_BYTES)
+}
+
+/// Some statement of the query declares or closes cursors, or discards session state: SQL-level
+/// portals the gate does not follow, so it forgets its own (an Execute of one is then refused
+/// until the agent binds it again).
+fn changes_portals(qd: &QueryDecision) -> bool {
+    first_keyword_in(qd, &["declare", "close", "discard"])
+}
+
+fn first_keyword_in(qd: &QueryDecision, keywords: &[&str]) -> bool {
     qd.statements.iter().any(|s| {
         let first = s
             .facts
@@ -593,9 +695,7 @@ fn changes_prepared(qd: &QueryDecision) -> bool {
             .split(|c: char| !c.is_ascii_alphabetic())
             .next()
             .unwrap_or_default();
-        ["prepare", "deallocate", "discard"]
-            .iter()
-            .any(|k| first.eq_ignore_ascii_case(k))
+        keywords.iter().any(|k| first.eq_ignore_ascii_case(k))
     })
 }
 
@@ -1033,6 +1133,15 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
         };
         let mut wake = false;
         let mut held = None;
+        match before_judging(ctx, &mut lock(state), &frame.msg, &frame.raw, &mut out)? {
+            Pre::Judge => {}
+            Pre::Drop => continue,
+            Pre::Refused => {
+                skipping = true;
+                notify.notify_one();
+                continue;
+            }
+        }
         {
             let mut st = lock(state);
             match &frame.msg {
@@ -1054,6 +1163,9 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                             after_copy = is_copy(&qd);
                             if changes_prepared(&qd) {
                                 st.statements.forget_named();
+                            }
+                            if changes_portals(&qd) {
+                                st.portals.forget_all_but(&[]);
                             }
                             out.extend_from_slice(&frame.raw);
                         }
@@ -1099,6 +1211,9 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                             });
                             if changes_prepared(&qd) {
                                 st.statements.forget_named();
+                            }
+                            if changes_portals(&qd) {
+                                st.portals.forget_all_but(&[]);
                             }
                             let previous = st.statements.insert(name.clone(), prepared.clone());
                             st.queue.push_back(Expect::Parse {
@@ -1679,6 +1794,65 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
     }
 }
 
+/// The statement whose response is arriving is masked (a Query's current statement or an
+/// Execute's).
+fn current_statement_masked(st: &State) -> bool {
+    match st.queue.front() {
+        Some(Expect::Query(q)) => q.recs.get(q.idx).is_some_and(|r| !r.masks.is_empty()),
+        Some(Expect::Execute(x)) => !x.rec.masks.is_empty(),
+        _ => false,
+    }
+}
+
+/// Whether an error can quote the data a statement read. Data exceptions quote the value
+/// (`invalid input syntax for type integer: "123-45-6789"`), integrity violations name the key in
+/// their detail (`Key (email)=(..) already exists`), functions raise whatever they like. Those
+/// classes are withheld when they quote anything or carry more than a message; a constant
+/// message (`division by zero`) and errors about the statement itself (syntax, permissions)
+/// keep their text.
+fn may_quote_data(e: &ErrorFields) -> bool {
+    use crate::protocol::postgres::backend::field;
+    let class = e.code().and_then(|c| c.get(..2)).unwrap_or("XX");
+    match class {
+        "P0" | "38" | "39" | "2F" | "XX" => true,
+        "22" | "23" => {
+            e.message().is_some_and(|m| m.contains('"'))
+                || e.fields().iter().any(|(c, _)| {
+                    [
+                        field::DETAIL,
+                        field::HINT,
+                        field::WHERE,
+                        field::INTERNAL_QUERY,
+                    ]
+                    .contains(c)
+                })
+        }
+        _ => false,
+    }
+}
+
+/// An error or notice of a masked statement with only its severity and SQLSTATE kept.
+fn withheld(e: &ErrorFields) -> ErrorFields {
+    use crate::protocol::postgres::backend::field;
+    let code = e.code().unwrap_or("XX000");
+    let mut out = ErrorFields::new(
+        e.fields()
+            .iter()
+            .filter(|(c, _)| {
+                [field::SEVERITY, field::SEVERITY_NONLOCALIZED, field::CODE].contains(c)
+            })
+            .cloned()
+            .collect(),
+    );
+    out.push(
+        field::MESSAGE,
+        format!(
+            "agentgate: the server's message is withheld: it may quote data this masked statement read (SQLSTATE {code})"
+        ),
+    );
+    out
+}
+
 fn out_of_step(what: &str) -> PgError {
     PgError::Protocol(format!(
         "the server sent {what} for no statement the gate expects; closing rather than passing rows unjudged"
@@ -1687,6 +1861,25 @@ fn out_of_step(what: &str) -> PgError {
 
 /// After a server error in the extended protocol the server skips everything up to Sync: so do
 /// the expectations (their view updates are rolled back, their statements recorded as not run).
+/// The transaction ended: the server dropped every portal bound in it. Portals bound by Binds
+/// still queued (pipelined after this Sync) are the next transaction's and stay; what those
+/// Binds would restore if skipped is gone too.
+fn forget_ended_portals(st: &mut State) {
+    let mut pending = Vec::new();
+    for e in &mut st.queue {
+        if let Expect::Bind {
+            injected: false,
+            name,
+            previous,
+        } = e
+        {
+            pending.push(name.clone());
+            *previous = None;
+        }
+    }
+    st.portals.forget_all_but(&pending);
+}
+
 fn pop_until_sync(ctx: &Context<'_>, st: &mut State) {
     let mut skipped = Vec::new();
     while let Some(front) = st.queue.front() {
@@ -1709,6 +1902,10 @@ fn pop_until_sync(ctx: &Context<'_>, st: &mut State) {
         }
     }
     st.revert(skipped);
+    // No Sync queued: the agent has not sent it yet, and the server discards what comes first.
+    if st.queue.is_empty() {
+        st.server_skipping = true;
+    }
 }
 
 fn on_backend(
@@ -1762,11 +1959,14 @@ fn on_backend(
                 }
             }
             Some(Expect::Query(_)) => {
-                if let Some(Expect::Query(q)) = st.queue.front_mut()
-                    && let Some(r) = q.recs.get_mut(q.idx)
-                {
-                    r.columns = fields.into_iter().map(|f| f.name).collect();
-                }
+                let Some(Expect::Query(q)) = st.queue.front_mut() else {
+                    return Err(out_of_step("RowDescription"));
+                };
+                // Columns beyond the statements the gate judged in this query: out of step.
+                let Some(r) = q.recs.get_mut(q.idx) else {
+                    return Err(out_of_step("RowDescription"));
+                };
+                r.columns = fields.into_iter().map(|f| f.name).collect();
             }
             // Result columns for nothing the gate sent: its view of the session is out of step,
             // and rows that follow could not be tied to a statement's masks.
@@ -1786,6 +1986,7 @@ fn on_backend(
             )));
         }
         B::CopyInResponse { .. } => {
+            st.copy_in = true;
             while matches!(
                 st.queue.get(1),
                 Some(Expect::Sync {
@@ -1821,7 +2022,10 @@ fn on_backend(
             let (plan, rec, formats) = match st.queue.front_mut() {
                 Some(Expect::Query(q)) => {
                     let idx = q.idx;
-                    (q.plan.as_deref(), q.recs.get_mut(idx), None)
+                    let Some(rec) = q.recs.get_mut(idx) else {
+                        return Err(out_of_step("DataRow"));
+                    };
+                    (q.plan.as_deref(), Some(rec), None)
                 }
                 Some(Expect::Execute(x)) => {
                     let ExecRun { rec, plan, portal } = &mut **x;
@@ -1877,7 +2081,15 @@ fn on_backend(
             }
             _ => {}
         },
+        B::NoticeResponse(ref n) if current_statement_masked(st) => {
+            B::NoticeResponse(withheld(n)).encode(out)?;
+            return Ok(());
+        }
         B::ErrorResponse(ref e) => {
+            // Under masking the error may quote what the statement read: the agent and the
+            // record get the withheld version.
+            let scrubbed = (current_statement_masked(st) && may_quote_data(e)).then(|| withheld(e));
+            let e = scrubbed.as_ref().unwrap_or(e);
             let message = e.message().unwrap_or("error").to_string();
             match st.queue.front_mut() {
                 Some(
@@ -1914,8 +2126,13 @@ fn on_backend(
                 }
                 Some(Expect::Sync { .. }) | None => {}
             }
+            if let Some(fields) = scrubbed {
+                B::ErrorResponse(fields).encode(out)?;
+                return Ok(());
+            }
         }
-        B::ReadyForQuery { .. } => {
+        B::ReadyForQuery { status } => {
+            let mut skipped = Vec::new();
             while let Some(e) = st.queue.pop_front() {
                 match e {
                     Expect::Sync { .. } => break,
@@ -1934,8 +2151,14 @@ fn on_backend(
                     }
                     Expect::Execute(x) => finish(ctx, x.rec, None, Some("not executed".into())),
                     Expect::Synthetic(b) => out.extend_from_slice(&b),
+                    // Never answered before this ReadyForQuery: the server skipped them.
+                    e @ (Expect::Parse { .. } | Expect::Bind { .. }) => skipped.push(e),
                     _ => {}
                 }
+            }
+            st.revert(skipped);
+            if status == TransactionStatus::Idle {
+                forget_ended_portals(st);
             }
         }
         _ => {}
