@@ -838,6 +838,16 @@ except OSError as e:
     // The operator may opt out, knowing the connection is not governed.
     let out = run_wrapped("--keep-fds");
     assert_eq!(out.trim(), "used:ping", "{out}");
+    // A connection handed over as standard input (inetd style) is refused outright.
+    let script = format!(
+        "exec 0<>/dev/tcp/127.0.0.1/{port} && exec {bin} exec --config {config} --agent bot -- python3 -c 'print(1)'",
+        bin = agentgate_tests::agentgate_bin().display(),
+        config = gate.config.display(),
+    );
+    let o = Command::new("bash").args(["-c", &script]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("standard input) is a network socket"), "{err}");
 }
 
 #[test]

@@ -43,6 +43,23 @@ fn msg(s: impl Into<String>) -> CliError {
 /// them was connected outside the cgroup and is not governed; a file may be one the command's
 /// user could not open. Nothing in this process owns them, so closing them by number is sound.
 pub fn close_inherited_fds() -> Result<(), CliError> {
+    // Standard input and output stay (they are the command's), unless one is an IP socket: a
+    // wrapper (inetd style, `socat ... EXEC:`) would hand the agent a connection made outside
+    // the cgroup.
+    for fd in 0..=2 {
+        if let Ok(addr) = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd)
+            && (addr.as_sockaddr_in().is_some() || addr.as_sockaddr_in6().is_some())
+        {
+            return Err(msg(format!(
+                "descriptor {fd} (standard {}) is a network socket connected outside the agent's cgroup; it would not be governed (use --keep-fds to pass it on anyway)",
+                match fd {
+                    0 => "input",
+                    1 => "output",
+                    _ => "error",
+                }
+            )));
+        }
+    }
     // Listed first and the listing closed before anything is closed (its own descriptor is in
     // the list; closing it is then a harmless EBADF).
     let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
