@@ -574,6 +574,7 @@ async fn read_events(ring: RingBuf<MapData>, gate: Arc<Gate>) {
                         .clone()
                         .unwrap_or_else(|| format!("agent id {}", ev.agent_id)),
                 ),
+                reason: Some(intercept::reason_name(ev.reason)),
             };
             if !gate.events.admit(&source, now) {
                 continue;
@@ -637,23 +638,26 @@ async fn record_left_out_events(gate: Arc<Gate>) {
     let mut tick = tokio::time::interval(limit::FLUSH_EVERY);
     // The kernel's count lives as long as the pinned maps: only what this daemon sees grow is
     // reported (a restart does not report the previous daemon's losses again).
-    let mut lost_seen = gate.intercept.events_lost();
+    let mut lost_seen = gate.intercept.events_lost().unwrap_or(0);
     loop {
         tick.tick().await;
-        let lost = gate.intercept.events_lost();
-        if lost > lost_seen {
-            let count = lost - lost_seen;
-            tracing::warn!(
-                count,
-                "kernel refusals found the event ring buffer full and were not reported"
-            );
-            let _ = gate.store.event(Event {
-                kind: "kernel_events_lost".into(),
-                detail: serde_json::json!({ "count": count, "total_since_load": lost }),
-                ..Default::default()
-            });
+        // An unreadable count is skipped, not taken for zero (the next read would report the
+        // whole total again).
+        if let Some(lost) = gate.intercept.events_lost() {
+            if lost > lost_seen {
+                let count = lost - lost_seen;
+                tracing::warn!(
+                    count,
+                    "kernel refusals found the event ring buffer full and were not reported"
+                );
+                let _ = gate.store.event(Event {
+                    kind: "kernel_events_lost".into(),
+                    detail: serde_json::json!({ "count": count, "total_since_load": lost }),
+                    ..Default::default()
+                });
+            }
+            lost_seen = lost;
         }
-        lost_seen = lost;
         for left in gate.events.flush(Instant::now()) {
             let agent = left.source.agent;
             tracing::warn!(
@@ -667,6 +671,7 @@ async fn record_left_out_events(gate: Arc<Gate>) {
                 agent,
                 detail: serde_json::json!({
                     "of_kind": left.source.kind,
+                    "reason": left.source.reason,
                     "count": left.count,
                     "over_ms": u64::try_from(left.over.as_millis()).unwrap_or(u64::MAX),
                     "limits": { "burst": gate.cfg.events.burst, "per_second": gate.cfg.events.per_second },

@@ -429,6 +429,14 @@ impl Approvals {
     /// Opens a ticket for a held statement, unless its agent already has as many pending as it
     /// may: then the outcome, a refusal, is returned at once and no ticket exists.
     pub fn hold(&self, n: NewTicket) -> Result<Hold, Outcome> {
+        // Hashed and rendered before the lock: a large statement must not stall decisions.
+        let sha256 = statement_hash(n.protocol, &n.statement, &n.params, &n.param_formats);
+        let params = n
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| render_param(p, format_code(&n.param_formats, i)))
+            .collect();
         let mut inner = self.lock();
         let pending = inner
             .tickets
@@ -454,13 +462,6 @@ impl Approvals {
         }
         let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let now = now_ms();
-        let sha256 = statement_hash(n.protocol, &n.statement, &n.params, &n.param_formats);
-        let params = n
-            .params
-            .iter()
-            .enumerate()
-            .map(|(i, p)| render_param(p, format_code(&n.param_formats, i)))
-            .collect();
         let ticket = Ticket {
             id,
             state: TicketState::Pending,

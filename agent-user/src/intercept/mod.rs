@@ -498,14 +498,13 @@ impl Intercept {
         }
     }
 
-    /// Kernel refusals that found the ring buffer full, since the programs were loaded.
-    pub fn events_lost(&self) -> u64 {
-        let Ok(map) = self.events_lost.lock() else {
-            return 0;
-        };
+    /// Kernel refusals that found the ring buffer full, since the programs were loaded; `None`
+    /// when the count cannot be read.
+    pub fn events_lost(&self) -> Option<u64> {
+        let map = self.events_lost.lock().ok()?;
         map.get(&0, 0)
+            .ok()
             .map(|per_cpu| per_cpu.iter().copied().fold(0u64, u64::wrapping_add))
-            .unwrap_or(0)
     }
 
     /// The ring buffer of kernel refusals; taken once by the event reader.

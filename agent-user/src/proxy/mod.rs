@@ -246,6 +246,7 @@ async fn handle(
         let source = Source {
             kind: "no_flow_record",
             agent: None,
+            reason: None,
         };
         if !gate.events.admit(&source, Instant::now()) {
             return;
@@ -269,6 +270,7 @@ async fn handle(
         let source = Source {
             kind: "unknown_identity",
             agent: None,
+            reason: None,
         };
         if !gate.events.admit(&source, Instant::now()) {
             return;
@@ -294,6 +296,7 @@ async fn handle(
         let source = Source {
             kind: "connection_limit",
             agent: Some(peer.agent.clone()),
+            reason: None,
         };
         if gate.events.admit(&source, Instant::now()) {
             tracing::warn!(agent = %peer.agent, pid = flow.tgid, "agent has as many connections open as it may; closed");

@@ -49,11 +49,14 @@ impl Default for EventLimits {
     }
 }
 
-/// Where events come from: their kind and, when known, the agent that caused them.
+/// Where events come from: their kind, the agent that caused them when known, and why (a kernel
+/// refusal's reason), so that a flood of harmless refusals cannot hide another kind (a raw
+/// socket behind a thousand unknown destinations).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Source {
     pub kind: &'static str,
     pub agent: Option<String>,
+    pub reason: Option<&'static str>,
 }
 
 struct Bucket {
@@ -100,6 +103,7 @@ impl EventLimiter {
             let overflow = Source {
                 kind: source.kind,
                 agent: Some("(other sources)".into()),
+                reason: None,
             };
             return self.take(&mut buckets, overflow, now);
         }
@@ -160,7 +164,13 @@ impl EventLimiter {
             // Idle long enough to be full again: nothing is lost by forgetting it.
             full_after.is_none_or(|d| now.saturating_duration_since(b.refilled) < d)
         });
-        out.sort_by(|a, b| (a.source.kind, &a.source.agent).cmp(&(b.source.kind, &b.source.agent)));
+        out.sort_by(|a, b| {
+            (a.source.kind, &a.source.agent, a.source.reason).cmp(&(
+                b.source.kind,
+                &b.source.agent,
+                b.source.reason,
+            ))
+        });
         out
     }
 }
@@ -174,6 +184,7 @@ mod tests {
         Source {
             kind: "kernel_deny",
             agent: Some(agent.into()),
+            reason: Some("unknown_destination"),
         }
     }
 
@@ -217,6 +228,7 @@ mod tests {
         let other_kind = Source {
             kind: "no_flow_record",
             agent: None,
+            reason: None,
         };
         assert!(l.admit(&other_kind, t));
         let left = l.flush(t);
