@@ -650,6 +650,23 @@ fn before_judging(
             _ => return Ok(Pre::Drop),
         }
     }
+    let new_name = match msg {
+        FrontendMessage::Parse { name, .. } if !name.is_empty() => {
+            (!st.statements.named.contains_key(name.as_str())).then_some(st.statements.named.len())
+        }
+        FrontendMessage::Bind { portal, .. } if !portal.is_empty() => {
+            (!st.portals.named.contains_key(portal.as_str())).then_some(st.portals.named.len())
+        }
+        _ => None,
+    };
+    if new_name.is_some_and(|n| n >= MAX_NAMES) {
+        let message = format!(
+            "agentgate: at most {MAX_NAMES} named statements and {MAX_NAMES} named portals per connection; close some first"
+        );
+        refuse_unjudged(ctx, "extended", msg.name(), &message);
+        st.queue.push_back(Expect::Synthetic(error_frame(&message)));
+        return Ok(Pre::Refused);
+    }
     if let Some(name) = overlong_name(msg) {
         let message = format!(
             "agentgate: statement and portal names are limited to {MAX_NAME_BYTES} bytes (the server shortens longer ones, so two names could reach one object): {}...",
@@ -661,6 +678,10 @@ fn before_judging(
     }
     Ok(Pre::Judge)
 }
+
+/// Named statements, and named portals, one connection may hold in the gate's view: each is
+/// kept for as long as the agent likes, and the daemon's memory is shared by every agent.
+const MAX_NAMES: usize = 10_000;
 
 /// The longest statement or portal name the server keeps whole (`NAMEDATALEN - 1`).
 const MAX_NAME_BYTES: usize = 63;
