@@ -48,6 +48,8 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more are closed on accept.
 pub const MAX_CONNECTIONS: usize = 64;
+/// How long one connection is served; then it is closed once its current request is answered.
+pub const MAX_CONNECTION_TIME: Duration = Duration::from_secs(60);
 /// Time a response may wait on a client that does not read it. Without it, a local process that
 /// sends requests and never reads the answers would keep its connection slot for ever, and
 /// [`MAX_CONNECTIONS`] of those would lock the approvers out.
@@ -96,15 +98,25 @@ pub(crate) async fn serve_with<D: Dispatch>(
                 let dispatcher = dispatcher.clone();
                 async move { Ok::<_, Infallible>(answer(req, peer, &verifier, &*dispatcher).await) }
             });
-            let result = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .max_header_size(MAX_HEADER_SIZE)
                 .serve_connection(
                     TokioIo::new(StallLimit::new(stream, WRITE_STALL_TIMEOUT)),
                     service,
-                )
-                .await;
+                );
+            tokio::pin!(conn);
+            // A client that keeps its connection busy (a request now and then, a response read
+            // a little at a time) is asked to leave after a while: the request in hand is
+            // answered, then the connection closes and its slot is free.
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = tokio::time::sleep(MAX_CONNECTION_TIME) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "admin http connection ended");
             }

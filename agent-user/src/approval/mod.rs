@@ -27,6 +27,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use crate::admin::ErrorKind;
 use crate::protocol::postgres::format_code;
+use crate::session::limit::{EventLimiter, EventLimits, Source};
 use crate::session::{Event, SessionStore, format_ms, now_ms};
 use crate::webhook::Webhooks;
 
@@ -282,6 +283,8 @@ pub struct Approvals {
     any_grants: AtomicBool,
     /// Pending tickets one agent may have at once (see [`ApprovalLimits`]).
     max_pending_per_agent: usize,
+    /// Tickets opened, per agent (see [`ApprovalLimits::new_tickets_per_second`]).
+    opened: EventLimiter,
 }
 
 /// `approvals:` in the configuration.
@@ -294,16 +297,36 @@ pub struct ApprovalLimits {
     /// without a ticket.
     #[serde(default = "default_max_pending_per_agent")]
     pub max_pending_per_agent: usize,
+    /// Tickets one agent may open per second once a burst of `max_pending_per_agent` is spent:
+    /// an agent that hangs up and asks again (its ticket cancelled, no longer pending) cannot
+    /// open them in a loop.
+    #[serde(default = "default_new_tickets_per_second")]
+    pub new_tickets_per_second: u32,
+}
+
+fn default_new_tickets_per_second() -> u32 {
+    1
 }
 
 fn default_max_pending_per_agent() -> usize {
     16
 }
 
+fn opened_limiter(limits: ApprovalLimits) -> EventLimiter {
+    EventLimiter::new(EventLimits {
+        // Twice the pending limit: an agent within it is refused for that, not for its rate.
+        burst: u32::try_from(limits.max_pending_per_agent.saturating_mul(2))
+            .unwrap_or(u32::MAX)
+            .max(1),
+        per_second: limits.new_tickets_per_second,
+    })
+}
+
 impl Default for ApprovalLimits {
     fn default() -> Self {
         ApprovalLimits {
             max_pending_per_agent: default_max_pending_per_agent(),
+            new_tickets_per_second: default_new_tickets_per_second(),
         }
     }
 }
@@ -375,11 +398,13 @@ impl Approvals {
             next_grant: AtomicU64::new(next_grant),
             any_grants: AtomicBool::new(any),
             max_pending_per_agent: default_max_pending_per_agent(),
+            opened: opened_limiter(ApprovalLimits::default()),
         }
     }
 
     pub fn with_limits(mut self, limits: ApprovalLimits) -> Self {
         self.max_pending_per_agent = limits.max_pending_per_agent;
+        self.opened = opened_limiter(limits);
         self
     }
 
@@ -437,6 +462,20 @@ impl Approvals {
             .enumerate()
             .map(|(i, p)| render_param(p, format_code(&n.param_formats, i)))
             .collect();
+        let source = Source {
+            kind: "ticket",
+            agent: Some(n.requester.agent.clone()),
+            reason: None,
+        };
+        if !self.opened.admit(&source, std::time::Instant::now()) {
+            tracing::warn!(agent = %n.requester.agent, "statement refused: its agent opens approval requests too fast");
+            return Err(Outcome::Refused {
+                why: format!(
+                    "agent \"{}\" opens approval requests faster than it may (approvals.new_tickets_per_second); no ticket was opened",
+                    n.requester.agent
+                ),
+            });
+        }
         let mut inner = self.lock();
         let pending = inner
             .tickets

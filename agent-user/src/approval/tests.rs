@@ -324,6 +324,7 @@ async fn an_agent_may_have_only_so_many_tickets_pending() {
     let (a, _d) = approvals();
     let a = a.with_limits(ApprovalLimits {
         max_pending_per_agent: 2,
+        new_tickets_per_second: 1000,
     });
     let h1 = a.hold(ticket("bot", "DELETE FROM a")).unwrap();
     let _h2 = a.hold(ticket("bot", "DELETE FROM b")).unwrap();
@@ -341,4 +342,33 @@ async fn an_agent_may_have_only_so_many_tickets_pending() {
     a.deny(h1.ticket.id, "unix:root", None, "no").unwrap();
     a.hold(ticket("bot", "DELETE FROM c")).unwrap();
     assert!(a.hold(ticket("bot", "DELETE FROM d")).is_err());
+}
+
+#[tokio::test]
+async fn an_agent_cannot_open_tickets_in_a_loop_by_hanging_up() {
+    // Each cancelled ticket stops counting as pending; the rate of new ones is still bounded.
+    let (a, _d) = approvals();
+    let a = a.with_limits(ApprovalLimits {
+        max_pending_per_agent: 2,
+        new_tickets_per_second: 1,
+    });
+    let mut opened = 0;
+    let mut refused = None;
+    for i in 0..20 {
+        match a.hold(ticket("bot", &format!("DELETE FROM t{i}"))) {
+            Ok(h) => {
+                opened += 1;
+                a.cancel(h.ticket.id, "the agent disconnected");
+            }
+            Err(Outcome::Refused { why }) => {
+                refused = Some(why);
+                break;
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(opened, 4, "a burst of twice the pending limit");
+    assert!(refused.unwrap().contains("faster than it may"));
+    // Another agent is not affected.
+    a.hold(ticket("bot2", "DELETE FROM t")).unwrap();
 }

@@ -1295,7 +1295,16 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     let bound = Arc::new(Portal {
                         prepared,
                         formats: result_formats.clone(),
-                        params: if reviewed { params.clone() } else { Vec::new() },
+                        // Copied: a slice would keep the whole read buffer it came from alive
+                        // for as long as the portal is bound.
+                        params: if reviewed {
+                            params
+                                .iter()
+                                .map(|p| p.as_deref().map(Bytes::copy_from_slice))
+                                .collect()
+                        } else {
+                            Vec::new()
+                        },
                         param_formats: if reviewed {
                             param_formats.clone()
                         } else {
