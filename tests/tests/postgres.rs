@@ -1591,10 +1591,35 @@ fn the_gates_view_of_names_and_responses_cannot_be_parted_from_the_servers() {
     assert_eq!(step(&l, "copy_done")["ok"], true, "{l:#?}");
     assert_eq!(step(&l, "empty")["ok"], true, "{l:#?}");
     assert_eq!(step(&l, "masked_after_copy")["rows"], masked_row, "{l:#?}");
+    // 6. The Sync after a failed COPY is answered on its own; `s` is still masked.
+    assert_eq!(
+        step(&l, "copy_error")["errors"].as_array().unwrap().len(),
+        1,
+        "{l:#?}"
+    );
+    assert_eq!(step(&l, "stray_sync")["tags"], "Z", "{l:#?}");
+    assert_eq!(
+        step(&l, "masked_after_copy_error")["rows"],
+        masked_row,
+        "{l:#?}"
+    );
+    // 7. The cursor declared through Parse is not the portal it replaced.
+    for s in [
+        "prepare_cursor_statements",
+        "bind_c2",
+        "close_c2",
+        "declare_c2",
+    ] {
+        assert_eq!(step(&l, s)["ok"], true, "{s}: {l:#?}");
+    }
+    let c2 = step(&l, "execute_c2");
+    assert_eq!(c2["rows"], serde_json::json!([]), "{l:#?}");
+    assert_eq!(c2["errors"][0]["code"], "42501", "{l:#?}");
     // 5. The server's message would quote the value; it is withheld, the SQLSTATE kept.
     for (name, secret, code) in [
         ("cast_ssn", "123-45-6789", "22P02"),
         ("cast_email", "alice@example.com", "22007"),
+        ("ssn_as_name", "123-45-6789", "42P01"),
     ] {
         let e = &step(&l, name)["errors"][0];
         assert_eq!(e["code"], code, "{l:#?}");

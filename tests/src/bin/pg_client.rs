@@ -718,11 +718,60 @@ fn raw_desync(port: u16) {
     c.send(&query_msg(masked));
     emit(summary("masked_after_copy", c.until_ready()));
 
+    // 6. A COPY the server ends with an error, then a Sync and a CopyDone the agent still sends:
+    //    the Sync is answered normally, the CopyDone goes nowhere, `s` stays masked.
+    c.send(&query_msg("COPY t FROM STDIN"));
+    emit(summary("copy_again", c.until_tag(b'G')));
+    c.send(&frame(b'd', b"notanint\tx\n"));
+    emit(summary("copy_error", c.until_ready()));
+    let mut batch = sync_msg();
+    batch.extend(frame(b'c', &[]));
+    batch.extend(bind_msg("", "s"));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("stray_sync", c.until_ready()));
+    emit(summary("masked_after_copy_error", c.until_ready()));
+
+    // 7. DECLARE and CLOSE prepared with Parse act when executed: the gate forgets its portals
+    //    then, so the cursor is not taken for the portal it replaced.
+    let mut batch = parse_msg("d", &format!("DECLARE c2 CURSOR FOR {masked}"));
+    batch.extend(parse_msg("k", "CLOSE c2"));
+    batch.extend(parse_msg("h", "SELECT 1 AS a WHERE false"));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("prepare_cursor_statements", c.until_ready()));
+    c.send(&query_msg("BEGIN"));
+    emit(summary("begin", c.until_ready()));
+    for (step, portal, statement) in [
+        ("bind_c2", "c2", "h"),
+        ("close_c2", "", "k"),
+        ("declare_c2", "", "d"),
+    ] {
+        let mut batch = bind_msg(portal, statement);
+        if portal.is_empty() {
+            batch.extend(execute_msg(""));
+        }
+        batch.extend(sync_msg());
+        c.send(&batch);
+        emit(summary(step, c.until_ready()));
+    }
+    let mut batch = execute_msg("c2");
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("execute_c2", c.until_ready()));
+    c.send(&query_msg("ROLLBACK"));
+    emit(summary("rollback_c2", c.until_ready()));
+
     // 5. Errors that quote the data a masked statement read.
     c.send(&query_msg("SELECT ssn::int FROM customers WHERE id = 1"));
     emit(summary("cast_ssn", c.until_ready()));
     c.send(&query_msg("SELECT email::date FROM customers WHERE id = 1"));
     emit(summary("cast_email", c.until_ready()));
+    c.send(&query_msg(
+        "SELECT ssn::regclass FROM customers WHERE id = 1",
+    ));
+    emit(summary("ssn_as_name", c.until_ready()));
     c.send(&query_msg("SELECT 1 AS still_usable"));
     emit(summary("after", c.until_ready()));
 }

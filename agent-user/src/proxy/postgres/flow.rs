@@ -146,6 +146,11 @@ struct Prepared {
     tables: Arc<[TableRef]>,
     functions: Arc<[String]>,
     columns: Mutex<Option<Vec<FieldDescription>>>,
+    /// It prepares, deallocates or discards statements at the SQL level, or declares or closes
+    /// cursors: the gate forgets its names when an Execute of it is sent (when the server
+    /// acts), not at Parse.
+    changes_prepared: bool,
+    changes_portals: bool,
 }
 
 /// A masking plan for (mask profiles, result formats) of one prepared statement.
@@ -267,6 +272,38 @@ impl<T> Names<T> {
 }
 
 impl State {
+    /// Forgets every portal (SQL-level cursor statements changed the server's): a queued Bind
+    /// that gets skipped must not bring back what it replaced.
+    fn forget_portals(&mut self) {
+        for e in &mut self.queue {
+            if let Expect::Bind {
+                injected: false,
+                previous,
+                ..
+            } = e
+            {
+                *previous = None;
+            }
+        }
+        self.portals.forget_all_but(&[]);
+    }
+
+    /// Forgets the named statements (SQL `PREPARE`/`DEALLOCATE`/`DISCARD`), likewise.
+    fn forget_statements(&mut self) {
+        for e in &mut self.queue {
+            if let Expect::Parse {
+                injected: false,
+                name,
+                previous,
+            } = e
+                && !name.is_empty()
+            {
+                *previous = None;
+            }
+        }
+        self.statements.forget_named();
+    }
+
     /// Undoes the view updates of entries the server refused or skipped, newest first.
     fn revert(&mut self, entries: Vec<Expect>) {
         for e in entries.into_iter().rev() {
@@ -607,8 +644,8 @@ fn changes_prepared(qd: &QueryDecision) -> bool {
 /// What happens to an agent message before it is judged.
 enum Pre {
     Judge,
-    /// Not sent: the server would not run it (after its error, up to Sync) or, for a Sync during
-    /// COPY, it was forwarded with nothing to expect.
+    /// Not sent: the server would not run it (after its error, up to Sync; a Sync during COPY;
+    /// COPY messages outside COPY).
     Drop,
     /// Refused with an error queued: the rest up to Sync is skipped.
     Refused,
@@ -620,17 +657,13 @@ fn before_judging(
     ctx: &Context<'_>,
     st: &mut State,
     msg: &FrontendMessage,
-    raw: &[u8],
-    out: &mut BytesMut,
 ) -> Result<Pre, PgError> {
     if st.copy_in {
         match msg {
             FrontendMessage::CopyDone | FrontendMessage::CopyFail { .. } => st.copy_in = false,
-            // Ignored by the server during COPY: nothing answers this Sync.
-            FrontendMessage::Sync => {
-                out.extend_from_slice(raw);
-                return Ok(Pre::Drop);
-            }
+            // Ignored by the server during COPY; not sent, so that no answer can come should
+            // the server have left COPY meanwhile.
+            FrontendMessage::Sync => return Ok(Pre::Drop),
             FrontendMessage::CopyData(_) | FrontendMessage::Flush | FrontendMessage::Terminate => {}
             other => {
                 // The server would take it as a protocol error and drop it, while the gate
@@ -641,6 +674,13 @@ fn before_judging(
                 )));
             }
         }
+    } else if matches!(
+        msg,
+        FrontendMessage::CopyData(_) | FrontendMessage::CopyDone | FrontendMessage::CopyFail { .. }
+    ) {
+        // Outside COPY (before the server's CopyInResponse, or after it ended the COPY with an
+        // error) the server ignores these; unsent, they cannot end a COPY the gate has not seen.
+        return Ok(Pre::Drop);
     }
     if st.server_skipping {
         match msg {
@@ -705,7 +745,14 @@ fn overlong_name(msg: &FrontendMessage) -> Option<&str> {
 /// portals the gate does not follow, so it forgets its own (an Execute of one is then refused
 /// until the agent binds it again).
 fn changes_portals(qd: &QueryDecision) -> bool {
-    first_keyword_in(qd, &["declare", "close", "discard"])
+    // ROLLBACK (TO SAVEPOINT) drops portals bound since; COMMIT/ROLLBACK AND CHAIN end the
+    // transaction without an idle ReadyForQuery.
+    first_keyword_in(
+        qd,
+        &[
+            "declare", "close", "discard", "rollback", "commit", "end", "abort",
+        ],
+    )
 }
 
 fn first_keyword_in(qd: &QueryDecision, keywords: &[&str]) -> bool {
@@ -1145,6 +1192,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                 FrontendMessage::Sync | FrontendMessage::Terminate
             )
         {
+            flush_judged(&mut upstream, &mut out, &buf).await?;
             continue;
         }
         let copy_before = if matches!(frame.msg, FrontendMessage::Flush) {
@@ -1154,12 +1202,18 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
         };
         let mut wake = false;
         let mut held = None;
-        match before_judging(ctx, &mut lock(state), &frame.msg, &frame.raw, &mut out)? {
+        // (The guard is a temporary of this statement: released before any await below.)
+        let pre = before_judging(ctx, &mut lock(state), &frame.msg)?;
+        match pre {
             Pre::Judge => {}
-            Pre::Drop => continue,
+            Pre::Drop => {
+                flush_judged(&mut upstream, &mut out, &buf).await?;
+                continue;
+            }
             Pre::Refused => {
                 skipping = true;
                 notify.notify_one();
+                flush_judged(&mut upstream, &mut out, &buf).await?;
                 continue;
             }
         }
@@ -1183,10 +1237,10 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                             }));
                             after_copy = is_copy(&qd);
                             if changes_prepared(&qd) {
-                                st.statements.forget_named();
+                                st.forget_statements();
                             }
                             if changes_portals(&qd) {
-                                st.portals.forget_all_but(&[]);
+                                st.forget_portals();
                             }
                             out.extend_from_slice(&frame.raw);
                         }
@@ -1229,13 +1283,9 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 role_grants,
                                 plans: Mutex::new(Vec::new()),
                                 columns: Mutex::new(None),
+                                changes_prepared: changes_prepared(&qd),
+                                changes_portals: changes_portals(&qd),
                             });
-                            if changes_prepared(&qd) {
-                                st.statements.forget_named();
-                            }
-                            if changes_portals(&qd) {
-                                st.portals.forget_all_but(&[]);
-                            }
                             let previous = st.statements.insert(name.clone(), prepared.clone());
                             st.queue.push_back(Expect::Parse {
                                 injected: false,
@@ -1323,6 +1373,14 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                 FrontendMessage::Execute { portal, .. } => {
                     let bound = st.portals.get(portal).cloned();
                     let prepared = bound.as_ref().and_then(|p| p.prepared.clone());
+                    if let Some(p) = &prepared {
+                        if p.changes_prepared {
+                            st.forget_statements();
+                        }
+                        if p.changes_portals {
+                            st.forget_portals();
+                        }
+                    }
                     match prepared {
                         Some(p) => {
                             let (decision, denied) = match rejudged(ctx, &p) {
@@ -1500,6 +1558,26 @@ fn settle_held(
     };
     let (code, message) = refusal(ticket, rule, outcome);
     match (held, approved) {
+        // Approved while the server skips everything up to Sync after an earlier error: it
+        // would not run, and its expectation would be left behind. Not sent.
+        (Held::Query { sql, qd, .. }, Some(reviewed)) if st.server_skipping => {
+            let why = "not executed: an earlier message in the pipeline failed";
+            for r in record_query(ctx, "simple", &sql, &qd, Some(&reviewed)) {
+                finish(ctx, r, None, Some(why.into()));
+            }
+            Ok(false)
+        }
+        (
+            Held::Execute {
+                prepared, decision, ..
+            },
+            Some(reviewed),
+        ) if st.server_skipping => {
+            let why = "not executed: an earlier message in the pipeline failed";
+            let rec = record_execute(ctx, &prepared, &decision, Some(&reviewed));
+            finish(ctx, rec, None, Some(why.into()));
+            Ok(false)
+        }
         (Held::Query { raw, sql, qd, .. }, Some(reviewed)) => {
             *statement_timeout = statement_timeout_of(&qd, *statement_timeout);
             let recs = record_query(ctx, "simple", &sql, &qd, Some(&reviewed));
@@ -1565,6 +1643,20 @@ fn settle_held(
 }
 
 /// Is a whole frame already buffered (tag + length + body)?
+/// Writes what was judged so far unless another whole frame is already buffered (pipelined
+/// messages are judged before the batch is written).
+async fn flush_judged<W: AsyncWrite + Unpin>(
+    upstream: &mut W,
+    out: &mut BytesMut,
+    buf: &BytesMut,
+) -> Result<(), PgError> {
+    if !out.is_empty() && !has_frame(buf) {
+        upstream.write_all(out).await?;
+        out.clear();
+    }
+    Ok(())
+}
+
 fn has_frame(buf: &BytesMut) -> bool {
     match buf.get(1..5).and_then(|b| <[u8; 4]>::try_from(b).ok()) {
         Some(len) => buf.len() > u32::from_be_bytes(len) as usize,
@@ -1834,31 +1926,23 @@ fn current_statement_masked(st: &State) -> bool {
     }
 }
 
-/// Whether an error can quote the data a statement read. Data exceptions quote the value
-/// (`invalid input syntax for type integer: "123-45-6789"`), integrity violations name the key in
-/// their detail (`Key (email)=(..) already exists`), functions raise whatever they like. Those
-/// classes are withheld when they quote anything or carry more than a message; a constant
-/// message (`division by zero`) and errors about the statement itself (syntax, permissions)
-/// keep their text.
+/// Whether an error of a masked statement may quote the data it read. Almost any class can:
+/// data exceptions quote the value (`invalid input syntax for type integer: "123-45-6789"`),
+/// integrity violations name the key, and a value cast to a name (`ssn::regclass`,
+/// `current_setting(ssn)`) comes back inside "relation ... does not exist" or "unrecognized
+/// configuration parameter". So every message is withheld except those of a few conditions
+/// whose text is constant or names only the statement's own objects.
 fn may_quote_data(e: &ErrorFields) -> bool {
-    use crate::protocol::postgres::backend::field;
-    let class = e.code().and_then(|c| c.get(..2)).unwrap_or("XX");
-    match class {
-        "P0" | "38" | "39" | "2F" | "XX" => true,
-        "22" | "23" => {
-            e.message().is_some_and(|m| m.contains('"'))
-                || e.fields().iter().any(|(c, _)| {
-                    [
-                        field::DETAIL,
-                        field::HINT,
-                        field::WHERE,
-                        field::INTERNAL_QUERY,
-                    ]
-                    .contains(c)
-                })
-        }
-        _ => false,
-    }
+    const PLAIN: [&str; 11] = [
+        "22012", // division by zero
+        "57014", // canceling statement due to ...
+        "25P02", // current transaction is aborted
+        "25001", "25006", // active / read-only transaction
+        "40001", "40P01", // serialization failure, deadlock
+        "42501", // permission denied for <object>
+        "53100", "53200", "53300", // out of disk, memory, connections
+    ];
+    !e.code().is_some_and(|c| PLAIN.contains(&c))
 }
 
 /// An error or notice of a masked statement with only its severity and SQLSTATE kept.
@@ -2084,6 +2168,11 @@ fn on_backend(
                 out.extend_from_slice(&frame.raw);
             }
             return Ok(());
+        }
+        B::CommandComplete { .. } | B::ErrorResponse(_) if st.copy_in => {
+            // The server left COPY (done, or failed): what follows is read normally again.
+            st.copy_in = false;
+            return on_backend(ctx, st, frame, out, keep);
         }
         B::CommandComplete { tag } => match st.queue.front_mut() {
             Some(Expect::Query(q)) => {
