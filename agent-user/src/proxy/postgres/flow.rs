@@ -658,6 +658,13 @@ fn before_judging(
     st: &mut State,
     msg: &FrontendMessage,
 ) -> Result<Pre, PgError> {
+    if st.queue.len() >= MAX_IN_FLIGHT {
+        // Each expectation holds records and buffers: an agent that pipelines without reading
+        // its answers would grow the shared daemon's memory without bound.
+        return Err(PgError::Protocol(format!(
+            "more than {MAX_IN_FLIGHT} messages awaiting their answers; the agent is not reading them"
+        )));
+    }
     if st.copy_in {
         match msg {
             FrontendMessage::CopyDone | FrontendMessage::CopyFail { .. } => st.copy_in = false,
@@ -718,6 +725,9 @@ fn before_judging(
     }
     Ok(Pre::Judge)
 }
+
+/// Messages one connection may have sent and not yet had answered.
+const MAX_IN_FLIGHT: usize = 65_536;
 
 /// Named statements, and named portals, one connection may hold in the gate's view: each is
 /// kept for as long as the agent likes, and the daemon's memory is shared by every agent.
