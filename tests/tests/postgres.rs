@@ -1615,6 +1615,25 @@ fn the_gates_view_of_names_and_responses_cannot_be_parted_from_the_servers() {
     let c2 = step(&l, "execute_c2");
     assert_eq!(c2["rows"], serde_json::json!([]), "{l:#?}");
     assert_eq!(c2["errors"][0]["code"], "42501", "{l:#?}");
+    // 8. Both Syncs sent before CopyInResponse were ignored by the server, and by the gate.
+    assert_eq!(step(&l, "copy_two_syncs_done")["ok"], true, "{l:#?}");
+    assert_eq!(
+        step(&l, "no_rows")["errors"].as_array().unwrap().len(),
+        1,
+        "{l:#?}"
+    );
+    assert_eq!(
+        step(&l, "masked_after_two_syncs")["rows"],
+        masked_row,
+        "{l:#?}"
+    );
+    // 9. Streamed COPY data arrives.
+    assert_eq!(step(&l, "copy_streamed")["ok"], true, "{l:#?}");
+    assert_eq!(
+        step(&l, "streamed_row")["rows"],
+        serde_json::json!([["w"]]),
+        "{l:#?}"
+    );
     // 5. The server's message would quote the value; it is withheld, the SQLSTATE kept.
     for (name, secret, code) in [
         ("cast_ssn", "123-45-6789", "22P02"),

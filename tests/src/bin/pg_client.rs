@@ -763,6 +763,30 @@ fn raw_desync(port: u16) {
     c.send(&query_msg("ROLLBACK"));
     emit(summary("rollback_c2", c.until_ready()));
 
+    // 8. Two Syncs between a COPY and its CopyInResponse: the server ignores both.
+    let mut batch = query_msg("COPY t FROM STDIN");
+    batch.extend(sync_msg());
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("copy_two_syncs", c.until_tag(b'G')));
+    let mut batch = frame(b'd', b"10\ty\n");
+    batch.extend(frame(b'c', &[]));
+    c.send(&batch);
+    emit(summary("copy_two_syncs_done", c.until_ready()));
+    c.send(&query_msg("SELECT 1/0"));
+    emit(summary("no_rows", c.until_ready()));
+    c.send(&query_msg(masked));
+    emit(summary("masked_after_two_syncs", c.until_ready()));
+
+    // 9. COPY data streamed without waiting for CopyInResponse (as pgx does) is delivered.
+    let mut batch = query_msg("COPY t FROM STDIN");
+    batch.extend(frame(b'd', b"11\tw\n"));
+    batch.extend(frame(b'c', &[]));
+    c.send(&batch);
+    emit(summary("copy_streamed", c.until_ready()));
+    c.send(&query_msg("SELECT v FROM t WHERE id = 11"));
+    emit(summary("streamed_row", c.until_ready()));
+
     // 5. Errors that quote the data a masked statement read.
     c.send(&query_msg("SELECT ssn::int FROM customers WHERE id = 1"));
     emit(summary("cast_ssn", c.until_ready()));

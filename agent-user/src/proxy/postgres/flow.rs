@@ -213,6 +213,10 @@ struct State {
     /// The server is in COPY FROM STDIN (CopyInResponse seen, no CopyDone/CopyFail yet): it
     /// ignores Sync and would swallow any other message as a protocol error.
     copy_in: bool,
+    /// The agent sent a COPY and not yet its CopyDone/CopyFail. Some clients (pgx) stream the
+    /// data without waiting for CopyInResponse: COPY messages are forwarded, and Syncs sent
+    /// meanwhile are marked as ignored should the COPY start.
+    copy_pending: bool,
 }
 
 /// Prepared statements or portals by name. The unnamed one (`""`) is kept apart: drivers use it
@@ -665,6 +669,12 @@ fn before_judging(
             "more than {MAX_IN_FLIGHT} messages awaiting their answers; the agent is not reading them"
         )));
     }
+    if matches!(
+        msg,
+        FrontendMessage::CopyDone | FrontendMessage::CopyFail { .. }
+    ) {
+        st.copy_pending = false;
+    }
     if st.copy_in {
         match msg {
             FrontendMessage::CopyDone | FrontendMessage::CopyFail { .. } => st.copy_in = false,
@@ -681,12 +691,9 @@ fn before_judging(
                 )));
             }
         }
-    } else if matches!(
-        msg,
-        FrontendMessage::CopyData(_) | FrontendMessage::CopyDone | FrontendMessage::CopyFail { .. }
-    ) {
-        // Outside COPY (before the server's CopyInResponse, or after it ended the COPY with an
-        // error) the server ignores these; unsent, they cannot end a COPY the gate has not seen.
+    } else if matches!(msg, FrontendMessage::CopyData(_)) && !st.copy_pending {
+        // No COPY sent (or its end already sent): the server ignores it outside COPY, and the
+        // gate does not send it.
         return Ok(Pre::Drop);
     }
     if st.server_skipping {
@@ -1184,8 +1191,6 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
     let mut dec = FrontendDecoder::tagged(ctx.target.max_frame);
     let mut out = BytesMut::with_capacity(8192);
     let mut skipping = false;
-    // The last message forwarded was a COPY (a Sync right after it may be ignored).
-    let mut after_copy = false;
     let masking = ctx.shared.masker.is_some();
     let mut statement_timeout: Option<Duration> = None;
     loop {
@@ -1205,11 +1210,6 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
             flush_judged(&mut upstream, &mut out, &buf).await?;
             continue;
         }
-        let copy_before = if matches!(frame.msg, FrontendMessage::Flush) {
-            after_copy
-        } else {
-            std::mem::take(&mut after_copy)
-        };
         let mut wake = false;
         let mut held = None;
         // (The guard is a temporary of this statement: released before any await below.)
@@ -1245,7 +1245,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 idx: 0,
                                 plan: None,
                             }));
-                            after_copy = is_copy(&qd);
+                            st.copy_pending |= is_copy(&qd);
                             if changes_prepared(&qd) {
                                 st.forget_statements();
                             }
@@ -1430,7 +1430,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                         portal: bound,
                                         plan: None,
                                     })));
-                                    after_copy = p.kind == Some(StatementKind::Copy.as_str());
+                                    st.copy_pending |= p.kind == Some(StatementKind::Copy.as_str());
                                     out.extend_from_slice(&frame.raw);
                                 }
                             }
@@ -1479,9 +1479,10 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                         skipping = false;
                         inject(&mut st, &mut out)?;
                     } else {
-                        st.queue.push_back(Expect::Sync {
-                            ignored_in_copy: copy_before,
-                        });
+                        // Sent after a COPY and before its CopyInResponse: ignored if the COPY
+                        // starts (every such Sync, not only the first).
+                        let ignored_in_copy = st.copy_pending;
+                        st.queue.push_back(Expect::Sync { ignored_in_copy });
                         out.extend_from_slice(&frame.raw);
                     }
                 }
@@ -1590,6 +1591,14 @@ fn settle_held(
         }
         (Held::Query { raw, sql, qd, .. }, Some(reviewed)) => {
             *statement_timeout = statement_timeout_of(&qd, *statement_timeout);
+            // What an allowed query does to the gate's view at sending, this one does now.
+            st.copy_pending |= is_copy(&qd);
+            if changes_prepared(&qd) {
+                st.forget_statements();
+            }
+            if changes_portals(&qd) {
+                st.forget_portals();
+            }
             let recs = record_query(ctx, "simple", &sql, &qd, Some(&reviewed));
             st.queue.push_back(Expect::Query(QueryRun {
                 recs,
@@ -1622,6 +1631,9 @@ fn settle_held(
             },
             Some(reviewed),
         ) => {
+            // (Its statement's names were forgotten when the Execute was read, if it changes
+            // them; a COPY still has to be followed.)
+            st.copy_pending |= prepared.kind == Some(StatementKind::Copy.as_str());
             let rec = record_execute(ctx, &prepared, &decision, Some(&reviewed));
             st.queue.push_back(Expect::Execute(Box::new(ExecRun {
                 rec,
@@ -2110,7 +2122,8 @@ fn on_backend(
             )));
         }
         B::CopyInResponse { .. } => {
-            st.copy_in = true;
+            // Unless the agent already sent the COPY's end (it streamed without waiting).
+            st.copy_in = st.copy_pending;
             while matches!(
                 st.queue.get(1),
                 Some(Expect::Sync {
