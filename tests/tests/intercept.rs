@@ -30,6 +30,27 @@ targets:
     )
 }
 
+/// `bot` and another agent, both allowed to reach `echo`, each with extra settings.
+fn two_agents(echo: &EchoServer, bot: &str, other: &str, other_settings: &str) -> String {
+    format!(
+        "agents:
+  - name: bot
+    cgroup: {{base}}/bot
+    targets: [echo]
+    {bot}
+  - name: {other}
+    cgroup: {{base}}/{other}
+    targets: [echo]
+    {other_settings}
+targets:
+  - name: echo
+    match: [\"{}\"]
+    protocol: tcp
+",
+        echo.addr
+    )
+}
+
 fn ok(v: &Value) -> bool {
     v["ok"] == true
 }
@@ -855,22 +876,7 @@ fn governed_processes_can_create_only_tcp_and_udp_sockets() {
     // Raw, ICMP echo, UDP-Lite, MPTCP and other sockets send past the connect and sendmsg hooks:
     // their creation is refused in the kernel. ICMP echo is allowed to agents that opt in.
     let echo = EchoServer::start("127.0.0.1:0");
-    let gate = Gate::start(&format!(
-        "agents:
-  - name: bot
-    cgroup: {{base}}/bot
-    targets: [echo]
-  - name: pinger
-    cgroup: {{base}}/pinger
-    targets: [echo]
-    allow_ping: true
-targets:
-  - name: echo
-    match: [\"{}\"]
-    protocol: tcp
-",
-        echo.addr
-    ));
+    let gate = Gate::start(&two_agents(&echo, "", "pinger", "allow_ping: true"));
     // In a network namespace of its own the script may widen ping_group_range (a per-namespace
     // setting; the host's "1 0" makes ping sockets fail with EACCES before any hook runs). The
     // cgroup hooks follow the process into it.
@@ -1031,22 +1037,7 @@ fn an_agent_holding_its_maximum_of_connections_cannot_open_more() {
     // One agent must not run the daemon out of descriptors for everyone: beyond
     // `max_connections` its connections are closed at accept; other agents are unaffected.
     let echo = EchoServer::start("127.0.0.1:0");
-    let gate = Gate::start(&format!(
-        "agents:
-  - name: bot
-    cgroup: {{base}}/bot
-    targets: [echo]
-    max_connections: 3
-  - name: other
-    cgroup: {{base}}/other
-    targets: [echo]
-targets:
-  - name: echo
-    match: [\"{}\"]
-    protocol: tcp
-",
-        echo.addr
-    ));
+    let gate = Gate::start(&two_agents(&echo, "max_connections: 3", "other", ""));
     let script = format!(
         r#"
 import socket
