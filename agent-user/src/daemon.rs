@@ -565,6 +565,7 @@ async fn read_events(ring: RingBuf<MapData>, gate: Arc<Gate>) {
         let now = Instant::now();
         for ev in batch.drain(..) {
             let agent = gate.cfg.agent_by_id(ev.agent_id).map(|a| a.name.clone());
+            let reason = intercept::reason_name(ev.reason);
             // A governed agent looping on a refused connect makes one of these per call: each
             // agent's are recorded within the limits, the rest counted (`session::limit`).
             let source = Source {
@@ -574,7 +575,7 @@ async fn read_events(ring: RingBuf<MapData>, gate: Arc<Gate>) {
                         .clone()
                         .unwrap_or_else(|| format!("agent id {}", ev.agent_id)),
                 ),
-                reason: Some(intercept::reason_name(ev.reason)),
+                reason: Some(reason),
             };
             if !gate.events.admit(&source, now) {
                 continue;
@@ -583,7 +584,6 @@ async fn read_events(ring: RingBuf<MapData>, gate: Arc<Gate>) {
             // A socket refused at creation has no destination yet.
             let dst = (ev.reason != agent_common::reason::SOCKET_NOT_ALLOWED)
                 .then(|| SocketAddr::new(intercept::ip_of(&ev.dst_addr), ev.dst_port));
-            let reason = intercept::reason_name(ev.reason);
             let socket = intercept::socket_name(ev.sock_type, ev.protocol);
             tracing::warn!(
                 agent = agent.as_deref().unwrap_or("?"),

@@ -462,11 +462,7 @@ impl Approvals {
             .enumerate()
             .map(|(i, p)| render_param(p, format_code(&n.param_formats, i)))
             .collect();
-        let source = Source {
-            kind: "ticket",
-            agent: Some(n.requester.agent.clone()),
-            reason: None,
-        };
+        let source = Source::new("ticket", Some(n.requester.agent.clone()));
         if !self.opened.admit(&source, std::time::Instant::now()) {
             tracing::warn!(agent = %n.requester.agent, "statement refused: its agent opens approval requests too fast");
             return Err(Outcome::Refused {

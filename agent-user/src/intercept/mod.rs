@@ -463,17 +463,8 @@ impl Intercept {
 
     /// Drops every flow record, pending or complete.
     fn forget_flows(&self) {
-        let mut pending = lock(&self.pending);
-        let keys: Vec<u64> = pending.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            let _ = pending.remove(&k);
-        }
-        drop(pending);
-        let mut flows = lock(&self.flows);
-        let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            let _ = flows.remove(&k);
-        }
+        clear(&mut lock(&self.pending));
+        clear(&mut lock(&self.flows));
     }
 
     /// Looks up the flow record of an accepted connection and leaves it in the map: the caller
@@ -672,6 +663,14 @@ fn dest_identity(k: &Key<DestKey>) -> (u32, [u8; 24]) {
         }
     }
     (k.prefix_len(), out)
+}
+
+/// Removes every entry of a hash map (keys listed first: removing while iterating skips some).
+fn clear<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>) {
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for k in keys {
+        let _ = map.remove(&k);
+    }
 }
 
 /// Decodes a `DenyEvent` from ring buffer bytes (bounds-checked; no unsafe casts).

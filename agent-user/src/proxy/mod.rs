@@ -243,12 +243,10 @@ async fn handle(
     let Some((key, flow)) = gate.intercept.lookup_flow(client, local) else {
         gate.refused.fetch_add(1, Ordering::Relaxed);
         // Any local user can open these: recorded within the limits (`session::limit`).
-        let source = Source {
-            kind: "no_flow_record",
-            agent: None,
-            reason: None,
-        };
-        if !gate.events.admit(&source, Instant::now()) {
+        if !gate
+            .events
+            .admit(&Source::new("no_flow_record", None), Instant::now())
+        {
             return;
         }
         tracing::warn!(%client, %local, "connection without a flow record closed");
@@ -267,12 +265,10 @@ async fn handle(
     let Some(peer) = gate.identify(&flow, client, protocol != Protocol::Tcp) else {
         gate.intercept.forget_flow(&key);
         gate.refused.fetch_add(1, Ordering::Relaxed);
-        let source = Source {
-            kind: "unknown_identity",
-            agent: None,
-            reason: None,
-        };
-        if !gate.events.admit(&source, Instant::now()) {
+        if !gate
+            .events
+            .admit(&Source::new("unknown_identity", None), Instant::now())
+        {
             return;
         }
         tracing::warn!(
@@ -293,11 +289,7 @@ async fn handle(
     let Some(_slot) = gate.slot(flow.agent_id) else {
         gate.intercept.forget_flow(&key);
         gate.refused.fetch_add(1, Ordering::Relaxed);
-        let source = Source {
-            kind: "connection_limit",
-            agent: Some(peer.agent.clone()),
-            reason: None,
-        };
+        let source = Source::new("connection_limit", Some(peer.agent.clone()));
         if gate.events.admit(&source, Instant::now()) {
             tracing::warn!(agent = %peer.agent, pid = flow.tgid, "agent has as many connections open as it may; closed");
             let _ = gate.store.event(Event {

@@ -52,11 +52,22 @@ impl Default for EventLimits {
 /// Where events come from: their kind, the agent that caused them when known, and why (a kernel
 /// refusal's reason), so that a flood of harmless refusals cannot hide another kind (a raw
 /// socket behind a thousand unknown destinations).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Source {
     pub kind: &'static str,
     pub agent: Option<String>,
     pub reason: Option<&'static str>,
+}
+
+impl Source {
+    /// A source told apart by kind and agent only.
+    pub fn new(kind: &'static str, agent: Option<String>) -> Source {
+        Source {
+            kind,
+            agent,
+            reason: None,
+        }
+    }
 }
 
 struct Bucket {
@@ -100,11 +111,7 @@ impl EventLimiter {
         if !buckets.contains_key(source) && buckets.len() >= MAX_SOURCES {
             // Too many distinct sources at once: they share one bucket instead of each getting a
             // burst of their own.
-            let overflow = Source {
-                kind: source.kind,
-                agent: Some("(other sources)".into()),
-                reason: None,
-            };
+            let overflow = Source::new(source.kind, Some("(other sources)".into()));
             return self.take(&mut buckets, overflow, now);
         }
         self.take(&mut buckets, source.clone(), now)
@@ -164,13 +171,7 @@ impl EventLimiter {
             // Idle long enough to be full again: nothing is lost by forgetting it.
             full_after.is_none_or(|d| now.saturating_duration_since(b.refilled) < d)
         });
-        out.sort_by(|a, b| {
-            (a.source.kind, &a.source.agent, a.source.reason).cmp(&(
-                b.source.kind,
-                &b.source.agent,
-                b.source.reason,
-            ))
-        });
+        out.sort_by(|a, b| a.source.cmp(&b.source));
         out
     }
 }
@@ -225,11 +226,7 @@ mod tests {
             l.admit(&source("noisy"), t);
         }
         assert!(l.admit(&source("quiet"), t));
-        let other_kind = Source {
-            kind: "no_flow_record",
-            agent: None,
-            reason: None,
-        };
+        let other_kind = Source::new("no_flow_record", None);
         assert!(l.admit(&other_kind, t));
         let left = l.flush(t);
         assert_eq!(left.len(), 1);

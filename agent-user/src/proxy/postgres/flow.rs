@@ -124,9 +124,9 @@ enum Expect {
     Execute(Box<ExecRun>),
     InjectedExecute,
     Close,
-    /// `ignored_in_copy`: sent right after a COPY (libpq sends Execute, Sync, then the data). A
-    /// server receiving COPY data ignores Sync, so this one gets no ReadyForQuery if the COPY
-    /// does start: it is dropped when CopyInResponse arrives.
+    /// `ignored_in_copy`: sent between a COPY and its end (libpq sends Execute, Sync, then the
+    /// data). A server in COPY ignores Sync, so this one gets no ReadyForQuery if the COPY does
+    /// start: it is dropped when CopyInResponse arrives.
     Sync {
         ignored_in_copy: bool,
     },
@@ -276,20 +276,47 @@ impl<T> Names<T> {
 }
 
 impl State {
-    /// Forgets every portal (SQL-level cursor statements changed the server's): a queued Bind
-    /// that gets skipped must not bring back what it replaced.
+    /// Forgets every portal (SQL-level cursor statements changed the server's).
     fn forget_portals(&mut self) {
+        self.disown_queued_binds();
+        self.portals.forget_all_but(&[]);
+    }
+
+    /// The transaction ended: the server dropped every portal bound in it. Portals bound by
+    /// Binds still queued (pipelined after this Sync) are the next transaction's and stay.
+    fn forget_ended_portals(&mut self) {
+        let pending = self.disown_queued_binds();
+        self.portals.forget_all_but(&pending);
+    }
+
+    /// A queued Bind that gets skipped must not bring back a portal the gate has forgotten:
+    /// what each would restore is dropped. Returns the names they bind.
+    fn disown_queued_binds(&mut self) -> Vec<String> {
+        let mut names = Vec::new();
         for e in &mut self.queue {
             if let Expect::Bind {
                 injected: false,
+                name,
                 previous,
-                ..
             } = e
             {
+                names.push(name.clone());
                 *previous = None;
             }
         }
-        self.portals.forget_all_but(&[]);
+        names
+    }
+
+    /// What sending an allowed (or approved) query does to the gate's view: a COPY is followed,
+    /// SQL-level statement and cursor changes make the gate forget its names.
+    fn query_sent(&mut self, qd: &QueryDecision) {
+        self.copy_pending |= is_copy(qd);
+        if changes_prepared(qd) {
+            self.forget_statements();
+        }
+        if changes_portals(qd) {
+            self.forget_portals();
+        }
     }
 
     /// Forgets the named statements (SQL `PREPARE`/`DEALLOCATE`/`DISCARD`), likewise.
@@ -713,24 +740,21 @@ fn before_judging(
         }
         _ => None,
     };
-    if new_name.is_some_and(|n| n >= MAX_NAMES) {
-        let message = format!(
+    let refusal = if new_name.is_some_and(|n| n >= MAX_NAMES) {
+        format!(
             "agentgate: at most {MAX_NAMES} named statements and {MAX_NAMES} named portals per connection; close some first"
-        );
-        refuse_unjudged(ctx, "extended", msg.name(), &message);
-        st.queue.push_back(Expect::Synthetic(error_frame(&message)));
-        return Ok(Pre::Refused);
-    }
-    if let Some(name) = overlong_name(msg) {
-        let message = format!(
+        )
+    } else if let Some(name) = overlong_name(msg) {
+        format!(
             "agentgate: statement and portal names are limited to {MAX_NAME_BYTES} bytes (the server shortens longer ones, so two names could reach one object): {}...",
             name.chars().take(16).collect::<String>()
-        );
-        refuse_unjudged(ctx, "extended", msg.name(), &message);
-        st.queue.push_back(Expect::Synthetic(error_frame(&message)));
-        return Ok(Pre::Refused);
-    }
-    Ok(Pre::Judge)
+        )
+    } else {
+        return Ok(Pre::Judge);
+    };
+    refuse_unjudged(ctx, "extended", msg.name(), &refusal);
+    st.queue.push_back(Expect::Synthetic(error_frame(&refusal)));
+    Ok(Pre::Refused)
 }
 
 /// Messages one connection may have sent and not yet had answered.
@@ -1245,13 +1269,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 idx: 0,
                                 plan: None,
                             }));
-                            st.copy_pending |= is_copy(&qd);
-                            if changes_prepared(&qd) {
-                                st.forget_statements();
-                            }
-                            if changes_portals(&qd) {
-                                st.forget_portals();
-                            }
+                            st.query_sent(&qd);
                             out.extend_from_slice(&frame.raw);
                         }
                         Judged::Deny(message) => {
@@ -1591,14 +1609,7 @@ fn settle_held(
         }
         (Held::Query { raw, sql, qd, .. }, Some(reviewed)) => {
             *statement_timeout = statement_timeout_of(&qd, *statement_timeout);
-            // What an allowed query does to the gate's view at sending, this one does now.
-            st.copy_pending |= is_copy(&qd);
-            if changes_prepared(&qd) {
-                st.forget_statements();
-            }
-            if changes_portals(&qd) {
-                st.forget_portals();
-            }
+            st.query_sent(&qd);
             let recs = record_query(ctx, "simple", &sql, &qd, Some(&reviewed));
             st.queue.push_back(Expect::Query(QueryRun {
                 recs,
@@ -1664,7 +1675,6 @@ fn settle_held(
     }
 }
 
-/// Is a whole frame already buffered (tag + length + body)?
 /// Writes what was judged so far unless another whole frame is already buffered (pipelined
 /// messages are judged before the batch is written).
 async fn flush_judged<W: AsyncWrite + Unpin>(
@@ -1679,6 +1689,7 @@ async fn flush_judged<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Is a whole frame already buffered (tag + length + body)?
 fn has_frame(buf: &BytesMut) -> bool {
     match buf.get(1..5).and_then(|b| <[u8; 4]>::try_from(b).ok()) {
         Some(len) => buf.len() > u32::from_be_bytes(len) as usize,
@@ -1938,14 +1949,19 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
     }
 }
 
-/// The statement whose response is arriving is masked (a Query's current statement or an
-/// Execute's).
-fn current_statement_masked(st: &State) -> bool {
+/// The mask profiles of the statement whose response is arriving (a Query's current statement
+/// or an Execute's).
+fn current_masks(st: &State) -> Option<&Arc<[String]>> {
     match st.queue.front() {
-        Some(Expect::Query(q)) => q.recs.get(q.idx).is_some_and(|r| !r.masks.is_empty()),
-        Some(Expect::Execute(x)) => !x.rec.masks.is_empty(),
-        _ => false,
+        Some(Expect::Query(q)) => q.recs.get(q.idx).map(|r| &r.masks),
+        Some(Expect::Execute(x)) => Some(&x.rec.masks),
+        _ => None,
     }
+}
+
+/// The statement whose response is arriving is masked.
+fn current_statement_masked(st: &State) -> bool {
+    current_masks(st).is_some_and(|m| !m.is_empty())
 }
 
 /// Whether an error of a masked statement may quote the data it read. Almost any class can:
@@ -1997,25 +2013,6 @@ fn out_of_step(what: &str) -> PgError {
 
 /// After a server error in the extended protocol the server skips everything up to Sync: so do
 /// the expectations (their view updates are rolled back, their statements recorded as not run).
-/// The transaction ended: the server dropped every portal bound in it. Portals bound by Binds
-/// still queued (pipelined after this Sync) are the next transaction's and stay; what those
-/// Binds would restore if skipped is gone too.
-fn forget_ended_portals(st: &mut State) {
-    let mut pending = Vec::new();
-    for e in &mut st.queue {
-        if let Expect::Bind {
-            injected: false,
-            name,
-            previous,
-        } = e
-        {
-            pending.push(name.clone());
-            *previous = None;
-        }
-    }
-    st.portals.forget_all_but(&pending);
-}
-
 fn pop_until_sync(ctx: &Context<'_>, st: &mut State) {
     let mut skipped = Vec::new();
     while let Some(front) = st.queue.front() {
@@ -2052,6 +2049,10 @@ fn on_backend(
     keep: usize,
 ) -> Result<(), PgError> {
     use BackendMessage as B;
+    if st.copy_in && matches!(frame.msg, B::CommandComplete { .. } | B::ErrorResponse(_)) {
+        // The server left COPY (done, or failed): what follows is read normally again.
+        st.copy_in = false;
+    }
     match frame.msg {
         B::ParseComplete => {
             if let Some(Expect::Parse { injected, .. }) = st.queue.front() {
@@ -2133,18 +2134,11 @@ fn on_backend(
                 st.queue.remove(1);
             }
         }
-        B::CopyOutResponse { .. } | B::CopyBothResponse { .. } => {
-            let masks = match st.queue.front() {
-                Some(Expect::Query(q)) => q.recs.get(q.idx).map(|r| r.masks.clone()),
-                Some(Expect::Execute(x)) => Some(x.rec.masks.clone()),
-                _ => None,
-            };
-            if masks.is_some_and(|m| !m.is_empty()) {
-                // Judging refuses COPY ... TO STDOUT under masking; this is the backstop.
-                return Err(PgError::Protocol(
-                    "COPY data of a masked statement cannot be masked".into(),
-                ));
-            }
+        // Judging refuses COPY ... TO STDOUT under masking; this is the backstop.
+        B::CopyOutResponse { .. } | B::CopyBothResponse { .. } if current_statement_masked(st) => {
+            return Err(PgError::Protocol(
+                "COPY data of a masked statement cannot be masked".into(),
+            ));
         }
         B::NoData => {
             if let Some(Expect::Describe { .. }) = st.queue.front()
@@ -2191,11 +2185,6 @@ fn on_backend(
                 out.extend_from_slice(&frame.raw);
             }
             return Ok(());
-        }
-        B::CommandComplete { .. } | B::ErrorResponse(_) if st.copy_in => {
-            // The server left COPY (done, or failed): what follows is read normally again.
-            st.copy_in = false;
-            return on_backend(ctx, st, frame, out, keep);
         }
         B::CommandComplete { tag } => match st.queue.front_mut() {
             Some(Expect::Query(q)) => {
@@ -2300,7 +2289,7 @@ fn on_backend(
             }
             st.revert(skipped);
             if status == TransactionStatus::Idle {
-                forget_ended_portals(st);
+                st.forget_ended_portals();
             }
         }
         _ => {}
