@@ -24,6 +24,7 @@ pub mod names {
     pub const SETTINGS: &str = "SETTINGS";
     pub const EVENTS: &str = "EVENTS";
     pub const EVENTS_LOST: &str = "EVENTS_LOST";
+    pub const EVENT_BUDGETS: &str = "EVENT_BUDGETS";
 
     pub const CONNECT4: &str = "ag_connect4";
     pub const CONNECT6: &str = "ag_connect6";
@@ -35,7 +36,7 @@ pub mod names {
     pub const SOCK_CREATE: &str = "ag_sock_create";
 
     /// Every map, in the order the daemon pins them.
-    pub const MAPS: [&str; 10] = [
+    pub const MAPS: [&str; 11] = [
         GOVERNED,
         DESTS,
         PENDING,
@@ -46,6 +47,7 @@ pub mod names {
         SETTINGS,
         EVENTS,
         EVENTS_LOST,
+        EVENT_BUDGETS,
     ];
 }
 
@@ -57,7 +59,19 @@ pub const MAX_FLOWS: u32 = 16384;
 pub const MAX_ORIG_DST: u32 = 65536;
 pub const MAX_RESOLVERS: u32 = 64;
 pub const MAX_PROTECTED: u32 = 64;
-pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// Size of the `EVENTS` ring buffer. Every agent may hold its burst of entries in it at once
+/// (see [`EventBudget`]): half the ring is shared out as bursts by the daemon, the other half
+/// takes the agents' refill while the daemon is slow to read.
+pub const EVENTS_BYTES: u32 = 1024 * 1024;
+/// One `EVENTS` entry: the kernel's 8-byte record header and a [`DenyEvent`], rounded up to 8.
+pub const EVENT_ENTRY_BYTES: u32 = (8 + size_of::<DenyEvent>() as u32).next_multiple_of(8);
+/// How many refusals `EVENTS` holds when nobody reads it (13107).
+pub const EVENTS_CAPACITY: u32 = EVENTS_BYTES / EVENT_ENTRY_BYTES;
+
+/// Agents are numbered 1..=`MAX_AGENTS` (each needs at least one governed cgroup).
+pub const MAX_AGENTS: u32 = MAX_GOVERNED / 2;
+/// Slot of `EVENT_BUDGETS` shared by orphaned cgroups (and any agent id beyond `MAX_AGENTS`).
+pub const ORPHAN_BUDGET_SLOT: u32 = 0;
 
 /// How deep below the cgroup2 root the kernel side looks for a governed ancestor.
 pub const MAX_CGROUP_DEPTH: u32 = 32;
@@ -171,6 +185,29 @@ pub struct Settings {
     /// The daemon's own process: together with `mark`, exempts its upstream sockets.
     pub daemon_tgid: u32,
     pub mark: u32,
+    /// `EVENTS` entries one agent may take at once ([`EventBudget`]); 0 = no budget yet.
+    pub event_burst: u32,
+    pub _pad: u32,
+    /// Nanoseconds per entry an agent's budget regains (0 = none).
+    pub event_refill_ns: u64,
+}
+
+/// Value of `EVENT_BUDGETS`, indexed by agent id ([`ORPHAN_BUDGET_SLOT`] for orphans): one
+/// agent's share of `EVENTS`, so that an agent looping on refused connects cannot fill the ring
+/// and leave other agents' refusals unrecorded. A token bucket kept as a count against a
+/// clock: the agent may have taken `Settings::event_burst` entries plus one per
+/// `Settings::event_refill_ns` since `base_ns`. Refusals over it are refused all the same but
+/// only counted, in `suppressed`, which the daemon reports per agent.
+///
+/// Several CPUs update one slot: `taken` and `suppressed` change by atomic adds only, so the
+/// budget holds exactly while the agent is busy; `base_ns` and `taken` are reset (plain stores)
+/// only when the bucket is full again, where a racing CPU can gain at most one extra entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    pub taken: u64,
+    pub base_ns: u64,
+    pub suppressed: u64,
 }
 
 /// Why the kernel refused a connect or a datagram.
@@ -274,6 +311,8 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::DenyEvent {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::EventBudget {}
 }
 
 #[cfg(test)]
@@ -289,8 +328,16 @@ mod tests {
         assert_eq!(size_of::<FlowRecord>(), 16 + 2 + 2 + 4 * 5 + 8 * 3);
         assert_eq!(size_of::<FlowKey>(), 36);
         assert_eq!(size_of::<Endpoint>(), 20);
-        assert_eq!(size_of::<Settings>(), 4 + 2 + 2 + 16 + 4 + 4);
+        assert_eq!(size_of::<Settings>(), 4 + 2 + 2 + 16 + 4 + 4 + 4 + 4 + 8);
         assert_eq!(size_of::<DenyEvent>(), 8 * 3 + 4 * 4 + 16 + 2 + 2 + 4 * 3);
+        assert_eq!(size_of::<EventBudget>(), 8 * 3);
+    }
+
+    #[test]
+    fn ring_entries_are_counted_as_the_kernel_stores_them() {
+        assert_eq!(EVENT_ENTRY_BYTES, 80);
+        assert_eq!(EVENTS_CAPACITY, 13107);
+        assert!(EVENTS_BYTES.is_power_of_two());
     }
 
     #[test]

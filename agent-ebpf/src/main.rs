@@ -12,18 +12,24 @@
 //! - `getpeername4/6`: the agent sees the address it asked for.
 //! - `sendmsg4/6`: unconnected UDP from governed cgroups goes only to configured resolvers.
 //!
-//! Every refusal is reported through the `EVENTS` ring buffer. Policy beyond "which destination"
-//! lives in userspace; these programs stay thin.
+//! Every refusal is reported through the `EVENTS` ring buffer, within the refusing agent's
+//! budget of entries (`EVENT_BUDGETS`); refusals over it are only counted. Policy beyond "which
+//! destination" lives in userspace; these programs stay thin.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has 64-bit atomic loads and stores only, so `AtomicU64` offers
+// no `fetch_add`; the intrinsic compiles to the BPF atomic add instruction.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 use agent_common::{
     AF_INET, Addr, V4_MAPPED_WORD, AF_INET6, DEST_KEY_FIXED_BITS, DenyEvent, DestKey, DestValue, EVENTS_BYTES, Endpoint,
-    FlowKey, FlowRecord, GOVERNED_ALLOW_PING, GOVERNED_UNKNOWN_RECORD, Governed, IPPROTO_ICMP,
-    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, MAX_CGROUP_DEPTH, MAX_DESTS, MAX_FLOWS,
-    MAX_GOVERNED, MAX_ORIG_DST, MAX_PENDING, MAX_PROTECTED, MAX_RESOLVERS, SOCK_DGRAM,
-    SOCK_STREAM, Settings, TARGET_UNKNOWN, reason, v4_mapped,
+    EventBudget, FlowKey, FlowRecord, GOVERNED_ALLOW_PING, GOVERNED_UNKNOWN_RECORD, Governed,
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, MAX_AGENTS, MAX_CGROUP_DEPTH,
+    MAX_DESTS, MAX_FLOWS, MAX_GOVERNED, MAX_ORIG_DST, MAX_PENDING, MAX_PROTECTED, MAX_RESOLVERS,
+    ORPHAN_BUDGET_SLOT, SOCK_DGRAM, SOCK_STREAM, Settings, TARGET_UNKNOWN, reason, v4_mapped,
 };
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     EbpfContext,
     bindings::{bpf_sock_addr, bpf_sock_ops},
@@ -74,6 +80,10 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 /// that the record says how many are missing. Per CPU, so no atomics; the daemon sums them.
 #[map]
 static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// Each agent's share of `EVENTS` and its refusals over it (see `EventBudget`): one agent's
+/// loop cannot fill the ring and leave the others' refusals unrecorded.
+#[map]
+static EVENT_BUDGETS: Array<EventBudget> = Array::with_max_entries(MAX_AGENTS + 1, 0);
 
 /// The governed cgroup that decides for the current task: the deepest governed one among the
 /// task's cgroup and its ancestors.
@@ -183,10 +193,65 @@ impl Caller {
     }
 }
 
-/// Reports a refusal through `EVENTS` and returns the verdict. Fields are written in place in the
-/// ring buffer entry to keep the program's stack small.
+/// Takes one `EVENTS` entry from the agent's budget. False when it is spent: the refusal is then
+/// counted in the agent's slot instead.
+#[inline(always)]
+fn within_budget(agent_id: u32) -> bool {
+    let Some(cfg) = SETTINGS.get(0) else {
+        return true;
+    };
+    let burst = u64::from(cfg.event_burst);
+    if burst == 0 {
+        // The daemon has not shared the ring out yet.
+        return true;
+    }
+    let slot = if agent_id <= MAX_AGENTS { agent_id } else { ORPHAN_BUDGET_SLOT };
+    let Some(b) = EVENT_BUDGETS.get_ptr_mut(slot) else {
+        return true;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: `b` points at this slot's value in an array map, valid for the program's run.
+    // Other CPUs update it concurrently: `taken` and `suppressed` grow only by atomic adds, and
+    // a plain load can at worst see a value another CPU is about to change.
+    unsafe {
+        let taken = &raw mut (*b).taken;
+        let base = &raw mut (*b).base_ns;
+        let mut earned = now
+            .saturating_sub(core::ptr::read_volatile(base))
+            .checked_div(cfg.event_refill_ns)
+            .unwrap_or(0);
+        let mut spent = core::ptr::read_volatile(taken);
+        if earned >= spent {
+            // Full again (idle for a burst's worth of refill): restart the clock. A CPU adding
+            // to `taken` between these stores loses its add: one entry more for it, no more.
+            core::ptr::write_volatile(base, now);
+            core::ptr::write_volatile(taken, 0);
+            earned = 0;
+            spent = 0;
+        }
+        if spent < burst.saturating_add(earned) {
+            // CPUs that loaded `taken` before this add may take an entry each on the same
+            // count: the overshoot is bounded by the programs running at once and does not
+            // accumulate, since no add is lost. (A fetching add would close that window, but
+            // bpf-linker's default cpu, `generic`, has none: LLVM stops with "Invalid usage of
+            // the XADD return value".)
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(taken, 1);
+            return true;
+        }
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*b).suppressed, 1);
+    }
+    false
+}
+
+/// Reports a refusal through `EVENTS`, within the agent's budget, and returns the verdict, which
+/// the budget never changes. Fields are written in place in the ring buffer entry to keep the
+/// program's stack small.
 #[inline(never)]
 fn deny(caller: &Caller, refusal: &Refusal) -> i32 {
+    if !within_budget(caller.agent_id) {
+        return DENY;
+    }
     if let Some(mut entry) = EVENTS.reserve::<DenyEvent>(0) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` points at a reserved, exclusively owned entry of the right size; every

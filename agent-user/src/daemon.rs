@@ -6,6 +6,7 @@
 //! the pinned links stay: governed agents remain refused until a daemon serves again or an
 //! operator runs `agentgate uninstall`.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
@@ -356,6 +357,15 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         governed: Mutex::new(Vec::new()),
     });
     daemon.resync(&governed, true)?;
+    let budget = limit::KernelEventBudget::of(cfg.events, cfg.agents.len());
+    if budget.clamped {
+        tracing::warn!(
+            agents = cfg.agents.len(),
+            kernel_burst = budget.burst,
+            events_burst = cfg.events.burst,
+            "the kernel's ring buffer of refusals gives each agent fewer entries at once than events.burst"
+        );
+    }
     if let Ok(mut g) = daemon.governed.lock() {
         *g = governed;
     }
@@ -636,9 +646,16 @@ fn raise_fd_limit() {
 /// Records, every [`limit::FLUSH_EVERY`], how many events each source had left out.
 async fn record_left_out_events(gate: Arc<Gate>) {
     let mut tick = tokio::time::interval(limit::FLUSH_EVERY);
-    // The kernel's count lives as long as the pinned maps: only what this daemon sees grow is
+    // The kernel's counts live as long as the pinned maps: only what this daemon sees grow is
     // reported (a restart does not report the previous daemon's losses again).
     let mut lost_seen = gate.intercept.events_lost().unwrap_or(0);
+    let agents = u32::try_from(gate.cfg.agents.len()).unwrap_or(u32::MAX);
+    let mut suppressed_seen: BTreeMap<u32, u64> = gate
+        .intercept
+        .events_suppressed(agents)
+        .into_iter()
+        .collect();
+    let budget = limit::KernelEventBudget::of(gate.cfg.events, gate.cfg.agents.len());
     loop {
         tick.tick().await;
         // An unreadable count is skipped, not taken for zero (the next read would report the
@@ -657,6 +674,31 @@ async fn record_left_out_events(gate: Arc<Gate>) {
                 });
             }
             lost_seen = lost;
+        }
+        for (slot, total) in gate.intercept.events_suppressed(agents) {
+            let seen = suppressed_seen.insert(slot, total);
+            // A slot unreadable at start counts from its first reading.
+            let Some(seen) = seen.filter(|s| total > *s) else {
+                continue;
+            };
+            let count = total - seen;
+            let agent = gate.cfg.agent_by_id(slot).map(|a| a.name.clone());
+            tracing::warn!(
+                agent = agent.as_deref().unwrap_or("(orphaned cgroups)"),
+                count,
+                "kernel refusals over the agent's share of the event ring buffer were counted, not reported"
+            );
+            let _ = gate.store.event(Event {
+                kind: "kernel_events_suppressed".into(),
+                agent,
+                detail: serde_json::json!({
+                    "count": count,
+                    "total_since_load": total,
+                    "orphaned_cgroups": slot == agent_common::ORPHAN_BUDGET_SLOT,
+                    "limits": { "burst": budget.burst, "per_second": budget.per_second },
+                }),
+                ..Default::default()
+            });
         }
         for left in gate.events.flush(Instant::now()) {
             let agent = left.source.agent;

@@ -523,7 +523,7 @@ impl Config {
                 "must be a fixed port, not 0".into(),
             ));
         }
-        if self.agents.len() > agent_common::MAX_GOVERNED as usize / 2 {
+        if self.agents.len() > agent_common::MAX_AGENTS as usize {
             return Err(invalid("agents".into(), "too many agents".into()));
         }
         let mut target_names = HashSet::new();

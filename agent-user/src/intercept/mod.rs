@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use agent_common::{
-    Addr, DEST_KEY_FIXED_BITS, DenyEvent, DestKey, DestValue, Endpoint, FlowKey, FlowRecord,
-    GOVERNED_ALLOW_PING, GOVERNED_UNKNOWN_RECORD, Governed, Settings, V4_MAPPED_PREFIX_BITS,
-    addr_bytes, addr_from_bytes, names, v4_mapped,
+    Addr, DEST_KEY_FIXED_BITS, DenyEvent, DestKey, DestValue, Endpoint, EventBudget, FlowKey,
+    FlowRecord, GOVERNED_ALLOW_PING, GOVERNED_UNKNOWN_RECORD, Governed, Settings,
+    V4_MAPPED_PREFIX_BITS, addr_bytes, addr_from_bytes, names, v4_mapped,
 };
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
@@ -30,6 +30,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Config, UnknownDestinations};
 use crate::identity::{self, CgroupFs};
+use crate::session::limit::KernelEventBudget;
 
 /// The compiled programs, built by `cargo xtask build-ebpf` and committed with the hash of
 /// the sources they came from.
@@ -179,6 +180,7 @@ pub struct Intercept {
     settings: Mutex<Array<MapData, Settings>>,
     events: Mutex<Option<RingBuf<MapData>>>,
     events_lost: Mutex<PerCpuArray<MapData, u64>>,
+    event_budgets: Mutex<Array<MapData, EventBudget>>,
     /// True when this daemon found the programs already pinned and loaded nothing.
     pub adopted: bool,
 }
@@ -332,6 +334,10 @@ impl Intercept {
                 PerCpuArray::try_from(hash(names::EVENTS_LOST)?)
                     .map_err(map_err(names::EVENTS_LOST))?,
             ),
+            event_budgets: Mutex::new(
+                Array::try_from(hash(names::EVENT_BUDGETS)?)
+                    .map_err(map_err(names::EVENT_BUDGETS))?,
+            ),
             adopted,
         })
     }
@@ -437,6 +443,7 @@ impl Intercept {
             // mapped address; IPv6-only sockets then fail to connect (still refused, not bypassed).
             None => v4_mapped(cfg.listen.ipv4.octets()),
         };
+        let budget = KernelEventBudget::of(cfg.events, cfg.agents.len());
         let settings = Settings {
             enforcer_v4: cfg.listen.ipv4.octets(),
             enforcer_port: cfg.listen.port,
@@ -444,6 +451,9 @@ impl Intercept {
             enforcer_v6,
             daemon_tgid: std::process::id(),
             mark: cfg.mark,
+            event_burst: budget.burst,
+            _pad: 0,
+            event_refill_ns: budget.refill_ns(),
         };
         lock(&self.settings)
             .set(0, settings, 0)
@@ -496,6 +506,16 @@ impl Intercept {
         map.get(&0, 0)
             .ok()
             .map(|per_cpu| per_cpu.iter().copied().fold(0u64, u64::wrapping_add))
+    }
+
+    /// Per budget slot (agent id, [`agent_common::ORPHAN_BUDGET_SLOT`] for orphaned cgroups) up
+    /// to `agents`: kernel refusals over the agent's share of the ring buffer, counted and not
+    /// reported, since the programs were loaded. Unreadable slots are left out.
+    pub fn events_suppressed(&self, agents: u32) -> Vec<(u32, u64)> {
+        let map = lock(&self.event_budgets);
+        (0..=agents.min(agent_common::MAX_AGENTS))
+            .filter_map(|slot| Some((slot, map.get(&slot, 0).ok()?.suppressed)))
+            .collect()
     }
 
     /// The ring buffer of kernel refusals; taken once by the event reader.

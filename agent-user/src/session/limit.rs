@@ -9,12 +9,17 @@
 //! [`FLUSH_EVERY`] the daemon records one `events_suppressed` event per source with how many of
 //! its events were left out and over which interval.
 //!
+//! The kernel's ring buffer of refusals is shared by every agent, so the kernel keeps a coarser
+//! budget per agent before this one ([`KernelEventBudget`]): refusals over it never reach the
+//! daemon and are counted per agent (`kernel_events_suppressed`).
+//!
 //! Pure: the caller passes the time.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use agent_common::EVENTS_CAPACITY;
 use serde::{Deserialize, Serialize};
 
 /// How often counts of left-out events are recorded.
@@ -46,6 +51,56 @@ impl Default for EventLimits {
             burst: default_burst(),
             per_second: default_per_second(),
         }
+    }
+}
+
+/// Kernel budgets never go below these, so a small `events:` setting does not leave the kernel
+/// passing on fewer refusals than this limiter wants to see.
+const KERNEL_MIN_BURST: u32 = 64;
+const KERNEL_MIN_PER_SECOND: u32 = 32;
+
+/// Each agent's budget of entries in the kernel's ring buffer of refusals (see
+/// `agent_common::EventBudget`), derived from `events:`.
+///
+/// Twice this limiter's burst and rate (at least [`KERNEL_MIN_BURST`] and
+/// [`KERNEL_MIN_PER_SECOND`]): an agent's refusals reach the daemon faster than they are
+/// recorded, so this limiter, which tells refusals apart by reason, stays the one that decides
+/// in ordinary use, and the kernel's only keeps one agent from taking the ring.
+///
+/// The arithmetic: the ring holds [`EVENTS_CAPACITY`] entries (13107). Half of it is shared out
+/// as bursts among the agents and the orphaned cgroups' slot, so every agent's burst fits at
+/// once even when nobody reads: with the default `events:` (burst 100, so 200 in the kernel)
+/// that is 31 agents; with more, each burst is cut to its share (12 at the most agents a
+/// configuration may have, 512), and `clamped` says when that is below `events.burst`. The other half takes the refill while
+/// the daemon is slow to read: 32 slots at the default 40 per second fill it in 5 seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelEventBudget {
+    pub burst: u32,
+    pub per_second: u32,
+    /// The ring's share per agent is smaller than `events.burst`: the kernel's budget, not
+    /// this limiter, decides how many of an agent's refusals are recorded at once.
+    pub clamped: bool,
+}
+
+impl KernelEventBudget {
+    pub fn of(limits: EventLimits, agents: usize) -> KernelEventBudget {
+        let wanted = limits.burst.saturating_mul(2).max(KERNEL_MIN_BURST);
+        let slots = u32::try_from(agents).unwrap_or(u32::MAX).saturating_add(1);
+        let share = (EVENTS_CAPACITY / 2) / slots;
+        let burst = wanted.min(share).max(1);
+        KernelEventBudget {
+            burst,
+            per_second: limits
+                .per_second
+                .saturating_mul(2)
+                .max(KERNEL_MIN_PER_SECOND),
+            clamped: burst < limits.burst,
+        }
+    }
+
+    /// Nanoseconds per entry regained.
+    pub fn refill_ns(&self) -> u64 {
+        1_000_000_000 / u64::from(self.per_second.max(1))
     }
 }
 
@@ -232,6 +287,34 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].source, source("noisy"));
         assert_eq!(left[0].count, 97);
+    }
+
+    #[test]
+    fn the_kernel_budget_is_coarser_than_the_limiter_and_every_agents_burst_fits_in_the_ring() {
+        let defaults = KernelEventBudget::of(EventLimits::default(), 2);
+        assert_eq!((defaults.burst, defaults.per_second), (200, 40));
+        assert_eq!(defaults.refill_ns(), 25_000_000);
+        assert!(!defaults.clamped);
+        let small = KernelEventBudget::of(
+            EventLimits {
+                burst: 1,
+                per_second: 0,
+            },
+            2,
+        );
+        assert_eq!((small.burst, small.per_second), (64, 32));
+        for agents in [0, 1, 31, 32, 100, agent_common::MAX_AGENTS as usize] {
+            let b = KernelEventBudget::of(EventLimits::default(), agents);
+            let slots = agents as u32 + 1;
+            assert!(
+                slots * b.burst <= EVENTS_CAPACITY / 2,
+                "{agents} agents: {b:?}"
+            );
+            assert_eq!(b.burst == 200, agents <= 31, "{agents} agents: {b:?}");
+            assert_eq!(b.clamped, b.burst < 100, "{agents} agents: {b:?}");
+        }
+        let most = KernelEventBudget::of(EventLimits::default(), agent_common::MAX_AGENTS as usize);
+        assert_eq!(most.burst, 12);
     }
 
     #[test]
