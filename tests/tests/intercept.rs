@@ -714,7 +714,8 @@ fn check_config_reports_file_line_and_key() {
 fn a_governed_agent_looping_on_refused_connects_cannot_flood_the_record() {
     // Each refused connect is a kernel event. Recorded one by one, a loop would fill the state
     // directory's disk: each agent gets `burst` records then `per_second`, and the rest are
-    // counted in `events_suppressed` (or `kernel_events_lost` when the ring buffer was full).
+    // counted in `events_suppressed` (or `kernel_events_suppressed` when over the agent's share
+    // of the kernel's ring buffer, `kernel_events_lost` when the ring buffer was full).
     let echo = EchoServer::start("127.0.0.1:0");
     let resolver = udp_echo("127.0.0.1:0");
     let gate = Gate::start(&config(&echo, "events: {burst: 50, per_second: 10}\n"));
@@ -753,27 +754,12 @@ print(refused, time.monotonic() - began)
         "every refusal recorded or counted",
         Duration::from_secs(15),
         || {
-            let v = gate.cli_json(&["events", "--limit", "100000", "--json"]);
-            let events = v.as_array()?;
-            let bot = |e: &&Value| e["agent"] == "bot";
-            let recorded = events
-                .iter()
-                .filter(bot)
-                .filter(|e| e["kind"] == "kernel_deny")
-                .count() as u64;
-            let left_out: u64 = events
-                .iter()
-                .filter(bot)
-                .filter(|e| e["kind"] == "events_suppressed")
-                .inspect(|e| assert_eq!(e["detail"]["of_kind"], "kernel_deny", "{e}"))
-                .map(|e| e["detail"]["count"].as_u64().unwrap_or(0))
-                .sum();
-            let lost: u64 = events
-                .iter()
-                .filter(|e| e["kind"] == "kernel_events_lost")
-                .map(|e| e["detail"]["count"].as_u64().unwrap_or(0))
-                .sum();
-            (recorded + left_out + lost == ATTEMPTS).then_some((recorded, left_out, lost))
+            let c = refusals_accounted(&gate, "bot");
+            (c.recorded + c.left_out + c.kernel_suppressed + c.lost == ATTEMPTS).then_some((
+                c.recorded,
+                c.left_out + c.kernel_suppressed,
+                c.lost,
+            ))
         },
     );
     // The loop took `seconds`; the record may hold the burst plus the rate over that time (and
@@ -827,6 +813,162 @@ for _ in range({DIRECT}):
             .contains("events over the recording limit were counted, not recorded"),
         "{}",
         gate.log()
+    );
+}
+
+/// How one agent's kernel refusals show in the record.
+struct Refusals {
+    /// `kernel_deny` events of the agent.
+    recorded: u64,
+    /// Counted by the daemon's limiter (`events_suppressed` of `kernel_deny`).
+    left_out: u64,
+    /// Counted in the kernel, over the agent's share of the ring (`kernel_events_suppressed`).
+    kernel_suppressed: u64,
+    /// Found the ring full (`kernel_events_lost`, any agent's).
+    lost: u64,
+    /// The agent's `kernel_deny` events.
+    events: Vec<Value>,
+}
+
+fn refusals_accounted(gate: &Gate, agent: &str) -> Refusals {
+    let v = gate.cli_json(&["events", "--limit", "100000", "--json"]);
+    let all = v.as_array().cloned().unwrap_or_default();
+    let of_agent = |kind: &str| {
+        all.iter()
+            .filter(|e| e["agent"] == agent && e["kind"] == kind)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let count = |events: &[Value]| -> u64 {
+        events
+            .iter()
+            .map(|e| e["detail"]["count"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let left_out = of_agent("events_suppressed");
+    for e in &left_out {
+        assert_eq!(e["detail"]["of_kind"], "kernel_deny", "{e}");
+    }
+    let lost: Vec<Value> = all
+        .iter()
+        .filter(|e| e["kind"] == "kernel_events_lost")
+        .cloned()
+        .collect();
+    let events = of_agent("kernel_deny");
+    Refusals {
+        recorded: events.len() as u64,
+        left_out: count(&left_out),
+        kernel_suppressed: count(&of_agent("kernel_events_suppressed")),
+        lost: count(&lost),
+        events,
+    }
+}
+
+/// Stops a process (SIGSTOP) until dropped, even when the test fails meanwhile.
+struct Stopped(nix::unistd::Pid);
+
+impl Stopped {
+    fn new(pid: u32) -> Stopped {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+#[test]
+fn one_agents_flood_of_refusals_cannot_push_another_agents_out_of_the_kernel_ring() {
+    // Every agent's kernel refusals go through one ring buffer. An agent looping on refused
+    // connects while the daemon reads slowly (here: not at all, it is stopped) used to fill it,
+    // and another agent's refusals were then only counted in `kernel_events_lost`, with no
+    // agent, destination or reason. Each agent now has its share of the ring; the refusals of
+    // an agent over its share are counted for that agent (`kernel_events_suppressed`).
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&two_agents(&echo, "", "other", ""));
+    const FLOOD: u64 = 40_000;
+    let script = format!(
+        r#"
+import socket, sys
+refused = 0
+for i in range({FLOOD}):
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", 9))
+    except PermissionError:
+        refused += 1
+    s.close()
+    if i == {FLOOD} // 2:
+        print("halfway", flush=True)
+print(refused, flush=True)
+"#
+    );
+    let stopped = Stopped::new(gate.pid().unwrap());
+    let mut flood = gate
+        .exec("bot", &["python3", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(flood.stdout.take().unwrap()));
+    let halfway = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert_eq!(halfway, "halfway", "the flood runs");
+    // 20000 refusals so far: more than the old ring held (256 KiB of 80-byte entries, 3276).
+    let specs: Vec<String> = (1..=5)
+        .map(|i| format!("tcp:127.0.0.{}:{}", i + 1, 7000 + i))
+        .collect();
+    let specs: Vec<&str> = specs.iter().map(String::as_str).collect();
+    let other = gate.probe("other", &specs);
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(flood.wait().unwrap().success());
+    assert_eq!(
+        rest.last().map(String::as_str),
+        Some(FLOOD.to_string().as_str()),
+        "every connect of the flood refused: {rest:?}"
+    );
+    for p in &other {
+        assert_eq!(errno(p), EPERM, "{other:?}");
+    }
+    drop(stopped);
+
+    // The other agent's refusals are all recorded, each with its destination.
+    let mut destinations: Vec<String> = wait_for(
+        "the other agent's refusals recorded",
+        Duration::from_secs(15),
+        || {
+            let c = refusals_accounted(&gate, "other");
+            (c.recorded >= 5).then_some(c)
+        },
+    )
+    .events
+    .iter()
+    .map(|e| e["destination"].as_str().unwrap_or_default().to_string())
+    .collect();
+    destinations.sort();
+    let want: Vec<String> = specs
+        .iter()
+        .map(|s| s.trim_start_matches("tcp:").to_string())
+        .collect();
+    assert_eq!(destinations, want);
+
+    // The flood is accounted for: recorded, left out by the daemon's limiter, or counted in
+    // the kernel for this agent; none found the ring full.
+    let c = wait_for(
+        "every refusal of the flood recorded or counted",
+        Duration::from_secs(15),
+        || {
+            let c = refusals_accounted(&gate, "bot");
+            (c.recorded + c.left_out + c.kernel_suppressed + c.lost == FLOOD).then_some(c)
+        },
+    );
+    assert_eq!(c.lost, 0, "no refusal found the ring full");
+    assert!(
+        c.kernel_suppressed > FLOOD / 2,
+        "most of the flood counted in the kernel for this agent: {} of {FLOOD}",
+        c.kernel_suppressed
     );
 }
 
