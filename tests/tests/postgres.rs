@@ -1661,3 +1661,42 @@ fn the_gates_view_of_names_and_responses_cannot_be_parted_from_the_servers() {
         "{shown}"
     );
 }
+
+#[test]
+fn a_connection_cannot_make_the_gate_keep_more_than_max_kept_bytes() {
+    // 300 KiB for what one connection keeps: statements of ~40 KB (each costs twice its text
+    // and a little more) fit three at a time.
+    let (pg, gate) = start_with("    max_kept_bytes: 307200\n");
+    let l = pg_client(&gate, &pg, "bot", "raw_budget", "40000");
+    let kept = step(&l, "kept")["count"].as_i64().unwrap();
+    assert_eq!(kept, 3, "{l:#?}");
+    let refused = step(&l, "refused");
+    assert_ne!(refused["never"], true, "no Parse was ever refused: {l:#?}");
+    assert_eq!(refused["errors"].as_array().unwrap().len(), 1, "{l:#?}");
+    assert_eq!(refused["errors"][0]["code"], "54000", "{l:#?}");
+    assert!(
+        refused["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_kept_bytes"),
+        "{l:#?}"
+    );
+    // The refused Parse was not sent, its Bind and Execute skipped, and the transaction
+    // aborted as a server error would have left it.
+    assert_eq!(refused["tags"], "EZ", "{l:#?}");
+    assert_eq!(refused["status"], "E", "{l:#?}");
+    assert_eq!(step(&l, "rollback")["status"], "I", "{l:#?}");
+    assert_eq!(step(&l, "refused_name")["ok"], false, "{l:#?}");
+    // Closed names give their bytes back.
+    assert_eq!(step(&l, "close")["ok"], true, "{l:#?}");
+    assert_eq!(
+        step(&l, "again")["rows"],
+        serde_json::json!([["7"]]),
+        "{l:#?}"
+    );
+    assert_eq!(
+        step(&l, "big2")["rows"],
+        serde_json::json!([["2"]]),
+        "{l:#?}"
+    );
+}

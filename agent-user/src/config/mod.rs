@@ -284,6 +284,11 @@ pub struct TargetConfig {
     /// How many result rows of each statement are kept in the session record (masked).
     #[serde(default = "default_record_rows")]
     pub record_rows: usize,
+    /// Bytes one connection may make the gate keep for its named and unnamed prepared
+    /// statements and portals (their text, names, kept parameters, result columns). A Parse
+    /// or Bind beyond it is refused with SQLSTATE 54000; closing names gives the bytes back.
+    #[serde(default = "default_max_kept_bytes")]
+    pub max_kept_bytes: usize,
 }
 
 fn default_max_frame() -> usize {
@@ -291,6 +296,9 @@ fn default_max_frame() -> usize {
 }
 fn default_record_rows() -> usize {
     10
+}
+fn default_max_kept_bytes() -> usize {
+    64 * 1024 * 1024
 }
 
 /// Where the gate finds the upstream password: an environment variable of the daemon or a file
@@ -557,6 +565,12 @@ impl Config {
                     return Err(invalid(
                         format!("targets[{i}].max_frame_bytes"),
                         "must be at least 1024".into(),
+                    ));
+                }
+                if t.max_kept_bytes < 65536 {
+                    return Err(invalid(
+                        format!("targets[{i}].max_kept_bytes"),
+                        "must be at least 65536".into(),
                     ));
                 }
             }
@@ -828,6 +842,21 @@ mod tests {
         let bad = "agents:\n  - name: a\n    cgroup: x\n    targets: [nope]\n";
         let err = Config::parse(bad, "f.yaml").unwrap_err().to_string();
         assert_eq!(err, "f.yaml: `agents[0].targets[0]`: unknown target `nope`");
+    }
+
+    #[test]
+    fn max_kept_bytes_defaults_to_64_mib_and_a_tiny_one_is_refused() {
+        let target = |extra: &str| {
+            format!(
+                "targets:\n  - name: db\n    match: [\"127.0.0.1:5432\"]\n    protocol: postgres\n    credentials: {{ user: u }}\n{extra}"
+            )
+        };
+        let cfg = Config::parse(&target(""), "f").unwrap();
+        assert_eq!(cfg.targets[0].max_kept_bytes, 64 * 1024 * 1024);
+        let err = Config::parse(&target("    max_kept_bytes: 100\n"), "f")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("targets[0].max_kept_bytes"), "{err}");
     }
 
     #[test]

@@ -842,6 +842,66 @@ fn raw_startup(port: u16) {
     emit(summary("encoding_after", c.until_ready()));
 }
 
+/// Named statements of `ARG` bytes each until the gate refuses one for its memory budget,
+/// inside a transaction the refusal must abort as a server error would; then two are closed
+/// and the next Parse fits again.
+fn raw_budget(port: u16, size: usize) {
+    let mut c = Raw::connect(port);
+    let text = |i: usize| format!("SELECT {i} AS n -- {}", "x".repeat(size));
+    c.send(&query_msg("BEGIN"));
+    emit(summary("begin", c.until_ready()));
+    let mut kept = 0;
+    let mut refused = None;
+    for i in 0..200 {
+        let mut batch = parse_msg(&format!("big{i}"), &text(i));
+        // A Bind and an Execute after the refused Parse: skipped up to Sync, as the server would.
+        batch.extend(bind_msg("", &format!("big{i}")));
+        batch.extend(execute_msg(""));
+        batch.extend(sync_msg());
+        c.send(&batch);
+        let r = summary("parse", c.until_ready());
+        if r["ok"] == true {
+            kept += 1;
+        } else {
+            refused = Some(r);
+            break;
+        }
+    }
+    emit(json!({"step": "kept", "count": kept}));
+    let Some(mut refused) = refused else {
+        emit(json!({"step": "refused", "ok": true, "never": true}));
+        return;
+    };
+    refused["step"] = json!("refused");
+    emit(refused);
+    c.send(&query_msg("ROLLBACK"));
+    emit(summary("rollback", c.until_ready()));
+    // The refused name does not exist on the server, nor for the gate.
+    let mut batch = bind_msg("", &format!("big{kept}"));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("refused_name", c.until_ready()));
+    // Closing two statements gives their bytes back.
+    let mut batch = close_msg(b'S', "big0");
+    batch.extend(close_msg(b'S', "big1"));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("close", c.until_ready()));
+    let mut batch = parse_msg("again", &text(7));
+    batch.extend(bind_msg("", "again"));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("again", c.until_ready()));
+    // A kept one still runs.
+    let mut batch = bind_msg("", "big2");
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("big2", c.until_ready()));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scenario = args.get(1).map(String::as_str).unwrap_or("");
@@ -870,6 +930,7 @@ fn main() {
         "raw_copy_sync" => raw_copy_sync(port),
         "raw_desync" => raw_desync(port),
         "raw_startup" => raw_startup(port),
+        "raw_budget" => raw_budget(port, arg.parse().expect("size")),
         "raw_oversize" => raw_oversize(port, arg.parse().expect("size")),
         "raw_greeting" => raw_greeting(
             port,

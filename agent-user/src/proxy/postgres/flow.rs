@@ -17,6 +17,7 @@
 //! columns for masking) are answered to the gate and never reach the agent.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,7 @@ use crate::protocol::postgres::{
 
 const SQLSTATE_INSUFFICIENT_PRIVILEGE: &str = "42501";
 const SQLSTATE_QUERY_CANCELED: &str = "57014";
+const SQLSTATE_PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 use crate::session::{OpenStatement, StatementEnd, StatementStart};
 
 /// Raises the error that puts the server's transaction where a real failure would.
@@ -151,6 +153,8 @@ struct Prepared {
     /// acts), not at Parse.
     changes_prepared: bool,
     changes_portals: bool,
+    /// Its bytes in the connection's [`Budget`], given back when the last reference goes.
+    charge: Charge,
 }
 
 /// A masking plan for (mask profiles, result formats) of one prepared statement.
@@ -186,6 +190,115 @@ struct Portal {
     params: Vec<Option<Bytes>>,
     param_formats: Vec<i16>,
     columns: Mutex<Option<Vec<FieldDescription>>>,
+    charge: Charge,
+}
+
+/// The bytes one connection makes the gate keep for its prepared statements and portals. Every
+/// name could otherwise hold a frame's worth (`max_frame_bytes`) for as long as the agent
+/// likes, [`MAX_NAMES`] of each: gigabytes of the daemon's memory, shared by every agent.
+#[derive(Default)]
+struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl Budget {
+    fn new(limit: usize) -> Budget {
+        Budget {
+            limit,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    fn fits(&self, bytes: usize) -> bool {
+        self.used.load(Ordering::Relaxed).saturating_add(bytes) <= self.limit
+    }
+}
+
+/// What one statement or portal holds of its connection's [`Budget`]. Given back on drop, when
+/// the memory is: a statement closed while a portal or a queued expectation still holds it
+/// is still counted.
+struct Charge {
+    budget: Arc<Budget>,
+    bytes: AtomicUsize,
+}
+
+impl Charge {
+    fn new(budget: &Arc<Budget>, bytes: usize) -> Charge {
+        budget.used.fetch_add(bytes, Ordering::Relaxed);
+        Charge {
+            budget: budget.clone(),
+            bytes: AtomicUsize::new(bytes),
+        }
+    }
+
+    /// Result columns learnt later replace those known before.
+    fn replace(&self, old: usize, new: usize) {
+        self.bytes.fetch_add(new, Ordering::Relaxed);
+        self.bytes.fetch_sub(old, Ordering::Relaxed);
+        self.budget.used.fetch_add(new, Ordering::Relaxed);
+        self.budget.used.fetch_sub(old, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget
+            .used
+            .fetch_sub(*self.bytes.get_mut(), Ordering::Relaxed);
+    }
+}
+
+/// What an entry costs besides its variable parts (its structs, map slot, decision, plans'
+/// bookkeeping).
+const ENTRY_BYTES: usize = 512;
+
+/// A prepared statement's cost: its name, its text, and the facts drawn from the text (table
+/// and function names: at most as long again).
+fn parse_cost(name: &str, query: &str) -> usize {
+    ENTRY_BYTES
+        .saturating_add(name.len())
+        .saturating_add(query.len().saturating_mul(2))
+}
+
+/// A portal's cost: its name, result formats, and the parameters when they are kept.
+fn bind_cost(
+    portal: &str,
+    result_formats: &[i16],
+    params: &[Option<Bytes>],
+    param_formats: &[i16],
+    keeps_params: bool,
+) -> usize {
+    let kept = if keeps_params {
+        params
+            .iter()
+            .map(|p| p.as_ref().map_or(0, Bytes::len) + std::mem::size_of::<Option<Bytes>>())
+            .sum::<usize>()
+            .saturating_add(param_formats.len().saturating_mul(2))
+    } else {
+        0
+    };
+    ENTRY_BYTES
+        .saturating_add(portal.len())
+        .saturating_add(result_formats.len().saturating_mul(2))
+        .saturating_add(kept)
+}
+
+/// Result columns kept for masking.
+fn columns_cost(fields: &[FieldDescription]) -> usize {
+    fields
+        .iter()
+        .map(|f| f.name.len() + std::mem::size_of::<FieldDescription>())
+        .sum()
+}
+
+/// Parameters are kept only where a human may have to see them: statements under review, and
+/// those a role grant let through (judged again at each Execute once the grant ends, they may
+/// then be held).
+fn keeps_params(prepared: Option<&Arc<Prepared>>) -> bool {
+    prepared.is_some_and(|p| {
+        matches!(p.decision.verdict, Verdict::Review { .. }) || !p.role_grants.is_empty()
+    })
 }
 
 fn columns_of(m: &Mutex<Option<Vec<FieldDescription>>>) -> Option<Vec<FieldDescription>> {
@@ -194,8 +307,17 @@ fn columns_of(m: &Mutex<Option<Vec<FieldDescription>>>) -> Option<Vec<FieldDescr
         .clone()
 }
 
-fn set_columns(m: &Mutex<Option<Vec<FieldDescription>>>, fields: Vec<FieldDescription>) {
-    *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(fields);
+fn set_columns(
+    m: &Mutex<Option<Vec<FieldDescription>>>,
+    charge: &Charge,
+    fields: Vec<FieldDescription>,
+) {
+    let new = columns_cost(&fields);
+    let old = m
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .replace(fields);
+    charge.replace(old.as_deref().map_or(0, columns_cost), new);
 }
 
 /// The gate's view of the server's prepared statements and portals. Updated when a message is
@@ -217,6 +339,7 @@ struct State {
     /// data without waiting for CopyInResponse: COPY messages are forwarded, and Syncs sent
     /// meanwhile are marked as ignored should the COPY start.
     copy_pending: bool,
+    budget: Arc<Budget>,
 }
 
 /// Prepared statements or portals by name. The unnamed one (`""`) is kept apart: drivers use it
@@ -245,11 +368,15 @@ impl<T> Names<T> {
         }
     }
 
-    fn insert(&mut self, name: String, value: T) -> Option<T> {
+    fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    fn insert(&mut self, name: &str, value: T) -> Option<T> {
         if name.is_empty() {
             self.unnamed.replace(value)
         } else {
-            self.named.insert(name, value)
+            self.named.insert(name.to_string(), value)
         }
     }
 
@@ -345,7 +472,7 @@ impl State {
                     previous,
                 } => match previous {
                     Some(p) => {
-                        self.statements.insert(name, p);
+                        self.statements.insert(&name, p);
                     }
                     None => {
                         self.statements.remove(&name);
@@ -357,7 +484,7 @@ impl State {
                     previous,
                 } => match previous {
                     Some(p) => {
-                        self.portals.insert(name, p);
+                        self.portals.insert(&name, p);
                     }
                     None => {
                         self.portals.remove(&name);
@@ -381,7 +508,10 @@ pub async fn run(
 ) -> (u64, u64, Option<String>) {
     let (client_r, client_w) = client.into_split();
     let (up_r, up_w) = tokio::io::split(up.stream);
-    let state = Mutex::new(State::default());
+    let state = Mutex::new(State {
+        budget: Arc::new(Budget::new(ctx.target.max_kept_bytes)),
+        ..State::default()
+    });
     let notify = Notify::new();
     let mut up_bytes = 0u64;
     let mut down_bytes = 0u64;
@@ -733,27 +863,60 @@ fn before_judging(
     }
     let new_name = match msg {
         FrontendMessage::Parse { name, .. } if !name.is_empty() => {
-            (!st.statements.named.contains_key(name.as_str())).then_some(st.statements.named.len())
+            (!st.statements.contains(name)).then_some(st.statements.named.len())
         }
         FrontendMessage::Bind { portal, .. } if !portal.is_empty() => {
-            (!st.portals.named.contains_key(portal.as_str())).then_some(st.portals.named.len())
+            (!st.portals.contains(portal)).then_some(st.portals.named.len())
         }
         _ => None,
     };
-    let refusal = if new_name.is_some_and(|n| n >= MAX_NAMES) {
-        format!(
-            "agentgate: at most {MAX_NAMES} named statements and {MAX_NAMES} named portals per connection; close some first"
+    let cost = match msg {
+        FrontendMessage::Parse { name, query, .. } => parse_cost(name, query),
+        FrontendMessage::Bind {
+            portal,
+            statement,
+            param_formats,
+            params,
+            result_formats,
+        } => bind_cost(
+            portal,
+            result_formats,
+            params,
+            param_formats,
+            keeps_params(st.statements.get(statement)),
+        ),
+        _ => 0,
+    };
+    let (code, refusal) = if new_name.is_some_and(|n| n >= MAX_NAMES) {
+        (
+            SQLSTATE_INSUFFICIENT_PRIVILEGE,
+            format!(
+                "agentgate: at most {MAX_NAMES} named statements and {MAX_NAMES} named portals per connection; close some first"
+            ),
         )
     } else if let Some(name) = overlong_name(msg) {
-        format!(
-            "agentgate: statement and portal names are limited to {MAX_NAME_BYTES} bytes (the server shortens longer ones, so two names could reach one object): {}...",
-            name.chars().take(16).collect::<String>()
+        (
+            SQLSTATE_INSUFFICIENT_PRIVILEGE,
+            format!(
+                "agentgate: statement and portal names are limited to {MAX_NAME_BYTES} bytes (the server shortens longer ones, so two names could reach one object): {}...",
+                name.chars().take(16).collect::<String>()
+            ),
+        )
+    } else if cost > 0 && !st.budget.fits(cost) {
+        (
+            SQLSTATE_PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "agentgate: the prepared statements and portals of this connection would exceed max_kept_bytes ({} bytes kept, {cost} more asked, limit {}); close some first",
+                st.budget.used.load(Ordering::Relaxed),
+                st.budget.limit
+            ),
         )
     } else {
         return Ok(Pre::Judge);
     };
     refuse_unjudged(ctx, "extended", msg.name(), &refusal);
-    st.queue.push_back(Expect::Synthetic(error_frame(&refusal)));
+    st.queue
+        .push_back(Expect::Synthetic(error_frame_with(code, &refusal)));
     Ok(Pre::Refused)
 }
 
@@ -1313,8 +1476,9 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 columns: Mutex::new(None),
                                 changes_prepared: changes_prepared(&qd),
                                 changes_portals: changes_portals(&qd),
+                                charge: Charge::new(&st.budget, parse_cost(name, query)),
                             });
-                            let previous = st.statements.insert(name.clone(), prepared.clone());
+                            let previous = st.statements.insert(name, prepared.clone());
                             st.queue.push_back(Expect::Parse {
                                 injected: false,
                                 name: name.clone(),
@@ -1363,13 +1527,11 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     result_formats,
                 } => {
                     let prepared = st.statements.get(statement).cloned();
-                    // Parameters are kept only where a human may have to see them: statements
-                    // under review, and those a role grant let through (judged again at each
-                    // Execute once the grant ends, they may then be held).
-                    let reviewed = prepared.as_ref().is_some_and(|p| {
-                        matches!(p.decision.verdict, Verdict::Review { .. })
-                            || !p.role_grants.is_empty()
-                    });
+                    let reviewed = keeps_params(prepared.as_ref());
+                    let charge = Charge::new(
+                        &st.budget,
+                        bind_cost(portal, result_formats, params, param_formats, reviewed),
+                    );
                     let bound = Arc::new(Portal {
                         prepared,
                         formats: result_formats.clone(),
@@ -1389,8 +1551,9 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                             Vec::new()
                         },
                         columns: Mutex::new(None),
+                        charge,
                     });
-                    let previous = st.portals.insert(portal.clone(), bound);
+                    let previous = st.portals.insert(portal, bound);
                     st.queue.push_back(Expect::Bind {
                         injected: false,
                         name: portal.clone(),
@@ -2086,8 +2249,10 @@ fn on_backend(
             Some(Expect::Describe { .. }) => {
                 if let Some(Expect::Describe { what, internal }) = st.queue.pop_front() {
                     match what {
-                        Described::Statement(Some(s)) => set_columns(&s.columns, fields),
-                        Described::Portal(Some(p)) => set_columns(&p.columns, fields),
+                        Described::Statement(Some(s)) => {
+                            set_columns(&s.columns, &s.charge, fields);
+                        }
+                        Described::Portal(Some(p)) => set_columns(&p.columns, &p.charge, fields),
                         Described::Statement(None) | Described::Portal(None) => {}
                     }
                     if internal {
@@ -2368,13 +2533,13 @@ mod tests {
     #[test]
     fn unnamed_and_named_entries_are_kept_apart() {
         let mut names = Names::default();
-        assert_eq!(names.insert(String::new(), 1), None);
-        assert_eq!(names.insert("s1".into(), 2), None);
+        assert_eq!(names.insert("", 1), None);
+        assert_eq!(names.insert("s1", 2), None);
         assert_eq!(names.get(""), Some(&1));
         assert_eq!(names.get("s1"), Some(&2));
         assert_eq!(names.get("s2"), None);
         // Re-binding the unnamed one replaces it and hands back what it held.
-        assert_eq!(names.insert(String::new(), 3), Some(1));
+        assert_eq!(names.insert("", 3), Some(1));
         assert_eq!(names.remove(""), Some(3));
         assert_eq!(names.get(""), None);
         assert_eq!(names.get("s1"), Some(&2));

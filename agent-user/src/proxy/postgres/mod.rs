@@ -144,6 +144,7 @@ pub struct PgTarget {
     pub tls: UpstreamTls,
     pub max_frame: usize,
     pub record_rows: usize,
+    pub max_kept_bytes: usize,
 }
 
 enum Startup {
@@ -214,6 +215,7 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
         tls,
         max_frame: target_cfg.max_frame_bytes,
         record_rows: target_cfg.record_rows,
+        max_kept_bytes: target_cfg.max_kept_bytes,
     };
     let mut cbuf = BytesMut::with_capacity(8192);
     let params = match read_startup(&mut client, &mut cbuf, target.max_frame).await {
