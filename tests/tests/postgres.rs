@@ -46,6 +46,11 @@ fn policy_text() -> String {
 /// Gate configuration: agents `bot` (analyst, enforced) and `auditor` (shadow), one postgres
 /// target for the server with brokered credentials, `extra` appended to the target.
 fn config(pg: &Postgres, extra_target: &str) -> String {
+    config_with_policy(pg, extra_target, &policy_text())
+}
+
+/// [`config`] with another policy file's text.
+fn config_with_policy(pg: &Postgres, extra_target: &str, policy: &str) -> String {
     format!(
         "agents:
   - name: bot
@@ -66,7 +71,6 @@ targets:
 {policy}",
         port = pg.port,
         pw = pg.dir.join("pw").display(),
-        policy = policy_text()
     )
 }
 
@@ -1699,4 +1703,67 @@ fn a_connection_cannot_make_the_gate_keep_more_than_max_kept_bytes() {
         serde_json::json!([["2"]]),
         "{l:#?}"
     );
+}
+
+#[test]
+fn errors_of_deferred_constraints_of_a_transaction_with_masked_statements_are_withheld() {
+    // Masks attached by rule, not by policy: COMMIT and SET are allowed by a rule without
+    // masks, so their own errors were passed on. (With the example policy's policy-level
+    // `mask:` COMMIT is masked itself; the Sync that commits an extended-protocol transaction
+    // still carried the server's message.)
+    let policy = policy_text()
+        .replacen(
+            "    mask: [pii]\n    rules:\n",
+            "    rules:\n      - name: transaction-control\n        match: { kinds: [transaction, set] }\n        action: allow\n",
+            1,
+        )
+        .replacen(
+            "        match: { kinds: [select, insert, update, delete, copy, transaction, set] }\n        action: allow\n",
+            "        match: { kinds: [select, insert, update, delete, copy, transaction, set] }\n        action: allow\n        mask: [pii]\n",
+            1,
+        );
+    assert_eq!(occurrences(&policy, "transaction-control"), 1);
+    assert_eq!(occurrences(&policy, "        mask: [pii]\n"), 1);
+    let pg = Postgres::start("scram-sha-256");
+    pg.admin_sql(SCHEMA);
+    // The value the masked INSERT copies from customers.ssn is already there: the deferred
+    // unique check fails when the transaction commits, and the server's DETAIL reads
+    // `Key (ssn)=(123-45-6789) already exists.`
+    pg.admin_sql(
+        "CREATE TABLE dk (id int, ssn text UNIQUE DEFERRABLE INITIALLY DEFERRED);
+         INSERT INTO dk VALUES (1, '123-45-6789');",
+    );
+    let gate = Gate::start_with_env(
+        &config_with_policy(&pg, "", &policy),
+        &[("AGENTGATE_MASK_KEY", MASK_KEY)],
+    );
+    let l = pg_client(&gate, &pg, "bot", "raw_deferred", "");
+    assert_eq!(step(&l, "insert")["ok"], true, "{l:#?}");
+    // `SET CONSTRAINTS` would check them at once; the gate's parser cannot read it, so it is
+    // refused before the server sees it (were it parsed, its errors would be withheld too).
+    let immediate = &step(&l, "immediate")["errors"][0];
+    assert_eq!(immediate["code"], "42501", "{l:#?}");
+    assert!(
+        immediate["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be parsed"),
+        "{l:#?}"
+    );
+    for name in ["commit", "implicit", "sync_commit"] {
+        let e = &step(&l, name)["errors"];
+        assert_eq!(e.as_array().unwrap().len(), 1, "{name}: {l:#?}");
+        assert_eq!(e[0]["code"], "23505", "{name}: {l:#?}");
+        let shown = e.to_string();
+        assert!(
+            !shown.contains("123-45-6789") && shown.contains("withheld"),
+            "{name}: the key value read by the masked INSERT must not reach the agent: {l:#?}"
+        );
+    }
+    assert_eq!(step(&l, "commit")["status"], "I", "{l:#?}");
+    assert_eq!(count(&pg, "SELECT count(*) FROM dk"), 1);
+    // Nor does the record hold it.
+    let statements = all_statements(&gate, 1);
+    let shown = serde_json::to_string(&statements).unwrap();
+    assert!(!shown.contains("123-45-6789"), "{shown}");
 }

@@ -473,7 +473,7 @@ fn summary(step: &str, r: Result<Vec<Msg>, Vec<Msg>>) -> Value {
     let errors: Vec<Value> = msgs
         .iter()
         .filter(|m| m.tag == b'E')
-        .map(|m| json!({"code": m.code(), "message": m.field(b'M')}))
+        .map(|m| json!({"code": m.code(), "message": m.field(b'M'), "detail": m.field(b'D')}))
         .collect();
     let rows: Vec<Value> = msgs
         .iter()
@@ -902,6 +902,39 @@ fn raw_budget(port: u16, size: usize) {
     emit(summary("big2", c.until_ready()));
 }
 
+/// Deferred constraints checked when a transaction with masked statements commits: the
+/// server's error names the key, which a masked statement read from `customers.ssn`.
+fn raw_deferred(port: u16) {
+    let insert = "INSERT INTO dk SELECT 2, ssn FROM customers WHERE id = 1";
+    let mut c = Raw::connect(port);
+    // Explicit transaction, then COMMIT.
+    c.send(&query_msg("BEGIN"));
+    emit(summary("begin", c.until_ready()));
+    c.send(&query_msg(insert));
+    emit(summary("insert", c.until_ready()));
+    c.send(&query_msg("COMMIT"));
+    emit(summary("commit", c.until_ready()));
+    // SET CONSTRAINTS ALL IMMEDIATE checks them at once.
+    c.send(&query_msg("BEGIN"));
+    emit(summary("begin2", c.until_ready()));
+    c.send(&query_msg(insert));
+    emit(summary("insert2", c.until_ready()));
+    c.send(&query_msg("SET CONSTRAINTS ALL IMMEDIATE"));
+    emit(summary("immediate", c.until_ready()));
+    c.send(&query_msg("ROLLBACK"));
+    emit(summary("rollback", c.until_ready()));
+    // A simple query run as an implicit transaction: checked after its last statement.
+    c.send(&query_msg(insert));
+    emit(summary("implicit", c.until_ready()));
+    // Extended protocol: checked at the Sync that commits.
+    let mut batch = parse_msg("", insert);
+    batch.extend(bind_msg("", ""));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("sync_commit", c.until_ready()));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scenario = args.get(1).map(String::as_str).unwrap_or("");
@@ -931,6 +964,7 @@ fn main() {
         "raw_desync" => raw_desync(port),
         "raw_startup" => raw_startup(port),
         "raw_budget" => raw_budget(port, arg.parse().expect("size")),
+        "raw_deferred" => raw_deferred(port),
         "raw_oversize" => raw_oversize(port, arg.parse().expect("size")),
         "raw_greeting" => raw_greeting(
             port,

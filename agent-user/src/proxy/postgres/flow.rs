@@ -69,6 +69,8 @@ struct Rec {
     columns: Vec<String>,
     masked: bool,
     error: Option<String>,
+    /// It runs deferred constraint checks (see [`checks_deferred`]).
+    checks_deferred: bool,
 }
 
 impl Rec {
@@ -82,7 +84,29 @@ impl Rec {
             columns: Vec::new(),
             masked: false,
             error: None,
+            checks_deferred: false,
         }
+    }
+}
+
+/// The statement runs the checks of deferred constraints and constraint triggers: it ends the
+/// transaction (`COMMIT`, `END`, `PREPARE TRANSACTION`, `COMMIT AND CHAIN`) or makes them
+/// immediate (`SET CONSTRAINTS ... IMMEDIATE`). Its errors and notices may quote what an
+/// earlier, masked statement of the transaction wrote (a unique violation names the key).
+fn checks_deferred(f: &crate::policy::StatementFacts) -> bool {
+    match f.kind {
+        StatementKind::Transaction => {
+            let first = f
+                .text
+                .split(|c: char| !c.is_ascii_alphabetic())
+                .next()
+                .unwrap_or_default();
+            ["commit", "end", "prepare"]
+                .iter()
+                .any(|k| first.eq_ignore_ascii_case(k))
+        }
+        StatementKind::Set => f.text.to_ascii_lowercase().contains("constraints"),
+        _ => false,
     }
 }
 
@@ -153,6 +177,7 @@ struct Prepared {
     /// acts), not at Parse.
     changes_prepared: bool,
     changes_portals: bool,
+    checks_deferred: bool,
     /// Its bytes in the connection's [`Budget`], given back when the last reference goes.
     charge: Charge,
 }
@@ -340,6 +365,9 @@ struct State {
     /// meanwhile are marked as ignored should the COPY start.
     copy_pending: bool,
     budget: Arc<Budget>,
+    /// A masked statement has answered since the last idle ReadyForQuery: what checks the
+    /// transaction's deferred constraints may quote what it wrote.
+    masked_in_transaction: bool,
 }
 
 /// Prepared statements or portals by name. The unnamed one (`""`) is kept apart: drivers use it
@@ -657,7 +685,10 @@ fn record_query(
                 rule: d.rule.clone(),
                 message,
             });
-            Rec::new(Some(open), d.mask.clone())
+            Rec {
+                checks_deferred: checks_deferred(&s.facts),
+                ..Rec::new(Some(open), d.mask.clone())
+            }
         })
         .collect()
 }
@@ -1300,7 +1331,10 @@ fn record_execute(
         rule: decision.rule.clone(),
         message,
     });
-    Rec::new(Some(open), decision.mask.clone())
+    Rec {
+        checks_deferred: p.checks_deferred,
+        ..Rec::new(Some(open), decision.mask.clone())
+    }
 }
 
 /// `SET statement_timeout` seen on this connection: a held statement is cancelled when it runs
@@ -1476,6 +1510,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 columns: Mutex::new(None),
                                 changes_prepared: changes_prepared(&qd),
                                 changes_portals: changes_portals(&qd),
+                                checks_deferred: first.is_some_and(|s| checks_deferred(&s.facts)),
                                 charge: Charge::new(&st.budget, parse_cost(name, query)),
                             });
                             let previous = st.statements.insert(name, prepared.clone());
@@ -2127,6 +2162,27 @@ fn current_statement_masked(st: &State) -> bool {
     current_masks(st).is_some_and(|m| !m.is_empty())
 }
 
+/// What the server says now may quote a masked statement's data: that statement is the one
+/// answering, or the answer is to something that checks the deferred constraints of a
+/// transaction in which a masked statement ran. Those checks run at a `COMMIT` (or `SET
+/// CONSTRAINTS ... IMMEDIATE`), at the end of a simple query string run as an implicit
+/// transaction (after its last statement), and at the Sync that commits an implicit
+/// extended-protocol transaction.
+fn may_quote_masked(st: &State) -> bool {
+    if current_statement_masked(st) {
+        return true;
+    }
+    if !st.masked_in_transaction {
+        return false;
+    }
+    match st.queue.front() {
+        Some(Expect::Query(q)) => q.recs.get(q.idx).is_none_or(|r| r.checks_deferred),
+        Some(Expect::Execute(x)) => x.rec.checks_deferred,
+        Some(Expect::Sync { .. }) => true,
+        _ => false,
+    }
+}
+
 /// Whether an error of a masked statement may quote the data it read. Almost any class can:
 /// data exceptions quote the value (`invalid input syntax for type integer: "123-45-6789"`),
 /// integrity violations name the key, and a value cast to a name (`ssn::regclass`,
@@ -2212,6 +2268,7 @@ fn on_backend(
     keep: usize,
 ) -> Result<(), PgError> {
     use BackendMessage as B;
+    st.masked_in_transaction |= current_statement_masked(st);
     if st.copy_in && matches!(frame.msg, B::CommandComplete { .. } | B::ErrorResponse(_)) {
         // The server left COPY (done, or failed): what follows is read normally again.
         st.copy_in = false;
@@ -2377,14 +2434,14 @@ fn on_backend(
             }
             _ => {}
         },
-        B::NoticeResponse(ref n) if current_statement_masked(st) => {
+        B::NoticeResponse(ref n) if may_quote_masked(st) => {
             B::NoticeResponse(withheld(n)).encode(out)?;
             return Ok(());
         }
         B::ErrorResponse(ref e) => {
             // Under masking the error may quote what the statement read: the agent and the
             // record get the withheld version.
-            let scrubbed = (current_statement_masked(st) && may_quote_data(e)).then(|| withheld(e));
+            let scrubbed = (may_quote_masked(st) && may_quote_data(e)).then(|| withheld(e));
             let e = scrubbed.as_ref().unwrap_or(e);
             let message = e.message().unwrap_or("error").to_string();
             match st.queue.front_mut() {
@@ -2455,6 +2512,7 @@ fn on_backend(
             st.revert(skipped);
             if status == TransactionStatus::Idle {
                 st.forget_ended_portals();
+                st.masked_in_transaction = false;
             }
         }
         _ => {}
