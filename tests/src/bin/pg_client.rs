@@ -683,13 +683,6 @@ fn raw_desync(port: u16) {
     c.send(&batch);
     emit(summary("execute_s", c.until_ready()));
 
-    // 2. Names longer than the server keeps (it compares 63 bytes): refused.
-    let long = "a".repeat(63);
-    let mut batch = parse_msg(&format!("{long}X"), "SELECT 1");
-    batch.extend(sync_msg());
-    c.send(&batch);
-    emit(summary("long_name", c.until_ready()));
-
     // 3. A portal bound in an ended transaction, then a SQL cursor of the same name.
     let mut batch = parse_msg("", "SELECT 1 AS n");
     batch.extend(bind_msg("c", ""));
@@ -902,6 +895,53 @@ fn raw_budget(port: u16, size: usize) {
     emit(summary("big2", c.until_ready()));
 }
 
+/// Statement and portal names longer than 63 bytes: the server compares their first 63 bytes.
+fn raw_long_names(port: u16) {
+    let masked = "SELECT email, card_number FROM customers WHERE id = 1";
+    let mut c = Raw::connect(port);
+    let long = "a".repeat(63);
+    let mut batch = parse_msg(&format!("{long}X"), masked);
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("parse_x", c.until_ready()));
+    // Another name with the same first 63 bytes: the server runs the statement named `...X`.
+    let mut batch = bind_msg(&format!("{long}P1"), &format!("{long}Y"));
+    batch.extend(execute_msg(&format!("{long}P2")));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("execute_y", c.until_ready()));
+    // Closing `...Z` closes `...X`, for the server and for the gate.
+    let mut batch = close_msg(b'S', &format!("{long}Z"));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("close_z", c.until_ready()));
+    let mut batch = bind_msg("", &format!("{long}X"));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("execute_closed", c.until_ready()));
+    // 64 bytes cut inside a character (31 times "é" then the first byte of "é" or "ü").
+    let e = "é".repeat(32);
+    let u = format!("{}ü", "é".repeat(31));
+    let mut batch = parse_msg(&e, masked);
+    batch.extend(bind_msg("", &u));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("execute_cut", c.until_ready()));
+    // A named statement the gate judged stays the one the server has: a Parse of a name equal
+    // in 63 bytes is refused by the server (it exists), and the old one is still masked.
+    let mut batch = parse_msg(&u, "SELECT 1");
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("reparse_cut", c.until_ready()));
+    let mut batch = bind_msg("", &e);
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("execute_cut_again", c.until_ready()));
+}
+
 /// Deferred constraints checked when a transaction with masked statements commits: the
 /// server's error names the key, which a masked statement read from `customers.ssn`.
 fn raw_deferred(port: u16) {
@@ -964,6 +1004,7 @@ fn main() {
         "raw_desync" => raw_desync(port),
         "raw_startup" => raw_startup(port),
         "raw_budget" => raw_budget(port, arg.parse().expect("size")),
+        "raw_long_names" => raw_long_names(port),
         "raw_deferred" => raw_deferred(port),
         "raw_oversize" => raw_oversize(port, arg.parse().expect("size")),
         "raw_greeting" => raw_greeting(

@@ -373,9 +373,24 @@ struct State {
 /// Prepared statements or portals by name. The unnamed one (`""`) is kept apart: drivers use it
 /// for most statements (libpq binds, describes and executes the unnamed portal for every
 /// prepared execution), and then it costs no hashing or key comparison.
+///
+/// Named ones are keyed as the server keys them: its hash tables (`prepared_queries`,
+/// `PortalHashTable`) have `NAMEDATALEN`-byte keys and compare only the first
+/// [`MAX_NAME_BYTES`] bytes, so two names that share those bytes are one object there and must
+/// be one here.
 struct Names<T> {
     unnamed: Option<T>,
-    named: HashMap<String, T>,
+    named: HashMap<Box<[u8]>, T>,
+}
+
+/// The longest statement or portal name the server keeps whole (`NAMEDATALEN - 1`).
+const MAX_NAME_BYTES: usize = 63;
+
+/// The part of a statement or portal name the server compares: its first [`MAX_NAME_BYTES`]
+/// bytes (not characters: a multibyte character may be cut, as the server cuts it).
+fn name_key(name: &str) -> &[u8] {
+    let b = name.as_bytes();
+    b.get(..MAX_NAME_BYTES).unwrap_or(b)
 }
 
 impl<T> Default for Names<T> {
@@ -392,7 +407,7 @@ impl<T> Names<T> {
         if name.is_empty() {
             self.unnamed.as_ref()
         } else {
-            self.named.get(name)
+            self.named.get(name_key(name))
         }
     }
 
@@ -404,7 +419,7 @@ impl<T> Names<T> {
         if name.is_empty() {
             self.unnamed.replace(value)
         } else {
-            self.named.insert(name.to_string(), value)
+            self.named.insert(name_key(name).into(), value)
         }
     }
 
@@ -418,14 +433,15 @@ impl<T> Names<T> {
         if !keep.iter().any(String::is_empty) {
             self.unnamed = None;
         }
-        self.named.retain(|name, _| keep.contains(name));
+        self.named
+            .retain(|key, _| keep.iter().any(|k| name_key(k) == &key[..]));
     }
 
     fn remove(&mut self, name: &str) -> Option<T> {
         if name.is_empty() {
             self.unnamed.take()
         } else {
-            self.named.remove(name)
+            self.named.remove(name_key(name))
         }
     }
 }
@@ -925,14 +941,6 @@ fn before_judging(
                 "agentgate: at most {MAX_NAMES} named statements and {MAX_NAMES} named portals per connection; close some first"
             ),
         )
-    } else if let Some(name) = overlong_name(msg) {
-        (
-            SQLSTATE_INSUFFICIENT_PRIVILEGE,
-            format!(
-                "agentgate: statement and portal names are limited to {MAX_NAME_BYTES} bytes (the server shortens longer ones, so two names could reach one object): {}...",
-                name.chars().take(16).collect::<String>()
-            ),
-        )
     } else if cost > 0 && !st.budget.fits(cost) {
         (
             SQLSTATE_PROGRAM_LIMIT_EXCEEDED,
@@ -957,24 +965,6 @@ const MAX_IN_FLIGHT: usize = 65_536;
 /// Named statements, and named portals, one connection may hold in the gate's view: each is
 /// kept for as long as the agent likes, and the daemon's memory is shared by every agent.
 const MAX_NAMES: usize = 10_000;
-
-/// The longest statement or portal name the server keeps whole (`NAMEDATALEN - 1`).
-const MAX_NAME_BYTES: usize = 63;
-
-/// A statement or portal name longer than the server keeps: the server compares only its first
-/// [`MAX_NAME_BYTES`] bytes, the gate the whole name.
-fn overlong_name(msg: &FrontendMessage) -> Option<&str> {
-    let names: [&str; 2] = match msg {
-        FrontendMessage::Parse { name, .. } => [name, ""],
-        FrontendMessage::Bind {
-            portal, statement, ..
-        } => [portal, statement],
-        FrontendMessage::Execute { portal, .. } => [portal, ""],
-        FrontendMessage::Describe { name, .. } | FrontendMessage::Close { name, .. } => [name, ""],
-        _ => return None,
-    };
-    names.into_iter().find(|n| n.len() > MAX_NAME_BYTES)
-}
 
 /// Some statement of the query declares or closes cursors, or discards session state: SQL-level
 /// portals the gate does not follow, so it forgets its own (an Execute of one is then refused
@@ -2603,6 +2593,27 @@ mod tests {
         assert_eq!(names.get("s1"), Some(&2));
         assert_eq!(names.remove("s1"), Some(2));
         assert_eq!(names.remove("s1"), None);
+    }
+
+    #[test]
+    fn names_are_one_entry_when_their_first_63_bytes_are() {
+        let mut names = Names::default();
+        let base = "n".repeat(63);
+        assert_eq!(names.insert(&format!("{base}X"), 1), None);
+        // The server compares 63 bytes: `...Y` and the bare 63 bytes are the same object.
+        assert_eq!(names.get(&format!("{base}Y")), Some(&1));
+        assert_eq!(names.insert(&base, 2), Some(1));
+        // Cut inside a character: 31 times "é" then the first byte of "é" or "ü".
+        let e = "é".repeat(32);
+        let u = format!("{}ü", "é".repeat(31));
+        assert_eq!(names.insert(&e, 3), None);
+        assert_eq!(names.remove(&u), Some(3));
+        // A shorter name is its own.
+        assert_eq!(names.get(&base[..62]), None);
+        names.forget_all_but(&[format!("{base}Z")]);
+        assert_eq!(names.get(&base), Some(&2));
+        names.forget_all_but(&[]);
+        assert_eq!(names.get(&base), None);
     }
 
     #[test]
