@@ -1778,3 +1778,28 @@ fn errors_of_deferred_constraints_of_a_transaction_with_masked_statements_are_wi
     let shown = serde_json::to_string(&statements).unwrap();
     assert!(!shown.contains("123-45-6789"), "{shown}");
 }
+
+#[test]
+fn answers_the_gate_makes_for_refused_messages_come_once_and_in_order() {
+    let (pg, gate) = start();
+    let l = pg_client(&gate, &pg, "bot", "raw_refused_in_pipeline", "");
+    let denied = step(&l, "denied");
+    assert_eq!(denied["tags"], "EZ", "{l:#?}");
+    assert_eq!(denied["errors"][0]["code"], "42501", "{l:#?}");
+    // The server's error is the only one: the denied Parse after it was skipped.
+    let first = step(&l, "server_error_first");
+    assert_eq!(first["tags"], "EZ", "{l:#?}");
+    assert_eq!(first["errors"][0]["code"], "26000", "{l:#?}");
+    // A Flush after a denied message still reaches the server: the allowed statement's
+    // answers, then the denial, without waiting for Sync.
+    let flushed = step(&l, "flush_after_denial");
+    assert_eq!(flushed["closed"], false, "{l:#?}");
+    assert_eq!(flushed["tags"], "12DCE", "{l:#?}");
+    assert_eq!(flushed["errors"][0]["code"], "42501", "{l:#?}");
+    assert_eq!(step(&l, "sync_after_flush")["tags"], "Z", "{l:#?}");
+    assert_eq!(
+        step(&l, "after")["rows"],
+        serde_json::json!([["2"]]),
+        "{l:#?}"
+    );
+}

@@ -975,6 +975,44 @@ fn raw_deferred(port: u16) {
     emit(summary("sync_commit", c.until_ready()));
 }
 
+/// What the agent gets for statements the gate refuses or answers itself, in pipelines: each
+/// answer once, in order, as the server would send them.
+fn raw_refused_in_pipeline(port: u16) {
+    let flush = frame(b'H', &[]);
+    let denied = "DROP TABLE customers";
+    let mut c = Raw::connect(port);
+    // A denied Parse in a pipeline: its error, nothing for the skipped Bind and Execute.
+    let mut batch = parse_msg("", denied);
+    batch.extend(bind_msg("", ""));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("denied", c.until_ready()));
+    // The server's own error first: the server skips the rest, the denial is not reported.
+    let mut batch = bind_msg("", "nonexistent");
+    batch.extend(parse_msg("", denied));
+    batch.extend(bind_msg("", ""));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("server_error_first", c.until_ready()));
+    // Allowed statements before the denied one, then Flush: the server answers what it ran and
+    // the agent gets the denial's error without sending Sync.
+    let mut batch = parse_msg("", "SELECT 1 AS n");
+    batch.extend(bind_msg("", ""));
+    batch.extend(execute_msg(""));
+    batch.extend(parse_msg("", denied));
+    batch.extend(bind_msg("", ""));
+    batch.extend(execute_msg(""));
+    batch.extend(&flush);
+    c.send(&batch);
+    emit(summary("flush_after_denial", c.until_tag(b'E')));
+    c.send(&sync_msg());
+    emit(summary("sync_after_flush", c.until_ready()));
+    c.send(&query_msg("SELECT 2"));
+    emit(summary("after", c.until_ready()));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scenario = args.get(1).map(String::as_str).unwrap_or("");
@@ -1006,6 +1044,7 @@ fn main() {
         "raw_budget" => raw_budget(port, arg.parse().expect("size")),
         "raw_long_names" => raw_long_names(port),
         "raw_deferred" => raw_deferred(port),
+        "raw_refused_in_pipeline" => raw_refused_in_pipeline(port),
         "raw_oversize" => raw_oversize(port, arg.parse().expect("size")),
         "raw_greeting" => raw_greeting(
             port,

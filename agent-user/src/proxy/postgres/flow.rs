@@ -1418,6 +1418,11 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                 FrontendMessage::Sync | FrontendMessage::Terminate
             )
         {
+            // A Flush still goes: the server would answer what came before the refused message
+            // and then report the refusal, and the agent may wait for both before its Sync.
+            if matches!(frame.msg, FrontendMessage::Flush) {
+                out.extend_from_slice(&frame.raw);
+            }
             flush_judged(&mut upstream, &mut out, &buf).await?;
             continue;
         }
