@@ -387,6 +387,9 @@ pub struct Config {
     /// Limits on approval tickets (see `approval::ApprovalLimits`).
     #[serde(default)]
     pub approvals: crate::approval::ApprovalLimits,
+    /// The bound on records waiting for the session writer (see `session::StoreLimits`).
+    #[serde(default)]
+    pub sessions: crate::session::StoreLimits,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -627,6 +630,12 @@ impl Config {
                 }
                 _ => {}
             }
+        }
+        if self.sessions.max_queued == 0 {
+            return Err(invalid(
+                "sessions.max_queued".into(),
+                "must be at least 1 (statements wait for the session writer above it)".into(),
+            ));
         }
         if self.events.burst == 0 {
             return Err(invalid(

@@ -10,6 +10,10 @@
 //! not release a result before its record is durable; it fails if the batch holding it was rolled
 //! back (the writer answers it for the whole batch, not for the records before it).
 //!
+//! The queue is bounded without dropping records (see `backlog`): producers of statement records
+//! wait while the writer is behind, and the writer waits for a lock another process holds on the
+//! file instead of giving up on the batch after a timeout.
+//!
 //! Readers (`agentgate sessions ...`) open the same file read-only; WAL lets them read while
 //! the daemon writes. This module stores and reads; it does not decide anything.
 
@@ -25,8 +29,11 @@ use serde::Serialize;
 
 use crate::policy::TableRef;
 
+mod backlog;
 pub mod limit;
 mod shapes;
+use backlog::Backlog;
+pub use backlog::StoreLimits;
 use shapes::Shapes;
 
 const SCHEMA: &str = "
@@ -361,6 +368,7 @@ pub struct OpenStatement {
 /// The daemon's handle: cheap to share (`Arc`) and never blocks on disk.
 pub struct SessionStore {
     tx: mpsc::Sender<Write>,
+    backlog: Arc<Backlog>,
     writer_tid: Option<i32>,
     next_id: AtomicI64,
     next_statement: AtomicI64,
@@ -465,6 +473,10 @@ fn merge_spans(mut spans: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
 
 impl SessionStore {
     pub fn open(path: &Path) -> Result<SessionStore, SessionError> {
+        SessionStore::open_with(path, StoreLimits::default())
+    }
+
+    pub fn open_with(path: &Path, limits: StoreLimits) -> Result<SessionStore, SessionError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| SessionError::Open {
                 path: path.into(),
@@ -488,11 +500,21 @@ impl SessionStore {
         let max_statement = max_id("statement_log")?.max(max_id("statements")?);
         let (tx, rx) = mpsc::channel();
         let (tid_tx, tid_rx) = mpsc::sync_channel(1);
+        let backlog = Arc::new(Backlog::new(limits));
+        let writer_backlog = backlog.clone();
         std::thread::Builder::new()
             .name("session-writer".into())
             .spawn(move || {
                 let _ = tid_tx.send(nix::unistd::gettid().as_raw());
-                writer(conn, rx)
+                // Also when the writer panics: producers waiting for room must not wait forever.
+                struct Stopped(Arc<Backlog>);
+                impl Drop for Stopped {
+                    fn drop(&mut self) {
+                        self.0.writer_stopped();
+                    }
+                }
+                let stopped = Stopped(writer_backlog);
+                writer(conn, rx, &stopped.0)
             })
             .map_err(|e| SessionError::Open {
                 path: path.into(),
@@ -504,6 +526,7 @@ impl SessionStore {
         tracing::debug!(tid = ?writer_tid, "session writer started");
         Ok(SessionStore {
             tx,
+            backlog,
             writer_tid,
             next_id: AtomicI64::new(max + 1),
             next_statement: AtomicI64::new(max_statement + 1),
@@ -518,6 +541,28 @@ impl SessionStore {
     /// The writer thread's id (`None` if it died before saying).
     pub fn writer_tid(&self) -> Option<i32> {
         self.writer_tid
+    }
+
+    /// Resolves at once while the writer keeps up; while it is behind (its queue reached
+    /// `sessions.max_queued`), once it has caught up (see `backlog`). Producers of statement
+    /// records wait here before taking the agent's next statement.
+    pub async fn room(&self) {
+        self.backlog.room().await
+    }
+
+    /// Whether the queue is past the hard limit (twice `sessions.max_queued`): new connections
+    /// are refused rather than queued.
+    pub fn overloaded(&self) -> bool {
+        self.backlog.overloaded()
+    }
+
+    /// Records waiting for the writer, the high-water mark, and whether producers wait.
+    pub fn queue(&self) -> (usize, usize, bool) {
+        (
+            self.backlog.queued(),
+            self.backlog.limit(),
+            self.backlog.backpressure(),
+        )
     }
 
     /// Records a new session and returns its id (allocated here, so no disk round trip).
@@ -622,7 +667,10 @@ impl SessionStore {
     /// Every record passes here, so a lost writer is logged here, whatever the caller does
     /// with the error.
     fn send(&self, w: Write) -> Result<(), SessionError> {
+        // Counted before it is sent: the writer never counts down a record not counted up.
+        self.backlog.added();
         self.tx.send(w).map_err(|_| {
+            self.backlog.written(1);
             tracing::error!("session store writer has stopped: a record was lost");
             SessionError::WriterGone
         })
@@ -727,7 +775,26 @@ fn can_leave_idle() -> bool {
     cap_sys_nice || rlimit_nice
 }
 
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>) {
+/// The writer's busy handler: a lock another process holds on the file (an operator's
+/// `sqlite3`, a backup) is waited out, however long, instead of failing the batch and losing its
+/// records; producers meanwhile wait for room (see `backlog`). `waited` counts earlier calls.
+fn wait_for_lock(waited: i32) -> bool {
+    // 1, 2, 4 .. 64 ms, then 100 ms a try.
+    let ms = if waited < 7 { 1u64 << waited } else { 100 };
+    if waited == 50 || (waited > 50 && waited % 600 == 0) {
+        tracing::warn!(
+            tries = waited,
+            "session store: the database file is locked by another connection; the writer waits"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(ms));
+    true
+}
+
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>, backlog: &Backlog) {
+    if let Err(e) = conn.busy_handler(Some(wait_for_lock)) {
+        tracing::error!(error = %e, "session store: no busy handler; a locked file fails batches after the busy timeout");
+    }
     let mut priority = WriterPriority::new();
     let mut lists = JsonLists::default();
     let mut shapes = Shapes::default();
@@ -759,31 +826,38 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>) {
             }
         }
         let full = batch.len() >= BATCH_MAX;
+        let records = batch.len();
         // A flush is answered for the whole batch, committed or not, wherever it sits in it: a
         // failed record anywhere rolls back the records sent before the flush too.
         let (flushes, batch): (Vec<Write>, Vec<Write>) = batch
             .into_iter()
             .partition(|w| matches!(w, Write::Flush(_)));
-        let result = conn.transaction().and_then(|tx| {
-            {
-                // Looked up once per batch: most of a batch is statements, and finding a cached
-                // statement hashes its whole SQL text.
-                let mut insert_statement = None;
-                let mut spans = Spans::default();
-                for w in fold(batch) {
-                    if let Write::Statement(row) = &w {
-                        spans.note(row.s.session_id, row.id);
+        // Immediate: the write lock is taken (or waited for) before anything is read, so the
+        // batch never fails with SQLITE_BUSY halfway (a deferred transaction that read first
+        // may not wait for it).
+        let result = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .and_then(|tx| {
+                {
+                    // Looked up once per batch: most of a batch is statements, and finding a cached
+                    // statement hashes its whole SQL text.
+                    let mut insert_statement = None;
+                    let mut spans = Spans::default();
+                    for w in fold(batch) {
+                        if let Write::Statement(row) = &w {
+                            spans.note(row.s.session_id, row.id);
+                        }
+                        apply(&tx, w, &mut insert_statement, &mut shapes, &mut lists)?;
                     }
-                    apply(&tx, w, &mut insert_statement, &mut shapes, &mut lists)?;
+                    spans.write(&tx)?;
                 }
-                spans.write(&tx)?;
-            }
-            tx.commit()
-        });
+                tx.commit()
+            });
         if let Err(e) = &result {
             tracing::error!(error = %e, "session store write failed");
             shapes.forget();
         }
+        backlog.written(records);
         let outcome = result.map_err(|e| e.to_string());
         for w in flushes {
             if let Write::Flush(ack) = w {
@@ -1572,7 +1646,9 @@ mod tests {
         tx.send(Write::Flush(ack)).unwrap();
         tx.send(record(2)).unwrap();
         drop(tx);
-        let writer = std::thread::spawn(move || writer(conn, rx));
+        let backlog = Backlog::new(StoreLimits::default());
+        (0..3).for_each(|_| backlog.added());
+        let writer = std::thread::spawn(move || writer(conn, rx, &backlog));
         let outcome = answer.await.unwrap();
         assert!(
             outcome.as_ref().is_err_and(|m| m.contains("UNIQUE")),
@@ -1738,6 +1814,85 @@ mod tests {
         store.flush().await.unwrap();
         let reader = SessionReader::open(&path).unwrap();
         assert_eq!(reader.statements_of(7).unwrap().len(), n);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Another connection holds the file's write lock (`BEGIN IMMEDIATE`) for longer than the
+    /// store's busy timeout (5 s): producers asking for room stop at `max_queued` instead of
+    /// growing the queue, and once the lock is released every record is written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_writer_holds_producers_at_the_bound_and_loses_nothing() {
+        use std::sync::atomic::AtomicUsize;
+        use std::time::Instant;
+        const MAX: usize = 50;
+        const PRODUCERS: usize = 4;
+        const EACH: usize = 100;
+        let (dir, path) = fresh_dir("stall");
+        let store =
+            Arc::new(SessionStore::open_with(&path, StoreLimits { max_queued: MAX }).unwrap());
+        let session = store
+            .start(SessionStart {
+                decision: "allow",
+                ..Default::default()
+            })
+            .unwrap();
+        store.flush().await.unwrap();
+        let lock = Connection::open(&path).unwrap();
+        lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let locked = Instant::now();
+        let sent = Arc::new(AtomicUsize::new(0));
+        let producers: Vec<_> = (0..PRODUCERS)
+            .map(|p| {
+                let (store, sent) = (store.clone(), sent.clone());
+                tokio::spawn(async move {
+                    for n in 0..EACH {
+                        store.room().await;
+                        let open = store.statement(statement_text(session, p * EACH + n));
+                        store.statement_end(open, StatementEnd::default()).unwrap();
+                        sent.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        // (a) The producers reach the bound and wait there for as long as the lock is held.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut held_at = None;
+        while locked.elapsed() < Duration::from_secs(6) || held_at.is_none() {
+            let (queued, _, waiting) = store.queue();
+            assert!(
+                queued <= MAX + PRODUCERS,
+                "{queued} records queued past the bound of {MAX}"
+            );
+            let now = sent.load(Ordering::SeqCst);
+            match held_at {
+                None if waiting => held_at = Some(now),
+                None => assert!(
+                    Instant::now() < deadline,
+                    "no backpressure: {queued} queued"
+                ),
+                Some(n) => assert_eq!(now, n, "a producer went on while the writer was stalled"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(sent.load(Ordering::SeqCst) < PRODUCERS * EACH);
+        // (b) Once the lock is released, nothing was lost.
+        lock.execute_batch("ROLLBACK").unwrap();
+        for p in producers {
+            tokio::time::timeout(Duration::from_secs(30), p)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        store.flush().await.unwrap();
+        assert!(!store.queue().2, "backpressure ended");
+        let reader = SessionReader::open(&path).unwrap();
+        let mut got = texts(&reader.statements_of(session).unwrap());
+        got.sort();
+        let mut want: Vec<String> = (0..PRODUCERS * EACH)
+            .map(|n| statement_text(session, n).text.to_string())
+            .collect();
+        want.sort();
+        assert_eq!(got, want);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
