@@ -245,7 +245,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         what: format!("state_dir {}", cfg.state_dir.display()),
         source,
     })?;
-    let store = Arc::new(SessionStore::open(&cfg.sessions_db())?);
+    let store = Arc::new(SessionStore::open_with(&cfg.sessions_db(), cfg.sessions)?);
 
     let mut governed = Vec::new();
     for a in &cfg.agents {
@@ -426,8 +426,16 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     if let Err(e) = intercept.set_ready(false) {
         tracing::error!(error = %e, "cannot mark the kernel side not ready");
     }
-    if let Err(e) = store.flush().await {
-        tracing::error!(error = %e, "session store: the last records may not be committed");
+    // Bounded: the writer waits out a lock another process holds on the file, however long.
+    match tokio::time::timeout(std::time::Duration::from_secs(30), store.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "session store: the last records may not be committed")
+        }
+        Err(_) => tracing::error!(
+            queued = store.queue().0,
+            "session store: the last records were not committed within 30 s (is the file locked?)"
+        ),
     }
     let _ = std::fs::remove_file(&pid_file);
     let _ = std::fs::remove_file(&admin_path);

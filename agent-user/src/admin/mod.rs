@@ -180,6 +180,13 @@ pub struct Status {
     pub pending_tickets: usize,
     #[serde(default)]
     pub active_grants: usize,
+    /// Records waiting for the session writer; statements wait while `session_backpressure`.
+    #[serde(default)]
+    pub session_queue: usize,
+    #[serde(default)]
+    pub session_queue_limit: usize,
+    #[serde(default)]
+    pub session_backpressure: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -407,6 +414,7 @@ pub async fn call(path: &Path, req: &Request) -> Result<Response, AdminError> {
 impl Daemon {
     pub fn status(&self) -> Status {
         let gate = &self.gate;
+        let (session_queue, session_queue_limit, session_backpressure) = gate.store.queue();
         Status {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -420,6 +428,9 @@ impl Daemon {
             connections_refused: gate.refused.load(Ordering::Relaxed),
             pending_tickets: self.approvals.pending().len(),
             active_grants: self.approvals.grants(false).len(),
+            session_queue,
+            session_queue_limit,
+            session_backpressure,
         }
     }
 }

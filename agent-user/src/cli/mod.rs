@@ -188,6 +188,17 @@ pub async fn status(cfg: &Config, json: bool) -> Result<bool, CliError> {
                     "approvals: {} pending tickets, {} active grants",
                     s.pending_tickets, s.active_grants
                 )?;
+                writeln!(
+                    out,
+                    "session store: {} records queued (statements wait at {}){}",
+                    s.session_queue,
+                    s.session_queue_limit,
+                    if s.session_backpressure {
+                        ": BEHIND, governed statements are waiting"
+                    } else {
+                        ""
+                    }
+                )?;
                 writeln!(out, "governed:")?;
                 for g in &s.governed {
                     writeln!(

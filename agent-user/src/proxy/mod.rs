@@ -307,6 +307,29 @@ async fn handle(
         }
         return;
     };
+    // A session that could not be recorded must not run: while the store's queue is past its
+    // hard limit a new connection is refused, not queued (with a rate-limited event; the
+    // refused count shows them all).
+    if gate.store.overloaded() {
+        gate.intercept.forget_flow(&key);
+        gate.refused.fetch_add(1, Ordering::Relaxed);
+        let source = Source::new("session_store_overloaded", Some(peer.agent.clone()));
+        if gate.events.admit(&source, Instant::now()) {
+            let (queued, max_queued, _) = gate.store.queue();
+            tracing::warn!(agent = %peer.agent, pid = flow.tgid, queued, "session store is far behind; connection closed");
+            let _ = gate.store.event(Event {
+                kind: "session_store_overloaded".into(),
+                agent: Some(peer.agent.clone()),
+                pid: Some(flow.tgid),
+                uid: Some(flow.uid),
+                cgroup_id: Some(flow.cgroup_id),
+                destination: Some(peer.original_destination.to_string()),
+                detail: serde_json::json!({ "queued": queued, "max_queued": max_queued }),
+                ..Default::default()
+            });
+        }
+        return;
+    }
     gate.served.fetch_add(1, Ordering::Relaxed);
     match protocol {
         // The TCP handler removes the record once the connection's first bytes are moving.
