@@ -1803,3 +1803,81 @@ fn answers_the_gate_makes_for_refused_messages_come_once_and_in_order() {
         "{l:#?}"
     );
 }
+
+#[test]
+fn statements_wait_for_a_stalled_session_store_and_are_all_recorded_once_it_resumes() {
+    // A queue of 5 records: once the writer cannot write, the sixth statement or so waits.
+    let pg = Postgres::start("scram-sha-256");
+    pg.admin_sql(SCHEMA);
+    let body = format!("{}\nsessions:\n  max_queued: 5\n", config(&pg, ""));
+    let gate = Gate::start_with_env(&body, &[("AGENTGATE_MASK_KEY", MASK_KEY)]);
+    const N: i64 = 40;
+    // Another connection holds the write lock, for longer than the store's busy timeout (5 s).
+    let db = gate.dir.join("state/sessions.db");
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let locked = Instant::now();
+    // Each line is a Query message of its own.
+    let script: String = (0..N)
+        .map(|i| format!("INSERT INTO t VALUES ({}, 'stall');\n", 100 + i))
+        .collect();
+    let mut argv = vec!["psql".to_string()];
+    argv.extend(psql_conn_args(pg.port));
+    argv.extend(["-v", "ON_ERROR_STOP=1"].map(String::from));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut child = gate
+        .exec("bot", &argv)
+        .env("PGPASSFILE", "/nonexistent")
+        .env("PGPASSWORD", WRONG_PASSWORD)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(script.as_bytes()).unwrap();
+    }
+    let inserted = || count(&pg, "SELECT count(*) FROM t WHERE v = 'stall'");
+    // The statements stop: the store's queue is full and the gate stops reading the agent.
+    let status = agentgate_tests::wait_for("backpressure", Duration::from_secs(20), || {
+        let s = gate.cli_json(&["status", "--json"]);
+        (s["daemon"]["session_backpressure"] == true).then_some(s)
+    });
+    assert!(
+        status["daemon"]["session_queue"].as_u64().unwrap() <= 10,
+        "{status:#}"
+    );
+    let stalled_at = inserted();
+    while locked.elapsed() < Duration::from_secs(7) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(inserted(), stalled_at, "statements ran while unrecorded");
+    assert!(stalled_at < N, "every statement ran: nothing waited");
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(inserted(), N);
+    // Every statement is recorded, none lost to the stall.
+    let sessions = gate.sessions_ended(1);
+    let id = sessions[0]["id"].as_i64().unwrap().to_string();
+    let v = gate.cli_json(&["sessions", "show", &id, "--json"]);
+    let st = v["statements"].as_array().unwrap();
+    let texts: Vec<&str> = st
+        .iter()
+        .filter_map(|s| s["text"].as_str())
+        .map(|t| t.trim_end_matches(';').trim())
+        .collect();
+    let want: Vec<String> = (0..N)
+        .map(|i| format!("INSERT INTO t VALUES ({}, 'stall')", 100 + i))
+        .collect();
+    assert_eq!(texts, want, "{v:#}");
+    assert!(
+        !gate.cli_json(&["status", "--json"])["daemon"]["session_backpressure"]
+            .as_bool()
+            .unwrap(),
+        "backpressure ended"
+    );
+}
