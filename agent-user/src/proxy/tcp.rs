@@ -12,6 +12,11 @@
 //! bytes move socket -> pipe -> socket with `splice(2)` and never enter the daemon's memory (the
 //! kernel passes the pages on instead of copying them out and back in). Short exchanges never
 //! pay for the pipe.
+//!
+//! A session's byte counts are what each side's socket took: every write is counted as it
+//! completes, so a write that fails partway, or a direction cut short by the other one's error,
+//! counts the bytes that went and none of those read but never written. The error names the
+//! side and whether reading or writing failed.
 
 use std::future::{Future, poll_fn};
 use std::io::{self, Write};
@@ -250,8 +255,15 @@ async fn relay_from(
     // end there is nothing unread that would turn it into a reset).
     let one_ended = AtomicBool::new(false);
     {
-        let up = copy_counting(&mut cr, &mut uw, &mut up_buf, &mut up_bytes, &one_ended);
-        let down = copy_counting(&mut ur, &mut cw, &mut down_buf, &mut down_bytes, &one_ended);
+        let up = copy_counting(&mut cr, &mut uw, &mut up_buf, &mut up_bytes, &one_ended, UP);
+        let down = copy_counting(
+            &mut ur,
+            &mut cw,
+            &mut down_buf,
+            &mut down_bytes,
+            &one_ended,
+            DOWN,
+        );
         tokio::pin!(up, down);
         let mut up_done = false;
         let mut down_done = false;
@@ -273,6 +285,32 @@ async fn relay_from(
     (up_bytes, down_bytes, error)
 }
 
+/// Which way a direction goes, for its errors.
+#[derive(Clone, Copy)]
+struct Direction {
+    from: &'static str,
+    to: &'static str,
+}
+
+const UP: Direction = Direction {
+    from: "client",
+    to: "upstream",
+};
+const DOWN: Direction = Direction {
+    from: "upstream",
+    to: "client",
+};
+
+impl Direction {
+    fn read_failed(self, e: io::Error) -> io::Error {
+        io::Error::new(e.kind(), format!("reading from the {}: {e}", self.from))
+    }
+
+    fn write_failed(self, e: io::Error) -> io::Error {
+        io::Error::new(e.kind(), format!("writing to the {}: {e}", self.to))
+    }
+}
+
 /// Writes what `buf` holds, then copies until `r` ends and passes the end on as a shutdown,
 /// unless the other direction has ended already (`one_ended`): then the close that follows
 /// passes it on. Once a read fills the whole buffer, the rest is spliced (see the module doc).
@@ -282,31 +320,65 @@ async fn copy_counting(
     buf: &mut BytesMut,
     count: &mut u64,
     one_ended: &AtomicBool,
+    dir: Direction,
 ) -> io::Result<()> {
     loop {
-        if !buf.is_empty() {
-            w.write_all(buf).await?;
-            *count += buf.len() as u64;
-            buf.clear();
-        }
+        write_counting(w, buf, count)
+            .await
+            .map_err(|e| dir.write_failed(e))?;
+        // Read into spare capacity: no zeroing of the buffer (which is empty here).
         let spare = buf.capacity() - buf.len();
-        // Read into spare capacity: no zeroing of the buffer.
-        let n = r.read_buf(buf).await?;
+        let n = r.read_buf(buf).await.map_err(|e| dir.read_failed(e))?;
         if n == 0 {
-            return pass_on_end(w, one_ended).await;
+            return pass_on_end(w, one_ended)
+                .await
+                .map_err(|e| dir.write_failed(e));
         }
         if n == spare {
             // A bulk stream: what was read goes first, then the socket is spliced. Without a
             // pipe (out of file descriptors) the copy goes on as before.
-            w.write_all(buf).await?;
-            *count += buf.len() as u64;
-            buf.clear();
+            write_counting(w, buf, count)
+                .await
+                .map_err(|e| dir.write_failed(e))?;
             match Pipe::new() {
-                Ok(pipe) => return splice_counting(r.as_ref(), w, &pipe, count, one_ended).await,
+                Ok(pipe) => {
+                    return splice_counting(r.as_ref(), w, &pipe, count, one_ended, dir).await;
+                }
                 Err(e) => tracing::debug!(error = %e, "no pipe for splicing: copying instead"),
             }
         }
     }
+}
+
+/// Writes all of `buf`, adding each write to `count` as it completes (`write_all` would count
+/// nothing of a write that fails partway, nor of one cut short when the relay ends). On an
+/// error `buf` holds what was not written.
+async fn write_counting<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &mut BytesMut,
+    count: &mut u64,
+) -> io::Result<()> {
+    // An offset rather than `advance`: a cleared buffer keeps its whole capacity for the next
+    // read (the bulk test compares a read with the spare capacity).
+    let mut written = 0;
+    while let Some(rest) = buf.get(written..).filter(|r| !r.is_empty()) {
+        let n = match w.write(rest).await {
+            Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+            r => r,
+        };
+        match n {
+            Ok(n) => {
+                *count += n as u64;
+                written += n;
+            }
+            Err(e) => {
+                buf.advance(written);
+                return Err(e);
+            }
+        }
+    }
+    buf.clear();
+    Ok(())
 }
 
 /// The end of one direction: a shutdown, or nothing when the other has ended (the close sends
@@ -363,28 +435,31 @@ async fn splice_counting(
     pipe: &Pipe,
     count: &mut u64,
     one_ended: &AtomicBool,
+    dir: Direction,
 ) -> io::Result<()> {
     let to: &TcpStream = w.as_ref();
     loop {
         let filled = loop {
-            from.readable().await?;
+            from.readable().await.map_err(|e| dir.read_failed(e))?;
             match from.try_io(Interest::READABLE, || spliced(from, &pipe.w, PIPE_CHUNK)) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => break r?,
+                r => break r.map_err(|e| dir.read_failed(e))?,
             }
         };
         if filled == 0 {
-            return pass_on_end(w, one_ended).await;
+            return pass_on_end(w, one_ended)
+                .await
+                .map_err(|e| dir.write_failed(e));
         }
         let mut left = filled;
         while left > 0 {
-            to.writable().await?;
+            to.writable().await.map_err(|e| dir.write_failed(e))?;
             match to.try_io(Interest::WRITABLE, || spliced(&pipe.r, to, left)) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => {
-                    let n = r?;
+                    let n = r.map_err(|e| dir.write_failed(e))?;
                     if n == 0 {
-                        return Err(io::ErrorKind::WriteZero.into());
+                        return Err(dir.write_failed(io::ErrorKind::WriteZero.into()));
                     }
                     left -= n;
                     *count += n as u64;
@@ -417,7 +492,7 @@ fn give_back(mut buf: BytesMut) {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use tokio::net::TcpListener;
@@ -622,6 +697,77 @@ mod tests {
         let (up, down, _) = gate.await.unwrap();
         assert_eq!((up, down), (6400, 6400));
         assert_eq!(SPLICED.with(std::cell::Cell::get), 0);
+    }
+
+    /// A writer that takes `accept` bytes at most per write, `budget` in all, then fails.
+    struct Failing {
+        accept: usize,
+        budget: usize,
+        took: Vec<u8>,
+    }
+
+    impl tokio::io::AsyncWrite for Failing {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let n = buf.len().min(self.accept).min(self.budget);
+            if n == 0 {
+                return std::task::Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            self.budget -= n;
+            self.took.extend_from_slice(&buf[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fails_partway_counts_the_bytes_delivered_only() {
+        let mut w = Failing {
+            accept: 4,
+            budget: 10,
+            took: Vec::new(),
+        };
+        let mut buf = BytesMut::from(&pattern(25, 1)[..]);
+        let mut count = 3;
+        let err = write_counting(&mut w, &mut buf, &mut count)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        // 4 + 4 + 2 went, on top of the 3 counted before.
+        assert_eq!(count, 13);
+        assert_eq!(w.took, pattern(25, 1)[..10]);
+        assert_eq!(&buf[..], &pattern(25, 1)[10..], "what did not go is kept");
+        let e = UP.write_failed(err);
+        assert_eq!(e.to_string(), "writing to the upstream: broken pipe");
+
+        // A write that completes leaves the buffer whole for the next read.
+        let mut w = Failing {
+            accept: 7,
+            budget: usize::MAX,
+            took: Vec::new(),
+        };
+        let mut buf = BytesMut::with_capacity(64);
+        buf.extend_from_slice(&pattern(20, 2));
+        let mut count = 0;
+        write_counting(&mut w, &mut buf, &mut count).await.unwrap();
+        assert_eq!((count, buf.len(), buf.capacity()), (20, 0, 64));
+        assert_eq!(w.took, pattern(20, 2));
     }
 
     #[tokio::test]
