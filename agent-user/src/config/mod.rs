@@ -882,6 +882,19 @@ mod tests {
     }
 
     #[test]
+    fn the_session_queue_bound_defaults_and_zero_is_refused_by_its_key() {
+        let cfg = Config::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        assert_eq!(cfg.sessions.max_queued, 100_000);
+        let err = Config::parse("sessions: {max_queued: 0}\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sessions.max_queued"), "{err}");
+        let cfg = Config::parse("sessions: {max_queued: 7}\n", "f").unwrap();
+        assert_eq!(cfg.sessions.max_queued, 7);
+        assert!(Config::parse("sessions: {max_queue: 7}\n", "f").is_err());
+    }
+
+    #[test]
     fn refuses_root_cgroup_and_self_target() {
         let bad = "agents:\n  - name: a\n    cgroup: /\n";
         assert!(
