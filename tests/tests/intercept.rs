@@ -1219,3 +1219,65 @@ else:
     assert_eq!(e["agent"], "bot");
     assert_eq!(e["detail"]["max_connections"], 3);
 }
+
+#[test]
+fn new_connections_are_refused_while_the_session_store_is_far_behind() {
+    // A connection whose session could not be recorded must not be relayed: past twice
+    // `sessions.max_queued` (here 2 records) new connections are closed at accept.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let body = format!(
+        "{}sessions: {{max_queued: 1}}\n",
+        two_agents(&echo, "", "other", "")
+    );
+    let gate = Gate::start(&body);
+    let lock = rusqlite::Connection::open(gate.dir.join("state/sessions.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let script = |n: usize, retry: bool| {
+        format!(
+            r#"
+import socket, time
+def echo():
+    s = socket.create_connection(("127.0.0.1", {port}))
+    try:
+        s.sendall(b"hi")
+        return s.recv(2) == b"hi"
+    except OSError:
+        return False
+    finally:
+        s.close()
+out = []
+for _ in range({n}):
+    ok = echo()
+    while {retry} and not ok:
+        time.sleep(0.05)
+        ok = echo()
+    out.append("ok" if ok else "closed")
+print(",".join(out))
+"#,
+            port = echo.addr.port(),
+            retry = if retry { "True" } else { "False" },
+        )
+    };
+    let run_bot = |n, retry| {
+        let out = stdout(&run(
+            &mut gate.exec("bot", &["python3", "-c", &script(n, retry)])
+        ));
+        out.trim().to_string()
+    };
+    // The first connection is relayed; its records wait for the locked file.
+    assert_eq!(run_bot(1, false), "ok");
+    wait_for("2 queued records", Duration::from_secs(10), || {
+        let s = gate.cli_json(&["status", "--json"]);
+        (s["daemon"]["session_queue"].as_u64()? >= 2).then_some(())
+    });
+    assert_eq!(run_bot(2, false), "closed,closed");
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    // Once the writer has caught up, connections are relayed again.
+    assert_eq!(run_bot(1, true), "ok");
+    let e = gate.wait_event("a session_store_overloaded event", |e| {
+        e["kind"] == "session_store_overloaded"
+    });
+    assert_eq!(e["agent"], "bot");
+    assert_eq!(e["detail"]["max_queued"], 1);
+}
