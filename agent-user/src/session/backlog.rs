@@ -72,7 +72,8 @@ impl Backlog {
         Backlog {
             queued: AtomicUsize::new(0),
             high,
-            low: high / 2,
+            // At least 1: with a bound of 1, "below half" would never come.
+            low: (high / 2).max(1),
             over: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             drained: tokio::sync::Notify::new(),
@@ -260,6 +261,24 @@ mod tests {
         assert!(!waiting.is_finished());
         b.writer_stopped();
         waiting.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_bound_of_one_releases_once_the_queue_is_empty() {
+        let b = backlog(1);
+        b.added();
+        let waiting = tokio::spawn({
+            let b = b.clone();
+            async move { b.room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        b.written(1);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!b.backpressure());
     }
 
     #[test]
