@@ -839,8 +839,8 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>, backlog: &Backlog) {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .and_then(|tx| {
                 {
-                    // Looked up once per batch: most of a batch is statements, and finding a cached
-                    // statement hashes its whole SQL text.
+                    // Looked up once per batch: most of a batch is statements, and finding a
+                    // cached statement hashes its whole SQL text.
                     let mut insert_statement = None;
                     let mut spans = Spans::default();
                     for w in fold(batch) {
