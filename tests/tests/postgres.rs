@@ -1849,8 +1849,11 @@ fn statements_wait_for_a_stalled_session_store_and_are_all_recorded_once_it_resu
         status["daemon"]["session_queue"].as_u64().unwrap() <= 10,
         "{status:#}"
     );
+    // A statement read just before the queue filled may still be running: let it finish.
+    std::thread::sleep(Duration::from_secs(1));
     let stalled_at = inserted();
-    while locked.elapsed() < Duration::from_secs(7) {
+    let sampled = Instant::now();
+    while locked.elapsed() < Duration::from_secs(7) || sampled.elapsed() < Duration::from_secs(2) {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(inserted(), stalled_at, "statements ran while unrecorded");
