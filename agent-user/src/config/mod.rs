@@ -96,15 +96,47 @@ pub struct Destination {
 }
 
 impl Destination {
+    /// Does the kernel's allow list take `addr` for this destination? As there, an IPv4
+    /// address and its mapped form (`::ffff:a.b.c.d`) are one address, so an IPv6 network that
+    /// covers mapped space (`::/0`) matches IPv4 destinations too.
     pub fn matches(&self, addr: &SocketAddr) -> bool {
-        let ip = match addr.ip() {
-            IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map(IpAddr::V4)
-                .unwrap_or(IpAddr::V6(v6)),
+        self.port == addr.port() && self.contains(addr.ip())
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        let mapped = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        match self.net {
+            IpNet::V4(n) => mapped.to_ipv4_mapped().is_some_and(|v4| n.contains(&v4)),
+            IpNet::V6(n) => n.contains(&mapped),
+        }
+    }
+
+    /// The address of this host that this destination names, if it names one: 127.0.0.1 when
+    /// it covers that address, else `::1`, else its network address when that is a loopback or
+    /// unspecified one (`127.0.0.2`, `0.0.0.0`, `::`).
+    ///
+    /// Every loopback and unspecified spelling reaches the same local listeners, so the kernel
+    /// takes one that no destination names for the target that 127.0.0.1 is (see
+    /// `intercept`), and the gate then dials this address, the one the operator configured.
+    pub fn local_address(&self) -> Option<IpAddr> {
+        let (v4, v6) = (
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        );
+        if self.contains(v4) {
+            return Some(v4);
+        }
+        if self.contains(v6) {
+            return Some(v6);
+        }
+        let network = match self.net.network() {
+            IpAddr::V6(n) => n.to_ipv4_mapped().map_or(IpAddr::V6(n), IpAddr::V4),
             v4 => v4,
         };
-        self.port == addr.port() && self.net.contains(&ip)
+        (network.is_loopback() || network.is_unspecified()).then_some(network)
     }
 }
 
@@ -289,6 +321,29 @@ pub struct TargetConfig {
     /// or Bind beyond it is refused with SQLSTATE 54000; closing names gives the bytes back.
     #[serde(default = "default_max_kept_bytes")]
     pub max_kept_bytes: usize,
+}
+
+impl TargetConfig {
+    /// Where the enforcer connects for a connect to `original` that the kernel took for this
+    /// target: `upstream` if set, else `original` when a destination names it. Otherwise the
+    /// kernel took another spelling of this host (`127.0.0.2`, `0.0.0.0`, `::1`) for it, and
+    /// the gate dials the local address the target names on that port instead: whatever
+    /// listens at the spelling is not what the operator configured (a governed agent can
+    /// listen on `127.0.0.2` itself and be handed the brokered credentials). `None` if the
+    /// target names no such address (a flow from before a configuration change).
+    pub fn upstream_for(&self, original: SocketAddr) -> Option<SocketAddr> {
+        if let Some(u) = self.upstream {
+            return Some(u);
+        }
+        if self.destinations.iter().any(|d| d.matches(&original)) {
+            return Some(original);
+        }
+        self.destinations
+            .iter()
+            .filter(|d| d.port == original.port())
+            .find_map(Destination::local_address)
+            .map(|ip| SocketAddr::new(ip, original.port()))
+    }
 }
 
 fn default_max_frame() -> usize {
@@ -831,9 +886,72 @@ mod tests {
         assert!(d.matches(&"[::ffff:10.0.0.5]:5432".parse().unwrap()));
         let v6: Destination = "[fd00::/64]:443".parse().unwrap();
         assert!(v6.matches(&"[fd00::1]:443".parse().unwrap()));
+        // As in the kernel's allow list, mapped and plain IPv4 are one address.
+        let any: Destination = "[::/0]:443".parse().unwrap();
+        assert!(any.matches(&"10.1.2.3:443".parse().unwrap()));
+        let mapped: Destination = "[::ffff:127.0.0.1]:443".parse().unwrap();
+        assert!(mapped.matches(&"127.0.0.1:443".parse().unwrap()));
+        assert!(!mapped.matches(&"[::1]:443".parse().unwrap()));
         assert!("127.0.0.1".parse::<Destination>().is_err());
         assert!("127.0.0.1:0".parse::<Destination>().is_err());
         assert!("300.0.0.1:1".parse::<Destination>().is_err());
+    }
+
+    #[test]
+    fn local_addresses_of_destinations() {
+        let local = |d: &str| {
+            d.parse::<Destination>()
+                .unwrap()
+                .local_address()
+                .map(|ip| ip.to_string())
+        };
+        assert_eq!(local("127.0.0.1:5432").as_deref(), Some("127.0.0.1"));
+        assert_eq!(local("0.0.0.0/0:5432").as_deref(), Some("127.0.0.1"));
+        assert_eq!(local("[::/0]:5432").as_deref(), Some("127.0.0.1"));
+        assert_eq!(
+            local("[::ffff:127.0.0.1]:5432").as_deref(),
+            Some("127.0.0.1")
+        );
+        assert_eq!(local("[::1]:5432").as_deref(), Some("::1"));
+        assert_eq!(local("127.0.0.2:5432").as_deref(), Some("127.0.0.2"));
+        assert_eq!(local("127.0.0.128/25:5432").as_deref(), Some("127.0.0.128"));
+        assert_eq!(
+            local("[::ffff:127.0.0.2]:5432").as_deref(),
+            Some("127.0.0.2")
+        );
+        assert_eq!(local("0.0.0.0:5432").as_deref(), Some("0.0.0.0"));
+        assert_eq!(local("[::]:5432").as_deref(), Some("::"));
+        assert_eq!(local("10.0.0.0/8:5432"), None);
+        assert_eq!(local("[fd00::/64]:5432"), None);
+    }
+
+    #[test]
+    fn a_target_found_under_another_local_spelling_is_dialed_at_its_own_address() {
+        let cfg = Config::parse(
+            "targets:
+  - name: db
+    match: [\"10.0.0.0/8:5432\", \"[::1]:5432\", \"127.0.0.2:6432\"]
+    protocol: tcp
+  - name: pinned
+    match: [\"127.0.0.1:7000\"]
+    protocol: tcp
+    upstream: 10.9.9.9:7000
+",
+            "f.yaml",
+        )
+        .unwrap();
+        let up = |t: usize, a: &str| {
+            cfg.targets[t]
+                .upstream_for(a.parse().unwrap())
+                .map(|s| s.to_string())
+        };
+        assert_eq!(up(0, "10.1.2.3:5432").as_deref(), Some("10.1.2.3:5432"));
+        assert_eq!(up(0, "[::1]:5432").as_deref(), Some("[::1]:5432"));
+        assert_eq!(up(0, "127.0.0.3:5432").as_deref(), Some("[::1]:5432"));
+        assert_eq!(up(0, "0.0.0.0:5432").as_deref(), Some("[::1]:5432"));
+        assert_eq!(up(0, "[::]:6432").as_deref(), Some("127.0.0.2:6432"));
+        assert_eq!(up(0, "127.0.0.1:9999"), None);
+        assert_eq!(up(1, "127.0.0.9:7000").as_deref(), Some("10.9.9.9:7000"));
     }
 
     #[test]

@@ -78,14 +78,13 @@ pub struct Peer {
     pub original_destination: SocketAddr,
     /// `None` for an unknown destination relayed because the agent records them.
     pub target: Option<TargetConfig>,
+    /// Where the enforcer connects (see `TargetConfig::upstream_for`).
+    upstream: SocketAddr,
 }
 
 impl Peer {
     pub fn upstream(&self) -> SocketAddr {
-        self.target
-            .as_ref()
-            .and_then(|t| t.upstream)
-            .unwrap_or(self.original_destination)
+        self.upstream
     }
 
     pub fn session_start(&self, decision: &'static str, reason: Option<String>) -> SessionStart {
@@ -125,6 +124,11 @@ impl Gate {
         } else {
             Some(self.cfg.target_by_id(flow.target_id)?.clone())
         };
+        let original_destination = SocketAddr::new(ip_of(&flow.orig_addr), flow.orig_port);
+        let upstream = match &target {
+            Some(t) => t.upstream_for(original_destination)?,
+            None => original_destination,
+        };
         Some(Peer {
             agent: agent.name.clone(),
             roles: agent.roles.clone(),
@@ -139,8 +143,9 @@ impl Gate {
             },
             cgroup_id: flow.cgroup_id,
             client,
-            original_destination: SocketAddr::new(ip_of(&flow.orig_addr), flow.orig_port),
+            original_destination,
             target,
+            upstream,
         })
     }
 
@@ -274,7 +279,7 @@ async fn handle(
         tracing::warn!(
             agent_id = flow.agent_id,
             target_id = flow.target_id,
-            "flow names an agent or target the configuration no longer has; closed"
+            "flow names an agent, target or destination the configuration no longer has; closed"
         );
         let _ = gate.store.event(Event {
             kind: "unknown_identity".into(),
