@@ -5,7 +5,8 @@
 //!
 //! - `connect4/6`: a governed TCP connect to an allowed destination (or any destination when the
 //!   agent's cgroup records unknown ones) is rewritten to the enforcer's loopback listener and
-//!   its original destination saved by socket cookie; anything else is refused (`EPERM`). UDP
+//!   its original destination saved by socket cookie; anything else is refused (`EPERM`). A
+//!   loopback or unspecified destination no entry names is looked up again as 127.0.0.1. UDP
 //!   connects are allowed only to configured resolvers.
 //! - `sock_ops` (`TCP_CONNECT_CB`): moves the saved record to `FLOWS` under the full 4-tuple, the
 //!   only key the enforcer can know on accept.
@@ -295,6 +296,13 @@ fn is_resolver(dst: &Addr, port: u16) -> bool {
     unsafe { RESOLVERS.get(&key).is_some() }
 }
 
+/// The target `DESTS` gives the agent for this destination, by longest prefix.
+#[inline(always)]
+fn dest_target(agent_id: u32, port: u16, addr: &Addr) -> Option<u32> {
+    let key = Key::new(DEST_KEY_FIXED_BITS + 128, DestKey::new(agent_id, port, *addr));
+    DESTS.get(&key).map(|v| v.target_id)
+}
+
 fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let Some((gov_cgroup, gov)) = governed() else {
         return ALLOW;
@@ -352,9 +360,15 @@ fn decide_connect(
         return Err(reason::PROTECTED_ENDPOINT);
     }
 
-    let key = Key::new(DEST_KEY_FIXED_BITS + 128, DestKey::new(gov.agent_id, port, *dst));
-    let target_id = match DESTS.get(&key) {
-        Some(v) => v.target_id,
+    let mut found = dest_target(gov.agent_id, port, dst);
+    if found.is_none() && local != *dst {
+        // Another spelling of this host (127.0.0.2, 0.0.0.0, ::1...) reaches the listeners
+        // 127.0.0.1 does, so it is taken for 127.0.0.1's target; the daemon adds a 127.0.0.1
+        // entry for targets named only under other spellings. The record keeps `dst`.
+        found = dest_target(gov.agent_id, port, &local);
+    }
+    let target_id = match found {
+        Some(id) => id,
         None if gov.flags & GOVERNED_UNKNOWN_RECORD != 0 => TARGET_UNKNOWN,
         None => return Err(reason::UNKNOWN_DESTINATION),
     };

@@ -28,7 +28,7 @@ use aya::{Ebpf, EbpfError};
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, UnknownDestinations};
+use crate::config::{Config, Destination, UnknownDestinations};
 use crate::identity::{self, CgroupFs};
 use crate::session::limit::KernelEventBudget;
 
@@ -412,11 +412,17 @@ impl Intercept {
         let mut want_dests: BTreeMap<(u32, [u8; 24]), (Key<DestKey>, DestValue)> = BTreeMap::new();
         for (i, agent) in cfg.agents.iter().enumerate() {
             let agent_id = u32::try_from(i + 1).unwrap_or(u32::MAX);
+            let mut destinations = Vec::new();
             for (target_id, target) in cfg.targets_of(agent) {
                 for d in &target.destinations {
                     let key = dest_key(agent_id, &d.net, d.port);
                     want_dests.insert(dest_identity(&key), (key, DestValue { target_id, _pad: 0 }));
+                    destinations.push((target_id, *d));
                 }
+            }
+            for (port, target_id) in local_folds(&destinations) {
+                let key = dest_key(agent_id, &LOCALHOST_NET, port);
+                want_dests.insert(dest_identity(&key), (key, DestValue { target_id, _pad: 0 }));
             }
         }
         {
@@ -650,6 +656,31 @@ pub fn flow_key(client: SocketAddr, server: SocketAddr) -> FlowKey {
     }
 }
 
+/// `127.0.0.1/32`: the key under which connect4/6 look a loopback or unspecified destination up
+/// again when no entry takes it as spelled (`127.0.0.2`, `0.0.0.0`, `::1`, `::ffff:127.0.0.3`
+/// all reach the same local listeners).
+const LOCALHOST_NET: IpNet = IpNet::V4(ipnet::Ipv4Net::new_assert(Ipv4Addr::LOCALHOST, 32));
+
+/// Entries to add under [`LOCALHOST_NET`], as (port, target id), for one agent's destinations
+/// (in configuration order): on each port where a destination names a local address but none
+/// covers 127.0.0.1 itself, the first such destination's target. Where one covers 127.0.0.1,
+/// its own entry answers the second lookup and nothing is added, so 127.0.0.1 keeps the target
+/// it has.
+fn local_folds(destinations: &[(u32, Destination)]) -> BTreeMap<u16, u32> {
+    let covered: BTreeSet<u16> = destinations
+        .iter()
+        .filter(|(_, d)| d.local_address() == Some(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+        .map(|(_, d)| d.port)
+        .collect();
+    let mut folds = BTreeMap::new();
+    for (target_id, d) in destinations {
+        if !covered.contains(&d.port) && d.local_address().is_some() {
+            folds.entry(d.port).or_insert(*target_id);
+        }
+    }
+    folds
+}
+
 fn dest_key(agent_id: u32, net: &IpNet, port: u16) -> Key<DestKey> {
     let (addr, bits) = match net {
         IpNet::V4(n) => (
@@ -856,6 +887,30 @@ mod tests {
         assert_eq!(d.port.to_ne_bytes(), [0x15, 0x38, 0, 0]);
         let k6 = dest_key(1, &"fd00::/64".parse().unwrap(), 443);
         assert_eq!(k6.prefix_len(), 64 + 64);
+    }
+
+    #[test]
+    fn local_spellings_fold_to_the_first_local_target_unless_127_0_0_1_has_one() {
+        let d = |t: u32, s: &str| (t, s.parse::<Destination>().unwrap());
+        let folds = local_folds(&[
+            d(1, "10.0.0.0/8:5432"),
+            d(2, "[::1]:5432"),
+            d(3, "127.0.0.2:5432"),
+            d(4, "0.0.0.0:6432"),
+            d(5, "127.0.0.0/8:7000"),
+            d(6, "[::1]:7000"),
+            d(7, "[::/0]:8000"),
+            d(8, "127.0.0.2:8000"),
+            d(9, "10.1.1.1:9000"),
+        ]);
+        // 7000: 127.0.0.0/8 already answers for 127.0.0.1; 8000: so does ::/0 (mapped space).
+        assert_eq!(
+            folds.into_iter().collect::<Vec<_>>(),
+            vec![(5432, 2), (6432, 4)]
+        );
+        let k = dest_key(1, &LOCALHOST_NET, 5432);
+        assert_eq!(k.prefix_len(), 64 + 128);
+        assert_eq!(k.data().addr, v4_mapped([127, 0, 0, 1]));
     }
 
     #[test]
