@@ -9,8 +9,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use agentgate_tests::{
-    Gate, Postgres, ensure_psycopg, psql_conn_args, psql_direct, psycopg_script, run, show, text,
-    workspace_root,
+    EchoServer, Gate, Postgres, ensure_psycopg, psql_conn_args, psql_direct, psycopg_script, run,
+    show, text, workspace_root,
 };
 use serde_json::Value;
 
@@ -43,8 +43,9 @@ fn policy_text() -> String {
         .expect("read policies/postgres.yaml")
 }
 
-/// Gate configuration: agents `bot` (analyst, enforced) and `auditor` (shadow), one postgres
-/// target for the server with brokered credentials, `extra` appended to the target.
+/// Gate configuration: agents `bot` (analyst, enforced), `auditor` (shadow) and `recorder`
+/// (analyst, relays unknown destinations as recorded TCP), one postgres target for the server
+/// with brokered credentials, `extra` appended to the target.
 fn config(pg: &Postgres, extra_target: &str) -> String {
     config_with_policy(pg, extra_target, &policy_text())
 }
@@ -61,6 +62,11 @@ fn config_with_policy(pg: &Postgres, extra_target: &str, policy: &str) -> String
     cgroup: {{base}}/auditor
     roles: [auditor]
     targets: [db]
+  - name: recorder
+    cgroup: {{base}}/recorder
+    roles: [analyst]
+    targets: [db]
+    unknown_destinations: record
 targets:
   - name: db
     match: [\"127.0.0.1:{port}\"]
@@ -1883,4 +1889,61 @@ fn statements_wait_for_a_stalled_session_store_and_are_all_recorded_once_it_resu
             .unwrap(),
         "backpressure ended"
     );
+}
+
+// 17 -----------------------------------------------------------------------------------------
+
+#[test]
+fn other_spellings_of_the_targets_loopback_address_are_judged_as_the_target() {
+    // The target is 127.0.0.1:PORT. 0.0.0.0, 127.0.0.2, ::1 and ::ffff:127.0.0.2 are other
+    // spellings of this host: an agent that records unknown destinations used to be relayed
+    // to them as opaque TCP (to the server itself under 0.0.0.0), and one that does not was
+    // refused. Both are judged as the target now, and the gate dials the target's own
+    // address, never the spelling: something else listens at 127.0.0.2:PORT.
+    let (pg, gate) = start();
+    let _elsewhere = EchoServer::start(&format!("127.0.0.2:{}", pg.port));
+    let upstream = pg.addr().to_string();
+    let spellings = [
+        ("recorder", "127.0.0.2", format!("127.0.0.2:{}", pg.port)),
+        ("recorder", "0.0.0.0", format!("0.0.0.0:{}", pg.port)),
+        ("recorder", "::1", format!("[::1]:{}", pg.port)),
+        // A mapped address on an IPv6 socket: recorded in its IPv4 form.
+        (
+            "recorder",
+            "::ffff:127.0.0.2",
+            format!("127.0.0.2:{}", pg.port),
+        ),
+        ("bot", "127.0.0.2", format!("127.0.0.2:{}", pg.port)),
+    ];
+    for (agent, host, _) in &spellings {
+        let o = gated_psql(
+            &gate,
+            &pg,
+            agent,
+            &["-A", "-t", "-h", host],
+            "SELECT count(*) FROM t;
+CREATE TABLE evil (id int);
+",
+        );
+        assert_eq!(text(&o.stdout), "3\n", "{agent} via {host}: {}", show(&o));
+        assert!(
+            text(&o.stderr)
+                .contains("ERROR:  42501: agentgate: denied by rule \"no-schema-changes\""),
+            "{agent} via {host}: {}",
+            show(&o)
+        );
+    }
+    assert!(!table_exists(&pg, "evil"));
+
+    let sessions = gate.sessions_ended(spellings.len());
+    assert_eq!(sessions.len(), spellings.len(), "{sessions:#?}");
+    for (agent, host, original) in &spellings {
+        let s = sessions
+            .iter()
+            .find(|s| s["agent"] == *agent && s["original_destination"] == *original)
+            .unwrap_or_else(|| panic!("no session of {agent} via {host}: {sessions:#?}"));
+        assert_eq!(s["target"], "db", "{s:#}");
+        assert_eq!(s["protocol"], "postgres", "{s:#}");
+        assert_eq!(s["upstream"], upstream, "{s:#}");
+    }
 }
