@@ -10,6 +10,10 @@
 //! are not held back, so a queue can pass the high-water mark; past [`Backlog::overloaded`]
 //! new connections are refused at accept.
 //!
+//! Recording is what makes a statement allowed to run: once the writer thread has stopped,
+//! [`Backlog::room`] fails for good and [`Backlog::overloaded`] holds, so no statement runs
+//! unrecorded and no connection is taken that could not be recorded.
+//!
 //! This module counts and waits; the writer and the producers live in `session` and `proxy`.
 
 use std::sync::Mutex;
@@ -40,6 +44,11 @@ impl Default for StoreLimits {
         }
     }
 }
+
+/// The session writer has stopped: statements cannot be recorded, so they must not run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("session store writer stopped: statements cannot be recorded")]
+pub struct WriterStopped;
 
 /// Backpressure starts and ends are logged at most this often (the rest are counted).
 const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -107,16 +116,17 @@ impl Backlog {
         }
     }
 
-    /// The writer has ended: nothing will drain the queue, and waiting producers would wait
-    /// forever (their records fail with `WriterGone` instead).
+    /// The writer has ended: nothing will drain the queue or record a statement. Waiting
+    /// producers are woken to fail, and later ones fail at once (see [`Backlog::room`]).
     pub(super) fn writer_stopped(&self) {
         self.stopped.store(true, Ordering::SeqCst);
         self.release();
     }
 
-    /// Past the hard limit: twice the high-water mark.
+    /// Past the hard limit (twice the high-water mark), or no writer: new connections are
+    /// refused.
     pub(super) fn overloaded(&self) -> bool {
-        self.queued() >= self.high.saturating_mul(2)
+        self.stopped.load(Ordering::Relaxed) || self.queued() >= self.high.saturating_mul(2)
     }
 
     pub(super) fn backpressure(&self) -> bool {
@@ -124,26 +134,30 @@ impl Backlog {
     }
 
     /// Resolves at once while the queue is below the high-water mark; above it, once the writer
-    /// has drained it below the low-water mark.
-    pub(super) async fn room(&self) {
+    /// has drained it below the low-water mark. Fails once the writer has
+    /// stopped: a statement taken then would run unrecorded.
+    pub(super) async fn room(&self) -> Result<(), WriterStopped> {
+        if self.stopped.load(Ordering::Relaxed) {
+            return Err(WriterStopped);
+        }
         if !self.over.load(Ordering::Relaxed) && self.queued.load(Ordering::Relaxed) < self.high {
-            return;
+            return Ok(());
         }
         self.wait().await
     }
 
-    async fn wait(&self) {
+    async fn wait(&self) -> Result<(), WriterStopped> {
         loop {
             let notified = self.drained.notified();
             tokio::pin!(notified);
             // Registered before the checks: a release between them and the await wakes it.
             notified.as_mut().enable();
             if self.stopped.load(Ordering::SeqCst) {
-                return;
+                return Err(WriterStopped);
             }
             if !self.over.load(Ordering::SeqCst) {
                 if self.queued.load(Ordering::SeqCst) < self.high {
-                    return;
+                    return Ok(());
                 }
                 if self
                     .over
@@ -155,7 +169,7 @@ impl Backlog {
                     // flag being set, and be idle now: nothing else would clear it.
                     if self.queued.load(Ordering::SeqCst) < self.low {
                         self.release();
-                        return;
+                        return Ok(());
                     }
                 }
             }
@@ -229,7 +243,7 @@ mod tests {
         let b = backlog(10);
         for _ in 0..9 {
             b.added();
-            b.room().await;
+            b.room().await.unwrap();
         }
         b.added();
         let waiting = tokio::spawn({
@@ -244,13 +258,13 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished() && b.backpressure());
         b.written(1);
-        waiting.await.unwrap();
+        waiting.await.unwrap().unwrap();
         assert!(!b.backpressure());
         assert_eq!(b.queued(), 4);
     }
 
     #[tokio::test]
-    async fn a_stopped_writer_releases_the_waiting() {
+    async fn a_stopped_writer_fails_the_waiting() {
         let b = backlog(1);
         b.added();
         let waiting = tokio::spawn({
@@ -260,7 +274,21 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         b.writer_stopped();
-        waiting.await.unwrap();
+        assert_eq!(waiting.await.unwrap(), Err(WriterStopped));
+    }
+
+    #[tokio::test]
+    async fn once_the_writer_has_stopped_there_is_no_room_and_connections_are_refused() {
+        let b = backlog(10);
+        b.added();
+        b.room().await.unwrap();
+        assert!(!b.overloaded());
+        b.writer_stopped();
+        // Not a stale count: an almost empty queue, and still nothing may run or connect.
+        b.written(1);
+        assert_eq!(b.room().await, Err(WriterStopped));
+        assert_eq!(b.room().await, Err(WriterStopped));
+        assert!(b.overloaded());
     }
 
     #[tokio::test]
@@ -276,6 +304,7 @@ mod tests {
         b.written(1);
         tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
+            .unwrap()
             .unwrap()
             .unwrap();
         assert!(!b.backpressure());

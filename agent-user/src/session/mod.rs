@@ -33,7 +33,7 @@ mod backlog;
 pub mod limit;
 mod shapes;
 use backlog::Backlog;
-pub use backlog::StoreLimits;
+pub use backlog::{StoreLimits, WriterStopped};
 use shapes::Shapes;
 
 const SCHEMA: &str = "
@@ -545,13 +545,14 @@ impl SessionStore {
 
     /// Resolves at once while the writer keeps up; while it is behind (its queue reached
     /// `sessions.max_queued`), once it has caught up (see `backlog`). Producers of statement
-    /// records wait here before taking the agent's next statement.
-    pub async fn room(&self) {
+    /// records wait here before taking the agent's next statement. Fails once the writer has
+    /// stopped: the statement could not be recorded, so it must not be taken.
+    pub async fn room(&self) -> Result<(), WriterStopped> {
         self.backlog.room().await
     }
 
-    /// Whether the queue is past the hard limit (twice `sessions.max_queued`): new connections
-    /// are refused rather than queued.
+    /// Whether the queue is past the hard limit (twice `sessions.max_queued`), or the writer
+    /// has stopped: new connections are refused rather than queued.
     pub fn overloaded(&self) -> bool {
         self.backlog.overloaded()
     }
@@ -1846,7 +1847,7 @@ mod tests {
                 let (store, sent) = (store.clone(), sent.clone());
                 tokio::spawn(async move {
                     for n in 0..EACH {
-                        store.room().await;
+                        store.room().await.unwrap();
                         let open = store.statement(statement_text(session, p * EACH + n));
                         store.statement_end(open, StatementEnd::default()).unwrap();
                         sent.fetch_add(1, Ordering::SeqCst);

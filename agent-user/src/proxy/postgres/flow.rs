@@ -1405,8 +1405,9 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
     let masking = ctx.shared.masker.is_some();
     let mut statement_timeout: Option<Duration> = None;
     loop {
-        // While the session writer is behind, the agent's next message waits (backpressure).
-        ctx.gate.store.room().await;
+        // While the session writer is behind, the agent's next message waits (backpressure);
+        // once it has stopped, the connection ends: nothing the agent sends could be recorded.
+        ctx.gate.store.room().await?;
         let Some(frame) = read_frontend(&mut client, &mut buf, &mut dec).await? else {
             let _ = upstream.shutdown().await;
             return Ok(());

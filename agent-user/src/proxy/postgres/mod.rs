@@ -57,6 +57,8 @@ pub enum PgError {
     Protocol(String),
     #[error("masking: {0}")]
     Mask(#[from] crate::mask::MaskError),
+    #[error("{0}")]
+    Store(#[from] crate::session::WriterStopped),
 }
 
 /// Everything PostgreSQL connections share, built once at daemon start.
