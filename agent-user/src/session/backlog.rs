@@ -116,6 +116,16 @@ impl Backlog {
         }
     }
 
+    /// The writer found the channel empty: everything sent before has been written (the
+    /// count can only hold records being sent right now). It has caught up, whatever the count
+    /// says: a steady trickle of records that are not per statement could otherwise keep the
+    /// count at the low-water mark at every batch's end and hold statements back for good.
+    pub(super) fn caught_up(&self) {
+        if self.over.load(Ordering::SeqCst) {
+            self.release();
+        }
+    }
+
     /// The writer has ended: nothing will drain the queue or record a statement. Waiting
     /// producers are woken to fail, and later ones fail at once (see [`Backlog::room`]).
     pub(super) fn writer_stopped(&self) {
@@ -134,7 +144,7 @@ impl Backlog {
     }
 
     /// Resolves at once while the queue is below the high-water mark; above it, once the writer
-    /// has drained it below the low-water mark. Fails once the writer has
+    /// has drained it below the low-water mark (or caught up). Fails once the writer has
     /// stopped: a statement taken then would run unrecorded.
     pub(super) async fn room(&self) -> Result<(), WriterStopped> {
         if self.stopped.load(Ordering::Relaxed) {
@@ -289,6 +299,33 @@ mod tests {
         assert_eq!(b.room().await, Err(WriterStopped));
         assert_eq!(b.room().await, Err(WriterStopped));
         assert!(b.overloaded());
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_caught_up_releases_whatever_the_count() {
+        let b = backlog(10);
+        for _ in 0..10 {
+            b.added();
+        }
+        let waiting = tokio::spawn({
+            let b = b.clone();
+            async move { b.room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished() && b.backpressure());
+        // Every batch ends at the low mark (new records keep arriving between batches): the
+        // count alone never releases.
+        b.written(5);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished() && b.backpressure());
+        // The writer then finds the channel empty.
+        b.caught_up();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(!b.backpressure());
     }
 
     #[tokio::test]

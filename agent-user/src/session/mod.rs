@@ -804,7 +804,8 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>, backlog: &Backlog) {
             Ok(w) => w,
             Err(mpsc::TryRecvError::Disconnected) => break,
             Err(mpsc::TryRecvError::Empty) => {
-                // Caught up.
+                // Caught up: producers waiting for room go on, whatever the count says.
+                backlog.caught_up();
                 priority.set_idle(true);
                 match rx.recv() {
                     Ok(w) => w,
@@ -1658,6 +1659,41 @@ mod tests {
         writer.join().unwrap();
         let reader = SessionReader::open(&path).unwrap();
         assert!(reader.statements_of(5).unwrap().is_empty(), "rolled back");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_finds_its_channel_empty_releases_waiting_producers() {
+        let (dir, path) = fresh_dir("caught-up");
+        std::fs::create_dir_all(&dir).unwrap();
+        let conn = open_rw(&path).unwrap();
+        // Counted and not sent: to the writer, records other threads are sending right now. The
+        // count stays above the low mark, and only an empty channel says the writer is idle.
+        let backlog = Arc::new(Backlog::new(StoreLimits { max_queued: 10 }));
+        (0..10).for_each(|_| backlog.added());
+        let waiting = tokio::spawn({
+            let backlog = backlog.clone();
+            async move { backlog.room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished() && backlog.backpressure());
+        // Four written: six remain, not below the low mark (5).
+        backlog.written(4);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished() && backlog.backpressure());
+        let (tx, rx) = mpsc::channel::<Write>();
+        let writer = std::thread::spawn({
+            let backlog = backlog.clone();
+            move || writer(conn, rx, &backlog)
+        });
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(!backlog.backpressure());
+        drop(tx);
+        writer.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 
