@@ -698,6 +698,15 @@ impl Config {
                 "must be at least 1 (every source's first event is recorded)".into(),
             ));
         }
+        if self.events.per_second > crate::session::limit::MAX_PER_SECOND {
+            return Err(invalid(
+                "events.per_second".into(),
+                format!(
+                    "must be at most {} (the kernel's budget refills in whole nanoseconds)",
+                    crate::session::limit::MAX_PER_SECOND
+                ),
+            ));
+        }
         for (i, w) in self.webhooks.iter().enumerate() {
             if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
                 return Err(invalid(
@@ -997,6 +1006,21 @@ mod tests {
         let cfg = Config::parse("events: {per_second: 0}\n", "f").unwrap();
         assert_eq!(cfg.events.burst, 100);
         assert_eq!(cfg.events.per_second, 0);
+    }
+
+    #[test]
+    fn an_event_rate_past_the_cap_is_refused_by_its_key() {
+        let cap = crate::session::limit::MAX_PER_SECOND;
+        let cfg = Config::parse(&format!("events: {{per_second: {cap}}}\n"), "f").unwrap();
+        assert_eq!(cfg.events.per_second, cap);
+        let err = Config::parse(&format!("events: {{per_second: {}}}\n", cap + 1), "f")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("events.per_second"), "{err}");
+        let err = Config::parse("events: {per_second: 4000000000}\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("events.per_second"), "{err}");
     }
 
     #[test]

@@ -41,6 +41,10 @@ fn default_burst() -> u32 {
     100
 }
 
+/// The most `events.per_second` may be. The kernel's refill is whole nanoseconds per entry,
+/// at twice this rate: far below a nanosecond's worth, and no refusal is lost to rounding.
+pub const MAX_PER_SECOND: u32 = 1_000_000;
+
 fn default_per_second() -> u32 {
     20
 }
@@ -98,9 +102,10 @@ impl KernelEventBudget {
         }
     }
 
-    /// Nanoseconds per entry regained.
+    /// Nanoseconds per entry regained. Never 0: the kernel divides by it, and a 0 there earns
+    /// nothing ever again, so after the first burst every refusal would only be counted.
     pub fn refill_ns(&self) -> u64 {
-        1_000_000_000 / u64::from(self.per_second.max(1))
+        (1_000_000_000 / u64::from(self.per_second.max(1))).max(1)
     }
 }
 
@@ -287,6 +292,26 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].source, source("noisy"));
         assert_eq!(left[0].count, 97);
+    }
+
+    #[test]
+    fn the_kernel_refill_is_never_zero_nanoseconds() {
+        let fastest = KernelEventBudget::of(
+            EventLimits {
+                burst: 1,
+                per_second: u32::MAX,
+            },
+            1,
+        );
+        assert_eq!(fastest.refill_ns(), 1);
+        let capped = KernelEventBudget::of(
+            EventLimits {
+                burst: 1,
+                per_second: MAX_PER_SECOND,
+            },
+            1,
+        );
+        assert_eq!(capped.refill_ns(), 500);
     }
 
     #[test]
