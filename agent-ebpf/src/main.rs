@@ -226,8 +226,12 @@ fn within_budget(agent_id: u32) -> bool {
         if earned >= spent {
             // Full again (idle for a burst's worth of refill): restart the clock. A CPU adding
             // to `taken` between these stores loses its add: one entry more for it, no more.
-            core::ptr::write_volatile(base, now);
+            // `taken` is cleared before `base` moves: readers load `base` first, so one that
+            // sees the new base sees the cleared count. The other order lets a CPU pair the new
+            // base (earned 0) with the old count (at the burst) and suppress a refusal while
+            // the bucket is full.
             core::ptr::write_volatile(taken, 0);
+            core::ptr::write_volatile(base, now);
             earned = 0;
             spent = 0;
         }
