@@ -319,7 +319,12 @@ async fn handle(
         gate.intercept.forget_flow(&key);
         gate.refused.fetch_add(1, Ordering::Relaxed);
         let source = Source::new("session_store_overloaded", Some(peer.agent.clone()));
-        if gate.events.admit(&source, Instant::now()) {
+        if gate.store.writer_stopped() {
+            // No event: it could not be recorded either.
+            if gate.events.admit(&source, Instant::now()) {
+                tracing::error!(agent = %peer.agent, pid = flow.tgid, "session store writer stopped: connection closed, nothing it sends could be recorded");
+            }
+        } else if gate.events.admit(&source, Instant::now()) {
             let (queued, max_queued, _) = gate.store.queue();
             tracing::warn!(agent = %peer.agent, pid = flow.tgid, queued, "session store is far behind; connection closed");
             let _ = gate.store.event(Event {

@@ -139,6 +139,10 @@ impl Backlog {
         self.stopped.load(Ordering::Relaxed) || self.queued() >= self.high.saturating_mul(2)
     }
 
+    pub(super) fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
+    }
+
     pub(super) fn backpressure(&self) -> bool {
         self.over.load(Ordering::Relaxed)
     }
@@ -298,7 +302,7 @@ mod tests {
         b.written(1);
         assert_eq!(b.room().await, Err(WriterStopped));
         assert_eq!(b.room().await, Err(WriterStopped));
-        assert!(b.overloaded());
+        assert!(b.overloaded() && b.stopped());
     }
 
     #[tokio::test]

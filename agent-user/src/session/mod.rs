@@ -557,6 +557,11 @@ impl SessionStore {
         self.backlog.overloaded()
     }
 
+    /// Whether the writer thread has stopped: nothing more can be recorded.
+    pub fn writer_stopped(&self) -> bool {
+        self.backlog.stopped()
+    }
+
     /// Records waiting for the writer, the high-water mark, and whether producers wait.
     pub fn queue(&self) -> (usize, usize, bool) {
         (
