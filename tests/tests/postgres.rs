@@ -1724,14 +1724,14 @@ fn names_equal_in_their_first_63_bytes_are_one_name_for_the_gate_as_for_the_serv
 
 #[test]
 fn errors_of_deferred_constraints_of_a_transaction_with_masked_statements_are_withheld() {
-    // Masks attached by rule, not by policy: COMMIT and SET are allowed by a rule without
+    // Masks attached by rule, not by policy: COMMIT, SET and CALL are allowed by a rule without
     // masks, so their own errors were passed on. (With the example policy's policy-level
     // `mask:` COMMIT is masked itself; the Sync that commits an extended-protocol transaction
     // still carried the server's message.)
     let policy = policy_text()
         .replacen(
             "    mask: [pii]\n    rules:\n",
-            "    rules:\n      - name: transaction-control\n        match: { kinds: [transaction, set] }\n        action: allow\n",
+            "    rules:\n      - name: transaction-control\n        match: { kinds: [transaction, set, call] }\n        action: allow\n",
             1,
         )
         .replacen(
@@ -1748,7 +1748,8 @@ fn errors_of_deferred_constraints_of_a_transaction_with_masked_statements_are_wi
     // `Key (ssn)=(123-45-6789) already exists.`
     pg.admin_sql(
         "CREATE TABLE dk (id int, ssn text UNIQUE DEFERRABLE INITIALLY DEFERRED);
-         INSERT INTO dk VALUES (1, '123-45-6789');",
+         INSERT INTO dk VALUES (1, '123-45-6789');
+         CREATE PROCEDURE commit_now() LANGUAGE plpgsql AS $$BEGIN COMMIT; END$$;",
     );
     let gate = Gate::start_with_env(
         &config_with_policy(&pg, "", &policy),
@@ -1767,7 +1768,13 @@ fn errors_of_deferred_constraints_of_a_transaction_with_masked_statements_are_wi
             .contains("could not be parsed"),
         "{l:#?}"
     );
-    for name in ["commit", "implicit", "sync_commit"] {
+    for name in [
+        "commit",
+        "implicit",
+        "implicit_two",
+        "sync_commit",
+        "call_commit",
+    ] {
         let e = &step(&l, name)["errors"];
         assert_eq!(e.as_array().unwrap().len(), 1, "{name}: {l:#?}");
         assert_eq!(e[0]["code"], "23505", "{name}: {l:#?}");

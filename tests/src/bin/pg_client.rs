@@ -966,6 +966,22 @@ fn raw_deferred(port: u16) {
     // A simple query run as an implicit transaction: checked after its last statement.
     c.send(&query_msg(insert));
     emit(summary("implicit", c.until_ready()));
+    // Two statements in one string: the server commits before the last one's
+    // CommandComplete, so the error comes while the unmasked `SET` is answering.
+    c.send(&query_msg(&format!(
+        "{insert}; SET application_name = 'dk'"
+    )));
+    emit(summary("implicit_two", c.until_ready()));
+    // A procedure that commits runs the checks inside the CALL, itself unmasked.
+    let mut batch = parse_msg("", insert);
+    batch.extend(bind_msg("", ""));
+    batch.extend(execute_msg(""));
+    batch.extend(parse_msg("", "CALL commit_now()"));
+    batch.extend(bind_msg("", ""));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("call_commit", c.until_ready()));
     // Extended protocol: checked at the Sync that commits.
     let mut batch = parse_msg("", insert);
     batch.extend(bind_msg("", ""));

@@ -69,8 +69,6 @@ struct Rec {
     columns: Vec<String>,
     masked: bool,
     error: Option<String>,
-    /// It runs deferred constraint checks (see [`checks_deferred`]).
-    checks_deferred: bool,
 }
 
 impl Rec {
@@ -84,29 +82,7 @@ impl Rec {
             columns: Vec::new(),
             masked: false,
             error: None,
-            checks_deferred: false,
         }
-    }
-}
-
-/// The statement runs the checks of deferred constraints and constraint triggers: it ends the
-/// transaction (`COMMIT`, `END`, `PREPARE TRANSACTION`, `COMMIT AND CHAIN`) or makes them
-/// immediate (`SET CONSTRAINTS ... IMMEDIATE`). Its errors and notices may quote what an
-/// earlier, masked statement of the transaction wrote (a unique violation names the key).
-fn checks_deferred(f: &crate::policy::StatementFacts) -> bool {
-    match f.kind {
-        StatementKind::Transaction => {
-            let first = f
-                .text
-                .split(|c: char| !c.is_ascii_alphabetic())
-                .next()
-                .unwrap_or_default();
-            ["commit", "end", "prepare"]
-                .iter()
-                .any(|k| first.eq_ignore_ascii_case(k))
-        }
-        StatementKind::Set => f.text.to_ascii_lowercase().contains("constraints"),
-        _ => false,
     }
 }
 
@@ -177,7 +153,6 @@ struct Prepared {
     /// acts), not at Parse.
     changes_prepared: bool,
     changes_portals: bool,
-    checks_deferred: bool,
     /// Its bytes in the connection's [`Budget`], given back when the last reference goes.
     charge: Charge,
 }
@@ -701,10 +676,7 @@ fn record_query(
                 rule: d.rule.clone(),
                 message,
             });
-            Rec {
-                checks_deferred: checks_deferred(&s.facts),
-                ..Rec::new(Some(open), d.mask.clone())
-            }
+            Rec::new(Some(open), d.mask.clone())
         })
         .collect()
 }
@@ -1321,10 +1293,7 @@ fn record_execute(
         rule: decision.rule.clone(),
         message,
     });
-    Rec {
-        checks_deferred: p.checks_deferred,
-        ..Rec::new(Some(open), decision.mask.clone())
-    }
+    Rec::new(Some(open), decision.mask.clone())
 }
 
 /// `SET statement_timeout` seen on this connection: a held statement is cancelled when it runs
@@ -1508,7 +1477,6 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 columns: Mutex::new(None),
                                 changes_prepared: changes_prepared(&qd),
                                 changes_portals: changes_portals(&qd),
-                                checks_deferred: first.is_some_and(|s| checks_deferred(&s.facts)),
                                 charge: Charge::new(&st.budget, parse_cost(name, query)),
                             });
                             let previous = st.statements.insert(name, prepared.clone());
@@ -2161,24 +2129,15 @@ fn current_statement_masked(st: &State) -> bool {
 }
 
 /// What the server says now may quote a masked statement's data: that statement is the one
-/// answering, or the answer is to something that checks the deferred constraints of a
-/// transaction in which a masked statement ran. Those checks run at a `COMMIT` (or `SET
-/// CONSTRAINTS ... IMMEDIATE`), at the end of a simple query string run as an implicit
-/// transaction (after its last statement), and at the Sync that commits an implicit
-/// extended-protocol transaction.
+/// answering, or a masked statement has run in the current transaction. The checks of deferred
+/// constraints quote what it wrote (`Key (ssn)=(...) already exists`), and they run not only at
+/// a `COMMIT` or `SET CONSTRAINTS ... IMMEDIATE` but inside a procedure or `DO` block that
+/// commits, at the end of a simple query string run as an implicit transaction (before its
+/// last statement's CommandComplete, while that statement is still the one answering), and at
+/// the Sync that commits an implicit extended-protocol transaction. Rather than follow each,
+/// everything until the transaction ends (the idle ReadyForQuery) is treated as masked.
 fn may_quote_masked(st: &State) -> bool {
-    if current_statement_masked(st) {
-        return true;
-    }
-    if !st.masked_in_transaction {
-        return false;
-    }
-    match st.queue.front() {
-        Some(Expect::Query(q)) => q.recs.get(q.idx).is_none_or(|r| r.checks_deferred),
-        Some(Expect::Execute(x)) => x.rec.checks_deferred,
-        Some(Expect::Sync { .. }) => true,
-        _ => false,
-    }
+    st.masked_in_transaction || current_statement_masked(st)
 }
 
 /// Whether an error of a masked statement may quote the data it read. Almost any class can:
@@ -2432,7 +2391,7 @@ fn on_backend(
             }
             _ => {}
         },
-        B::NoticeResponse(ref n) if may_quote_masked(st) => {
+        B::NoticeResponse(ref n) if may_quote_masked(st) && may_quote_data(n) => {
             B::NoticeResponse(withheld(n)).encode(out)?;
             return Ok(());
         }
