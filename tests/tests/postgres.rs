@@ -1666,7 +1666,7 @@ fn the_gates_view_of_names_and_responses_cannot_be_parted_from_the_servers() {
 fn a_connection_cannot_make_the_gate_keep_more_than_max_kept_bytes() {
     // 300 KiB for what one connection keeps: statements of ~40 KB (each costs twice its text
     // and a little more) fit three at a time.
-    let (pg, gate) = start_with("    max_kept_bytes: 307200\n");
+    let (pg, gate) = start_with("    max_frame_bytes: 65536\n    max_kept_bytes: 307200\n");
     let l = pg_client(&gate, &pg, "bot", "raw_budget", "40000");
     let kept = step(&l, "kept")["count"].as_i64().unwrap();
     assert_eq!(kept, 3, "{l:#?}");
@@ -1699,6 +1699,19 @@ fn a_connection_cannot_make_the_gate_keep_more_than_max_kept_bytes() {
         serde_json::json!([["2"]]),
         "{l:#?}"
     );
+}
+
+#[test]
+fn an_unnamed_statement_replacing_the_last_is_not_charged_twice_against_max_kept_bytes() {
+    // Statements of ~60 KB cost ~120 KB: a named one and an unnamed one fit in 300 KiB, and
+    // the next unnamed Parse replaces the unnamed one (counted once, not on top of it).
+    let (pg, gate) = start_with("    max_frame_bytes: 65536\n    max_kept_bytes: 307200\n");
+    let l = pg_client(&gate, &pg, "bot", "raw_replace_unnamed", "60000");
+    assert_eq!(step(&l, "keep")["ok"], true, "{l:#?}");
+    for i in 0..3 {
+        let r = step(&l, &format!("unnamed{i}"));
+        assert_eq!(r["rows"], serde_json::json!([[i.to_string()]]), "{l:#?}");
+    }
 }
 
 #[test]

@@ -631,6 +631,17 @@ impl Config {
                         "must be at least 65536".into(),
                     ));
                 }
+                // A statement replacing the unnamed one is let in while the old one is still
+                // held (up to twice a frame each): both must fit.
+                if t.max_kept_bytes / 4 < t.max_frame_bytes {
+                    return Err(invalid(
+                        format!("targets[{i}].max_kept_bytes"),
+                        format!(
+                            "must be at least 4 times max_frame_bytes ({})",
+                            t.max_frame_bytes
+                        ),
+                    ));
+                }
             }
             if t.destinations.is_empty() {
                 return Err(invalid(
@@ -993,6 +1004,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("targets[0].max_kept_bytes"), "{err}");
+        // Less than 4 frames (the default frame cap is 16 MiB).
+        let err = Config::parse(&target("    max_kept_bytes: 67108863\n"), "f")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("targets[0].max_kept_bytes") && err.contains("max_frame_bytes"),
+            "{err}"
+        );
+        let cfg = Config::parse(
+            &target("    max_frame_bytes: 65536\n    max_kept_bytes: 262144\n"),
+            "f",
+        )
+        .unwrap();
+        assert_eq!(cfg.targets[0].max_kept_bytes, 262144);
     }
 
     #[test]

@@ -895,6 +895,25 @@ fn raw_budget(port: u16, size: usize) {
     emit(summary("big2", c.until_ready()));
 }
 
+/// A named statement of `ARG` bytes kept, then unnamed ones of `ARG` bytes each replacing the
+/// last: the one replaced is not counted twice.
+fn raw_replace_unnamed(port: u16, size: usize) {
+    let mut c = Raw::connect(port);
+    let text = |i: usize| format!("SELECT {i} AS n -- {}", "x".repeat(size));
+    let mut batch = parse_msg("keep", &text(100));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("keep", c.until_ready()));
+    for i in 0..3 {
+        let mut batch = parse_msg("", &text(i));
+        batch.extend(bind_msg("", ""));
+        batch.extend(execute_msg(""));
+        batch.extend(sync_msg());
+        c.send(&batch);
+        emit(summary(&format!("unnamed{i}"), c.until_ready()));
+    }
+}
+
 /// Statement and portal names longer than 63 bytes: the server compares their first 63 bytes.
 fn raw_long_names(port: u16) {
     let masked = "SELECT email, card_number FROM customers WHERE id = 1";
@@ -1058,6 +1077,7 @@ fn main() {
         "raw_desync" => raw_desync(port),
         "raw_startup" => raw_startup(port),
         "raw_budget" => raw_budget(port, arg.parse().expect("size")),
+        "raw_replace_unnamed" => raw_replace_unnamed(port, arg.parse().expect("size")),
         "raw_long_names" => raw_long_names(port),
         "raw_deferred" => raw_deferred(port),
         "raw_refused_in_pipeline" => raw_refused_in_pipeline(port),

@@ -210,8 +210,15 @@ impl Budget {
         }
     }
 
-    fn fits(&self, bytes: usize) -> bool {
-        self.used.load(Ordering::Relaxed).saturating_add(bytes) <= self.limit
+    /// `bytes` more fit once the entry they replace (of `replaced` bytes) is gone. Until its
+    /// last reference goes that one stays counted, so the connection may hold one entry past
+    /// the limit; config keeps the limit at 4 frames or more, so one entry is at most half of it.
+    fn fits(&self, bytes: usize, replaced: usize) -> bool {
+        self.used
+            .load(Ordering::Relaxed)
+            .saturating_sub(replaced)
+            .saturating_add(bytes)
+            <= self.limit
     }
 }
 
@@ -224,6 +231,10 @@ struct Charge {
 }
 
 impl Charge {
+    fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
     fn new(budget: &Arc<Budget>, bytes: usize) -> Charge {
         budget.used.fetch_add(bytes, Ordering::Relaxed);
         Charge {
@@ -247,6 +258,26 @@ impl Drop for Charge {
             .used
             .fetch_sub(*self.bytes.get_mut(), Ordering::Relaxed);
     }
+}
+
+/// The bytes a Bind of `portal` lets go of: the portal it replaces, and a statement nothing
+/// else keeps, which goes with that portal or is kept only to be restored should the server
+/// refuse the Parse just sent that replaced it (libpq sends Parse, Bind, Execute, Sync at once).
+fn replaced_by_bind(st: &State, portal: &str) -> usize {
+    let old = st.portals.get(portal);
+    let held = old.and_then(|p| p.prepared.as_ref());
+    let in_old = |s: &Arc<Prepared>| held.is_some_and(|h| Arc::ptr_eq(h, s));
+    // The Parse is last in the queue, or before the Describe the gate adds to learn columns.
+    let parsed = st.queue.iter().rev().take(2).find_map(|e| match e {
+        Expect::Parse { previous, .. } => Some(previous.as_ref()),
+        _ => None,
+    });
+    let orphan = match (held, parsed.flatten()) {
+        (Some(s), _) if Arc::strong_count(s) == 1 => s.charge.bytes(),
+        (_, Some(p)) if Arc::strong_count(p) == 1 + usize::from(in_old(p)) => p.charge.bytes(),
+        _ => 0,
+    };
+    old.map_or(0, |p| p.charge.bytes()).saturating_add(orphan)
 }
 
 /// What an entry costs besides its variable parts (its structs, map slot, decision, plans'
@@ -906,6 +937,15 @@ fn before_judging(
         ),
         _ => 0,
     };
+    // The unnamed statement or portal is replaced by the next of its kind (a named one that
+    // exists is refused by the server, and restored).
+    let replaced = match msg {
+        FrontendMessage::Parse { name, .. } => {
+            st.statements.get(name).map_or(0, |p| p.charge.bytes())
+        }
+        FrontendMessage::Bind { portal, .. } => replaced_by_bind(st, portal),
+        _ => 0,
+    };
     let (code, refusal) = if new_name.is_some_and(|n| n >= MAX_NAMES) {
         (
             SQLSTATE_INSUFFICIENT_PRIVILEGE,
@@ -913,7 +953,7 @@ fn before_judging(
                 "agentgate: at most {MAX_NAMES} named statements and {MAX_NAMES} named portals per connection; close some first"
             ),
         )
-    } else if cost > 0 && !st.budget.fits(cost) {
+    } else if cost > 0 && !st.budget.fits(cost, replaced) {
         (
             SQLSTATE_PROGRAM_LIMIT_EXCEEDED,
             format!(
