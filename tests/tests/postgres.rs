@@ -1715,6 +1715,25 @@ fn an_unnamed_statement_replacing_the_last_is_not_charged_twice_against_max_kept
 }
 
 #[test]
+fn result_columns_past_max_kept_bytes_end_the_connection() {
+    // 1600 columns cost ~80 KB a statement: a few fit in 256 KiB, the Describe of the next
+    // ends the connection instead of keeping them beyond the budget.
+    let (pg, gate) = start_with("    max_frame_bytes: 65536\n    max_kept_bytes: 262144\n");
+    pg.admin_sql(
+        "DO $$BEGIN EXECUTE (SELECT 'CREATE TABLE wide (' || string_agg('c' || i || ' int', ', ') || ')' FROM generate_series(1, 1600) i); END$$;",
+    );
+    let l = pg_client(&gate, &pg, "bot", "raw_wide", "");
+    assert_eq!(step(&l, "wide0")["ok"], true, "{l:#?}");
+    assert_eq!(step(&l, "wide1")["ok"], true, "{l:#?}");
+    let last = l.last().unwrap();
+    assert_eq!(
+        last["closed"], true,
+        "the budget never ended the connection: {l:#?}"
+    );
+    assert!(l.len() < 10, "{l:#?}");
+}
+
+#[test]
 fn names_equal_in_their_first_63_bytes_are_one_name_for_the_gate_as_for_the_server() {
     let (pg, gate) = start();
     let l = pg_client(&gate, &pg, "bot", "raw_long_names", "");

@@ -914,6 +914,24 @@ fn raw_replace_unnamed(port: u16, size: usize) {
     }
 }
 
+/// Named statements of a wide table's every column, each described, until the gate ends the
+/// connection for its memory budget.
+fn raw_wide(port: u16) {
+    let mut c = Raw::connect(port);
+    for i in 0..10 {
+        let mut batch = parse_msg(&format!("w{i}"), "SELECT * FROM wide");
+        batch.extend(describe_msg(b'S', &format!("w{i}")));
+        batch.extend(sync_msg());
+        c.send(&batch);
+        let r = summary(&format!("wide{i}"), c.until_ready());
+        let closed = r["closed"] == true;
+        emit(r);
+        if closed {
+            return;
+        }
+    }
+}
+
 /// Statement and portal names longer than 63 bytes: the server compares their first 63 bytes.
 fn raw_long_names(port: u16) {
     let masked = "SELECT email, card_number FROM customers WHERE id = 1";
@@ -1077,6 +1095,7 @@ fn main() {
         "raw_desync" => raw_desync(port),
         "raw_startup" => raw_startup(port),
         "raw_budget" => raw_budget(port, arg.parse().expect("size")),
+        "raw_wide" => raw_wide(port),
         "raw_replace_unnamed" => raw_replace_unnamed(port, arg.parse().expect("size")),
         "raw_long_names" => raw_long_names(port),
         "raw_deferred" => raw_deferred(port),

@@ -338,17 +338,27 @@ fn columns_of(m: &Mutex<Option<Vec<FieldDescription>>>) -> Option<Vec<FieldDescr
         .clone()
 }
 
+/// Keeps the result columns of a statement or portal, unless they would take the connection past
+/// its budget: then nothing is kept, and the caller ends the connection (a Describe answered
+/// can no longer be refused, and masking its later Executes needs the columns).
 fn set_columns(
     m: &Mutex<Option<Vec<FieldDescription>>>,
     charge: &Charge,
     fields: Vec<FieldDescription>,
-) {
+) -> Result<(), PgError> {
     let new = columns_cost(&fields);
-    let old = m
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .replace(fields);
-    charge.replace(old.as_deref().map_or(0, columns_cost), new);
+    let mut kept = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let old = kept.as_deref().map_or(0, columns_cost);
+    if !charge.budget.fits(new, old) {
+        return Err(PgError::Protocol(format!(
+            "the result columns of this connection's prepared statements and portals would exceed max_kept_bytes ({} bytes kept, {new} more asked, limit {}); closing the connection",
+            charge.budget.used.load(Ordering::Relaxed),
+            charge.budget.limit
+        )));
+    }
+    *kept = Some(fields);
+    charge.replace(old, new);
+    Ok(())
 }
 
 /// The gate's view of the server's prepared statements and portals. Updated when a message is
@@ -2304,9 +2314,9 @@ fn on_backend(
                 if let Some(Expect::Describe { what, internal }) = st.queue.pop_front() {
                     match what {
                         Described::Statement(Some(s)) => {
-                            set_columns(&s.columns, &s.charge, fields);
+                            set_columns(&s.columns, &s.charge, fields)?;
                         }
-                        Described::Portal(Some(p)) => set_columns(&p.columns, &p.charge, fields),
+                        Described::Portal(Some(p)) => set_columns(&p.columns, &p.charge, fields)?,
                         Described::Statement(None) | Described::Portal(None) => {}
                     }
                     if internal {
