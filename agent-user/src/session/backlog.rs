@@ -252,6 +252,12 @@ mod tests {
         Arc::new(Backlog::new(StoreLimits { max_queued }))
     }
 
+    /// A producer waiting for room, on its own task.
+    fn waiter(b: &Arc<Backlog>) -> tokio::task::JoinHandle<Result<(), WriterStopped>> {
+        let b = b.clone();
+        tokio::spawn(async move { b.room().await })
+    }
+
     #[tokio::test]
     async fn producers_wait_from_the_high_mark_until_the_low_one() {
         let b = backlog(10);
@@ -260,10 +266,7 @@ mod tests {
             b.room().await.unwrap();
         }
         b.added();
-        let waiting = tokio::spawn({
-            let b = b.clone();
-            async move { b.room().await }
-        });
+        let waiting = waiter(&b);
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         assert!(b.backpressure());
@@ -281,10 +284,7 @@ mod tests {
     async fn a_stopped_writer_fails_the_waiting() {
         let b = backlog(1);
         b.added();
-        let waiting = tokio::spawn({
-            let b = b.clone();
-            async move { b.room().await }
-        });
+        let waiting = waiter(&b);
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         b.writer_stopped();
@@ -311,10 +311,7 @@ mod tests {
         for _ in 0..10 {
             b.added();
         }
-        let waiting = tokio::spawn({
-            let b = b.clone();
-            async move { b.room().await }
-        });
+        let waiting = waiter(&b);
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished() && b.backpressure());
         // Every batch ends at the low mark (new records keep arriving between batches): the
@@ -336,10 +333,7 @@ mod tests {
     async fn a_bound_of_one_releases_once_the_queue_is_empty() {
         let b = backlog(1);
         b.added();
-        let waiting = tokio::spawn({
-            let b = b.clone();
-            async move { b.room().await }
-        });
+        let waiting = waiter(&b);
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         b.written(1);
