@@ -1543,6 +1543,10 @@ fn a_frame_larger_than_max_frame_bytes_closes_the_connection_and_runs_nothing() 
     let big = step(&l, "oversized");
     assert_eq!(big["closed"], true, "the connection must be closed: {l:#?}");
     assert!(big["rows"].as_array().unwrap().is_empty(), "{l:#?}");
+    // Refused with an error the agent can read, as the server refuses a malformed message.
+    assert_eq!(big["errors"][0]["code"], "08P01", "{l:#?}");
+    let message = big["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("exceeds the limit"), "{message}");
     assert_eq!(
         count(&pg, "SELECT count(*) FROM t WHERE id = 900"),
         0,
@@ -1731,6 +1735,10 @@ fn result_columns_past_max_kept_bytes_end_the_connection() {
         "the budget never ended the connection: {l:#?}"
     );
     assert!(l.len() < 10, "{l:#?}");
+    // The agent is told why, as the server tells of a limit.
+    assert_eq!(last["errors"][0]["code"], "54000", "{l:#?}");
+    let message = last["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("max_kept_bytes"), "{message}");
 }
 
 #[test]

@@ -17,7 +17,7 @@
 //! columns for masking) are answered to the gate and never reach the agent.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -350,7 +350,7 @@ fn set_columns(
     let mut kept = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let old = kept.as_deref().map_or(0, columns_cost);
     if !charge.budget.fits(new, old) {
-        return Err(PgError::Protocol(format!(
+        return Err(PgError::Limit(format!(
             "the result columns of this connection's prepared statements and portals would exceed max_kept_bytes ({} bytes kept, {new} more asked, limit {}); closing the connection",
             charge.budget.used.load(Ordering::Relaxed),
             charge.budget.limit
@@ -566,7 +566,10 @@ pub async fn run(
     cbuf: BytesMut,
     up: Upstream,
 ) -> (u64, u64, Option<String>) {
-    let (client_r, client_w) = client.into_split();
+    let (client_r, mut client_w) = client.into_split();
+    // Set while bytes for the agent are being written: a FATAL error after a write cut short
+    // would land inside a message.
+    let mid_write = AtomicBool::new(false);
     let (up_r, up_w) = tokio::io::split(up.stream);
     let state = Mutex::new(State {
         budget: Arc::new(Budget::new(ctx.target.max_kept_bytes)),
@@ -582,7 +585,10 @@ pub async fn run(
             up_r,
             up.buf,
             up.decoder,
-            client_w,
+            ToAgent {
+                half: &mut client_w,
+                mid_write: &mid_write,
+            },
             &state,
             &notify,
             &mut down_bytes,
@@ -594,6 +600,13 @@ pub async fn run(
             r = from_server => r,
         }
     };
+    // The gate ended the connection itself: the agent is told why, as the server would tell it.
+    if let Err(e) = &result
+        && let Some(code) = e.sqlstate_for_agent()
+        && !mid_write.load(Ordering::Relaxed)
+    {
+        super::fatal(&mut client_w, code, &format!("agentgate: {e}")).await;
+    }
     // Statements still in flight when the connection ended.
     for e in lock(&state).queue.drain(..) {
         match e {
@@ -882,7 +895,7 @@ fn before_judging(
     if st.queue.len() >= MAX_IN_FLIGHT {
         // Each expectation holds records and buffers: an agent that pipelines without reading
         // its answers would grow the shared daemon's memory without bound.
-        return Err(PgError::Protocol(format!(
+        return Err(PgError::Limit(format!(
             "more than {MAX_IN_FLIGHT} messages awaiting their answers; the agent is not reading them"
         )));
     }
@@ -2007,13 +2020,30 @@ async fn plan_for(
     Ok(if plan.is_noop() { None } else { Some(plan) })
 }
 
+/// The agent's side of the connection, as the server's messages reach it.
+struct ToAgent<'a> {
+    half: &'a mut tokio::net::tcp::OwnedWriteHalf,
+    /// Set while a write is under way: one cut short leaves a message half sent.
+    mid_write: &'a AtomicBool,
+}
+
+impl ToAgent<'_> {
+    /// Writes whole messages.
+    async fn send(&mut self, out: &[u8]) -> std::io::Result<()> {
+        self.mid_write.store(true, Ordering::Relaxed);
+        self.half.write_all(out).await?;
+        self.mid_write.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn server_to_agent<R: AsyncRead + Unpin>(
     ctx: &Context<'_>,
     mut upstream: R,
     mut buf: BytesMut,
     mut dec: BackendDecoder,
-    mut client: tokio::net::tcp::OwnedWriteHalf,
+    mut client: ToAgent<'_>,
     state: &Mutex<State>,
     notify: &Notify,
     bytes: &mut u64,
@@ -2024,7 +2054,7 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
     loop {
         release_synthetic(&mut lock(state), &mut out);
         if !out.is_empty() && !has_frame(&buf) {
-            client.write_all(&out).await?;
+            client.send(&out).await?;
             *bytes += out.len() as u64;
             out.clear();
         }
@@ -2039,7 +2069,7 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
             },
         };
         let Some(frame) = frame else {
-            client.write_all(&out).await?;
+            client.send(&out).await?;
             return Ok(());
         };
         // Result columns arriving for a statement that is masked: plan before any row passes.

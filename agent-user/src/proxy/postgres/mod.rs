@@ -59,7 +59,28 @@ pub enum PgError {
     Mask(#[from] crate::mask::MaskError),
     #[error("{0}")]
     Store(#[from] crate::session::WriterStopped),
+    /// A bound of this connection (`max_kept_bytes`, messages in flight) would be passed.
+    #[error("{0}")]
+    Limit(String),
 }
+
+impl PgError {
+    /// The SQLSTATE of the FATAL error the agent is sent when the gate itself ends its
+    /// connection: invalid or out-of-step input, a bound passed, a store that cannot record.
+    /// These messages are the gate's own, naming no data. I/O and upstream failures end it
+    /// without one (the socket is gone, or the server sent its own).
+    pub fn sqlstate_for_agent(&self) -> Option<&'static str> {
+        match self {
+            PgError::Limit(_) => Some("54000"),
+            PgError::Store(_) => Some("58000"),
+            PgError::Decode(_) | PgError::Protocol(_) => Some("08P01"),
+            _ => None,
+        }
+    }
+}
+
+/// How long a connection's last words (a FATAL error) may take to write.
+const FATAL_WRITE_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Everything PostgreSQL connections share, built once at daemon start.
 pub struct Shared {
@@ -189,15 +210,21 @@ async fn read_startup(
     }
 }
 
-async fn fatal(client: &mut TcpStream, sqlstate: &str, message: &str) {
+/// Sends the agent a FATAL ErrorResponse and closes the sending side. An agent that does not
+/// read gets [`FATAL_WRITE_LIMIT`] to take it, no more.
+pub(super) async fn fatal<W: tokio::io::AsyncWrite + Unpin>(
+    client: &mut W,
+    sqlstate: &str,
+    message: &str,
+) {
     let mut out = BytesMut::new();
     if BackendMessage::ErrorResponse(ErrorFields::fatal(sqlstate, message))
         .encode(&mut out)
         .is_ok()
     {
-        let _ = client.write_all(&out).await;
+        let _ = tokio::time::timeout(FATAL_WRITE_LIMIT, client.write_all(&out)).await;
     }
-    let _ = client.shutdown().await;
+    let _ = tokio::time::timeout(FATAL_WRITE_LIMIT, client.shutdown()).await;
 }
 
 pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
