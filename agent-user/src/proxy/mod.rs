@@ -232,6 +232,20 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
     }
 }
 
+/// The event recording a connection refused once its agent is known.
+fn refusal_event(kind: &str, peer: &Peer, flow: &FlowRecord, detail: serde_json::Value) -> Event {
+    Event {
+        kind: kind.into(),
+        agent: Some(peer.agent.clone()),
+        pid: Some(flow.tgid),
+        uid: Some(flow.uid),
+        cgroup_id: Some(flow.cgroup_id),
+        destination: Some(peer.original_destination.to_string()),
+        detail,
+        ..Default::default()
+    }
+}
+
 async fn handle(
     gate: Arc<Gate>,
     sock: TcpStream,
@@ -297,18 +311,14 @@ async fn handle(
         let source = Source::new("connection_limit", Some(peer.agent.clone()));
         if gate.events.admit(&source, Instant::now()) {
             tracing::warn!(agent = %peer.agent, pid = flow.tgid, "agent has as many connections open as it may; closed");
-            let _ = gate.store.event(Event {
-                kind: "connection_limit".into(),
-                agent: Some(peer.agent.clone()),
-                pid: Some(flow.tgid),
-                uid: Some(flow.uid),
-                cgroup_id: Some(flow.cgroup_id),
-                destination: Some(peer.original_destination.to_string()),
-                detail: serde_json::json!({
+            let _ = gate.store.event(refusal_event(
+                "connection_limit",
+                &peer,
+                &flow,
+                serde_json::json!({
                     "max_connections": gate.cfg.agent_by_id(flow.agent_id).map(|a| a.max_connections),
                 }),
-                ..Default::default()
-            });
+            ));
         }
         return;
     };
@@ -327,16 +337,12 @@ async fn handle(
         } else if gate.events.admit(&source, Instant::now()) {
             let (queued, max_queued, _) = gate.store.queue();
             tracing::warn!(agent = %peer.agent, pid = flow.tgid, queued, "session store is far behind; connection closed");
-            let _ = gate.store.event(Event {
-                kind: "session_store_overloaded".into(),
-                agent: Some(peer.agent.clone()),
-                pid: Some(flow.tgid),
-                uid: Some(flow.uid),
-                cgroup_id: Some(flow.cgroup_id),
-                destination: Some(peer.original_destination.to_string()),
-                detail: serde_json::json!({ "queued": queued, "max_queued": max_queued }),
-                ..Default::default()
-            });
+            let _ = gate.store.event(refusal_event(
+                "session_store_overloaded",
+                &peer,
+                &flow,
+                serde_json::json!({ "queued": queued, "max_queued": max_queued }),
+            ));
         }
         return;
     }

@@ -934,40 +934,34 @@ fn before_judging(
             _ => return Ok(Pre::Drop),
         }
     }
-    let new_name = match msg {
-        FrontendMessage::Parse { name, .. } if !name.is_empty() => {
-            (!st.statements.contains(name)).then_some(st.statements.named.len())
-        }
-        FrontendMessage::Bind { portal, .. } if !portal.is_empty() => {
-            (!st.portals.contains(portal)).then_some(st.portals.named.len())
-        }
-        _ => None,
-    };
-    let cost = match msg {
-        FrontendMessage::Parse { name, query, .. } => parse_cost(name, query),
+    // What the message would add to the gate's view: a new name (its index), the bytes it
+    // keeps, and the bytes of the unnamed statement or portal it replaces (a named one that
+    // exists is refused by the server, and restored).
+    let (new_name, cost, replaced) = match msg {
+        FrontendMessage::Parse { name, query, .. } => (
+            (!name.is_empty() && !st.statements.contains(name))
+                .then_some(st.statements.named.len()),
+            parse_cost(name, query),
+            st.statements.get(name).map_or(0, |p| p.charge.bytes()),
+        ),
         FrontendMessage::Bind {
             portal,
             statement,
             param_formats,
             params,
             result_formats,
-        } => bind_cost(
-            portal,
-            result_formats,
-            params,
-            param_formats,
-            keeps_params(st.statements.get(statement)),
+        } => (
+            (!portal.is_empty() && !st.portals.contains(portal)).then_some(st.portals.named.len()),
+            bind_cost(
+                portal,
+                result_formats,
+                params,
+                param_formats,
+                keeps_params(st.statements.get(statement)),
+            ),
+            replaced_by_bind(st, portal),
         ),
-        _ => 0,
-    };
-    // The unnamed statement or portal is replaced by the next of its kind (a named one that
-    // exists is refused by the server, and restored).
-    let replaced = match msg {
-        FrontendMessage::Parse { name, .. } => {
-            st.statements.get(name).map_or(0, |p| p.charge.bytes())
-        }
-        FrontendMessage::Bind { portal, .. } => replaced_by_bind(st, portal),
-        _ => 0,
+        _ => (None, 0, 0),
     };
     let (code, refusal) = if new_name.is_some_and(|n| n >= MAX_NAMES) {
         (
