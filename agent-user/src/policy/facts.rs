@@ -10,7 +10,9 @@
 //! `CHECKPOINT`, `VACUUM (options) ...`, `ALTER SYSTEM`, `SECURITY LABEL`,
 //! `IMPORT FOREIGN SCHEMA`, other `CREATE`/`ALTER`/`DROP` forms (ddl, or dcl
 //! for roles/users/groups/policies/default privileges), `GRANT`/`REVOKE`
-//! forms, `PREPARE TRANSACTION`, `COMMIT PREPARED`, `ROLLBACK PREPARED`.
+//! forms, `PREPARE TRANSACTION`, `COMMIT PREPARED`, `ROLLBACK PREPARED`. Two more it cannot
+//! parse are checked token by token against their whole (small) grammar and so are not opaque:
+//! `SET CONSTRAINTS` (`set`) and `MOVE` (`select`, like `FETCH`).
 //!
 //! Unqualified names are reported without a schema; the rules decide how to
 //! resolve them (see `rules`). Identifiers are folded like PostgreSQL
@@ -696,6 +698,22 @@ fn fallback(
     chunk: &[TokenWithSpan],
     reads_numbers: &mut bool,
 ) -> Result<Option<StatementFacts>, ParseError> {
+    if let Some(kind) = plain_shape(chunk) {
+        return Ok(Some(StatementFacts {
+            text: source.text(chunk).unwrap_or_default().into(),
+            kind,
+            kinds: [kind].into(),
+            tables: Arc::default(),
+            functions: Arc::default(),
+            update_or_delete_without_where: false,
+            copy: None,
+            explain: false,
+            explain_analyze: false,
+            opaque_execute: false,
+            sets_search_path: false,
+            opaque: false,
+        }));
+    }
     let words = upper_words(chunk);
     let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
     let kind = match w(0) {
@@ -756,6 +774,55 @@ fn fallback(
         sets_search_path: false,
         opaque: true,
     }))
+}
+
+/// Statements sqlparser 0.64 cannot parse whose grammar is small enough to check here token by
+/// token, so that they are known whole (not opaque): they name no table and call nothing.
+/// Hand-written because the parser has no rule for them; anything off the exact shape is
+/// `None` (and the statement is refused).
+/// * `SET CONSTRAINTS { ALL | name [, ...] } { DEFERRED | IMMEDIATE }` (`set`): when deferred
+///   constraints are checked, as drivers and ORMs issue around bulk loads.
+/// * `MOVE [ direction ] [ FROM | IN ] cursor` (`select`, like `FETCH`): repositions a cursor
+///   without returning rows.
+fn plain_shape(chunk: &[TokenWithSpan]) -> Option<StatementKind> {
+    let tokens: Vec<&Token> = chunk
+        .iter()
+        .map(|t| &t.token)
+        .filter(|t| !is_trivia(t) && !matches!(t, Token::SemiColon))
+        .collect();
+    let keyword = |t: &Token, k: &str| matches!(t, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(k));
+    match tokens.as_slice() {
+        [set, constraints, names @ .., mode]
+            if keyword(set, "SET")
+                && keyword(constraints, "CONSTRAINTS")
+                && (keyword(mode, "DEFERRED") || keyword(mode, "IMMEDIATE")) =>
+        {
+            let all = matches!(names, [one] if keyword(one, "ALL"));
+            // name [, name ...], each name possibly schema-qualified.
+            let list = !names.is_empty()
+                && names.iter().enumerate().all(|(i, t)| match i % 2 {
+                    0 => matches!(t, Token::Word(_)) && !keyword(t, "ALL"),
+                    _ => matches!(t, Token::Comma | Token::Period),
+                })
+                && names.len() % 2 == 1;
+            (all || list).then_some(StatementKind::Set)
+        }
+        [first, rest @ .., cursor @ Token::Word(_)]
+            if keyword(first, "MOVE") && !keyword(cursor, "FROM") && !keyword(cursor, "IN") =>
+        {
+            const DIRECTIONS: [&str; 11] = [
+                "NEXT", "PRIOR", "FIRST", "LAST", "ABSOLUTE", "RELATIVE", "ALL", "FORWARD",
+                "BACKWARD", "FROM", "IN",
+            ];
+            rest.iter()
+                .all(|t| {
+                    DIRECTIONS.iter().any(|d| keyword(t, d))
+                        || matches!(t, Token::Number(..) | Token::Minus | Token::Plus)
+                })
+                .then_some(StatementKind::Select)
+        }
+        _ => None,
+    }
 }
 
 /// Heuristic: every word directly followed by `(` may be a function call.

@@ -483,8 +483,54 @@ fn statements_sqlparser_cannot_parse_are_classified_by_keyword() {
     assert!(f.functions.contains(&"pg_read_file".to_string()));
     assert!(f.functions.contains(&"lo_export".to_string()));
     // Still refused: other statements it does not know.
-    assert!(extract("MOVE 1 FROM c").is_err());
     assert!(extract("selec 1").is_err());
+}
+
+#[test]
+fn set_constraints_and_move_are_known_whole_by_their_shape() {
+    let cases: &[(&str, K)] = &[
+        ("SET CONSTRAINTS ALL DEFERRED", K::Set),
+        ("set constraints all immediate", K::Set),
+        ("SET CONSTRAINTS a, s.b, \"Odd Name\" IMMEDIATE", K::Set),
+        ("SET CONSTRAINTS a DEFERRED;", K::Set),
+        ("MOVE c", K::Select),
+        ("MOVE 1 FROM c", K::Select),
+        ("MOVE FORWARD ALL IN c", K::Select),
+        ("MOVE BACKWARD -2 FROM \"my cursor\"", K::Select),
+        ("MOVE ABSOLUTE 5 IN c", K::Select),
+    ];
+    for (sql, kind) in cases {
+        let f = one(sql);
+        assert_eq!(f.kind, *kind, "{sql}");
+        assert!(!f.opaque, "{sql}");
+        assert!(f.tables.is_empty() && f.functions.is_empty(), "{sql}");
+    }
+    let all = extract("SET CONSTRAINTS ALL DEFERRED; DELETE FROM t").unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(
+        (all[0].kind, &*all[0].text),
+        (K::Set, "SET CONSTRAINTS ALL DEFERRED")
+    );
+    assert_eq!(all[1].kind, K::Delete);
+    // Off the exact shape: refused.
+    for sql in [
+        "SET CONSTRAINTS DEFERRED",
+        "SET CONSTRAINTS ALL",
+        "SET CONSTRAINTS ALL, a DEFERRED",
+        "SET CONSTRAINTS a,, b DEFERRED",
+        "SET CONSTRAINTS a b DEFERRED",
+        "SET CONSTRAINTS a, DEFERRED",
+        "SET CONSTRAINTS pg_read_file('/etc/passwd') DEFERRED",
+        "SET CONSTRAINTS 'a' DEFERRED",
+        "MOVE",
+        "MOVE 1 FROM",
+        "MOVE 1 FROM c, d",
+        "MOVE (SELECT 1) FROM c",
+        "MOVE 1 FROM c WHERE true",
+        "MOVE NEXT FROM pg_sleep(1)",
+    ] {
+        assert!(extract(sql).is_err(), "{sql} should be refused");
+    }
 }
 
 #[test]
