@@ -357,7 +357,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         governed: Mutex::new(Vec::new()),
     });
     daemon.resync(&governed, true)?;
-    let budget = limit::KernelEventBudget::of(cfg.events, cfg.agents.len());
+    let budget = cfg.kernel_event_budget();
     if budget.clamped {
         tracing::warn!(
             agents = cfg.agents.len(),
@@ -663,7 +663,7 @@ async fn record_left_out_events(gate: Arc<Gate>) {
         .events_suppressed(agents)
         .into_iter()
         .collect();
-    let budget = limit::KernelEventBudget::of(gate.cfg.events, gate.cfg.agents.len());
+    let budget = gate.cfg.kernel_event_budget();
     loop {
         tick.tick().await;
         // An unreadable count is skipped, not taken for zero (the next read would report the

@@ -563,6 +563,12 @@ fn default_mark() -> u32 {
 }
 
 impl Config {
+    /// The kernel's per-agent share of its refusal ring for this configuration: one value for
+    /// the settings it is loaded with, the daemon's warning and its suppressed-event reports.
+    pub fn kernel_event_budget(&self) -> crate::session::limit::KernelEventBudget {
+        crate::session::limit::KernelEventBudget::of(self.events, self.agents.len())
+    }
+
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();

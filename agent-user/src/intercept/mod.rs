@@ -30,7 +30,6 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Config, Destination, UnknownDestinations};
 use crate::identity::{self, CgroupFs};
-use crate::session::limit::KernelEventBudget;
 
 /// The compiled programs, built by `cargo xtask build-ebpf` and committed with the hash of
 /// the sources they came from.
@@ -449,7 +448,7 @@ impl Intercept {
             // mapped address; IPv6-only sockets then fail to connect (still refused, not bypassed).
             None => v4_mapped(cfg.listen.ipv4.octets()),
         };
-        let budget = KernelEventBudget::of(cfg.events, cfg.agents.len());
+        let budget = cfg.kernel_event_budget();
         let settings = Settings {
             enforcer_v4: cfg.listen.ipv4.octets(),
             enforcer_port: cfg.listen.port,
