@@ -2074,3 +2074,71 @@ fn a_server_the_agent_runs_inside_a_network_target_never_gets_the_password() {
     assert!(!password.trim().is_empty());
     drop(gate);
 }
+
+/// An address added to `lo` for one test: this host's own, but not a loopback one (like an
+/// interface's `192.0.2.2`). Removed when dropped.
+struct HostAddress(&'static str);
+
+impl HostAddress {
+    fn add(ip: &'static str) -> HostAddress {
+        // Left over from an interrupted run: ignore the error of removing nothing.
+        let _ = Command::new("ip")
+            .args(["addr", "del", &format!("{ip}/32"), "dev", "lo"])
+            .output();
+        let o = run(Command::new("ip").args(["addr", "add", &format!("{ip}/32"), "dev", "lo"]));
+        assert!(o.status.success(), "ip addr add {ip}: {}", show(&o));
+        HostAddress(ip)
+    }
+}
+
+impl Drop for HostAddress {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["addr", "del", &format!("{}/32", self.0), "dev", "lo"])
+            .output();
+    }
+}
+
+#[test]
+fn this_hosts_interface_address_reaches_a_local_target_judged() {
+    // The target is 127.0.0.1:PORT. 198.51.100.77 is an address of this host that is not a
+    // loopback one, as an interface's is: the kernel's fold does not know it, so a record-mode
+    // agent's connect to it arrives as an unknown destination, and used to be relayed as
+    // opaque TCP to whatever listens there on all addresses. It is judged as the target now,
+    // and dialed at the target's own address (the server here listens on 127.0.0.1 only).
+    let (pg, gate) = start();
+    let own = HostAddress::add("198.51.100.77");
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "recorder",
+        &["-A", "-t", "-h", own.0],
+        "SELECT count(*) FROM t;
+CREATE TABLE evil (id int);
+",
+    );
+    assert_eq!(text(&o.stdout), "3\n", "{}", show(&o));
+    assert!(
+        text(&o.stderr).contains("ERROR:  42501: agentgate: denied by rule \"no-schema-changes\""),
+        "{}",
+        show(&o)
+    );
+    assert!(!table_exists(&pg, "evil"));
+    // An agent that does not record unknown destinations is refused in the kernel, as before.
+    let o = gated_psql(&gate, &pg, "bot", &["-A", "-t", "-h", own.0], "SELECT 1;");
+    assert!(!o.status.success(), "{}", show(&o));
+
+    let sessions = gate.sessions_ended(1);
+    let s = sessions
+        .iter()
+        .find(|s| s["agent"] == "recorder")
+        .unwrap_or_else(|| panic!("no session of recorder: {sessions:#?}"));
+    assert_eq!(
+        s["original_destination"],
+        format!("{}:{}", own.0, pg.port),
+        "{s:#}"
+    );
+    assert_eq!(s["target"], "db", "{s:#}");
+    assert_eq!(s["protocol"], "postgres", "{s:#}");
+    assert_eq!(s["upstream"], pg.addr().to_string(), "{s:#}");
+}

@@ -5,6 +5,7 @@
 //! full map) is closed before a single byte is read and recorded as an event. Protocol handlers
 //! live in submodules (`tcp`); codecs and policy live elsewhere.
 
+pub mod local;
 pub mod pgtls;
 pub mod postgres;
 pub mod tcp;
@@ -246,6 +247,22 @@ fn refusal_event(kind: &str, peer: &Peer, flow: &FlowRecord, detail: serde_json:
     }
 }
 
+/// An unknown destination that is this host under an interface address is judged as the
+/// agent's local target on its port (`local`).
+fn refold_unknown(gate: &Gate, mut flow: FlowRecord) -> FlowRecord {
+    if flow.target_id != TARGET_UNKNOWN {
+        return flow;
+    }
+    let Some(agent) = gate.cfg.agent_by_id(flow.agent_id) else {
+        return flow;
+    };
+    let destination = SocketAddr::new(ip_of(&flow.orig_addr), flow.orig_port);
+    if let Some(id) = local::refold(&gate.cfg, agent, destination) {
+        flow.target_id = id;
+    }
+    flow
+}
+
 async fn handle(
     gate: Arc<Gate>,
     sock: TcpStream,
@@ -277,6 +294,7 @@ async fn handle(
         });
         return;
     };
+    let flow = refold_unknown(&gate, flow);
     let protocol = match gate.cfg.target_by_id(flow.target_id) {
         Some(t) if flow.target_id != TARGET_UNKNOWN => t.protocol,
         _ => Protocol::Tcp,
