@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentgate::policy::{Access, TableRef};
-use agentgate::session::{SessionStart, SessionStore, StatementEnd, StatementStart};
+use agentgate::session::{AgentShare, SessionStart, SessionStore, StatementEnd, StatementStart};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -83,19 +83,23 @@ async fn main() {
         for _ in 0..per_ms.min(n - sent) {
             let aid = (sent * 7919) % 1_000_000 + 1;
             let session_id = sessions.get(sent % sessions.len()).copied().unwrap_or(1);
-            let open = store.statement(StatementStart {
-                session_id,
-                protocol: "simple",
-                text: format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};").into(),
-                kind: Some("select"),
-                tables: tables.clone(),
-                functions: functions.clone(),
-                decision: "allow",
-                enforced: true,
-                policy: policy.clone(),
-                rule: rule.clone(),
-                message: None,
-            });
+            let open = store.statement(
+                AgentShare::NONE,
+                StatementStart {
+                    session_id,
+                    protocol: "simple",
+                    text: format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};")
+                        .into(),
+                    kind: Some("select"),
+                    tables: tables.clone(),
+                    functions: functions.clone(),
+                    decision: "allow",
+                    enforced: true,
+                    policy: policy.clone(),
+                    rule: rule.clone(),
+                    message: None,
+                },
+            );
             store
                 .statement_end(
                     open,

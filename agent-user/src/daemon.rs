@@ -245,7 +245,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         what: format!("state_dir {}", cfg.state_dir.display()),
         source,
     })?;
-    let store = Arc::new(SessionStore::open_with(&cfg.sessions_db(), cfg.sessions)?);
+    let agents: Vec<&str> = cfg.agents.iter().map(|a| a.name.as_str()).collect();
+    let store = Arc::new(SessionStore::open_with(
+        &cfg.sessions_db(),
+        cfg.sessions,
+        &agents,
+    )?);
 
     let mut governed = Vec::new();
     for a in &cfg.agents {
@@ -433,7 +438,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             tracing::error!(error = %e, "session store: the last records may not be committed")
         }
         Err(_) => tracing::error!(
-            queued = store.queue().0,
+            queued = store.queue().queued,
             "session store: the last records were not committed within 30 s (is the file locked?)"
         ),
     }

@@ -180,13 +180,26 @@ pub struct Status {
     pub pending_tickets: usize,
     #[serde(default)]
     pub active_grants: usize,
-    /// Records waiting for the session writer; statements wait while `session_backpressure`.
+    /// Records waiting for the session writer; while `session_backpressure`, statements of
+    /// agents holding `session_queue_agent_share` of them wait.
     #[serde(default)]
     pub session_queue: usize,
     #[serde(default)]
     pub session_queue_limit: usize,
     #[serde(default)]
+    pub session_queue_agent_share: usize,
+    #[serde(default)]
     pub session_backpressure: bool,
+    /// The agent holding the most records in the queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_queue_busiest: Option<QueuedAgent>,
+}
+
+/// An agent's records waiting for the session writer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueuedAgent {
+    pub agent: String,
+    pub queued: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -414,7 +427,7 @@ pub async fn call(path: &Path, req: &Request) -> Result<Response, AdminError> {
 impl Daemon {
     pub fn status(&self) -> Status {
         let gate = &self.gate;
-        let (session_queue, session_queue_limit, session_backpressure) = gate.store.queue();
+        let queue = gate.store.queue();
         Status {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -428,9 +441,13 @@ impl Daemon {
             connections_refused: gate.refused.load(Ordering::Relaxed),
             pending_tickets: self.approvals.pending().len(),
             active_grants: self.approvals.grants(false).len(),
-            session_queue,
-            session_queue_limit,
-            session_backpressure,
+            session_queue: queue.queued,
+            session_queue_limit: queue.max_queued,
+            session_queue_agent_share: queue.agent_share,
+            session_backpressure: queue.backpressure,
+            session_queue_busiest: queue
+                .busiest
+                .map(|(agent, queued)| QueuedAgent { agent, queued }),
         }
     }
 }

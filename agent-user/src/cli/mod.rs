@@ -190,11 +190,16 @@ pub async fn status(cfg: &Config, json: bool) -> Result<bool, CliError> {
                 )?;
                 writeln!(
                     out,
-                    "session store: {} records queued (statements wait at {}){}",
+                    "session store: {} records queued (statements wait at {}, for agents holding {} of them){}{}",
                     s.session_queue,
                     s.session_queue_limit,
+                    s.session_queue_agent_share,
+                    match &s.session_queue_busiest {
+                        Some(b) => format!(", most by {} ({})", b.agent, b.queued),
+                        None => String::new(),
+                    },
                     if s.session_backpressure {
-                        ": BEHIND, governed statements are waiting"
+                        ": BEHIND, statements of agents holding their share are waiting"
                     } else {
                         ""
                     }

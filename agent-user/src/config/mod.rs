@@ -755,6 +755,24 @@ impl Config {
                 "must be at least 1 (statements wait for the session writer above it)".into(),
             ));
         }
+        match self.sessions.max_queued_per_agent {
+            Some(0) => {
+                return Err(invalid(
+                    "sessions.max_queued_per_agent".into(),
+                    "must be at least 1 (an agent holding fewer records is not held back)".into(),
+                ));
+            }
+            Some(n) if n > self.sessions.max_queued => {
+                return Err(invalid(
+                    "sessions.max_queued_per_agent".into(),
+                    format!(
+                        "must be at most sessions.max_queued ({}): it is an agent's share of that bound",
+                        self.sessions.max_queued
+                    ),
+                ));
+            }
+            _ => {}
+        }
         if self.events.burst == 0 {
             return Err(invalid(
                 "events.burst".into(),
@@ -1164,6 +1182,25 @@ mod tests {
         let cfg = Config::parse("sessions: {max_queued: 7}\n", "f").unwrap();
         assert_eq!(cfg.sessions.max_queued, 7);
         assert!(Config::parse("sessions: {max_queue: 7}\n", "f").is_err());
+    }
+
+    #[test]
+    fn an_agents_share_of_the_session_queue_is_checked_by_its_key() {
+        let cfg = Config::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        assert_eq!(cfg.sessions.max_queued_per_agent, None);
+        let cfg =
+            Config::parse("sessions: {max_queued: 10, max_queued_per_agent: 4}\n", "f").unwrap();
+        assert_eq!(cfg.sessions.max_queued_per_agent, Some(4));
+        for bad in [
+            "sessions: {max_queued_per_agent: 0}\n",
+            "sessions: {max_queued: 10, max_queued_per_agent: 11}\n",
+        ] {
+            let err = Config::parse(bad, "f").unwrap_err().to_string();
+            assert!(
+                err.contains("sessions.max_queued_per_agent"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::config::{Config, Protocol, TargetConfig};
 use crate::identity::ProcessInfo;
 use crate::intercept::{Intercept, ip_of};
 use crate::session::limit::{EventLimiter, Source};
-use crate::session::{Event, SessionStart, SessionStore};
+use crate::session::{AgentShare, Event, SessionStart, SessionStore};
 
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -75,6 +75,8 @@ pub struct Peer {
     pub roles: Vec<String>,
     pub process: ProcessInfo,
     pub cgroup_id: u64,
+    /// The share of the session store's queue its records count against.
+    pub share: AgentShare,
     pub client: SocketAddr,
     pub original_destination: SocketAddr,
     /// `None` for an unknown destination relayed because the agent records them.
@@ -143,6 +145,7 @@ impl Gate {
                 }
             },
             cgroup_id: flow.cgroup_id,
+            share: self.store.share(&agent.name),
             client,
             original_destination,
             target,
@@ -341,9 +344,10 @@ async fn handle(
         return;
     };
     // A session that could not be recorded must not run: while the store's queue is past its
-    // hard limit a new connection is refused, not queued (with a rate-limited event; the
-    // refused count shows them all).
-    if gate.store.overloaded() {
+    // hard limit a new connection of an agent holding its share of it is refused, not queued
+    // (with a rate-limited event; the refused count shows them all). Other agents' connections
+    // are still taken: one agent's flood does not shut the others out.
+    if gate.store.overloaded(peer.share) {
         gate.intercept.forget_flow(&key);
         gate.refused.fetch_add(1, Ordering::Relaxed);
         let source = Source::new("session_store_overloaded", Some(peer.agent.clone()));
@@ -353,13 +357,19 @@ async fn handle(
                 tracing::error!(agent = %peer.agent, pid = flow.tgid, "session store writer stopped: connection closed, nothing it sends could be recorded");
             }
         } else if gate.events.admit(&source, Instant::now()) {
-            let (queued, max_queued, _) = gate.store.queue();
-            tracing::warn!(agent = %peer.agent, pid = flow.tgid, queued, "session store is far behind; connection closed");
+            let q = gate.store.queue();
+            let agent_queued = gate.store.queued_by(peer.share);
+            tracing::warn!(agent = %peer.agent, pid = flow.tgid, queued = q.queued, agent_queued, "session store is far behind and the agent holds its share of its queue; connection closed");
             let _ = gate.store.event(refusal_event(
                 "session_store_overloaded",
                 &peer,
                 &flow,
-                serde_json::json!({ "queued": queued, "max_queued": max_queued }),
+                serde_json::json!({
+                    "queued": q.queued,
+                    "max_queued": q.max_queued,
+                    "agent_queued": agent_queued,
+                    "agent_share": q.agent_share,
+                }),
             ));
         }
         return;

@@ -34,6 +34,7 @@ use agent_common::{FlowKey, FlowRecord};
 
 use super::{Gate, Peer};
 use crate::identity::ProcessInfo;
+use crate::session::AgentShare;
 
 const RELAY_BUFFER: usize = 64 * 1024;
 /// Relay buffers kept per accept thread between connections (64 KiB each), so a connection
@@ -49,6 +50,7 @@ struct Settle<'a> {
     gate: &'a Gate,
     key: FlowKey,
     flow: &'a FlowRecord,
+    share: AgentShare,
     session: i64,
     done: bool,
 }
@@ -63,7 +65,7 @@ impl Settle<'_> {
         let _ = self
             .gate
             .store
-            .identify(self.session, p.exe, p.cmdline, p.cgroup);
+            .identify(self.share, self.session, p.exe, p.cmdline, p.cgroup);
     }
 }
 
@@ -113,6 +115,7 @@ pub async fn handle(
         gate,
         key,
         flow,
+        share: peer.share,
         session,
         done: false,
     };
@@ -135,7 +138,9 @@ pub async fn handle(
                 // The end the relay would have come to.
                 settle.run();
                 give_back(up_buf);
-                let _ = gate.store.end(session, 0, 0, Some(e.to_string()));
+                let _ = gate
+                    .store
+                    .end(peer.share, session, 0, 0, Some(e.to_string()));
                 return;
             }
         },
@@ -148,6 +153,7 @@ pub async fn handle(
             settle.run();
             give_back(up_buf);
             let _ = gate.store.end(
+                peer.share,
                 session,
                 first_up,
                 0,
@@ -166,7 +172,7 @@ pub async fn handle(
     settle.run();
     let _ = gate
         .store
-        .end(session, up, down, err.map(|e| e.to_string()));
+        .end(peer.share, session, up, down, err.map(|e| e.to_string()));
     // Closing the sockets (deregister, close) can wait a turn: connections that are starting
     // meanwhile on this thread go first.
     tokio::task::yield_now().await;

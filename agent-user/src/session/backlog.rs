@@ -1,21 +1,27 @@
-//! The bound on records waiting for the session writer.
+//! The bound on records waiting for the session writer, and each agent's share of it.
 //!
 //! Every record handed to the store is counted until the batch holding it has been written (or
-//! has failed). Producers of per-statement records ask for [`Backlog::room`] before taking the
-//! agent's next message: below the high-water mark that is one atomic load; above it they wait
-//! until the writer has drained the queue below the low-water mark. A disk that stalls (or a
-//! writer that falls behind) then slows the governed agents down instead of growing the
-//! daemon's memory, and no record is dropped: a statement the store has no room for is not read,
-//! so it does not run. Records that are not per statement (a session's start and end, events)
-//! are not held back, so a queue can pass the high-water mark; past [`Backlog::overloaded`]
-//! new connections are refused at accept.
+//! has failed): in the queue's total and, for a record of a configured agent, in that agent's
+//! own count. Producers of per-statement records ask for [`Backlog::room`] before taking the
+//! agent's next message: below the high-water mark that is one atomic load. At it, an agent
+//! holding its share of the bound waits, until its own count is below half its share or the
+//! writer has drained the queue below the low-water mark (or caught up); an agent holding less
+//! goes on. The share is `max_queued_per_agent` when set, else the bound divided among the
+//! agents that have records queued. So one agent flooding the store waits for its own records
+//! instead of holding every agent back; a disk that stalls for good holds each agent once it
+//! has its share queued. Either way the daemon's memory stays bounded, and no record is
+//! dropped: a statement the store has no room for is not read, so it does not run. Records that
+//! are not per statement (a session's start and end, events) are not held back, so a queue can
+//! pass the high-water mark; past [`Backlog::overloaded`] (twice the bound) new connections of
+//! the agents holding their share are refused at accept.
 //!
 //! Recording is what makes a statement allowed to run: once the writer thread has stopped,
-//! [`Backlog::room`] fails for good and [`Backlog::overloaded`] holds, so no statement runs
-//! unrecorded and no connection is taken that could not be recorded.
+//! [`Backlog::room`] fails for good and [`Backlog::overloaded`] holds for every agent, so no
+//! statement runs unrecorded and no connection is taken that could not be recorded.
 //!
 //! This module counts and waits; the writer and the producers live in `session` and `proxy`.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -26,11 +32,16 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreLimits {
-    /// Records that may wait for the writer before governed agents' statements wait for it
-    /// (the high-water mark). They wait until the queue is below half of it; new connections
-    /// are refused while it holds twice as many.
+    /// Records that may wait for the writer before agents holding their share of them wait for
+    /// it (the high-water mark). They wait until the queue is below half of it, or their own
+    /// count is below half their share; new connections of agents holding their share are
+    /// refused while it holds twice as many.
     #[serde(default = "default_max_queued")]
     pub max_queued: usize,
+    /// An agent's share of `max_queued` once the queue is at it. `None`: `max_queued` divided
+    /// by the number of agents that have records queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queued_per_agent: Option<usize>,
 }
 
 fn default_max_queued() -> usize {
@@ -41,6 +52,7 @@ impl Default for StoreLimits {
     fn default() -> Self {
         StoreLimits {
             max_queued: default_max_queued(),
+            max_queued_per_agent: None,
         }
     }
 }
@@ -49,6 +61,15 @@ impl Default for StoreLimits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("session store writer stopped: statements cannot be recorded")]
 pub struct WriterStopped;
+
+/// Whose records these are, for the per-agent counts: one of the agents the store was opened
+/// with, or [`AgentShare::NONE`] (the daemon's own records, counted in the total only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentShare(Option<u32>);
+
+impl AgentShare {
+    pub const NONE: AgentShare = AgentShare(None);
+}
 
 /// Backpressure starts and ends are logged at most this often (the rest are counted).
 const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -59,13 +80,26 @@ pub(super) struct Backlog {
     queued: AtomicUsize,
     high: usize,
     low: usize,
+    /// `sessions.max_queued_per_agent`.
+    per_agent: Option<usize>,
+    /// Per agent, in the order the store was opened with (an [`AgentShare`] indexes it).
+    agents: Box<[AgentCount]>,
+    by_name: HashMap<Box<str>, u32>,
+    /// Agents with records queued: the bound's divisor when no share is configured.
+    holding: AtomicUsize,
     /// Set when a producer finds the queue at `high`; cleared by the writer once it is below
-    /// `low`. Producers wait while it is set (hysteresis: they do not wake for every batch).
+    /// `low`. Producers holding their share wait while it is set (hysteresis: they do not wake
+    /// for every batch).
     over: AtomicBool,
     /// Set when the writer thread has ended: nobody would clear `over`.
     stopped: AtomicBool,
     drained: tokio::sync::Notify,
     log: Mutex<Episodes>,
+}
+
+struct AgentCount {
+    name: Box<str>,
+    queued: AtomicUsize,
 }
 
 /// Backpressure episodes, for the rate-limited log.
@@ -76,13 +110,30 @@ struct Episodes {
 }
 
 impl Backlog {
-    pub(super) fn new(limits: StoreLimits) -> Backlog {
+    /// `agents`: the names records may count against (see [`Backlog::share`]).
+    pub(super) fn new(limits: StoreLimits, agents: &[&str]) -> Backlog {
         let high = limits.max_queued.max(1);
+        let agents: Box<[AgentCount]> = agents
+            .iter()
+            .map(|name| AgentCount {
+                name: (*name).into(),
+                queued: AtomicUsize::new(0),
+            })
+            .collect();
+        let by_name = agents
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| Some((a.name.clone(), u32::try_from(i).ok()?)))
+            .collect();
         Backlog {
             queued: AtomicUsize::new(0),
             high,
             // At least 1: with a bound of 1, "below half" would never come.
             low: (high / 2).max(1),
+            per_agent: limits.max_queued_per_agent.map(|n| n.max(1)),
+            agents,
+            by_name,
+            holding: AtomicUsize::new(0),
             over: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             drained: tokio::sync::Notify::new(),
@@ -94,25 +145,86 @@ impl Backlog {
         }
     }
 
+    /// The share records of `agent` count against; [`AgentShare::NONE`] for a name the store
+    /// was not opened with.
+    pub(super) fn share(&self, agent: &str) -> AgentShare {
+        AgentShare(self.by_name.get(agent).copied())
+    }
+
+    fn count(&self, a: AgentShare) -> Option<&AtomicUsize> {
+        let i = usize::try_from(a.0?).ok()?;
+        self.agents.get(i).map(|c| &c.queued)
+    }
+
     /// Records queued and not yet written.
     pub(super) fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Records of `a` queued and not yet written (0 for no agent).
+    pub(super) fn queued_by(&self, a: AgentShare) -> usize {
+        self.count(a).map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     pub(super) fn limit(&self) -> usize {
         self.high
     }
 
-    /// A record was handed to the writer.
-    pub(super) fn added(&self) {
+    /// What an agent may hold once the queue is at the high-water mark: the configured share,
+    /// or the bound divided among the agents holding records.
+    pub(super) fn agent_limit(&self) -> usize {
+        self.per_agent.unwrap_or_else(|| {
+            // Counted up before it is counted down (records are counted before they are sent),
+            // so never below 0; clamped all the same.
+            let holding = self
+                .holding
+                .load(Ordering::Relaxed)
+                .clamp(1, self.agents.len().max(1));
+            (self.high / holding).max(1)
+        })
+    }
+
+    /// The agent with the most records queued, and how many.
+    pub(super) fn busiest(&self) -> Option<(&str, usize)> {
+        self.agents
+            .iter()
+            .map(|a| (&*a.name, a.queued.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .max_by_key(|(_, n)| *n)
+    }
+
+    /// A record of `a` was handed to the writer.
+    pub(super) fn added(&self, a: AgentShare) {
+        if let Some(count) = self.count(a)
+            && count.fetch_add(1, Ordering::Relaxed) == 0
+        {
+            self.holding.fetch_add(1, Ordering::Relaxed);
+        }
         self.queued.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The writer is done with `n` records of `a`. Called for a batch's agents before
+    /// [`Backlog::written`] counts the batch down and wakes producers: they must find their
+    /// own counts down.
+    pub(super) fn written_by(&self, a: AgentShare, n: usize) {
+        if let Some(count) = self.count(a)
+            && n > 0
+            && count.fetch_sub(n, Ordering::SeqCst) == n
+        {
+            self.holding.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// The writer is done with `n` records (committed or failed).
     pub(super) fn written(&self, n: usize) {
         self.queued.fetch_sub(n, Ordering::SeqCst);
-        if self.over.load(Ordering::SeqCst) && self.queued.load(Ordering::SeqCst) < self.low {
-            self.release();
+        if self.over.load(Ordering::SeqCst) {
+            if self.queued.load(Ordering::SeqCst) < self.low {
+                self.release();
+            } else {
+                // Agents whose own count is now below their mark go on.
+                self.drained.notify_waiters();
+            }
         }
     }
 
@@ -133,10 +245,19 @@ impl Backlog {
         self.release();
     }
 
-    /// Past the hard limit (twice the high-water mark), or no writer: new connections are
-    /// refused.
-    pub(super) fn overloaded(&self) -> bool {
-        self.stopped.load(Ordering::Relaxed) || self.queued() >= self.high.saturating_mul(2)
+    /// Whether a new connection of `a` is refused: the writer has stopped, or the queue is past
+    /// the hard limit (twice the high-water mark) and `a` holds its share of it (records of no
+    /// agent: always). An agent holding less is still served: its records are not what fills
+    /// the queue.
+    pub(super) fn overloaded(&self, a: AgentShare) -> bool {
+        if self.stopped.load(Ordering::Relaxed) {
+            return true;
+        }
+        if self.queued() < self.high.saturating_mul(2) {
+            return false;
+        }
+        self.count(a)
+            .is_none_or(|count| count.load(Ordering::Relaxed) >= self.agent_limit())
     }
 
     pub(super) fn stopped(&self) -> bool {
@@ -147,20 +268,25 @@ impl Backlog {
         self.over.load(Ordering::Relaxed)
     }
 
-    /// Resolves at once while the queue is below the high-water mark; above it, once the writer
-    /// has drained it below the low-water mark (or caught up). Fails once the writer has
-    /// stopped: a statement taken then would run unrecorded.
-    pub(super) async fn room(&self) -> Result<(), WriterStopped> {
+    /// Resolves at once while the queue is below the high-water mark, or for an agent holding
+    /// less than its share of it. An agent holding its share (and records of no agent) waits
+    /// until the writer has drained the queue below the low-water mark (or caught up), or the
+    /// agent's own count below half its share. Fails once the writer has stopped: a statement
+    /// taken then would run unrecorded.
+    pub(super) async fn room(&self, a: AgentShare) -> Result<(), WriterStopped> {
         if self.stopped.load(Ordering::Relaxed) {
             return Err(WriterStopped);
         }
         if !self.over.load(Ordering::Relaxed) && self.queued.load(Ordering::Relaxed) < self.high {
             return Ok(());
         }
-        self.wait().await
+        self.wait(a).await
     }
 
-    async fn wait(&self) -> Result<(), WriterStopped> {
+    async fn wait(&self, a: AgentShare) -> Result<(), WriterStopped> {
+        // Once it has waited, an agent goes on below half its share: it does not wake for
+        // every batch the writer commits.
+        let mut held = false;
         loop {
             let notified = self.drained.notified();
             tokio::pin!(notified);
@@ -187,6 +313,15 @@ impl Backlog {
                     }
                 }
             }
+            // The queue is at the high-water mark: what waits is whoever holds its share.
+            if let Some(count) = self.count(a) {
+                let share = self.agent_limit();
+                let mark = if held { (share / 2).max(1) } else { share };
+                if count.load(Ordering::SeqCst) < mark {
+                    return Ok(());
+                }
+            }
+            held = true;
             notified.await;
         }
     }
@@ -208,11 +343,15 @@ impl Backlog {
         log.last_log = Some(now);
         let earlier = std::mem::take(&mut log.unlogged);
         drop(log);
+        let busiest = self.busiest();
         tracing::warn!(
             queued = self.queued(),
             max_queued = self.high,
+            agent_share = self.agent_limit(),
+            busiest_agent = busiest.map(|(name, _)| name),
+            busiest_agent_queued = busiest.map(|(_, n)| n),
             earlier_episodes_not_logged = earlier,
-            "session store is behind: governed agents' statements wait until its queue drains"
+            "session store is behind: agents holding their share of its queue wait until their records are written"
         );
     }
 
@@ -248,25 +387,70 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    const NONE: AgentShare = AgentShare::NONE;
+
     fn backlog(max_queued: usize) -> Arc<Backlog> {
-        Arc::new(Backlog::new(StoreLimits { max_queued }))
+        with_agents(
+            StoreLimits {
+                max_queued,
+                ..StoreLimits::default()
+            },
+            &[],
+        )
+    }
+
+    fn with_agents(limits: StoreLimits, agents: &[&str]) -> Arc<Backlog> {
+        Arc::new(Backlog::new(limits, agents))
+    }
+
+    /// Two agents, `a` and `b`, sharing a bound of `max_queued`.
+    fn two_agents(max_queued: usize) -> (Arc<Backlog>, AgentShare, AgentShare) {
+        let b = with_agents(
+            StoreLimits {
+                max_queued,
+                ..StoreLimits::default()
+            },
+            &["a", "b"],
+        );
+        let (a, other) = (b.share("a"), b.share("b"));
+        (b, a, other)
+    }
+
+    fn add(b: &Backlog, a: AgentShare, n: usize) {
+        (0..n).for_each(|_| b.added(a));
+    }
+
+    /// The writer done with `n` records of `a`.
+    fn write(b: &Backlog, a: AgentShare, n: usize) {
+        b.written_by(a, n);
+        b.written(n);
     }
 
     /// A producer waiting for room, on its own task.
-    fn waiter(b: &Arc<Backlog>) -> tokio::task::JoinHandle<Result<(), WriterStopped>> {
+    fn waiter(
+        b: &Arc<Backlog>,
+        a: AgentShare,
+    ) -> tokio::task::JoinHandle<Result<(), WriterStopped>> {
         let b = b.clone();
-        tokio::spawn(async move { b.room().await })
+        tokio::spawn(async move { b.room(a).await })
+    }
+
+    /// Whether `room` answers at once: polled once, it either has room or waits.
+    fn room_now(b: &Backlog, a: AgentShare) -> bool {
+        let mut room = std::pin::pin!(b.room(a));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        matches!(room.as_mut().poll(&mut cx), std::task::Poll::Ready(Ok(())))
     }
 
     #[tokio::test]
     async fn producers_wait_from_the_high_mark_until_the_low_one() {
         let b = backlog(10);
         for _ in 0..9 {
-            b.added();
-            b.room().await.unwrap();
+            b.added(NONE);
+            b.room(NONE).await.unwrap();
         }
-        b.added();
-        let waiting = waiter(&b);
+        b.added(NONE);
+        let waiting = waiter(&b, NONE);
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         assert!(b.backpressure());
@@ -283,8 +467,8 @@ mod tests {
     #[tokio::test]
     async fn a_stopped_writer_fails_the_waiting() {
         let b = backlog(1);
-        b.added();
-        let waiting = waiter(&b);
+        b.added(NONE);
+        let waiting = waiter(&b, NONE);
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         b.writer_stopped();
@@ -293,25 +477,27 @@ mod tests {
 
     #[tokio::test]
     async fn once_the_writer_has_stopped_there_is_no_room_and_connections_are_refused() {
-        let b = backlog(10);
-        b.added();
-        b.room().await.unwrap();
-        assert!(!b.overloaded());
+        let (b, a, other) = two_agents(10);
+        b.added(a);
+        b.room(a).await.unwrap();
+        assert!(!b.overloaded(a) && !b.overloaded(other));
         b.writer_stopped();
-        // Not a stale count: an almost empty queue, and still nothing may run or connect.
-        b.written(1);
-        assert_eq!(b.room().await, Err(WriterStopped));
-        assert_eq!(b.room().await, Err(WriterStopped));
-        assert!(b.overloaded() && b.stopped());
+        // Not a stale count: an almost empty queue, and still nothing may run or connect, an
+        // agent without a record queued included.
+        write(&b, a, 1);
+        for who in [a, other, NONE] {
+            assert_eq!(b.room(who).await, Err(WriterStopped));
+            assert_eq!(b.room(who).await, Err(WriterStopped));
+            assert!(b.overloaded(who));
+        }
+        assert!(b.stopped());
     }
 
     #[tokio::test]
     async fn a_writer_that_caught_up_releases_whatever_the_count() {
         let b = backlog(10);
-        for _ in 0..10 {
-            b.added();
-        }
-        let waiting = waiter(&b);
+        add(&b, NONE, 10);
+        let waiting = waiter(&b, NONE);
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished() && b.backpressure());
         // Every batch ends at the low mark (new records keep arriving between batches): the
@@ -332,8 +518,8 @@ mod tests {
     #[tokio::test]
     async fn a_bound_of_one_releases_once_the_queue_is_empty() {
         let b = backlog(1);
-        b.added();
-        let waiting = waiter(&b);
+        b.added(NONE);
+        let waiting = waiter(&b, NONE);
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         b.written(1);
@@ -348,11 +534,108 @@ mod tests {
     #[test]
     fn overloaded_at_twice_the_high_mark() {
         let b = backlog(3);
-        for _ in 0..5 {
-            b.added();
+        add(&b, NONE, 5);
+        assert!(!b.overloaded(NONE));
+        b.added(NONE);
+        assert!(b.overloaded(NONE));
+    }
+
+    #[tokio::test]
+    async fn at_the_bound_an_agent_holding_its_share_waits_while_another_goes_on() {
+        // The writer is stalled: nothing is written in this test.
+        let (b, a, other) = two_agents(10);
+        add(&b, a, 10);
+        let flooder = waiter(&b, a);
+        tokio::task::yield_now().await;
+        assert!(!flooder.is_finished() && b.backpressure());
+        // Two agents hold records now: a share is 5 each.
+        for n in 1..=4 {
+            b.added(other);
+            assert!(room_now(&b, other), "the other agent waits at {n}");
         }
-        assert!(!b.overloaded());
-        b.added();
-        assert!(b.overloaded());
+        assert_eq!(b.agent_limit(), 5);
+        assert_eq!(b.busiest(), Some(("a", 10)));
+        // At its own share the other agent waits too.
+        b.added(other);
+        assert!(!room_now(&b, other));
+        assert!(!flooder.is_finished());
+        // Records of no agent wait at the bound, as before.
+        assert!(!room_now(&b, NONE));
+    }
+
+    #[tokio::test]
+    async fn a_held_agent_goes_on_once_its_own_count_is_below_half_its_share() {
+        let (b, a, other) = two_agents(10);
+        add(&b, other, 4);
+        add(&b, a, 8);
+        // 12 queued, a share of 5: `a` waits, `other` goes on.
+        let held = waiter(&b, a);
+        tokio::task::yield_now().await;
+        assert!(!held.is_finished() && b.backpressure());
+        assert!(room_now(&b, other));
+        // Below its share, not below half of it: still waiting.
+        write(&b, a, 4);
+        tokio::task::yield_now().await;
+        assert!(!held.is_finished());
+        // Below half its share while the queue is still at the low mark (5): it goes on, it
+        // does not wait for the other agent's records.
+        write(&b, a, 3);
+        tokio::time::timeout(Duration::from_secs(5), held)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.queued(), 5);
+        assert!(b.backpressure());
+    }
+
+    #[test]
+    fn a_configured_share_holds_agents_at_it() {
+        let limits = StoreLimits {
+            max_queued: 10,
+            max_queued_per_agent: Some(3),
+        };
+        let b = with_agents(limits, &["a", "b"]);
+        let (a, other) = (b.share("a"), b.share("b"));
+        add(&b, a, 10);
+        assert!(!room_now(&b, a));
+        add(&b, other, 2);
+        assert!(room_now(&b, other));
+        b.added(other);
+        assert!(!room_now(&b, other));
+        assert_eq!(b.agent_limit(), 3);
+    }
+
+    #[test]
+    fn past_twice_the_bound_only_agents_holding_their_share_are_refused() {
+        let (b, a, other) = two_agents(10);
+        add(&b, a, 19);
+        assert!(!b.overloaded(a));
+        b.added(a);
+        assert!(b.overloaded(a) && b.overloaded(NONE));
+        assert!(!b.overloaded(other));
+        // Below its share (5, with two agents holding records) the other agent is served.
+        add(&b, other, 4);
+        assert!(!b.overloaded(other));
+        b.added(other);
+        assert!(b.overloaded(other));
+        // An agent the store does not know counts as no agent.
+        assert_eq!(b.share("nobody"), NONE);
+    }
+
+    #[test]
+    fn agents_holding_records_divide_the_bound() {
+        let (b, a, other) = two_agents(10);
+        assert_eq!(b.agent_limit(), 10);
+        b.added(a);
+        assert_eq!(b.agent_limit(), 10);
+        b.added(other);
+        assert_eq!(b.agent_limit(), 5);
+        write(&b, a, 1);
+        assert_eq!(b.agent_limit(), 10);
+        assert_eq!(b.busiest(), Some(("b", 1)));
+        write(&b, other, 1);
+        assert_eq!(b.busiest(), None);
+        assert_eq!(b.queued(), 0);
     }
 }

@@ -33,7 +33,7 @@ mod backlog;
 pub mod limit;
 mod shapes;
 use backlog::Backlog;
-pub use backlog::{StoreLimits, WriterStopped};
+pub use backlog::{AgentShare, StoreLimits, WriterStopped};
 use shapes::Shapes;
 
 const SCHEMA: &str = "
@@ -360,14 +360,32 @@ fn fold(batch: Vec<Write>) -> Vec<Write> {
 /// bookkeeping (no shared map, no lock) until [`SessionStore::statement_end`] writes it.
 #[derive(Debug)]
 pub struct OpenStatement {
+    share: AgentShare,
     id: i64,
     ts: i64,
     s: StatementStart,
 }
 
+/// The session writer's queue, as `agentgate status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStatus {
+    /// Records waiting for the writer.
+    pub queued: usize,
+    /// `sessions.max_queued`: the high-water mark.
+    pub max_queued: usize,
+    /// What an agent may hold once the queue is at the high-water mark before its statements
+    /// wait: `sessions.max_queued_per_agent`, or the bound divided among the agents holding
+    /// records.
+    pub agent_share: usize,
+    /// Whether the queue reached the high-water mark: agents holding their share wait.
+    pub backpressure: bool,
+    /// The agent holding the most records, and how many.
+    pub busiest: Option<(String, usize)>,
+}
+
 /// The daemon's handle: cheap to share (`Arc`) and never blocks on disk.
 pub struct SessionStore {
-    tx: mpsc::Sender<Write>,
+    tx: mpsc::Sender<(Write, AgentShare)>,
     backlog: Arc<Backlog>,
     writer_tid: Option<i32>,
     next_id: AtomicI64,
@@ -473,10 +491,15 @@ fn merge_spans(mut spans: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
 
 impl SessionStore {
     pub fn open(path: &Path) -> Result<SessionStore, SessionError> {
-        SessionStore::open_with(path, StoreLimits::default())
+        SessionStore::open_with(path, StoreLimits::default(), &[])
     }
 
-    pub fn open_with(path: &Path, limits: StoreLimits) -> Result<SessionStore, SessionError> {
+    /// `agents`: the names whose records are counted per agent (see [`SessionStore::share`]).
+    pub fn open_with(
+        path: &Path,
+        limits: StoreLimits,
+        agents: &[&str],
+    ) -> Result<SessionStore, SessionError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| SessionError::Open {
                 path: path.into(),
@@ -500,7 +523,7 @@ impl SessionStore {
         let max_statement = max_id("statement_log")?.max(max_id("statements")?);
         let (tx, rx) = mpsc::channel();
         let (tid_tx, tid_rx) = mpsc::sync_channel(1);
-        let backlog = Arc::new(Backlog::new(limits));
+        let backlog = Arc::new(Backlog::new(limits, agents));
         let writer_backlog = backlog.clone();
         std::thread::Builder::new()
             .name("session-writer".into())
@@ -543,18 +566,27 @@ impl SessionStore {
         self.writer_tid
     }
 
-    /// Resolves at once while the writer keeps up; while it is behind (its queue reached
-    /// `sessions.max_queued`), once it has caught up (see `backlog`). Producers of statement
-    /// records wait here before taking the agent's next statement. Fails once the writer has
-    /// stopped: the statement could not be recorded, so it must not be taken.
-    pub async fn room(&self) -> Result<(), WriterStopped> {
-        self.backlog.room().await
+    /// The share of the queue `agent`'s records count against ([`AgentShare::NONE`] for a
+    /// name the store was not opened with).
+    pub fn share(&self, agent: &str) -> AgentShare {
+        self.backlog.share(agent)
     }
 
-    /// Whether the queue is past the hard limit (twice `sessions.max_queued`), or the writer
-    /// has stopped: new connections are refused rather than queued.
-    pub fn overloaded(&self) -> bool {
-        self.backlog.overloaded()
+    /// Resolves at once while the writer keeps up; while it is behind (its queue reached
+    /// `sessions.max_queued`), at once for an agent holding less than its share of the queue,
+    /// and for one holding its share once the writer has written enough of its records or
+    /// caught up (see `backlog`). Producers of statement records wait here before taking the
+    /// agent's next statement. Fails once the writer has stopped: the statement could not be
+    /// recorded, so it must not be taken.
+    pub async fn room(&self, share: AgentShare) -> Result<(), WriterStopped> {
+        self.backlog.room(share).await
+    }
+
+    /// Whether a new connection of the agent is refused rather than queued: the writer has
+    /// stopped, or the queue is past the hard limit (twice `sessions.max_queued`) and the
+    /// agent holds its share of it.
+    pub fn overloaded(&self, share: AgentShare) -> bool {
+        self.backlog.overloaded(share)
     }
 
     /// Whether the writer thread has stopped: nothing more can be recorded.
@@ -562,64 +594,91 @@ impl SessionStore {
         self.backlog.stopped()
     }
 
-    /// Records waiting for the writer, the high-water mark, and whether producers wait.
-    pub fn queue(&self) -> (usize, usize, bool) {
-        (
-            self.backlog.queued(),
-            self.backlog.limit(),
-            self.backlog.backpressure(),
-        )
+    /// The queue's figures, for `agentgate status`.
+    pub fn queue(&self) -> QueueStatus {
+        QueueStatus {
+            queued: self.backlog.queued(),
+            max_queued: self.backlog.limit(),
+            agent_share: self.backlog.agent_limit(),
+            backpressure: self.backlog.backpressure(),
+            busiest: self
+                .backlog
+                .busiest()
+                .map(|(agent, queued)| (agent.to_string(), queued)),
+        }
     }
 
-    /// Records a new session and returns its id (allocated here, so no disk round trip).
+    /// Records of the agent waiting for the writer.
+    pub fn queued_by(&self, share: AgentShare) -> usize {
+        self.backlog.queued_by(share)
+    }
+
+    /// Records a new session and returns its id (allocated here, so no disk round trip). It
+    /// counts against the share of the agent it names.
     pub fn start(&self, s: SessionStart) -> Result<i64, SessionError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.send(Write::Start {
-            id,
-            ts: now_ms(),
-            s: Box::new(s),
-            end: None,
-        })?;
+        let share = s
+            .agent
+            .as_deref()
+            .map_or(AgentShare::NONE, |a| self.backlog.share(a));
+        self.send(
+            Write::Start {
+                id,
+                ts: now_ms(),
+                s: Box::new(s),
+                end: None,
+            },
+            share,
+        )?;
         Ok(id)
     }
 
     /// Completes a session's process facts (read from /proc while the session ran).
     pub fn identify(
         &self,
+        share: AgentShare,
         id: i64,
         exe: Option<String>,
         cmdline: Option<String>,
         cgroup: Option<String>,
     ) -> Result<(), SessionError> {
-        self.send(Write::Identify {
-            id,
-            exe,
-            cmdline,
-            cgroup,
-        })
+        self.send(
+            Write::Identify {
+                id,
+                exe,
+                cmdline,
+                cgroup,
+            },
+            share,
+        )
     }
 
     pub fn end(
         &self,
+        share: AgentShare,
         id: i64,
         bytes_up: u64,
         bytes_down: u64,
         error: Option<String>,
     ) -> Result<(), SessionError> {
-        self.send(Write::End {
-            id,
-            ts: now_ms(),
-            bytes_up,
-            bytes_down,
-            error,
-        })
+        self.send(
+            Write::End {
+                id,
+                ts: now_ms(),
+                bytes_up,
+                bytes_down,
+                error,
+            },
+            share,
+        )
     }
 
     /// Opens the record of a judged statement; [`SessionStore::statement_end`] hands it to the
     /// writer with its outcome, in one row write (the proxy calls it before the statement's
     /// result is passed on, or at once for a refusal).
-    pub fn statement(&self, s: StatementStart) -> OpenStatement {
+    pub fn statement(&self, share: AgentShare, s: StatementStart) -> OpenStatement {
         OpenStatement {
+            share,
             id: self.next_statement.fetch_add(1, Ordering::Relaxed),
             ts: now_ms(),
             s,
@@ -627,44 +686,63 @@ impl SessionStore {
     }
 
     pub fn statement_end(&self, open: OpenStatement, e: StatementEnd) -> Result<(), SessionError> {
-        self.send(Write::Statement(Box::new(StatementWrite {
-            id: open.id,
-            ts: open.ts,
-            s: open.s,
-            e,
-        })))
+        self.send(
+            Write::Statement(Box::new(StatementWrite {
+                id: open.id,
+                ts: open.ts,
+                s: open.s,
+                e,
+            })),
+            open.share,
+        )
     }
 
+    /// Records an event; one naming an agent counts against that agent's share (the daemon's
+    /// own events count in the total only).
     pub fn event(&self, e: Event) -> Result<(), SessionError> {
-        self.send(Write::Event {
-            ts: now_ms(),
-            e: Box::new(e),
-        })
+        let share = e
+            .agent
+            .as_deref()
+            .map_or(AgentShare::NONE, |a| self.backlog.share(a));
+        self.send(
+            Write::Event {
+                ts: now_ms(),
+                e: Box::new(e),
+            },
+            share,
+        )
     }
 
+    /// An operator's attachment: the daemon's record, not the agent's.
     pub fn attach(&self, cgroup: &str, agent: &str) -> Result<(), SessionError> {
-        self.send(Write::Attach {
-            cgroup: cgroup.into(),
-            agent: agent.into(),
-            ts: now_ms(),
-        })
+        self.send(
+            Write::Attach {
+                cgroup: cgroup.into(),
+                agent: agent.into(),
+                ts: now_ms(),
+            },
+            AgentShare::NONE,
+        )
     }
 
     pub fn detach(&self, cgroup: &str) -> Result<(), SessionError> {
-        self.send(Write::Detach {
-            cgroup: cgroup.into(),
-        })
+        self.send(
+            Write::Detach {
+                cgroup: cgroup.into(),
+            },
+            AgentShare::NONE,
+        )
     }
 
     /// Stores (or updates) a grant.
     pub fn grant(&self, detail: serde_json::Value, id: u64) -> Result<(), SessionError> {
-        self.send(Write::Grant { id, detail })
+        self.send(Write::Grant { id, detail }, AgentShare::NONE)
     }
 
     /// Resolves once everything sent before this call is committed.
     pub async fn flush(&self) -> Result<(), SessionError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.send(Write::Flush(tx))?;
+        self.send(Write::Flush(tx), AgentShare::NONE)?;
         rx.await
             .map_err(|_| SessionError::WriterGone)?
             .map_err(SessionError::NotCommitted)
@@ -672,10 +750,11 @@ impl SessionStore {
 
     /// Every record passes here, so a lost writer is logged here, whatever the caller does
     /// with the error.
-    fn send(&self, w: Write) -> Result<(), SessionError> {
+    fn send(&self, w: Write, share: AgentShare) -> Result<(), SessionError> {
         // Counted before it is sent: the writer never counts down a record not counted up.
-        self.backlog.added();
-        self.tx.send(w).map_err(|_| {
+        self.backlog.added(share);
+        self.tx.send((w, share)).map_err(|_| {
+            self.backlog.written_by(share, 1);
             self.backlog.written(1);
             tracing::error!("session store writer has stopped: a record was lost");
             SessionError::WriterGone
@@ -797,15 +876,28 @@ fn wait_for_lock(waited: i32) -> bool {
     true
 }
 
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>, backlog: &Backlog) {
+/// Counts a batch's records per agent, in runs (a busy agent's records come in a row).
+fn note(runs: &mut Vec<(AgentShare, usize)>, share: AgentShare) {
+    if share == AgentShare::NONE {
+        return;
+    }
+    match runs.last_mut() {
+        Some((last, n)) if *last == share => *n += 1,
+        _ => runs.push((share, 1)),
+    }
+}
+
+fn writer(mut conn: Connection, rx: mpsc::Receiver<(Write, AgentShare)>, backlog: &Backlog) {
     if let Err(e) = conn.busy_handler(Some(wait_for_lock)) {
         tracing::error!(error = %e, "session store: no busy handler; a locked file fails batches after the busy timeout");
     }
     let mut priority = WriterPriority::new();
     let mut lists = JsonLists::default();
     let mut shapes = Shapes::default();
+    // The current batch's records per agent, counted down with it.
+    let mut runs = Vec::new();
     loop {
-        let first = match rx.try_recv() {
+        let (first, share) = match rx.try_recv() {
             Ok(w) => w,
             Err(mpsc::TryRecvError::Disconnected) => break,
             Err(mpsc::TryRecvError::Empty) => {
@@ -819,6 +911,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>, backlog: &Backlog) {
             }
         };
         let began = std::time::Instant::now();
+        note(&mut runs, share);
         let mut batch = vec![first];
         // Sleep out the linger instead of waking per record: records sent meanwhile queue up
         // without waking this thread, and a connection's start and end (and bursts from many
@@ -828,7 +921,10 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>, backlog: &Backlog) {
         }
         while batch.len() < BATCH_MAX {
             match rx.try_recv() {
-                Ok(w) => batch.push(w),
+                Ok((w, share)) => {
+                    note(&mut runs, share);
+                    batch.push(w);
+                }
                 Err(_) => break,
             }
         }
@@ -863,6 +959,9 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Write>, backlog: &Backlog) {
         if let Err(e) = &result {
             tracing::error!(error = %e, "session store write failed");
             shapes.forget();
+        }
+        for (share, n) in runs.drain(..) {
+            backlog.written_by(share, n);
         }
         backlog.written(records);
         let outcome = result.map_err(|e| e.to_string());
@@ -1486,15 +1585,18 @@ mod tests {
         };
         // A long statement, then a short one, in one batch: each row's lists are its own,
         // with nothing left over from the longer one before it (the writer reuses its buffers).
-        let long = store.statement(StatementStart {
-            tables: vec![
-                table(Some("crm"), "customers", crate::policy::Access::Read),
-                table(None, "audit \"log\"", crate::policy::Access::Write),
-            ]
-            .into(),
-            functions: vec!["lower".to_string(), "now".to_string()].into(),
-            ..statement_text(7, 0)
-        });
+        let long = store.statement(
+            AgentShare::NONE,
+            StatementStart {
+                tables: vec![
+                    table(Some("crm"), "customers", crate::policy::Access::Read),
+                    table(None, "audit \"log\"", crate::policy::Access::Write),
+                ]
+                .into(),
+                functions: vec!["lower".to_string(), "now".to_string()].into(),
+                ..statement_text(7, 0)
+            },
+        );
         store
             .statement_end(
                 long,
@@ -1508,10 +1610,13 @@ mod tests {
                 },
             )
             .unwrap();
-        let short = store.statement(StatementStart {
-            tables: vec![table(None, "t", crate::policy::Access::Read)].into(),
-            ..statement_text(7, 1)
-        });
+        let short = store.statement(
+            AgentShare::NONE,
+            StatementStart {
+                tables: vec![table(None, "t", crate::policy::Access::Read)].into(),
+                ..statement_text(7, 1)
+            },
+        );
         store.statement_end(short, StatementEnd::default()).unwrap();
         store.flush().await.unwrap();
 
@@ -1561,11 +1666,11 @@ mod tests {
         // Three executions under one judgement, one under another, and two simple queries whose
         // texts differ only in a literal: three shapes.
         for (decision, n) in [("allow", 1), ("allow", 2), ("deny", 3), ("allow", 4)] {
-            let st = store.statement(prepared(decision));
+            let st = store.statement(AgentShare::NONE, prepared(decision));
             store.statement_end(st, ended(n)).unwrap();
         }
         for n in [5, 6] {
-            let st = store.statement(statement_text(9, n));
+            let st = store.statement(AgentShare::NONE, statement_text(9, n));
             store.statement_end(st, ended(n as u64)).unwrap();
         }
         store.flush().await.unwrap();
@@ -1649,12 +1754,12 @@ mod tests {
         // Queued before the writer starts: one batch, the flush in the middle.
         let (tx, rx) = mpsc::channel();
         let (ack, answer) = tokio::sync::oneshot::channel();
-        tx.send(record(1)).unwrap();
-        tx.send(Write::Flush(ack)).unwrap();
-        tx.send(record(2)).unwrap();
+        tx.send((record(1), AgentShare::NONE)).unwrap();
+        tx.send((Write::Flush(ack), AgentShare::NONE)).unwrap();
+        tx.send((record(2), AgentShare::NONE)).unwrap();
         drop(tx);
-        let backlog = Backlog::new(StoreLimits::default());
-        (0..3).for_each(|_| backlog.added());
+        let backlog = Backlog::new(StoreLimits::default(), &[]);
+        (0..3).for_each(|_| backlog.added(AgentShare::NONE));
         let writer = std::thread::spawn(move || writer(conn, rx, &backlog));
         let outcome = answer.await.unwrap();
         assert!(
@@ -1674,11 +1779,17 @@ mod tests {
         let conn = open_rw(&path).unwrap();
         // Counted and not sent: to the writer, records other threads are sending right now. The
         // count stays above the low mark, and only an empty channel says the writer is idle.
-        let backlog = Arc::new(Backlog::new(StoreLimits { max_queued: 10 }));
-        (0..10).for_each(|_| backlog.added());
+        let backlog = Arc::new(Backlog::new(
+            StoreLimits {
+                max_queued: 10,
+                ..StoreLimits::default()
+            },
+            &[],
+        ));
+        (0..10).for_each(|_| backlog.added(AgentShare::NONE));
         let waiting = tokio::spawn({
             let backlog = backlog.clone();
-            async move { backlog.room().await }
+            async move { backlog.room(AgentShare::NONE).await }
         });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished() && backlog.backpressure());
@@ -1686,7 +1797,7 @@ mod tests {
         backlog.written(4);
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished() && backlog.backpressure());
-        let (tx, rx) = mpsc::channel::<Write>();
+        let (tx, rx) = mpsc::channel::<(Write, AgentShare)>();
         let writer = std::thread::spawn({
             let backlog = backlog.clone();
             move || writer(conn, rx, &backlog)
@@ -1721,7 +1832,7 @@ mod tests {
                 [],
             )
             .unwrap();
-        let first = store.statement(prepared());
+        let first = store.statement(AgentShare::NONE, prepared());
         assert_eq!(first.id, 1);
         store.statement_end(first, StatementEnd::default()).unwrap();
         let err = store.flush().await.unwrap_err();
@@ -1730,7 +1841,7 @@ mod tests {
             "{err}"
         );
         // The same shape again: its row must name a shape that exists.
-        let second = store.statement(prepared());
+        let second = store.statement(AgentShare::NONE, prepared());
         store
             .statement_end(second, StatementEnd::default())
             .unwrap();
@@ -1754,10 +1865,10 @@ mod tests {
         let (a, b, c) = (101, 102, 103);
         // Session a's first statement runs long: it is opened first and ends last, after more
         // than SPAN_GAP statements of session b were recorded in between.
-        let long = store.statement(statement_text(a, 0));
+        let long = store.statement(AgentShare::NONE, statement_text(a, 0));
         let mut expected_b = Vec::new();
         for n in 0..(SPAN_GAP as usize + 50) {
-            let st = store.statement(statement_text(b, n));
+            let st = store.statement(AgentShare::NONE, statement_text(b, n));
             expected_b.push(st.s.text.to_string());
             store.statement_end(st, StatementEnd::default()).unwrap();
             if n % 1000 == 999 {
@@ -1765,10 +1876,10 @@ mod tests {
                 store.flush().await.unwrap();
             }
         }
-        let next = store.statement(statement_text(a, 1));
+        let next = store.statement(AgentShare::NONE, statement_text(a, 1));
         store.statement_end(long, StatementEnd::default()).unwrap();
         store.statement_end(next, StatementEnd::default()).unwrap();
-        let last_c = store.statement(statement_text(c, 0));
+        let last_c = store.statement(AgentShare::NONE, statement_text(c, 0));
         store
             .statement_end(last_c, StatementEnd::default())
             .unwrap();
@@ -1850,7 +1961,7 @@ mod tests {
         // More than a batch at once: the writer falls behind, catches up, and loses nothing.
         let n = BATCH_MAX * 3;
         for i in 0..n {
-            let st = store.statement(statement_text(7, i));
+            let st = store.statement(AgentShare::NONE, statement_text(7, i));
             store.statement_end(st, StatementEnd::default()).unwrap();
         }
         store.flush().await.unwrap();
@@ -1870,8 +1981,11 @@ mod tests {
         const PRODUCERS: usize = 4;
         const EACH: usize = 100;
         let (dir, path) = fresh_dir("stall");
-        let store =
-            Arc::new(SessionStore::open_with(&path, StoreLimits { max_queued: MAX }).unwrap());
+        let limits = StoreLimits {
+            max_queued: MAX,
+            ..StoreLimits::default()
+        };
+        let store = Arc::new(SessionStore::open_with(&path, limits, &[]).unwrap());
         let session = store
             .start(SessionStart {
                 decision: "allow",
@@ -1888,8 +2002,9 @@ mod tests {
                 let (store, sent) = (store.clone(), sent.clone());
                 tokio::spawn(async move {
                     for n in 0..EACH {
-                        store.room().await.unwrap();
-                        let open = store.statement(statement_text(session, p * EACH + n));
+                        store.room(AgentShare::NONE).await.unwrap();
+                        let open = store
+                            .statement(AgentShare::NONE, statement_text(session, p * EACH + n));
                         store.statement_end(open, StatementEnd::default()).unwrap();
                         sent.fetch_add(1, Ordering::SeqCst);
                     }
@@ -1900,7 +2015,11 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut held_at = None;
         while locked.elapsed() < Duration::from_secs(6) || held_at.is_none() {
-            let (queued, _, waiting) = store.queue();
+            let QueueStatus {
+                queued,
+                backpressure: waiting,
+                ..
+            } = store.queue();
             assert!(
                 queued <= MAX + PRODUCERS,
                 "{queued} records queued past the bound of {MAX}"
@@ -1926,7 +2045,7 @@ mod tests {
                 .unwrap();
         }
         store.flush().await.unwrap();
-        assert!(!store.queue().2, "backpressure ended");
+        assert!(!store.queue().backpressure, "backpressure ended");
         let reader = SessionReader::open(&path).unwrap();
         let mut got = texts(&reader.statements_of(session).unwrap());
         got.sort();
@@ -1935,6 +2054,88 @@ mod tests {
             .collect();
         want.sort();
         assert_eq!(got, want);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// With the writer stalled, an agent flooding the store is held at its share of the bound
+    /// while another agent's statements still get room; once the lock is released every
+    /// record of both is written and the per-agent counts are back to zero.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_writer_holds_the_flooding_agent_while_another_goes_on() {
+        use std::sync::atomic::AtomicUsize;
+        const MAX: usize = 20;
+        const FLOOD: usize = 200;
+        const QUIET: usize = 5;
+        let (dir, path) = fresh_dir("stall-shares");
+        let limits = StoreLimits {
+            max_queued: MAX,
+            ..StoreLimits::default()
+        };
+        let store = Arc::new(SessionStore::open_with(&path, limits, &["flood", "quiet"]).unwrap());
+        let (flood, quiet) = (store.share("flood"), store.share("quiet"));
+        let session_of = |agent: &str| {
+            store
+                .start(SessionStart {
+                    agent: Some(agent.into()),
+                    decision: "allow",
+                    ..Default::default()
+                })
+                .unwrap()
+        };
+        let (flood_session, quiet_session) = (session_of("flood"), session_of("quiet"));
+        store.flush().await.unwrap();
+        let lock = Connection::open(&path).unwrap();
+        lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let sent = Arc::new(AtomicUsize::new(0));
+        let flooder = tokio::spawn({
+            let (store, sent) = (store.clone(), sent.clone());
+            async move {
+                for n in 0..FLOOD {
+                    store.room(flood).await.unwrap();
+                    let open = store.statement(flood, statement_text(flood_session, n));
+                    store.statement_end(open, StatementEnd::default()).unwrap();
+                    sent.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        // The flooder reaches the bound, all of it its own share, and is held there.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !(store.queue().backpressure && sent.load(Ordering::SeqCst) == MAX) {
+            assert!(std::time::Instant::now() < deadline, "{:?}", store.queue());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The other agent's statements still get room, and its connections are taken.
+        for n in 0..QUIET {
+            tokio::time::timeout(Duration::from_secs(5), store.room(quiet))
+                .await
+                .unwrap_or_else(|_| panic!("the quiet agent waited at its statement {n}"))
+                .unwrap();
+            let open = store.statement(quiet, statement_text(quiet_session, n));
+            store.statement_end(open, StatementEnd::default()).unwrap();
+        }
+        assert!(!store.overloaded(quiet));
+        assert_eq!(store.queued_by(quiet), QUIET);
+        let q = store.queue();
+        assert_eq!(q.busiest, Some(("flood".to_string(), MAX)), "{q:?}");
+        assert_eq!(q.agent_share, MAX / 2, "{q:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(sent.load(Ordering::SeqCst), MAX, "the flooder went on");
+        lock.execute_batch("ROLLBACK").unwrap();
+        tokio::time::timeout(Duration::from_secs(30), flooder)
+            .await
+            .unwrap()
+            .unwrap();
+        store.flush().await.unwrap();
+        assert_eq!(store.queued_by(flood), 0);
+        assert_eq!(store.queued_by(quiet), 0);
+        assert_eq!(store.queue().busiest, None);
+        let reader = SessionReader::open(&path).unwrap();
+        for (session, n) in [(flood_session, FLOOD), (quiet_session, QUIET)] {
+            let want: Vec<String> = (0..n)
+                .map(|i| statement_text(session, i).text.to_string())
+                .collect();
+            assert_eq!(texts(&reader.statements_of(session).unwrap()), want);
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1978,7 +2179,7 @@ mod tests {
         drop(reader);
 
         let store = SessionStore::open(&path).unwrap();
-        let st = store.statement(statement_text(7, 4));
+        let st = store.statement(AgentShare::NONE, statement_text(7, 4));
         assert_eq!(st.id, 4, "statement ids go on from the old ones");
         store.statement_end(st, StatementEnd::default()).unwrap();
         store.flush().await.unwrap();
@@ -2040,7 +2241,7 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-        store.end(id, 10, 20, None).unwrap();
+        store.end(AgentShare::NONE, id, 10, 20, None).unwrap();
         store
             .event(Event {
                 session_id: Some(id),

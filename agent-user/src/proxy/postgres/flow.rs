@@ -691,21 +691,24 @@ fn record_query(
     let store = &ctx.gate.store;
     if qd.statements.is_empty() {
         let d = &qd.decision;
-        let open = store.statement(StatementStart {
-            session_id: ctx.session_id,
-            protocol,
-            text: sql.into(),
-            kind: None,
-            decision: d.verdict.name(),
-            enforced: !d.shadow,
-            policy: d.policy.clone(),
-            rule: d.rule.clone(),
-            message: qd
-                .parse_error
-                .clone()
-                .or_else(|| verdict_message(&d.verdict)),
-            ..Default::default()
-        });
+        let open = store.statement(
+            ctx.peer.share,
+            StatementStart {
+                session_id: ctx.session_id,
+                protocol,
+                text: sql.into(),
+                kind: None,
+                decision: d.verdict.name(),
+                enforced: !d.shadow,
+                policy: d.policy.clone(),
+                rule: d.rule.clone(),
+                message: qd
+                    .parse_error
+                    .clone()
+                    .or_else(|| verdict_message(&d.verdict)),
+                ..Default::default()
+            },
+        );
         return if qd.parse_error.is_some() {
             vec![Rec::new(Some(open), Arc::default())]
         } else {
@@ -717,19 +720,22 @@ fn record_query(
         .map(|s| {
             let d = &s.decision;
             let (decision, message) = Reviewed::apply(reviewed, d);
-            let open = store.statement(StatementStart {
-                session_id: ctx.session_id,
-                protocol,
-                text: s.facts.text.clone(),
-                kind: Some(s.facts.kind.as_str()),
-                tables: s.facts.tables.clone(),
-                functions: s.facts.functions.clone(),
-                decision,
-                enforced: !d.shadow,
-                policy: d.policy.clone(),
-                rule: d.rule.clone(),
-                message,
-            });
+            let open = store.statement(
+                ctx.peer.share,
+                StatementStart {
+                    session_id: ctx.session_id,
+                    protocol,
+                    text: s.facts.text.clone(),
+                    kind: Some(s.facts.kind.as_str()),
+                    tables: s.facts.tables.clone(),
+                    functions: s.facts.functions.clone(),
+                    decision,
+                    enforced: !d.shadow,
+                    policy: d.policy.clone(),
+                    rule: d.rule.clone(),
+                    message,
+                },
+            );
             Rec::new(Some(open), d.mask.clone())
         })
         .collect()
@@ -850,15 +856,18 @@ fn judge(ctx: &Context<'_>, sql: &str) -> (QueryDecision, Judged, Vec<u64>) {
 
 /// Records the refusal of a message that carries no statement the policy could judge.
 fn refuse_unjudged(ctx: &Context<'_>, protocol: &'static str, text: &str, message: &str) {
-    let open = ctx.gate.store.statement(StatementStart {
-        session_id: ctx.session_id,
-        protocol,
-        text: text.into(),
-        decision: "deny",
-        enforced: true,
-        message: Some(message.into()),
-        ..Default::default()
-    });
+    let open = ctx.gate.store.statement(
+        ctx.peer.share,
+        StatementStart {
+            session_id: ctx.session_id,
+            protocol,
+            text: text.into(),
+            decision: "deny",
+            enforced: true,
+            message: Some(message.into()),
+            ..Default::default()
+        },
+    );
     finish(
         ctx,
         Rec::new(Some(open), Arc::default()),
@@ -1337,19 +1346,22 @@ fn record_execute(
     reviewed: Option<&Reviewed>,
 ) -> Rec {
     let (verdict, message) = Reviewed::apply(reviewed, decision);
-    let open = ctx.gate.store.statement(StatementStart {
-        session_id: ctx.session_id,
-        protocol: "extended",
-        text: p.text.clone(),
-        kind: p.kind,
-        tables: p.tables.clone(),
-        functions: p.functions.clone(),
-        decision: verdict,
-        enforced: !decision.shadow,
-        policy: decision.policy.clone(),
-        rule: decision.rule.clone(),
-        message,
-    });
+    let open = ctx.gate.store.statement(
+        ctx.peer.share,
+        StatementStart {
+            session_id: ctx.session_id,
+            protocol: "extended",
+            text: p.text.clone(),
+            kind: p.kind,
+            tables: p.tables.clone(),
+            functions: p.functions.clone(),
+            decision: verdict,
+            enforced: !decision.shadow,
+            policy: decision.policy.clone(),
+            rule: decision.rule.clone(),
+            message,
+        },
+    );
     Rec::new(Some(open), decision.mask.clone())
 }
 
@@ -1433,7 +1445,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
     loop {
         // While the session writer is behind, the agent's next message waits (backpressure);
         // once it has stopped, the connection ends: nothing the agent sends could be recorded.
-        ctx.gate.store.room().await?;
+        ctx.gate.store.room(ctx.peer.share).await?;
         let Some(frame) = read_frontend(&mut client, &mut buf, &mut dec).await? else {
             let _ = upstream.shutdown().await;
             return Ok(());

@@ -281,7 +281,7 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
             .start(peer.session_start("deny", Some(message.clone())));
         fatal(&mut client, "42501", &message).await;
         if let Ok(id) = sid {
-            let _ = gate.store.end(id, 0, 0, None);
+            let _ = gate.store.end(peer.share, id, 0, 0, None);
         }
         return;
     }
@@ -303,7 +303,7 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
             .start(peer.session_start("deny", Some(msg.clone())));
         fatal(&mut client, "42501", &msg).await;
         if let Ok(id) = sid {
-            let _ = gate.store.end(id, 0, 0, None);
+            let _ = gate.store.end(peer.share, id, 0, 0, None);
         }
         return;
     }
@@ -326,7 +326,9 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
                 "08001"
             };
             fatal(&mut client, code, &format!("agentgate: {e}")).await;
-            let _ = gate.store.end(session_id, 0, 0, Some(e.to_string()));
+            let _ = gate
+                .store
+                .end(peer.share, session_id, 0, 0, Some(e.to_string()));
             return;
         }
     };
@@ -362,11 +364,15 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
         Ok(())
     };
     if let Err(e) = greet() {
-        let _ = gate.store.end(session_id, 0, 0, Some(e.to_string()));
+        let _ = gate
+            .store
+            .end(peer.share, session_id, 0, 0, Some(e.to_string()));
         return;
     }
     if let Err(e) = client.write_all(&hello).await {
-        let _ = gate.store.end(session_id, 0, 0, Some(e.to_string()));
+        let _ = gate
+            .store
+            .end(peer.share, session_id, 0, 0, Some(e.to_string()));
         return;
     }
     let database = upstream::database_of(&target.credentials, &params);
@@ -400,5 +406,7 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
     if let Some(key) = &minted {
         shared.cancel.remove(key);
     }
-    let _ = gate.store.end(session_id, up_bytes, down_bytes, error);
+    let _ = gate
+        .store
+        .end(peer.share, session_id, up_bytes, down_bytes, error);
 }
