@@ -1223,7 +1223,9 @@ else:
 #[test]
 fn new_connections_are_refused_while_the_session_store_is_far_behind() {
     // A connection whose session could not be recorded must not be relayed: past twice
-    // `sessions.max_queued` (here 2 records) new connections are closed at accept.
+    // `sessions.max_queued` (here 2 records) new connections of the agent holding its share of
+    // the queue are closed at accept. Another agent's are still relayed: one agent filling the
+    // queue does not shut the others out.
     let echo = EchoServer::start("127.0.0.1:0");
     let body = format!(
         "{}sessions: {{max_queued: 1}}\n",
@@ -1258,12 +1260,13 @@ print(",".join(out))
             retry = if retry { "True" } else { "False" },
         )
     };
-    let run_bot = |n, retry| {
+    let run_as = |agent, n, retry| {
         let out = stdout(&run(
-            &mut gate.exec("bot", &["python3", "-c", &script(n, retry)])
+            &mut gate.exec(agent, &["python3", "-c", &script(n, retry)])
         ));
         out.trim().to_string()
     };
+    let run_bot = |n, retry| run_as("bot", n, retry);
     // The first connection is relayed; its records wait for the locked file.
     assert_eq!(run_bot(1, false), "ok");
     wait_for("2 queued records", Duration::from_secs(10), || {
@@ -1271,6 +1274,12 @@ print(",".join(out))
         (s["daemon"]["session_queue"].as_u64()? >= 2).then_some(())
     });
     assert_eq!(run_bot(2, false), "closed,closed");
+    assert_eq!(run_as("other", 1, false), "ok");
+    let status = gate.cli_json(&["status", "--json"]);
+    assert_eq!(
+        status["daemon"]["session_queue_busiest"]["agent"], "bot",
+        "{status:#}"
+    );
     lock.execute_batch("ROLLBACK").unwrap();
     drop(lock);
     // Once the writer has caught up, connections are relayed again.

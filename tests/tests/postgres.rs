@@ -1930,6 +1930,125 @@ fn statements_wait_for_a_stalled_session_store_and_are_all_recorded_once_it_resu
     );
 }
 
+/// psql through the gate as `agent` with `script` on its stdin, left running.
+fn spawn_psql(gate: &Gate, pg: &Postgres, agent: &str, script: &str) -> std::process::Child {
+    let mut argv = vec!["psql".to_string()];
+    argv.extend(psql_conn_args(pg.port));
+    argv.extend(["-v", "ON_ERROR_STOP=1"].map(String::from));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut child = gate
+        .exec(agent, &argv)
+        .env("PGPASSFILE", "/nonexistent")
+        .env("PGPASSWORD", WRONG_PASSWORD)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    child
+}
+
+/// The texts of the statements `agent`'s ended session recorded.
+fn statements_of_agent(gate: &Gate, sessions: &[Value], agent: &str) -> Vec<String> {
+    let s = sessions
+        .iter()
+        .find(|s| s["agent"] == agent)
+        .unwrap_or_else(|| panic!("no session of {agent}: {sessions:#?}"));
+    let id = s["id"].as_i64().unwrap().to_string();
+    let v = gate.cli_json(&["sessions", "show", &id, "--json"]);
+    v["statements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["text"].as_str())
+        .map(|t| t.trim_end_matches(';').trim().to_string())
+        .collect()
+}
+
+#[test]
+fn an_agent_flooding_a_stalled_session_store_waits_while_another_agents_statements_run() {
+    // A queue of 20 records shared by two agents. `bot` sends statements as fast as the gate
+    // reads them while the writer cannot write: it is held once it holds the whole bound.
+    // `recorder` then comes with a few statements: it holds less than its share (half the
+    // bound, two agents holding records), so they run while `bot` still waits. The bound used
+    // to be one for all: `recorder` waited behind `bot`'s records.
+    let pg = Postgres::start("scram-sha-256");
+    pg.admin_sql(SCHEMA);
+    let body = format!("{}\nsessions:\n  max_queued: 20\n", config(&pg, ""));
+    let gate = Gate::start_with_env(&body, &[("AGENTGATE_MASK_KEY", MASK_KEY)]);
+    const N: i64 = 60;
+    let lock = rusqlite::Connection::open(gate.dir.join("state/sessions.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let flood: Vec<String> = (0..N)
+        .map(|i| format!("INSERT INTO t VALUES ({}, 'flood')", 100 + i))
+        .collect();
+    let script: String = flood.iter().map(|q| format!("{q};\n")).collect();
+    let flooder = spawn_psql(&gate, &pg, "bot", &script);
+    let flooded = || count(&pg, "SELECT count(*) FROM t WHERE v = 'flood'");
+    let status = agentgate_tests::wait_for("bot held", Duration::from_secs(20), || {
+        let s = gate.cli_json(&["status", "--json"]);
+        (s["daemon"]["session_backpressure"] == true
+            && s["daemon"]["session_queue_busiest"]["agent"] == "bot")
+            .then_some(s)
+    });
+    assert_eq!(
+        status["daemon"]["session_queue_agent_share"], 20,
+        "{status:#}"
+    );
+    // A statement read just before the queue filled may still be running: let it finish.
+    std::thread::sleep(Duration::from_secs(1));
+    let held_at = flooded();
+    assert!(held_at < N, "every statement ran: nothing waited");
+
+    let quiet = [
+        "INSERT INTO t VALUES (900, 'quiet')",
+        "INSERT INTO t VALUES (901, 'quiet')",
+        "SELECT count(*) FROM t WHERE v = 'quiet'",
+    ];
+    let script: String = quiet.iter().map(|q| format!("{q};\n")).collect();
+    let mut other = spawn_psql(&gate, &pg, "recorder", &script);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while other.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "recorder's statements waited behind bot's records"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = other.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(count(&pg, "SELECT count(*) FROM t WHERE v = 'quiet'"), 2);
+    // `bot` is still held: no statement of its ran unrecorded meanwhile.
+    assert_eq!(flooded(), held_at, "bot's statements ran while unrecorded");
+    let status = gate.cli_json(&["status", "--json"]);
+    assert_eq!(
+        status["daemon"]["session_queue_agent_share"], 10,
+        "two agents hold records: {status:#}"
+    );
+
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    let o = flooder.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(flooded(), N);
+    // Every statement of both agents is recorded, none lost to the stall.
+    let sessions = gate.sessions_ended(2);
+    assert_eq!(statements_of_agent(&gate, &sessions, "bot"), flood);
+    assert_eq!(statements_of_agent(&gate, &sessions, "recorder"), quiet);
+    let status = gate.cli_json(&["status", "--json"]);
+    assert_eq!(
+        status["daemon"]["session_backpressure"], false,
+        "{status:#}"
+    );
+}
+
 // 17 -----------------------------------------------------------------------------------------
 
 #[test]
