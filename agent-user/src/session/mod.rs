@@ -10,9 +10,10 @@
 //! not release a result before its record is durable; it fails if the batch holding it was rolled
 //! back (the writer answers it for the whole batch, not for the records before it).
 //!
-//! The queue is bounded without dropping records (see `backlog`): producers of statement records
-//! wait while the writer is behind, and the writer waits for a lock another process holds on the
-//! file instead of giving up on the batch after a timeout.
+//! The queue is bounded without dropping records (see `backlog`): while the writer is behind,
+//! producers of statement records of an agent holding its share of the queue wait, and the writer
+//! waits for a lock another process holds on the file instead of giving up on the batch after a
+//! timeout. Records travel with the share they count against, so the writer counts them down.
 //!
 //! Readers (`agentgate sessions ...`) open the same file read-only; WAL lets them read while
 //! the daemon writes. This module stores and reads; it does not decide anything.
