@@ -34,6 +34,7 @@ pub mod names {
     pub const GETPEERNAME6: &str = "ag_getpeername6";
     pub const SOCK_OPS: &str = "ag_sock_ops";
     pub const SOCK_CREATE: &str = "ag_sock_create";
+    pub const INBOUND: &str = "ag_inbound";
 
     /// Every map, in the order the daemon pins them.
     pub const MAPS: [&str; 11] = [
@@ -82,6 +83,9 @@ pub const GOVERNED_UNKNOWN_RECORD: u32 = 1;
 /// `Governed::flags`: ICMP echo ("ping") sockets may be created (they are refused otherwise:
 /// no sendmsg hook sees their datagrams).
 pub const GOVERNED_ALLOW_PING: u32 = 2;
+/// `Governed::flags`: TCP connections from other hosts may be accepted (they are dropped
+/// otherwise: an agent serving a remote peer would send it anything, past every outbound hook).
+pub const GOVERNED_ALLOW_INBOUND: u32 = 4;
 
 /// `FlowRecord::target_id` for a destination that matched no configured target.
 pub const TARGET_UNKNOWN: u32 = u32::MAX;
@@ -222,6 +226,10 @@ pub mod reason {
     /// A socket other than TCP or UDP (raw, ICMP, SCTP, MPTCP...) refused at creation: no hook
     /// sees what it sends.
     pub const SOCKET_NOT_ALLOWED: u32 = 8;
+    /// A TCP connection from another host to a governed listening socket, dropped on ingress.
+    /// The event's destination is the address and port the peer connected to; its pid is 0
+    /// (no process runs when a packet arrives) and its uid the listening socket's owner.
+    pub const INBOUND_CONNECTION: u32 = 9;
 }
 
 /// Sent through the `EVENTS` ring buffer for every refusal.

@@ -12,6 +12,10 @@
 //!   only key the enforcer can know on accept.
 //! - `getpeername4/6`: the agent sees the address it asked for.
 //! - `sendmsg4/6`: unconnected UDP from governed cgroups goes only to configured resolvers.
+//! - `inbound` (`cgroup_skb/ingress`): a packet for a governed listening TCP socket from a
+//!   non-loopback address (a connection from another host) is dropped, unless the agent may
+//!   accept them. For every other packet on the host it returns "allow" after reading the
+//!   receiving socket's state.
 //!
 //! Every refusal is reported through the `EVENTS` ring buffer, within the refusing agent's
 //! budget of entries (`EVENT_BUDGETS`); refusals over it are only counted. Policy beyond "which
@@ -25,7 +29,8 @@
 
 use agent_common::{
     AF_INET, Addr, V4_MAPPED_WORD, AF_INET6, DEST_KEY_FIXED_BITS, DenyEvent, DestKey, DestValue, EVENTS_BYTES, Endpoint,
-    EventBudget, FlowKey, FlowRecord, GOVERNED_ALLOW_PING, GOVERNED_UNKNOWN_RECORD, Governed,
+    EventBudget, FlowKey, FlowRecord, GOVERNED_ALLOW_INBOUND, GOVERNED_ALLOW_PING,
+    GOVERNED_UNKNOWN_RECORD, Governed,
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, MAX_AGENTS, MAX_CGROUP_DEPTH,
     MAX_DESTS, MAX_FLOWS, MAX_GOVERNED, MAX_ORIG_DST, MAX_PENDING, MAX_PROTECTED, MAX_RESOLVERS,
     ORPHAN_BUDGET_SLOT, SOCK_DGRAM, SOCK_STREAM, Settings, TARGET_UNKNOWN, reason, v4_mapped,
@@ -36,12 +41,12 @@ use aya_ebpf::{
     bindings::{bpf_sock_addr, bpf_sock_ops},
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
-        bpf_ktime_get_ns,
+        bpf_get_socket_uid, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
-    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, cgroup_skb, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 
 const ALLOW: i32 = 1;
@@ -90,11 +95,24 @@ static EVENT_BUDGETS: Array<EventBudget> = Array::with_max_entries(MAX_AGENTS + 
 /// task's cgroup and its ancestors.
 #[inline(never)]
 fn governed() -> Option<(u64, Governed)> {
+    // SAFETY: helper call with a plain integer argument; returns 0 past the task's depth.
+    governed_among(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+}
+
+/// [`governed`] for the socket an arriving packet is for (no task runs then).
+#[inline(never)]
+fn governed_socket(skb: *mut aya_ebpf::bindings::__sk_buff) -> Option<(u64, Governed)> {
+    // SAFETY: `skb` is the program's context; the helper returns 0 past the socket's depth.
+    governed_among(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) })
+}
+
+/// The deepest governed cgroup among those `ancestor(level)` names, root (level 0) down.
+#[inline(always)]
+fn governed_among(ancestor: impl Fn(i32) -> u64) -> Option<(u64, Governed)> {
     let mut found: Option<(u64, Governed)> = None;
     let mut level: i32 = 0;
     while level < MAX_CGROUP_DEPTH as i32 {
-        // SAFETY: helper call with a plain integer argument; returns 0 past the task's depth.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        let id = ancestor(level);
         if id == 0 {
             break;
         }
@@ -526,6 +544,86 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
         protocol,
     };
     deny(&caller, &refusal)
+}
+
+/// `TCP_LISTEN` in `bpf_sock::state`.
+const TCP_LISTEN: u32 = 10;
+
+fn try_inbound(ctx: &SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: context loads; `sk` may be null (checked), and `state` is readable on any socket.
+    let listening = unsafe {
+        let sk = (*skb).__bindgen_anon_2.sk;
+        !sk.is_null() && (*sk).state == TCP_LISTEN
+    };
+    if !listening {
+        return ALLOW;
+    }
+    // The packet starts at its IP header. A connection from this host comes from a loopback
+    // address (the gate's own relays, local helpers); one from another host does not.
+    let Ok(first) = ctx.load::<u8>(0) else {
+        return ALLOW;
+    };
+    let (family, src, dst) = match first >> 4 {
+        4 => {
+            let (Ok(src), Ok(dst)) = (ctx.load::<[u8; 4]>(12), ctx.load::<[u8; 4]>(16)) else {
+                return ALLOW;
+            };
+            (AF_INET, v4_mapped(src), v4_mapped(dst))
+        }
+        6 => {
+            let (Ok(src), Ok(dst)) = (ctx.load::<Addr>(8), ctx.load::<Addr>(24)) else {
+                return ALLOW;
+            };
+            (AF_INET6, src, dst)
+        }
+        _ => return ALLOW,
+    };
+    if is_loopback(&src) {
+        return ALLOW;
+    }
+    // SAFETY: `skb` is the program's context.
+    let Some((gov_cgroup, gov)) = governed_socket(skb) else {
+        return ALLOW;
+    };
+    if gov.flags & GOVERNED_ALLOW_INBOUND != 0 {
+        return ALLOW;
+    }
+    let caller = Caller {
+        // SAFETY: helpers taking the program's context.
+        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+        governed_cgroup_id: gov_cgroup,
+        agent_id: gov.agent_id,
+        tgid: 0,
+        uid: unsafe { bpf_get_socket_uid(skb) },
+    };
+    // SAFETY: 4-byte context load.
+    let port = unsafe { (*skb).local_port } as u16;
+    deny(
+        &caller,
+        &Refusal {
+            reason: reason::INBOUND_CONNECTION,
+            dst,
+            port,
+            family,
+            sock_type: SOCK_STREAM,
+            protocol: IPPROTO_TCP,
+        },
+    )
+}
+
+/// 127.0.0.0/8 (as itself or mapped) or `::1`.
+#[inline(always)]
+fn is_loopback(a: &Addr) -> bool {
+    a[0] == 0
+        && a[1] == 0
+        && ((a[2] == V4_MAPPED_WORD && a[3].to_ne_bytes()[0] == 127)
+            || (a[2] == 0 && a[3] == u32::from_ne_bytes([0, 0, 0, 1])))
+}
+
+#[cgroup_skb(ingress)]
+pub fn ag_inbound(ctx: SkBuffContext) -> i32 {
+    try_inbound(&ctx)
 }
 
 #[cgroup_sock(sock_create)]

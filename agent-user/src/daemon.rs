@@ -621,7 +621,8 @@ async fn read_events(ring: RingBuf<MapData>, gate: Arc<Gate>) {
                 session_id: None,
                 kind: "kernel_deny".into(),
                 agent,
-                pid: Some(ev.tgid),
+                // 0 for a packet dropped on arrival: no process ran.
+                pid: (ev.tgid != 0).then_some(ev.tgid),
                 uid: Some(ev.uid),
                 cgroup_id: Some(ev.cgroup_id),
                 exe: process.exe,

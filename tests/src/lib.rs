@@ -731,3 +731,44 @@ pub fn install_psycopg() -> Result<()> {
     }
     Ok(())
 }
+
+/// An address added to `lo` for one test: this host's own, but not a loopback one (like an
+/// interface's `192.0.2.2`). IPv4 or IPv6. Removed when dropped.
+pub struct HostAddress(pub &'static str);
+
+impl HostAddress {
+    pub fn add(ip: &'static str) -> HostAddress {
+        // Left over from an interrupted run: ignore the error of removing nothing.
+        let _ = Command::new("ip")
+            .args(["addr", "del", &format!("{ip}/{}", prefix(ip)), "dev", "lo"])
+            .output();
+        let mut add = Command::new("ip");
+        add.args(["addr", "add", &format!("{ip}/{}", prefix(ip)), "dev", "lo"]);
+        if ip.contains(':') {
+            // Usable at once, without duplicate address detection.
+            add.arg("nodad");
+        }
+        let o = run(&mut add);
+        assert!(o.status.success(), "ip addr add {ip}: {}", show(&o));
+        HostAddress(ip)
+    }
+}
+
+impl Drop for HostAddress {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args([
+                "addr",
+                "del",
+                &format!("{}/{}", self.0, prefix(self.0)),
+                "dev",
+                "lo",
+            ])
+            .output();
+    }
+}
+
+/// The host prefix length of an address literal.
+fn prefix(ip: &str) -> u8 {
+    if ip.contains(':') { 128 } else { 32 }
+}

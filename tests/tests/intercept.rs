@@ -2,11 +2,14 @@
 //! root, a real daemon, processes placed in governed cgroups by `agentgate exec`.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)]
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use agentgate_tests::{
-    ECONNREFUSED, EPERM, EchoServer, Gate, probe_ungoverned, run, stdout, udp_echo, wait_for,
+    ECONNREFUSED, EPERM, EchoServer, Gate, HostAddress, probe_ungoverned, run, stdout, udp_echo,
+    wait_for,
 };
 use serde_json::Value;
 
@@ -1289,4 +1292,100 @@ print(",".join(out))
     });
     assert_eq!(e["agent"], "bot");
     assert_eq!(e["detail"]["max_queued"], 1);
+}
+
+#[test]
+fn connections_from_other_hosts_to_a_governed_listener_are_dropped() {
+    // A governed agent that listens could serve a remote peer anything, past every outbound
+    // hook. Connections to its listening sockets from addresses that are not loopback ones are
+    // dropped in the kernel (recorded as `inbound_connection`) unless the agent has
+    // `allow_inbound: true`; connections from this host's loopback always go through.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&two_agents(&echo, "", "server", "allow_inbound: true"));
+    // Addresses of this host that are not loopback ones, as another host's peer would use
+    // (connecting to them picks them as source).
+    let v4 = HostAddress::add("198.51.100.78");
+    let v6 = HostAddress::add("2001:db8::78");
+    for (agent, remote_allowed) in [("bot", false), ("server", true)] {
+        let port = agentgate_tests::free_port();
+        let script = format!(
+            r#"
+import socket
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", {port}))
+s.listen(16)
+print("listening", flush=True)
+s.settimeout(30)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"hi")
+    c.close()
+"#
+        );
+        let mut child = gate
+            .exec(agent, &["python3", "-c", &script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the governed listener");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read");
+        assert_eq!(line.trim(), "listening", "{agent}");
+        let greet = |host: &str| -> std::io::Result<String> {
+            let addr: SocketAddr = format!("{host}:{port}").parse().expect("addr");
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut got = String::new();
+            s.read_to_string(&mut got)?;
+            Ok(got)
+        };
+        for local in ["127.0.0.1", "[::1]"] {
+            assert_eq!(greet(local).expect(local), "hi", "{agent} from {local}");
+        }
+        for remote in [v4.0.to_string(), format!("[{}]", v6.0)] {
+            let got = greet(&remote);
+            if remote_allowed {
+                assert_eq!(got.expect("allowed"), "hi", "{agent} from {remote}");
+            } else {
+                let err = got.expect_err("a connection from another address must not be accepted");
+                assert_eq!(
+                    err.kind(),
+                    std::io::ErrorKind::TimedOut,
+                    "{agent} from {remote}: {err}"
+                );
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        if !remote_allowed {
+            for (family, destination) in [
+                ("ipv4", format!("{}:{port}", v4.0)),
+                ("ipv6", format!("[{}]:{port}", v6.0)),
+            ] {
+                let e = gate.wait_event("the dropped inbound connection", |e| {
+                    e["kind"] == "kernel_deny"
+                        && e["agent"] == agent
+                        && e["detail"]["reason"] == "inbound_connection"
+                        && e["destination"] == destination.as_str()
+                });
+                assert_eq!(e["detail"]["family"], family, "{e}");
+                assert!(
+                    e["pid"].is_null(),
+                    "no process runs when a packet arrives: {e}"
+                );
+            }
+        }
+    }
+    // Nothing of `server` was dropped.
+    let v = gate.cli_json(&["events", "--json"]);
+    assert!(
+        !v.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["agent"] == "server" && e["detail"]["reason"] == "inbound_connection"),
+        "{v:#}"
+    );
 }

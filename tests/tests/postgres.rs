@@ -9,8 +9,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use agentgate_tests::{
-    EchoServer, Gate, Postgres, ensure_psycopg, psql_conn_args, psql_direct, psycopg_script, run,
-    show, text, workspace_root,
+    EchoServer, Gate, HostAddress, Postgres, ensure_psycopg, psql_conn_args, psql_direct,
+    psycopg_script, run, show, text, workspace_root,
 };
 use serde_json::Value;
 
@@ -2192,30 +2192,6 @@ fn a_server_the_agent_runs_inside_a_network_target_never_gets_the_password() {
     let password = std::fs::read_to_string(pg.dir.join("pw")).expect("pw");
     assert!(!password.trim().is_empty());
     drop(gate);
-}
-
-/// An address added to `lo` for one test: this host's own, but not a loopback one (like an
-/// interface's `192.0.2.2`). Removed when dropped.
-struct HostAddress(&'static str);
-
-impl HostAddress {
-    fn add(ip: &'static str) -> HostAddress {
-        // Left over from an interrupted run: ignore the error of removing nothing.
-        let _ = Command::new("ip")
-            .args(["addr", "del", &format!("{ip}/32"), "dev", "lo"])
-            .output();
-        let o = run(Command::new("ip").args(["addr", "add", &format!("{ip}/32"), "dev", "lo"]));
-        assert!(o.status.success(), "ip addr add {ip}: {}", show(&o));
-        HostAddress(ip)
-    }
-}
-
-impl Drop for HostAddress {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["addr", "del", &format!("{}/32", self.0), "dev", "lo"])
-            .output();
-    }
 }
 
 #[test]

@@ -284,6 +284,12 @@ pub struct AgentConfig {
     /// are always refused at creation.
     #[serde(default)]
     pub allow_ping: bool,
+    /// TCP connections from other hosts to this agent's listening sockets are accepted. Off by
+    /// default: the kernel drops them (`inbound_connection` events), since a remote peer the
+    /// agent serves could be sent anything, past every outbound hook. Connections from this
+    /// host (loopback addresses) are always accepted.
+    #[serde(default)]
+    pub allow_inbound: bool,
     /// Connections of this agent the enforcer serves at once; more are closed at accept (with
     /// a `connection_limit` event). One agent cannot run the daemon out of descriptors for all.
     #[serde(default = "default_max_connections")]

@@ -17,13 +17,15 @@ use std::sync::Mutex;
 
 use agent_common::{
     Addr, DEST_KEY_FIXED_BITS, DenyEvent, DestKey, DestValue, Endpoint, EventBudget, FlowKey,
-    FlowRecord, GOVERNED_ALLOW_PING, GOVERNED_UNKNOWN_RECORD, Governed, Settings,
-    V4_MAPPED_PREFIX_BITS, addr_bytes, addr_from_bytes, names, v4_mapped,
+    FlowRecord, GOVERNED_ALLOW_INBOUND, GOVERNED_ALLOW_PING, GOVERNED_UNKNOWN_RECORD, Governed,
+    Settings, V4_MAPPED_PREFIX_BITS, addr_bytes, addr_from_bytes, names, v4_mapped,
 };
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
-use aya::programs::{CgroupSock, CgroupSockAddr, ProgramError, SockOps};
+use aya::programs::{
+    CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError, SockOps,
+};
 use aya::{Ebpf, EbpfError};
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -146,7 +148,7 @@ impl Paths {
     fn all_links(&self) -> impl Iterator<Item = PathBuf> + '_ {
         SOCK_ADDR_PROGRAMS
             .iter()
-            .chain([&names::SOCK_OPS, &names::SOCK_CREATE])
+            .chain([&names::SOCK_OPS, &names::SOCK_CREATE, &names::INBOUND])
             .map(|p| self.link(p))
     }
 }
@@ -259,10 +261,11 @@ impl Intercept {
             path: cgroups.mount.clone(),
             source,
         })?;
-        // Loads program `name` as `$kind`, attaches it at the cgroup2 root and pins the link.
-        // (A macro: the program types share these methods but no trait.)
+        // Loads program `name` as `$kind`, attaches it at the cgroup2 root (with `$how` before
+        // the mode, for the types that take an attach type) and pins the link. (A macro: the
+        // program types share these methods but no trait.)
         macro_rules! attach_and_pin {
-            ($kind:ty, $name:expr) => {{
+            ($kind:ty, $name:expr $(, $how:expr)?) => {{
                 let name = $name;
                 let prog: &mut $kind = ebpf
                     .program_mut(name)
@@ -272,7 +275,7 @@ impl Intercept {
                 prog.load()
                     .map_err(|source| InterceptError::Program { name, source })?;
                 let id = prog
-                    .attach(&root, CgroupAttachMode::Single)
+                    .attach(&root, $($how,)? CgroupAttachMode::Single)
                     .map_err(|source| InterceptError::Program { name, source })?;
                 let link = prog
                     .take_link(id)
@@ -287,6 +290,7 @@ impl Intercept {
             attach_and_pin!(CgroupSockAddr, name);
         }
         attach_and_pin!(SockOps, names::SOCK_OPS);
+        attach_and_pin!(CgroupSkb, names::INBOUND, CgroupSkbAttachType::Ingress);
 
         if let Some(dir) = paths.hash_file.parent() {
             fs::create_dir_all(dir).map_err(|source| InterceptError::Io {
@@ -368,6 +372,9 @@ impl Intercept {
             };
             if agent.allow_ping {
                 flags |= GOVERNED_ALLOW_PING;
+            }
+            if agent.allow_inbound {
+                flags |= GOVERNED_ALLOW_INBOUND;
             }
             want_gov.insert(
                 *cgroup,
@@ -790,6 +797,7 @@ pub fn reason_name(reason: u32) -> &'static str {
         NOT_READY => "enforcer_not_ready",
         PROTECTED_ENDPOINT => "protected_endpoint",
         SOCKET_NOT_ALLOWED => "socket_not_allowed",
+        INBOUND_CONNECTION => "inbound_connection",
         _ => "unknown",
     }
 }
