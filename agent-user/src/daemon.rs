@@ -166,7 +166,8 @@ impl Daemon {
     /// Follows governed cgroups that were removed and created again under the same path (systemd
     /// does that on every restart of a service): the new cgroup has a new id, which the kernel
     /// side must know or the restarted service would run ungoverned.
-    fn follow_recreated_cgroups(&self) {
+    /// `seen_by`: what noticed it (`inotify`, or `poll`, the backstop), for the log.
+    fn follow_recreated_cgroups(&self, seen_by: &'static str) {
         let Ok(mut governed) = self.governed.lock() else {
             return;
         };
@@ -175,7 +176,7 @@ impl Daemon {
             if let Ok(id) = cgroup_id(&self.cgroups.dir(&g.cgroup))
                 && id != g.cgroup_id
             {
-                tracing::warn!(agent = %g.agent, cgroup = %g.cgroup, old = g.cgroup_id, new = id, "a governed cgroup was created again; governing the new one");
+                tracing::warn!(agent = %g.agent, cgroup = %g.cgroup, old = g.cgroup_id, new = id, seen_by, "a governed cgroup was created again; governing the new one");
                 g.cgroup_id = id;
                 changed = true;
             }
@@ -738,15 +739,122 @@ async fn record_left_out_events(gate: Arc<Gate>) {
     }
 }
 
-/// How often governed cgroups are checked for having been created again: the longest a
-/// restarted service can run before it is governed again.
+/// How often governed cgroups are checked for having been created again, as a backstop of the
+/// inotify watch on their parents (which misses a parent that was itself created again).
 const FOLLOW_CGROUPS_EVERY: Duration = Duration::from_millis(250);
 
+/// Follows governed cgroups created again (`Daemon::follow_recreated_cgroups`): at once when
+/// inotify reports a directory created in the parent of one, so a restarted service is governed
+/// again within the daemon's reaction time instead of up to a poll interval later; and every
+/// [`FOLLOW_CGROUPS_EVERY`].
 async fn follow_cgroups(daemon: Arc<Daemon>) {
     let mut tick = tokio::time::interval(FOLLOW_CGROUPS_EVERY);
+    let mut watch = match ParentWatch::new() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch governed cgroups' parents; cgroups created again are found by polling only");
+            None
+        }
+    };
     loop {
-        tick.tick().await;
-        daemon.follow_recreated_cgroups();
+        if let Some(w) = &mut watch {
+            w.watch_parents_of(&daemon);
+        }
+        let created = async {
+            match &watch {
+                Some(w) => w.created().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tick.tick() => daemon.follow_recreated_cgroups("poll"),
+            r = created => match r {
+                Ok(()) => daemon.follow_recreated_cgroups("inotify"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "inotify watch of governed cgroups' parents failed; polling only");
+                    watch = None;
+                }
+            },
+        }
+    }
+}
+
+/// nix's inotify handle, which tokio's `AsyncFd` can poll (it needs `AsRawFd`).
+struct InotifyFd(nix::sys::inotify::Inotify);
+
+impl std::os::fd::AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// An inotify watch on the directories holding governed cgroups: systemd restarting a service
+/// removes its cgroup and makes it again there.
+struct ParentWatch {
+    fd: tokio::io::unix::AsyncFd<InotifyFd>,
+    watched: std::collections::HashSet<std::path::PathBuf>,
+}
+
+impl ParentWatch {
+    fn new() -> nix::Result<ParentWatch> {
+        use nix::sys::inotify::{InitFlags, Inotify};
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        // Deprecated in favour of the unsafe `register`; the fd is owned by the value moved in
+        // (see `read_events`).
+        #[allow(deprecated)]
+        let fd = tokio::io::unix::AsyncFd::new(InotifyFd(inotify))
+            .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(nix::libc::EIO)))?;
+        Ok(ParentWatch {
+            fd,
+            watched: Default::default(),
+        })
+    }
+
+    /// Adds a watch for the parent of every governed cgroup not watched yet (attach adds some).
+    fn watch_parents_of(&mut self, daemon: &Daemon) {
+        use nix::sys::inotify::AddWatchFlags;
+        let parents: Vec<std::path::PathBuf> = match daemon.governed.lock() {
+            Ok(g) => g
+                .iter()
+                .filter_map(|c| {
+                    daemon
+                        .cgroups
+                        .dir(&c.cgroup)
+                        .parent()
+                        .map(std::path::Path::to_path_buf)
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        for parent in parents {
+            if self.watched.contains(&parent) {
+                continue;
+            }
+            match self.fd.get_ref().0.add_watch(
+                &parent,
+                AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO,
+            ) {
+                Ok(_) => {
+                    self.watched.insert(parent);
+                }
+                Err(e) => {
+                    tracing::debug!(parent = %parent.display(), error = %e, "cannot watch a governed cgroup's parent");
+                }
+            }
+        }
+    }
+
+    /// Waits until something was created in a watched directory (and drains the events).
+    async fn created(&self) -> std::io::Result<()> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.get_inner().0.read_events() {
+                Ok(events) if !events.is_empty() => return Ok(()),
+                Ok(_) | Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 
