@@ -699,20 +699,8 @@ fn fallback(
     reads_numbers: &mut bool,
 ) -> Result<Option<StatementFacts>, ParseError> {
     if let Some(kind) = plain_shape(chunk) {
-        return Ok(Some(StatementFacts {
-            text: source.text(chunk).unwrap_or_default().into(),
-            kind,
-            kinds: [kind].into(),
-            tables: Arc::default(),
-            functions: Arc::default(),
-            update_or_delete_without_where: false,
-            copy: None,
-            explain: false,
-            explain_analyze: false,
-            opaque_execute: false,
-            sets_search_path: false,
-            opaque: false,
-        }));
+        let text = source.text(chunk).unwrap_or_default();
+        return Ok(Some(unparsed_facts(text, kind, Arc::default(), false)));
     }
     let words = upper_words(chunk);
     let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
@@ -760,20 +748,37 @@ fn fallback(
     };
     let mut functions = OrderedSet::default();
     scan_functions(chunk, kind == StatementKind::Do, 0, &mut functions);
-    Ok(Some(StatementFacts {
-        text: source.text(chunk).unwrap_or_default().into(),
+    let text = source.text(chunk).unwrap_or_default();
+    Ok(Some(unparsed_facts(
+        text,
+        kind,
+        functions.items.into(),
+        true,
+    )))
+}
+
+/// The facts of a statement sqlparser could not parse: its kind and, when found, the functions
+/// it may call; no tables.
+fn unparsed_facts(
+    text: String,
+    kind: StatementKind,
+    functions: Arc<[String]>,
+    opaque: bool,
+) -> StatementFacts {
+    StatementFacts {
+        text: text.into(),
         kind,
         kinds: [kind].into(),
         tables: Arc::default(),
-        functions: functions.items.into(),
+        functions,
         update_or_delete_without_where: false,
         copy: None,
         explain: false,
         explain_analyze: false,
         opaque_execute: false,
         sets_search_path: false,
-        opaque: true,
-    }))
+        opaque,
+    }
 }
 
 /// Statements sqlparser 0.64 cannot parse whose grammar is small enough to check here token by
