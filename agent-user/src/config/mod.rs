@@ -103,6 +103,13 @@ impl Destination {
         self.port == addr.port() && self.contains(addr.ip())
     }
 
+    /// Does this destination cover more than one address (`10.0.0.0/8:5432`)? Then the
+    /// address dialed for a connect to it, when the target sets no `upstream`, is the one the
+    /// agent chose.
+    pub fn is_network(&self) -> bool {
+        self.net.prefix_len() < self.net.max_prefix_len()
+    }
+
     fn contains(&self, ip: IpAddr) -> bool {
         let mapped = match ip {
             IpAddr::V4(v4) => v4.to_ipv6_mapped(),
@@ -121,13 +128,6 @@ impl Destination {
     /// Every loopback and unspecified spelling reaches the same local listeners, so the kernel
     /// takes one that no destination names for the target that 127.0.0.1 is (see
     /// `intercept`), and the gate then dials this address, the one the operator configured.
-    /// Does this destination cover more than one address (`10.0.0.0/8:5432`)? Then the
-    /// address dialed for a connect to it, when the target sets no `upstream`, is the one the
-    /// agent chose.
-    pub fn is_network(&self) -> bool {
-        self.net.prefix_len() < self.net.max_prefix_len()
-    }
-
     pub fn local_address(&self) -> Option<IpAddr> {
         let (v4, v6) = (
             IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -334,14 +334,6 @@ pub struct TargetConfig {
     /// or Bind beyond it is refused with SQLSTATE 54000; closing names gives the bytes back.
     #[serde(default = "default_max_kept_bytes")]
     pub max_kept_bytes: usize,
-    /// A postgres target that matches a network and sets no `upstream` dials the address the
-    /// agent asked for within it: a server the agent itself runs there would be handed the
-    /// brokered login. Refused at load unless `tls: verify-full` with a `server_name`
-    /// authenticates every such server, or this is set. Even then the gate never answers a
-    /// cleartext password request from a server it cannot verify (md5 and SCRAM-SHA-256 reveal
-    /// no password, but let the server guess at it offline).
-    #[serde(default)]
-    pub allow_unverified_network_upstream: bool,
 }
 
 impl TargetConfig {
@@ -352,15 +344,6 @@ impl TargetConfig {
     /// listens at the spelling is not what the operator configured (a governed agent can
     /// listen on `127.0.0.2` itself and be handed the brokered credentials). `None` if the
     /// target names no such address (a flow from before a configuration change).
-    /// Does this target dial an address the agent chose, without a certificate to tell the
-    /// server it reaches from one the agent runs? Then its brokered password is never sent in
-    /// cleartext.
-    pub fn upstream_unverified(&self) -> bool {
-        self.upstream.is_none()
-            && self.destinations.iter().any(Destination::is_network)
-            && self.tls != crate::proxy::pgtls::TlsMode::VerifyFull
-    }
-
     pub fn upstream_for(&self, original: SocketAddr) -> Option<SocketAddr> {
         if let Some(u) = self.upstream {
             return Some(u);
@@ -667,24 +650,20 @@ impl Config {
                         "must be at least 65536".into(),
                     ));
                 }
+                // A network destination without an upstream dials the address the agent asked
+                // for within it: a server the agent runs there (or one relaying the login to
+                // the real server) would be handed the brokered login. Only a certificate for a
+                // fixed name tells the server the operator meant from that one.
                 if t.upstream.is_none() && t.destinations.iter().any(Destination::is_network) {
                     let verified = t.tls == crate::proxy::pgtls::TlsMode::VerifyFull;
-                    if verified && t.server_name.is_none() {
-                        return Err(invalid(
-                            format!("targets[{i}].server_name"),
-                            "`tls: verify-full` of a target that matches a network and sets no \
-                             upstream needs the name every server there presents"
-                                .into(),
-                        ));
-                    }
-                    if !verified && !t.allow_unverified_network_upstream {
+                    if !verified || t.server_name.is_none() {
                         return Err(invalid(
                             format!("targets[{i}].upstream"),
                             "this target matches a network and brokers credentials: without an \
                              upstream the gate would log in wherever the agent connects within \
                              it, even to a server the agent runs. Set `upstream`, match single \
-                             addresses, use `tls: verify-full` with `server_name`, or accept \
-                             the risk with `allow_unverified_network_upstream: true`"
+                             addresses, or use `tls: verify-full` with a `server_name` every \
+                             server there presents"
                                 .into(),
                         ));
                     }
@@ -1085,27 +1064,24 @@ mod tests {
             "[::/0]:5432",
             "[fd00::/64]:5432",
         ] {
-            let err = Config::parse(&with(m, ""), "f").unwrap_err().to_string();
-            assert!(
-                err.contains("targets[0].upstream") && err.contains("allow_unverified"),
-                "{m}: {err}"
-            );
-            let err = Config::parse(&with(m, "    tls: verify-full\n"), "f")
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains("targets[0].server_name"), "{m}: {err}");
+            for refused in [
+                "",
+                "    tls: verify-full\n",
+                "    tls: require\n    server_name: db.internal\n",
+            ] {
+                let err = Config::parse(&with(m, refused), "f")
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    err.contains("targets[0].upstream") && err.contains("server_name"),
+                    "{m} {refused}: {err}"
+                );
+            }
             for ok in [
                 "    upstream: 10.1.2.3:5432\n",
                 "    tls: verify-full\n    server_name: db.internal\n",
-                "    allow_unverified_network_upstream: true\n",
             ] {
-                let cfg =
-                    Config::parse(&with(m, ok), "f").unwrap_or_else(|e| panic!("{m} {ok}: {e}"));
-                assert_eq!(
-                    cfg.targets[0].upstream_unverified(),
-                    ok.contains("allow_unverified"),
-                    "{m} {ok}"
-                );
+                Config::parse(&with(m, ok), "f").unwrap_or_else(|e| panic!("{m} {ok}: {e}"));
             }
         }
         // Single addresses name the server the operator meant.
@@ -1114,9 +1090,9 @@ mod tests {
             "127.0.0.1:5432",
             "[::1]:5432",
             "10.1.2.3/32:5432",
+            "0.0.0.0:5432",
         ] {
-            let cfg = Config::parse(&with(m, ""), "f").unwrap_or_else(|e| panic!("{m}: {e}"));
-            assert!(!cfg.targets[0].upstream_unverified(), "{m}");
+            Config::parse(&with(m, ""), "f").unwrap_or_else(|e| panic!("{m}: {e}"));
         }
     }
 

@@ -44,12 +44,6 @@ pub enum AuthError {
         expected: &'static str,
         received: &'static str,
     },
-    /// The server asked for the password in cleartext, and nothing proves it is the one the
-    /// operator meant (see [`UpstreamAuth::refuse_cleartext`]).
-    #[error(
-        "server asked for the password in cleartext, which this target's unverified upstream is never sent"
-    )]
-    CleartextRefused,
     #[error("SCRAM exchange failed: {reason}")]
     Scram { reason: String },
     /// The server proved no knowledge of the password: it may be an impostor.
@@ -99,7 +93,6 @@ pub struct UpstreamAuth {
     user: String,
     password: Option<String>,
     state: State,
-    cleartext_refused: bool,
 }
 
 impl fmt::Debug for UpstreamAuth {
@@ -120,15 +113,7 @@ impl UpstreamAuth {
             user: user.to_owned(),
             password: password.filter(|p| !p.is_empty()).map(str::to_owned),
             state: State::Start,
-            cleartext_refused: false,
         }
-    }
-
-    /// Never answer a cleartext password request: for a server the gate cannot tell from one
-    /// the agent runs, which would simply read the password.
-    pub fn refuse_cleartext(mut self) -> Self {
-        self.cleartext_refused = true;
-        self
     }
 
     /// True once AuthenticationOk has been accepted.
@@ -151,9 +136,6 @@ impl UpstreamAuth {
         let state = std::mem::replace(&mut self.state, State::Failed);
         let (next, step) = match (state, request) {
             (State::Start | State::AwaitingOk, Authentication::Ok) => (State::Done, AuthStep::Done),
-            (State::Start, Authentication::CleartextPassword) if self.cleartext_refused => {
-                return Err(AuthError::CleartextRefused);
-            }
             (State::Start, Authentication::CleartextPassword) => {
                 let password = self.password("cleartext password")?;
                 let msg = FrontendMessage::password(password.as_bytes())
@@ -261,30 +243,6 @@ mod tests {
         let body = sent(auth.on_message(&Authentication::CleartextPassword).unwrap());
         assert_eq!(parse_password(&body).unwrap(), PASSWORD.as_bytes());
         assert_eq!(auth.on_message(&Authentication::Ok), Ok(AuthStep::Done));
-    }
-
-    #[test]
-    fn a_server_that_cannot_be_verified_is_never_sent_the_password_in_cleartext() {
-        let mut auth = UpstreamAuth::new("agent", Some(PASSWORD)).refuse_cleartext();
-        assert_eq!(
-            auth.on_message(&Authentication::CleartextPassword),
-            Err(AuthError::CleartextRefused)
-        );
-        assert!(!auth.is_done());
-        // The exchanges that reveal no password still work.
-        let mut auth = UpstreamAuth::new("agent", Some(PASSWORD)).refuse_cleartext();
-        let body = sent(
-            auth.on_message(&Authentication::Md5Password { salt: [1, 2, 3, 4] })
-                .unwrap(),
-        );
-        assert!(!String::from_utf8_lossy(&body).contains(PASSWORD));
-        let mut auth = UpstreamAuth::new("agent", Some(PASSWORD)).refuse_cleartext();
-        assert!(matches!(
-            auth.on_message(&Authentication::Sasl {
-                mechanisms: vec![SCRAM_SHA_256.to_string()]
-            }),
-            Ok(AuthStep::Send(_))
-        ));
     }
 
     #[test]

@@ -168,9 +168,6 @@ pub struct PgTarget {
     pub max_frame: usize,
     pub record_rows: usize,
     pub max_kept_bytes: usize,
-    /// The upstream is an address the agent chose and no certificate vouches for it: the
-    /// password is never sent in cleartext.
-    pub upstream_unverified: bool,
 }
 
 enum Startup {
@@ -248,7 +245,6 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
         max_frame: target_cfg.max_frame_bytes,
         record_rows: target_cfg.record_rows,
         max_kept_bytes: target_cfg.max_kept_bytes,
-        upstream_unverified: target_cfg.upstream_unverified(),
     };
     let mut cbuf = BytesMut::with_capacity(8192);
     let params = match read_startup(&mut client, &mut cbuf, target.max_frame).await {

@@ -156,9 +156,6 @@ pub async fn open(
     stream.write_all(&out).await?;
 
     let mut auth = UpstreamAuth::new(&creds.user, password.as_deref());
-    if target.upstream_unverified {
-        auth = auth.refuse_cleartext();
-    }
     drop(password);
     let mut buf = BytesMut::with_capacity(8192);
     let mut decoder = BackendDecoder::new(target.max_frame);
