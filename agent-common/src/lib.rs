@@ -25,6 +25,7 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const EVENTS_LOST: &str = "EVENTS_LOST";
     pub const EVENT_BUDGETS: &str = "EVENT_BUDGETS";
+    pub const RESERVED_PORTS: &str = "RESERVED_PORTS";
 
     pub const CONNECT4: &str = "ag_connect4";
     pub const CONNECT6: &str = "ag_connect6";
@@ -35,9 +36,11 @@ pub mod names {
     pub const SOCK_OPS: &str = "ag_sock_ops";
     pub const SOCK_CREATE: &str = "ag_sock_create";
     pub const INBOUND: &str = "ag_inbound";
+    pub const BIND4: &str = "ag_bind4";
+    pub const BIND6: &str = "ag_bind6";
 
     /// Every map, in the order the daemon pins them.
-    pub const MAPS: [&str; 11] = [
+    pub const MAPS: [&str; 12] = [
         GOVERNED,
         DESTS,
         PENDING,
@@ -49,6 +52,7 @@ pub mod names {
         EVENTS,
         EVENTS_LOST,
         EVENT_BUDGETS,
+        RESERVED_PORTS,
     ];
 }
 
@@ -60,6 +64,7 @@ pub const MAX_FLOWS: u32 = 16384;
 pub const MAX_ORIG_DST: u32 = 65536;
 pub const MAX_RESOLVERS: u32 = 64;
 pub const MAX_PROTECTED: u32 = 64;
+pub const MAX_RESERVED_PORTS: u32 = 4096;
 /// Size of the `EVENTS` ring buffer. Every agent may hold its burst of entries in it at once
 /// (see [`EventBudget`]): half the ring is shared out as bursts by the daemon, the other half
 /// takes the agents' refill while the daemon is slow to read.
@@ -166,7 +171,8 @@ pub struct FlowKey {
     pub server_port: u16,
 }
 
-/// Key of `RESOLVERS` and `PROTECTED`: an address and a port.
+/// Key of `RESOLVERS` and `PROTECTED`: an address and a port. `RESERVED_PORTS` keys a port
+/// alone, under the address `0.0.0.0` (mapped).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Endpoint {
@@ -230,6 +236,11 @@ pub mod reason {
     /// The event's destination is the address and port the peer connected to; its pid is 0
     /// (no process runs when a packet arrives) and its uid the listening socket's owner.
     pub const INBOUND_CONNECTION: u32 = 9;
+    /// A bind to a port the gate's own sockets meet: a target's (its destinations and
+    /// upstream), the enforcer's listener or the admin HTTP API's. A governed process listening
+    /// there (a database that is down, a daemon that is stopped) would be dialed by the gate
+    /// with brokered credentials, or handed other agents' redirected connections.
+    pub const RESERVED_PORT: u32 = 10;
 }
 
 /// Sent through the `EVENTS` ring buffer for every refusal.

@@ -12,6 +12,9 @@
 //!   only key the enforcer can know on accept.
 //! - `getpeername4/6`: the agent sees the address it asked for.
 //! - `sendmsg4/6`: unconnected UDP from governed cgroups goes only to configured resolvers.
+//! - `bind4/6`: a governed bind to a port in `RESERVED_PORTS` (a target's, the enforcer's, the
+//!   admin API's: ports the gate's own sockets dial or listen on) is refused, so an agent cannot
+//!   stand in for a server that is down.
 //! - `inbound` (`cgroup_skb/ingress`): a packet for a governed listening TCP socket from a
 //!   non-loopback address (a connection from another host) is dropped, unless the agent may
 //!   accept them. For every other packet on the host it returns "allow" after reading the
@@ -32,7 +35,8 @@ use agent_common::{
     EventBudget, FlowKey, FlowRecord, GOVERNED_ALLOW_INBOUND, GOVERNED_ALLOW_PING,
     GOVERNED_UNKNOWN_RECORD, Governed,
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, MAX_AGENTS, MAX_CGROUP_DEPTH,
-    MAX_DESTS, MAX_FLOWS, MAX_GOVERNED, MAX_ORIG_DST, MAX_PENDING, MAX_PROTECTED, MAX_RESOLVERS,
+    MAX_DESTS, MAX_FLOWS, MAX_GOVERNED, MAX_ORIG_DST, MAX_PENDING, MAX_PROTECTED, MAX_RESERVED_PORTS,
+    MAX_RESOLVERS,
     ORPHAN_BUDGET_SLOT, SOCK_DGRAM, SOCK_STREAM, Settings, TARGET_UNKNOWN, reason, v4_mapped,
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
@@ -78,6 +82,8 @@ static ORIG_DST: LruHashMap<u64, FlowRecord> = LruHashMap::with_max_entries(MAX_
 static RESOLVERS: HashMap<Endpoint, u8> = HashMap::with_max_entries(MAX_RESOLVERS, 0);
 #[map]
 static PROTECTED: HashMap<Endpoint, u8> = HashMap::with_max_entries(MAX_PROTECTED, 0);
+#[map]
+static RESERVED_PORTS: HashMap<Endpoint, u8> = HashMap::with_max_entries(MAX_RESERVED_PORTS, 0);
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 #[map]
@@ -546,6 +552,40 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
     deny(&caller, &refusal)
 }
 
+fn try_bind(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let Some((gov_cgroup, gov)) = governed() else {
+        return ALLOW;
+    };
+    let sa = ctx.sock_addr;
+    let (addr, port) = user_destination(sa, v6);
+    let key = Endpoint { addr: ANY_ADDRESS, port, _pad: 0 };
+    // SAFETY: read of a `u8` presence marker.
+    if port == 0 || unsafe { RESERVED_PORTS.get(&key) }.is_none() {
+        return ALLOW;
+    }
+    let caller = Caller::current(gov_cgroup, &gov);
+    // SAFETY: 4-byte context loads.
+    let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
+    let family = if v6 { AF_INET6 } else { AF_INET };
+    deny(
+        &caller,
+        &Refusal { reason: reason::RESERVED_PORT, dst: addr, port, family, sock_type, protocol },
+    )
+}
+
+/// The address `RESERVED_PORTS` keys every port under.
+const ANY_ADDRESS: Addr = v4_mapped([0, 0, 0, 0]);
+
+#[cgroup_sock_addr(bind4)]
+pub fn ag_bind4(ctx: SockAddrContext) -> i32 {
+    try_bind(&ctx, false)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn ag_bind6(ctx: SockAddrContext) -> i32 {
+    try_bind(&ctx, true)
+}
+
 /// `TCP_LISTEN` in `bpf_sock::state`.
 const TCP_LISTEN: u32 = 10;
 
@@ -564,24 +604,28 @@ fn try_inbound(ctx: &SkBuffContext) -> i32 {
     let Ok(first) = ctx.load::<u8>(0) else {
         return ALLOW;
     };
-    let (family, src, dst) = match first >> 4 {
+    let (family, dst) = match first >> 4 {
         4 => {
             let (Ok(src), Ok(dst)) = (ctx.load::<[u8; 4]>(12), ctx.load::<[u8; 4]>(16)) else {
                 return ALLOW;
             };
-            (AF_INET, v4_mapped(src), v4_mapped(dst))
+            if src[0] == 127 {
+                return ALLOW;
+            }
+            (AF_INET, v4_mapped(dst))
         }
         6 => {
             let (Ok(src), Ok(dst)) = (ctx.load::<Addr>(8), ctx.load::<Addr>(24)) else {
                 return ALLOW;
             };
-            (AF_INET6, src, dst)
+            // `::1` only: a mapped 127.x source in an IPv6 header is no loopback connection.
+            if src == IPV6_LOOPBACK {
+                return ALLOW;
+            }
+            (AF_INET6, dst)
         }
         _ => return ALLOW,
     };
-    if is_loopback(&src) {
-        return ALLOW;
-    }
     // SAFETY: `skb` is the program's context.
     let Some((gov_cgroup, gov)) = governed_socket(skb) else {
         return ALLOW;
@@ -612,14 +656,8 @@ fn try_inbound(ctx: &SkBuffContext) -> i32 {
     )
 }
 
-/// 127.0.0.0/8 (as itself or mapped) or `::1`.
-#[inline(always)]
-fn is_loopback(a: &Addr) -> bool {
-    a[0] == 0
-        && a[1] == 0
-        && ((a[2] == V4_MAPPED_WORD && a[3].to_ne_bytes()[0] == 127)
-            || (a[2] == 0 && a[3] == u32::from_ne_bytes([0, 0, 0, 1])))
-}
+/// `::1`, as four words of network-order bytes.
+const IPV6_LOOPBACK: Addr = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 
 #[cgroup_skb(ingress)]
 pub fn ag_inbound(ctx: SkBuffContext) -> i32 {

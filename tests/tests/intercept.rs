@@ -1397,3 +1397,62 @@ while True:
         "{v:#}"
     );
 }
+
+#[test]
+fn governed_processes_cannot_bind_the_ports_the_gate_dials_or_listens_on() {
+    // A governed agent listening on a target's port while its server is down (or on the
+    // enforcer's port while the daemon is stopped) would be dialed by the gate with brokered
+    // credentials, or handed other agents' redirected connections. Such binds are refused.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let spare = agentgate_tests::free_port();
+    let extra =
+        format!("  - name: elsewhere\n    match: [\"10.9.9.9:{spare}\"]\n    protocol: tcp\n");
+    let gate = Gate::start(&config(&echo, &extra));
+    let free = agentgate_tests::free_port();
+    let cases = [
+        ("4", "127.0.0.1", spare, EPERM),
+        ("4", "0.0.0.0", spare, EPERM),
+        ("4", "127.0.0.2", spare, EPERM),
+        ("6", "::", spare, EPERM),
+        ("6", "::1", spare, EPERM),
+        ("4", "127.0.0.1", echo.addr.port(), EPERM),
+        ("4", "127.0.0.1", gate.port, EPERM),
+        ("6", "::", gate.port, EPERM),
+        ("4", "127.0.0.1", free, 0),
+        ("6", "::", 0, 0),
+    ];
+    let list: Vec<String> = cases
+        .iter()
+        .map(|(f, h, p, _)| format!("({f}, {h:?}, {p})"))
+        .collect();
+    let script = format!(
+        r#"
+import socket, json
+out = []
+for fam, host, port in [{}]:
+    s = socket.socket(socket.AF_INET if fam == 4 else socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        s.bind((host, port))
+        out.append(0)
+    except OSError as e:
+        out.append(e.errno)
+    s.close()
+print(json.dumps(out))
+"#,
+        list.join(", ")
+    );
+    let o = run(&mut gate.exec("bot", &["python3", "-c", &script]));
+    let got: Vec<i64> =
+        serde_json::from_str(stdout(&o).trim()).unwrap_or_else(|e| panic!("{e}: {o:?}"));
+    for ((f, h, p, want), got) in cases.iter().zip(&got) {
+        assert_eq!(*got, *want, "IPv{f} bind to {h}:{p}");
+    }
+    gate.wait_event("the refused bind", |e| {
+        e["kind"] == "kernel_deny"
+            && e["agent"] == "bot"
+            && e["detail"]["reason"] == "bind_to_reserved_port"
+            && e["destination"] == format!("127.0.0.1:{spare}").as_str()
+    });
+    // Ungoverned processes are not touched.
+    std::net::TcpListener::bind(("127.0.0.1", spare)).expect("an ungoverned bind");
+}

@@ -40,7 +40,9 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!("../../ebpf/agentgate.bpf
 /// Agent id of orphaned cgroups: no destination is allowed for it, so every connect is refused.
 pub const ORPHAN_AGENT_ID: u32 = u32::MAX;
 
-const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+const SOCK_ADDR_PROGRAMS: [&str; 8] = [
+    names::BIND4,
+    names::BIND6,
     names::CONNECT4,
     names::CONNECT6,
     names::SENDMSG4,
@@ -178,6 +180,7 @@ pub struct Intercept {
     flows: Mutex<HashMap<MapData, FlowKey, FlowRecord>>,
     resolvers: Mutex<HashMap<MapData, Endpoint, u8>>,
     protected: Mutex<HashMap<MapData, Endpoint, u8>>,
+    reserved_ports: Mutex<HashMap<MapData, Endpoint, u8>>,
     settings: Mutex<Array<MapData, Settings>>,
     events: Mutex<Option<RingBuf<MapData>>>,
     events_lost: Mutex<PerCpuArray<MapData, u64>>,
@@ -327,6 +330,10 @@ impl Intercept {
             protected: Mutex::new(
                 HashMap::try_from(hash(names::PROTECTED)?).map_err(map_err(names::PROTECTED))?,
             ),
+            reserved_ports: Mutex::new(
+                HashMap::try_from(hash(names::RESERVED_PORTS)?)
+                    .map_err(map_err(names::RESERVED_PORTS))?,
+            ),
             settings: Mutex::new(
                 Array::try_from(hash(names::SETTINGS)?).map_err(map_err(names::SETTINGS))?,
             ),
@@ -448,6 +455,12 @@ impl Intercept {
 
         sync_endpoints(&self.resolvers, &cfg.dns_resolvers, names::RESOLVERS, false)?;
         sync_endpoints(&self.protected, protected, names::PROTECTED, true)?;
+        sync_endpoints(
+            &self.reserved_ports,
+            &reserved_ports(cfg),
+            names::RESERVED_PORTS,
+            false,
+        )?;
 
         let enforcer_v6 = match cfg.listen.ipv6 {
             Some(v6) => addr_from_bytes(v6.octets()),
@@ -583,6 +596,25 @@ fn pin_link(
         message: e.to_string(),
     })?;
     Ok(())
+}
+
+/// The ports governed processes may not bind (see `reason::RESERVED_PORT`), each as
+/// `0.0.0.0:port` (the key `RESERVED_PORTS` uses): every target's destination and upstream
+/// ports, the enforcer's listener's and the admin HTTP API's.
+fn reserved_ports(cfg: &Config) -> Vec<SocketAddr> {
+    let targets = cfg.targets.iter().flat_map(|t| {
+        t.destinations
+            .iter()
+            .map(|d| d.port)
+            .chain(t.upstream.map(|u| u.port()))
+    });
+    let daemon =
+        std::iter::once(cfg.listen.port).chain(cfg.admin.http.iter().map(|h| h.listen.port()));
+    let ports: BTreeSet<u16> = targets.chain(daemon).filter(|p| *p != 0).collect();
+    ports
+        .into_iter()
+        .map(|p| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
+        .collect()
 }
 
 fn sync_endpoints(
@@ -798,6 +830,7 @@ pub fn reason_name(reason: u32) -> &'static str {
         PROTECTED_ENDPOINT => "protected_endpoint",
         SOCKET_NOT_ALLOWED => "socket_not_allowed",
         INBOUND_CONNECTION => "inbound_connection",
+        RESERVED_PORT => "bind_to_reserved_port",
         _ => "unknown",
     }
 }
