@@ -15,8 +15,10 @@
 //! has no flow record.)
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crate::config::{AgentConfig, Config};
+use crate::config::{AgentConfig, Config, Destination};
 
 /// The id of the target an unknown destination of `agent` is judged as (see the module docs),
 /// `None` to relay it as it is. The host's addresses are read (one netlink dump) only on the
@@ -41,46 +43,84 @@ fn refold_with(
     this_host(ip).then_some(target)
 }
 
-/// The target the kernel would fold a local spelling of this port into for `agent`: the first
-/// of its targets with a destination covering 127.0.0.1 on the port, else the first naming
-/// another local address on it (as the kernel's fold entries are made).
+/// The target the kernel takes a local spelling of this port for, for `agent`: 127.0.0.1 is
+/// looked up by longest prefix among its destinations (of equal ones, the entry made last, the
+/// later target, stands); where none covers it, the fold entry names the first target with a
+/// destination naming another local address on the port (`intercept::local_folds`).
 fn local_target(cfg: &Config, agent: &AgentConfig, port: u16) -> Option<u32> {
     let localhost = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
-    let mut other = None;
-    for (id, t) in cfg.targets_of(agent) {
-        for d in t.destinations.iter().filter(|d| d.port == port) {
-            match d.local_address() {
-                Some(a) if a == localhost => return Some(id),
-                Some(_) => other = other.or(Some(id)),
-                None => {}
-            }
-        }
+    let on_port: Vec<(u32, &Destination)> = cfg
+        .targets_of(agent)
+        .flat_map(|(id, t)| {
+            t.destinations
+                .iter()
+                .filter(move |d| d.port == port)
+                .map(move |d| (id, d))
+        })
+        .collect();
+    let covering = on_port
+        .iter()
+        .filter(|(_, d)| d.local_address() == Some(localhost))
+        .max_by_key(|(_, d)| mapped_prefix_len(d));
+    if let Some((id, _)) = covering {
+        return Some(*id);
     }
-    other
+    on_port
+        .iter()
+        .find(|(_, d)| d.local_address().is_some())
+        .map(|(id, _)| *id)
 }
 
+/// A destination's prefix length in the kernel's IPv6 (IPv4-mapped) key space.
+fn mapped_prefix_len(d: &Destination) -> u8 {
+    match d.net {
+        ipnet::IpNet::V4(n) => n.prefix_len() + 96,
+        ipnet::IpNet::V6(n) => n.prefix_len(),
+    }
+}
+
+/// How long a reading of this host's addresses is used: addresses added since are not seen
+/// for that long (their connects are relayed as the unknown destinations they look like).
+const ADDRESSES_FOR: Duration = Duration::from_secs(1);
+
+/// The host's addresses as last read, and when.
+static ADDRESSES: Mutex<Option<(Instant, Arc<[IpAddr]>)>> = Mutex::new(None);
+
 /// Is `ip` an address of one of this host's interfaces (IPv4-mapped addresses as their IPv4
-/// form)? An unreadable list counts as "yes": the flow is then judged as the target, never
-/// relayed past it.
+/// form)? The list is read (one netlink dump) at most once per [`ADDRESSES_FOR`]. An
+/// unreadable list counts as "yes": the flow is then judged as the target, never relayed past
+/// it.
 fn is_this_host(ip: IpAddr) -> bool {
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     };
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+    host_addresses().is_none_or(|addrs| addrs.contains(&ip))
+}
+
+fn host_addresses() -> Option<Arc<[IpAddr]>> {
+    let mut cached = ADDRESSES.lock().ok()?;
+    if let Some((read, addrs)) = cached.as_ref()
+        && read.elapsed() < ADDRESSES_FOR
+    {
+        return Some(addrs.clone());
+    }
+    let Ok(list) = nix::ifaddrs::getifaddrs() else {
         tracing::warn!(
             "cannot list this host's addresses; an unknown destination on a local target's port is taken for this host"
         );
-        return true;
+        return None;
     };
-    addrs
+    let addrs: Arc<[IpAddr]> = list
         .filter_map(|a| {
             let sa = a.address?;
             sa.as_sockaddr_in()
                 .map(|v4| IpAddr::V4(v4.ip()))
                 .or_else(|| sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
         })
-        .any(|a| a == ip)
+        .collect();
+    *cached = Some((Instant::now(), addrs.clone()));
+    Some(addrs)
 }
 
 #[cfg(test)]
@@ -132,6 +172,35 @@ targets:
         // Only the agent's own targets count.
         assert_eq!(refold_here(&cfg, web, at(5432)), None);
         assert_eq!(refold_here(&cfg, rec, at(9999)), None);
+    }
+
+    #[test]
+    fn the_target_is_the_one_the_kernel_takes_127_0_0_1_for() {
+        let cfg = Config::parse(
+            "agents:
+  - name: rec
+    cgroup: x/rec
+    targets: [\"*\"]
+    unknown_destinations: record
+targets:
+  - name: wide
+    match: [\"127.0.0.0/8:5432\", \"127.0.0.2:7000\", \"127.0.0.3:7000\"]
+    protocol: tcp
+  - name: db
+    match: [\"127.0.0.1:5432\"]
+    protocol: tcp
+  - name: other
+    match: [\"127.0.0.4:7000\"]
+    protocol: tcp
+",
+            "f",
+        )
+        .unwrap();
+        let rec = &cfg.agents[0];
+        // Longest prefix, not configuration order.
+        assert_eq!(refold_here(&cfg, rec, SocketAddr::new(OWN, 5432)), Some(2));
+        // No destination covers 127.0.0.1: the first naming a local address.
+        assert_eq!(refold_here(&cfg, rec, SocketAddr::new(OWN, 7000)), Some(1));
     }
 
     #[test]
