@@ -604,6 +604,22 @@ impl Gate {
     /// Runs `psql` inside `agent`'s cgroup against 127.0.0.1:`port` (the real server address:
     /// the hook redirects it), as user `postgres` with `password` (`None`: no password at all),
     /// `extra` arguments and `stdin` as its script.
+    /// [`Gate::psql`], left running.
+    pub fn spawn_psql(
+        &self,
+        agent: &str,
+        port: u16,
+        password: Option<&str>,
+        extra: &[&str],
+        stdin: &str,
+    ) -> Child {
+        let mut argv = vec!["psql".to_string()];
+        argv.extend(psql_conn_args(port));
+        argv.extend(extra.iter().map(|s| (*s).to_string()));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        spawn_with_stdin(&mut self.exec(agent, &argv), password, stdin)
+    }
+
     pub fn psql(
         &self,
         agent: &str,
@@ -648,6 +664,14 @@ pub fn psql_direct(port: u16, password: Option<&str>, extra: &[&str], stdin: &st
 }
 
 fn run_with_stdin(cmd: &mut Command, password: Option<&str>, stdin: &str) -> Output {
+    spawn_with_stdin(cmd, password, stdin)
+        .wait_with_output()
+        .expect("wait for psql")
+}
+
+/// Starts a libpq client with `stdin` written to it (and closed), the environment a test needs
+/// (no password file or service, `password` if given) and its output piped.
+fn spawn_with_stdin(cmd: &mut Command, password: Option<&str>, stdin: &str) -> Child {
     cmd.env_remove("PGPASSWORD")
         .env_remove("PGSERVICE")
         .env("PGPASSFILE", "/nonexistent")
@@ -663,7 +687,7 @@ fn run_with_stdin(cmd: &mut Command, password: Option<&str>, stdin: &str) -> Out
     if let Some(mut input) = child.stdin.take() {
         input.write_all(stdin.as_bytes()).expect("write psql stdin");
     }
-    child.wait_with_output().expect("wait for psql")
+    child
 }
 
 /// `tests/clients/pg_psycopg.py`: psycopg 3 scenarios, one JSON line per step.

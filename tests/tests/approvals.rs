@@ -425,25 +425,13 @@ fn copy_to_stdout_of_a_statement_under_review_is_refused_not_held() {
 
 /// psql reading `script` from stdin (one statement per line, each its own query).
 fn spawn_psql_script(gate: &Gate, pg: &Postgres, agent: &str, script: &str) -> Child {
-    let mut argv = vec!["psql".to_string()];
-    argv.extend(psql_conn_args(pg.port));
-    argv.extend(["-v", "VERBOSITY=verbose"].map(String::from));
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let mut child = gate
-        .exec(agent, &argv)
-        .env("PGPASSWORD", "not-the-password")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn psql");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    child
+    gate.spawn_psql(
+        agent,
+        pg.port,
+        Some("not-the-password"),
+        &["-v", "VERBOSITY=verbose"],
+        script,
+    )
 }
 
 #[test]

@@ -1932,27 +1932,13 @@ fn statements_wait_for_a_stalled_session_store_and_are_all_recorded_once_it_resu
 
 /// psql through the gate as `agent` with `script` on its stdin, left running.
 fn spawn_psql(gate: &Gate, pg: &Postgres, agent: &str, script: &str) -> std::process::Child {
-    let mut argv = vec!["psql".to_string()];
-    argv.extend(psql_conn_args(pg.port));
-    argv.extend(["-v", "ON_ERROR_STOP=1"].map(String::from));
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let mut child = gate
-        .exec(agent, &argv)
-        .env("PGPASSFILE", "/nonexistent")
-        .env("PGPASSWORD", WRONG_PASSWORD)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    child
+    gate.spawn_psql(
+        agent,
+        pg.port,
+        Some(WRONG_PASSWORD),
+        &["-v", "ON_ERROR_STOP=1"],
+        script,
+    )
 }
 
 /// The texts of the statements `agent`'s ended session recorded.
@@ -2002,9 +1988,19 @@ fn an_agent_flooding_a_stalled_session_store_waits_while_another_agents_statemen
         status["daemon"]["session_queue_agent_share"], 20,
         "{status:#}"
     );
-    // A statement read just before the queue filled may still be running: let it finish.
-    std::thread::sleep(Duration::from_secs(1));
-    let held_at = flooded();
+    // A statement read just before the queue filled may still be running: wait until the
+    // count stays put.
+    let mut held_at = flooded();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = flooded();
+        if now == held_at {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bot's count never settled");
+        held_at = now;
+    }
     assert!(held_at < N, "every statement ran: nothing waited");
 
     let quiet = [
