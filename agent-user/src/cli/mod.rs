@@ -156,13 +156,13 @@ pub async fn detach(cfg: &Config, cgroup: &str) -> Result<(), CliError> {
 /// Prints what is governed. Ok(true) when the daemon answers and every program is attached.
 pub async fn status(cfg: &Config, json: bool) -> Result<bool, CliError> {
     let links = intercept::pinned_links(&cfg.pin_dir, &cfg.state_dir);
-    let attached = links.iter().all(|(_, ok)| *ok);
+    let attached = links.iter().all(|l| l.attached);
     let daemon = admin::call(&cfg.admin_socket(), &Request::Status).await;
     if json {
         let value = serde_json::json!({
             "daemon": daemon.as_ref().ok().and_then(|r| r.status.clone()),
             "daemon_error": daemon.as_ref().err().map(ToString::to_string),
-            "programs": links.iter().map(|(n, ok)| serde_json::json!({"name": n, "attached": ok})).collect::<Vec<_>>(),
+            "programs": links,
         });
         println!("{value:#}");
         return Ok(attached && daemon.is_ok());
@@ -220,11 +220,18 @@ pub async fn status(cfg: &Config, json: bool) -> Result<bool, CliError> {
         }
         Err(e) => writeln!(out, "daemon: NOT RUNNING ({e})")?,
     }
-    for (name, ok) in &links {
+    for l in &links {
+        let cost = match (l.runs, l.run_ns) {
+            (Some(runs), Some(ns)) if runs > 0 => {
+                format!(", {runs} runs, {:.0} ns each", ns as f64 / runs as f64)
+            }
+            _ => String::new(),
+        };
         writeln!(
             out,
-            "program {name:<16} {}",
-            if *ok {
+            "program {:<16} {}{cost}",
+            l.name,
+            if l.attached {
                 "attached (pinned)"
             } else {
                 "NOT ATTACHED"

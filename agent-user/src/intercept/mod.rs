@@ -155,19 +155,45 @@ impl Paths {
     }
 }
 
-/// Are links pinned under `pin_dir` (the programs are enforcing even if no daemon runs)?
-pub fn pinned_links(pin_dir: &Path, state_dir: &Path) -> Vec<(String, bool)> {
+/// A program's link as pinned under `pin_dir`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PinnedProgram {
+    pub name: String,
+    /// The link is pinned (the program is enforcing even if no daemon runs).
+    pub attached: bool,
+    /// Runs and the time spent in them, counted by the kernel while `kernel.bpf_stats_enabled`
+    /// is 1 (`None` when the program cannot be read).
+    pub runs: Option<u64>,
+    pub run_ns: Option<u64>,
+}
+
+/// The programs' links pinned under `pin_dir`, with the kernel's run statistics.
+pub fn pinned_links(pin_dir: &Path, state_dir: &Path) -> Vec<PinnedProgram> {
     let paths = Paths::new(pin_dir, state_dir);
     paths
         .all_links()
         .map(|p| {
-            let ok = PinnedLink::from_pin(&p).is_ok();
-            (
-                p.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                ok,
-            )
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let link = PinnedLink::from_pin(&p).ok();
+            // Dropping the link closes only this descriptor: the pin keeps it attached.
+            let program = link
+                .and_then(|l| FdLink::from(l).info().ok())
+                .and_then(|info| {
+                    aya::programs::loaded_programs()
+                        .filter_map(Result::ok)
+                        .find(|prog| prog.id() == info.program_id())
+                });
+            PinnedProgram {
+                name,
+                attached: PinnedLink::from_pin(&p).is_ok(),
+                runs: program.as_ref().map(|prog| prog.run_count()),
+                run_ns: program
+                    .as_ref()
+                    .map(|prog| u64::try_from(prog.run_time().as_nanos()).unwrap_or(u64::MAX)),
+            }
         })
         .collect()
 }
