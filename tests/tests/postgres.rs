@@ -2210,3 +2210,83 @@ CREATE TABLE evil (id int);
     assert_eq!(s["protocol"], "postgres", "{s:#}");
     assert_eq!(s["upstream"], pg.addr().to_string(), "{s:#}");
 }
+
+#[test]
+fn values_computed_from_masked_columns_are_redacted() {
+    // `customers.ssn` and `card_number` are masked by column rules, which follow a column's
+    // table of origin. A value computed from them has none: `substr(ssn, 1, 3)` ("123") looks
+    // like nothing a detector knows and used to reach the agent as it is, as did a masked
+    // column passed through a UNION or read back through a cursor.
+    let (pg, gate) = start();
+    let cases = [
+        (
+            "SELECT substr(ssn, 1, 3) FROM customers ORDER BY id",
+            "[REDACTED]\n[REDACTED]\n[REDACTED]\n",
+        ),
+        (
+            "SELECT reverse(card_number) FROM customers ORDER BY id",
+            "[REDACTED]\n[REDACTED]\n[REDACTED]\n",
+        ),
+        // Numbers cannot be redacted in place: NULL.
+        ("SELECT length(ssn) FROM customers ORDER BY id", "\n\n\n"),
+        (
+            "SELECT ascii(substr(ssn, 1, 1)) FROM customers WHERE id = 1",
+            "\n",
+        ),
+        (
+            "SELECT substr(ssn, 1, 3) FROM customers WHERE id = 1 UNION ALL SELECT 'x'",
+            "[REDACTED]\n[REDACTED]\n",
+        ),
+        (
+            "SELECT (SELECT substr(ssn, 1, 3) FROM customers WHERE id = 1)",
+            "[REDACTED]\n",
+        ),
+        // Unmasked columns and computations on them are untouched.
+        (
+            "SELECT name, upper(name) FROM customers WHERE id = 1",
+            "Alice|ALICE\n",
+        ),
+        ("SELECT count(*) FROM customers", "3\n"),
+    ];
+    let script: String = cases.iter().map(|(q, _)| format!("{q};\n")).collect();
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "bot",
+        &["-A", "-t", "-v", "ON_ERROR_STOP=1"],
+        &script,
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let want: String = cases.iter().map(|(_, w)| *w).collect();
+    assert_eq!(text(&o.stdout), want, "{}", show(&o));
+    // A cursor's rows: the gate cannot see what the FETCH reads.
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "bot",
+        &["-A", "-t", "-v", "ON_ERROR_STOP=1"],
+        "BEGIN;
+DECLARE c CURSOR FOR SELECT id, substr(ssn, 1, 3) FROM customers ORDER BY id;
+FETCH 2 FROM c;
+COMMIT;
+",
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(
+        text(&o.stdout),
+        "BEGIN\nDECLARE CURSOR\n1|[REDACTED]\n2|[REDACTED]\nCOMMIT\n",
+        "{}",
+        show(&o)
+    );
+    // The same through the extended protocol, results in binary.
+    let l = pg_client(&gate, &pg, "bot", "masked", "");
+    let computed = &step(&l, "computed")["rows"][0];
+    assert_eq!(computed[0], "[REDACTED]", "{l:#?}");
+    assert!(computed[1].is_null(), "{l:#?}");
+    // Directly, the value is there to leak.
+    assert_eq!(
+        pg.admin_sql("SELECT substr(ssn, 1, 3) FROM customers WHERE id = 1")
+            .trim(),
+        "123"
+    );
+}

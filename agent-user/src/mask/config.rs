@@ -46,6 +46,21 @@ pub struct MaskingConfig {
     /// Named profiles; policies refer to them by name.
     #[serde(default)]
     pub profiles: BTreeMap<String, ProfileConfig>,
+    /// Result columns a statement computes (no table of origin) when it uses a column a rule
+    /// masks (`upper(email)`, `substr(ssn, 1, 3)`, a UNION of masked columns), or when the gate
+    /// cannot see what it uses (`FETCH` from a cursor, opaque statements): `redact` (default)
+    /// redacts them whole; `keep` leaves them to the detectors.
+    #[serde(default)]
+    pub computed_columns: ComputedColumns,
+}
+
+/// `computed_columns`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ComputedColumns {
+    #[default]
+    Redact,
+    Keep,
 }
 
 /// `unmaskable_binary`: `null` (YAML null or the string "null") or `deny`.

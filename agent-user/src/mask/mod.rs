@@ -79,7 +79,9 @@ pub use config::{
     Action, ColumnRule, Detector, KeySource, MIN_KEY_LEN, MaskingConfig, ProfileConfig, Style,
     UnmaskablePolicy,
 };
-pub use plan::{ColumnMeta, Format, Masker, RowOutcome, RowPlan, is_text_like};
+pub use plan::{
+    COMPUTED_FROM_MASKED, ColumnMeta, Format, Masker, RowOutcome, RowPlan, is_text_like,
+};
 
 /// Errors of the masking module.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::MaskError;
-use super::config::{Action, Detector, MIN_KEY_LEN, MaskingConfig, UnmaskablePolicy, split_column};
+use super::config::{
+    Action, ComputedColumns, Detector, MIN_KEY_LEN, MaskingConfig, UnmaskablePolicy, split_column,
+};
 use super::detect::{contains_match, contains_match_in_bytes};
 use super::json::{Malformed, json_string, mask_json, top_level_string};
 use super::style::{Hasher, mask_text, render_value};
@@ -215,6 +217,15 @@ fn fold(ident: &str) -> String {
     ident.to_lowercase()
 }
 
+impl Scope {
+    /// The column part (folded).
+    fn column(&self) -> &String {
+        match self {
+            Scope::Column(c) | Scope::Table(_, c) | Scope::Schema(_, _, c) => c,
+        }
+    }
+}
+
 impl Rule {
     /// Specificity of the match (3 = schema.table.column), or `None`. The
     /// scope's names are already folded (see [`FoldedNames`]).
@@ -255,7 +266,15 @@ struct Inner {
     profiles: BTreeMap<String, Profile>,
     hasher: Hasher,
     policy: UnmaskablePolicy,
+    computed: ComputedColumns,
 }
+
+/// Put among a statement's mask profiles (it cannot be a profile's name) when its computed
+/// result columns are to be redacted: it used a column the other profiles' rules mask, or
+/// what it uses cannot be seen ([`Masker::computes_from_masked`]). A column rule follows a
+/// column's table of origin, which a computed column (`upper(email)`, `substr(ssn, 1, 3)`, a
+/// column of a UNION) does not have.
+pub const COMPUTED_FROM_MASKED: &str = "(computed-from-masked)";
 
 /// Validated, compiled masking configuration. Cheap to clone, `Send + Sync`.
 #[derive(Clone)]
@@ -326,8 +345,27 @@ impl Masker {
                 profiles,
                 hasher,
                 policy: cfg.unmaskable_binary,
+                computed: cfg.computed_columns,
             }),
         })
+    }
+
+    /// Should the computed result columns of a statement masked with `profiles` be redacted?
+    /// Yes (with `computed_columns: redact`) when it uses (`uses`: folded column names, see
+    /// `StatementFacts::computed_from`) a column one of their rules names, or when what it
+    /// uses is unknown (`unseen`: a cursor's rows, an opaque statement).
+    pub fn computes_from_masked(&self, profiles: &[String], uses: &[String], unseen: bool) -> bool {
+        if self.inner.computed == ComputedColumns::Keep || profiles.is_empty() {
+            return false;
+        }
+        if unseen {
+            return true;
+        }
+        profiles
+            .iter()
+            .filter_map(|p| self.inner.profiles.get(p.as_str()))
+            .flat_map(|p| &p.rules)
+            .any(|r| uses.iter().any(|u| fold(u) == *r.scope.column()))
     }
 
     /// Names of the configured profiles.
@@ -340,7 +378,7 @@ impl Masker {
     pub fn check_profiles(&self, profiles: &[String]) -> Result<(), MaskError> {
         match profiles
             .iter()
-            .find(|p| !self.inner.profiles.contains_key(p.as_str()))
+            .find(|p| *p != COMPUTED_FROM_MASKED && !self.inner.profiles.contains_key(p.as_str()))
         {
             Some(unknown) => Err(MaskError::UnknownProfile(unknown.clone())),
             None => Ok(()),
@@ -368,6 +406,7 @@ impl Masker {
         }
         let detectors: Vec<(Detector, Action)> = detectors.into_iter().collect();
 
+        let computed = names.contains(COMPUTED_FROM_MASKED);
         let mut planned = Vec::new();
         for (index, c) in columns.iter().enumerate() {
             let kind = classify(c.type_oid, c.format);
@@ -375,7 +414,9 @@ impl Masker {
             let rule = active
                 .iter()
                 .filter_map(|p| p.rule_for(&names))
-                .reduce(Action::stronger);
+                .reduce(Action::stronger)
+                // No table of origin: computed, perhaps from a masked column.
+                .or((computed && c.table.is_none()).then_some(Action::Redact));
             let op = match rule {
                 Some(a) => Op::Rule(a),
                 // Fail closed: everything but the NOT_TEXT types is inspected.
@@ -733,7 +774,73 @@ mod tests {
             key_file: None,
             unmaskable_binary: policy,
             profiles,
+            computed_columns: ComputedColumns::Redact,
         }
+    }
+
+    #[test]
+    fn computed_columns_of_a_statement_using_a_masked_column_are_redacted() {
+        let m = masker(UnmaskablePolicy::Null);
+        let pii = pii();
+        let uses = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        // `public.customers.card_number` and `customers.ssn` are ruled in `pii`.
+        assert!(m.computes_from_masked(&pii, &uses(&["card_number"]), false));
+        assert!(m.computes_from_masked(&pii, &uses(&["name", "SSN"]), false));
+        assert!(!m.computes_from_masked(&pii, &uses(&["name", "note"]), false));
+        assert!(m.computes_from_masked(&pii, &[], true), "unseen: redact");
+        assert!(
+            !m.computes_from_masked(&[], &uses(&["ssn"]), true),
+            "not masked at all"
+        );
+
+        let mut profiles = pii.clone();
+        profiles.push(COMPUTED_FROM_MASKED.to_owned());
+        let mut from_table = col("ssn", TEXT, Format::Text);
+        from_table.table = Some("other".to_owned());
+        let cols = [
+            col("upper", TEXT, Format::Text),
+            col("length", INT4, Format::Text),
+            col("n", INT4, Format::Binary),
+            from_table,
+        ];
+        let plan = m.plan(&profiles, &cols).unwrap();
+        let mut row = vec![
+            Some(Bytes::from_static(b"123-45")),
+            Some(Bytes::from_static(b"11")),
+            Some(Bytes::from_static(&[0, 0, 0, 11])),
+            Some(Bytes::from_static(b"plain")),
+        ];
+        plan.apply(&mut row).unwrap();
+        let redacted = row[0].as_deref().unwrap();
+        assert!(
+            !redacted.windows(2).any(|w| w == b"12"),
+            "a computed text value is redacted: {redacted:?}"
+        );
+        assert_eq!(
+            row[1], None,
+            "a computed number cannot be redacted in place: NULL"
+        );
+        assert_eq!(row[2], None, "nor in binary");
+        assert_eq!(
+            row[3].as_deref(),
+            Some(&b"plain"[..]),
+            "a table's column is left to its rules"
+        );
+        // Without the marker, the computed columns are only inspected by the detectors.
+        let plan = m.plan(&pii, &cols).unwrap();
+        let mut row = vec![
+            Some(Bytes::from_static(b"123-45")),
+            Some(Bytes::from_static(b"11")),
+            Some(Bytes::from_static(&[0, 0, 0, 11])),
+            Some(Bytes::from_static(b"plain")),
+        ];
+        plan.apply(&mut row).unwrap();
+        assert_eq!(row[0].as_deref(), Some(&b"123-45"[..]));
+        // `computed_columns: keep` opts out.
+        let mut cfg = config(UnmaskablePolicy::Null);
+        cfg.computed_columns = ComputedColumns::Keep;
+        let keep = Masker::new(&cfg, KEY.to_vec()).unwrap();
+        assert!(!keep.computes_from_masked(&pii, &uses(&["ssn"]), true));
     }
 
     fn masker(policy: UnmaskablePolicy) -> Masker {

@@ -82,8 +82,8 @@ use sqlparser::ast::{
     AlterTableOperation, ColumnOption, CommentObject, CopySource, CopyTarget, CreateTableLikeKind,
     DataType, Expr, FromTable, FunctionArg, FunctionArgExpr, FunctionArguments, GrantObjects,
     Ident, InTarget, MergeAction, MergeClauseKind, ObjectName, ObjectNamePart, ObjectType,
-    OnConflict, OnConflictAction, OnInsert, Query, RenameTableNameKind, Reset, Select, Set,
-    SetExpr, Statement, TableConstraint, TableFactor, TableObject, Value, Visit, Visitor,
+    OnConflict, OnConflictAction, OnInsert, Query, RenameTableNameKind, Reset, Select, SelectItem,
+    Set, SetExpr, Statement, TableConstraint, TableFactor, TableObject, Value, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::{Parser, ParserError};
@@ -318,6 +318,12 @@ pub struct StatementFacts {
     /// which changes how later unqualified names resolve. (`set_config` of a
     /// setting whose name is not a literal is refused.)
     pub sets_search_path: bool,
+    /// Column names (folded, last part of a qualified name) the statement uses other than as a
+    /// result column taken as it is at the top level (`SELECT ssn` or `SELECT c.ssn AS x` of a
+    /// plain SELECT): in expressions, conditions, subqueries, set operations. A result column
+    /// computed from such a column has no table of origin in RowDescription, so column masking
+    /// rules cannot see it (see `mask::COMPUTED_FROM_MASKED`).
+    pub computed_from: Arc<[String]>,
     /// The facts may not cover everything the statement touches: `DO`
     /// blocks, `EXECUTE`, statements only classified by their leading
     /// keywords (tables unknown, functions found heuristically), DDL/DCL
@@ -777,6 +783,7 @@ fn unparsed_facts(
         explain_analyze: false,
         opaque_execute: false,
         sets_search_path: false,
+        computed_from: Arc::default(),
         opaque,
     }
 }
@@ -942,6 +949,15 @@ fn normalize_ident_parts(value: &str, quote_style: Option<char>) -> String {
         Some(_) => value.to_string(),
     };
     truncate_identifier(folded)
+}
+
+/// The column a bare column reference names (`ssn`, `c.ssn`, `s.c.ssn`), folded.
+fn column_name(expr: &Expr) -> Option<String> {
+    match expr {
+        Expr::Identifier(ident) => Some(normalize_ident(ident)),
+        Expr::CompoundIdentifier(parts) => parts.last().map(normalize_ident),
+        _ => None,
+    }
 }
 
 /// Normalizes one identifier as PostgreSQL does.
@@ -1349,9 +1365,48 @@ struct Collector {
     ctes: Vec<CteFrame>,
     /// Names visited as relations that are really table functions.
     not_tables: HashSet<*const ObjectName>,
+    /// Every column reference (folded last part), once per occurrence.
+    column_refs: Vec<String>,
+    /// The references that are top-level result columns taken as they are.
+    bare_outputs: Vec<String>,
 }
 
 impl Collector {
+    /// [`StatementFacts::computed_from`]: the names referenced more often than as bare outputs.
+    fn computed_from(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for name in &self.column_refs {
+            if names.contains(name) {
+                continue;
+            }
+            let count = |list: &[String]| list.iter().filter(|n| *n == name).count();
+            if count(&self.column_refs) > count(&self.bare_outputs) {
+                names.push(name.clone());
+            }
+        }
+        names
+    }
+
+    /// Notes the result columns of a top-level plain SELECT that are bare column references:
+    /// their RowDescription names their table, so column rules see them.
+    fn note_bare_outputs(&mut self, statement: &Statement) {
+        let Statement::Query(query) = statement else {
+            return;
+        };
+        let SetExpr::Select(select) = query.body.as_ref() else {
+            return;
+        };
+        for item in &select.projection {
+            let expr = match item {
+                SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
+                _ => continue,
+            };
+            if let Some(name) = column_name(expr) {
+                self.bare_outputs.push(name);
+            }
+        }
+    }
+
     fn add_table(&mut self, schema: Option<String>, name: String, access: Access) {
         self.tables.insert(TableRef {
             schema,
@@ -1914,6 +1969,9 @@ impl Visitor for Collector {
 
     fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<String> {
         check_set(statement, &mut self.reads_numbers)?;
+        if self.stmts.is_empty() {
+            self.note_bare_outputs(statement);
+        }
         if set_variables(statement)
             .iter()
             .any(|(name, _)| is_setting(name, SEARCH_PATH))
@@ -2053,6 +2111,9 @@ impl Visitor for Collector {
     }
 
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<String> {
+        if let Some(name) = column_name(expr) {
+            self.column_refs.push(name);
+        }
         let builtin = match expr {
             Expr::Function(function) => {
                 self.add_call(&function.name, argument_list(&function.args))?;
@@ -2121,6 +2182,7 @@ fn facts_of_statement(
     for k in &collector.kinds {
         push_unique(&mut kinds, *k);
     }
+    let computed_from = collector.computed_from();
     Ok(StatementFacts {
         text: text.into(),
         kind,
@@ -2133,6 +2195,7 @@ fn facts_of_statement(
         explain_analyze: collector.explain_analyze,
         opaque_execute: collector.opaque_execute,
         sets_search_path: collector.sets_search_path,
+        computed_from: computed_from.into(),
         opaque: collector.opaque || collector.opaque_execute,
     })
 }

@@ -133,6 +133,14 @@ async fn masked(port: u16) {
         .query("SELECT id, note FROM customers ORDER BY id", &[])
         .await;
     emit(result("notes", r));
+    // Values computed from masked columns, in binary.
+    let r = client
+        .query(
+            "SELECT substr(ssn, 1, 3) AS p, length(ssn) AS n FROM customers WHERE id = $1",
+            &[&1i32],
+        )
+        .await;
+    emit(result("computed", r));
 }
 
 async fn pipeline(port: u16) {

@@ -1215,3 +1215,32 @@ fn ddl_reports_the_other_tables_it_names() {
     ]);
     assert!(!one("CREATE TABLE scratch.c () INHERITS (public.secret)").opaque);
 }
+
+#[test]
+fn columns_used_other_than_as_bare_top_level_outputs_are_listed() {
+    let uses = |sql: &str| one(sql).computed_from.to_vec();
+    // Taken as they are: RowDescription names their table.
+    assert!(uses("SELECT ssn, c.card_number AS n FROM customers c").is_empty());
+    assert!(uses("SELECT DISTINCT ssn FROM customers").is_empty());
+    // Computed, compared, ordered, in subqueries or set operations.
+    assert_eq!(uses("SELECT upper(email) FROM customers"), ["email"]);
+    assert_eq!(uses("SELECT substr(SSN, 1, 3) FROM customers"), ["ssn"]);
+    assert_eq!(uses("SELECT \"Ssn\" || 'x' FROM customers"), ["Ssn"]);
+    assert_eq!(
+        uses("SELECT id FROM customers WHERE ssn LIKE '1%'"),
+        ["ssn"]
+    );
+    assert_eq!(uses("SELECT ssn FROM customers ORDER BY ssn"), ["ssn"]);
+    assert_eq!(uses("SELECT (SELECT ssn FROM customers LIMIT 1)"), ["ssn"]);
+    assert_eq!(uses("SELECT ssn FROM customers UNION SELECT 'x'"), ["ssn"]);
+    // The subquery's output is taken as it is at the top: its origin is the table's column.
+    assert_eq!(
+        uses("SELECT x FROM (SELECT ssn AS x FROM customers) s"),
+        ["ssn"]
+    );
+    assert_eq!(uses("SELECT count(*) FROM customers GROUP BY ssn"), ["ssn"]);
+    assert_eq!(
+        uses("WITH c AS (SELECT reverse(ssn) AS r FROM customers) SELECT r FROM c"),
+        ["ssn"]
+    );
+}

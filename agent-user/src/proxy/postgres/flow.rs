@@ -31,10 +31,10 @@ use super::catalog;
 use super::upstream::{Upstream, read_backend, read_frontend};
 use super::{PgError, PgTarget, Shared};
 use crate::approval::{Hold, NewTicket, Outcome, Requester};
-use crate::mask::{ColumnMeta, Format, RowPlan};
+use crate::mask::{COMPUTED_FROM_MASKED, ColumnMeta, Format, RowPlan};
 use crate::policy::{
-    CopyDirection, Decision, ExtractOptions, QueryDecision, StatementKind, Subject, TableRef,
-    Verdict,
+    CopyDirection, Decision, ExtractOptions, QueryDecision, StatementFacts, StatementKind, Subject,
+    TableRef, Verdict,
 };
 use crate::protocol::postgres::{
     BackendDecoder, BackendMessage, ErrorFields, FieldDescription, FrontendDecoder,
@@ -827,10 +827,11 @@ fn judge(ctx: &Context<'_>, sql: &str) -> (QueryDecision, Judged, Vec<u64>) {
     let opts = ExtractOptions {
         standard_conforming_strings: ctx.standard_strings,
     };
-    let qd = ctx
+    let mut qd = ctx
         .shared
         .policies
         .decide_query_with(&subject, &ctx.target.name, sql, &opts);
+    mark_computed_columns(ctx, &mut qd);
     let judged = match qd.enforced_verdict() {
         Verdict::Deny { message } => Judged::Deny(match &qd.parse_error {
             Some(e) => format!("agentgate: statement denied: it could not be parsed ({e})"),
@@ -1020,14 +1021,46 @@ fn changes_portals(qd: &QueryDecision) -> bool {
 
 fn first_keyword_in(qd: &QueryDecision, keywords: &[&str]) -> bool {
     qd.statements.iter().any(|s| {
-        let first = s
-            .facts
-            .text
-            .split(|c: char| !c.is_ascii_alphabetic())
-            .next()
-            .unwrap_or_default();
-        keywords.iter().any(|k| first.eq_ignore_ascii_case(k))
+        keywords
+            .iter()
+            .any(|k| first_word(&s.facts).eq_ignore_ascii_case(k))
     })
+}
+
+fn first_word(facts: &StatementFacts) -> &str {
+    facts
+        .text
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or_default()
+}
+
+/// Adds [`COMPUTED_FROM_MASKED`] to the masks of every statement whose computed result columns
+/// must be redacted: it uses a column its masks' rules name, or its rows come from something
+/// the gate cannot see into (a cursor's `FETCH`, an opaque statement).
+fn mark_computed_columns(ctx: &Context<'_>, qd: &mut QueryDecision) {
+    let Some(masker) = ctx.shared.masker.as_ref() else {
+        return;
+    };
+    let mut marked = false;
+    for s in &mut qd.statements {
+        let unseen = s.facts.opaque || first_word(&s.facts).eq_ignore_ascii_case("fetch");
+        if masker.computes_from_masked(&s.decision.mask, &s.facts.computed_from, unseen) {
+            s.decision.mask = with_computed_marker(&s.decision.mask);
+            marked = true;
+        }
+    }
+    if marked && !qd.decision.mask.is_empty() {
+        qd.decision.mask = with_computed_marker(&qd.decision.mask);
+    }
+}
+
+fn with_computed_marker(masks: &[String]) -> Arc<[String]> {
+    masks
+        .iter()
+        .cloned()
+        .chain(std::iter::once(COMPUTED_FROM_MASKED.to_string()))
+        .collect()
 }
 
 /// Some statement of the query is a COPY.
