@@ -2241,6 +2241,12 @@ fn values_computed_from_masked_columns_are_redacted() {
             "SELECT (SELECT substr(ssn, 1, 3) FROM customers WHERE id = 1)",
             "[REDACTED]\n",
         ),
+        // A whole row holds every column, masked ones too.
+        ("SELECT c FROM customers c WHERE id = 1", "[REDACTED]\n"),
+        (
+            "SELECT row_to_json(c) FROM customers c WHERE id = 1",
+            "\"[REDACTED]\"\n",
+        ),
         // Unmasked columns and computations on them are untouched.
         (
             "SELECT name, upper(name) FROM customers WHERE id = 1",

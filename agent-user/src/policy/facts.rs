@@ -324,6 +324,10 @@ pub struct StatementFacts {
     /// computed from such a column has no table of origin in RowDescription, so column masking
     /// rules cannot see it (see `mask::COMPUTED_FROM_MASKED`).
     pub computed_from: Arc<[String]>,
+    /// The statement refers to a whole row of a relation (`SELECT c FROM customers c`,
+    /// `row_to_json(c)`, `(c).ssn`): that value holds every column, masked ones too, and has
+    /// no table of origin.
+    pub whole_rows: bool,
     /// The facts may not cover everything the statement touches: `DO`
     /// blocks, `EXECUTE`, statements only classified by their leading
     /// keywords (tables unknown, functions found heuristically), DDL/DCL
@@ -784,6 +788,7 @@ fn unparsed_facts(
         opaque_execute: false,
         sets_search_path: false,
         computed_from: Arc::default(),
+        whole_rows: false,
         opaque,
     }
 }
@@ -1369,6 +1374,9 @@ struct Collector {
     column_refs: Vec<String>,
     /// The references that are top-level result columns taken as they are.
     bare_outputs: Vec<String>,
+    /// Names and aliases of the relations in FROM clauses (folded): a reference to one of them
+    /// is a whole row.
+    relation_names: HashSet<String>,
 }
 
 impl Collector {
@@ -2074,6 +2082,21 @@ impl Visitor for Collector {
     }
 
     fn pre_visit_table_factor(&mut self, table_factor: &TableFactor) -> ControlFlow<String> {
+        let (name, alias) = match table_factor {
+            TableFactor::Table { name, alias, .. } => (Some(name), alias.as_ref()),
+            TableFactor::Derived { alias, .. }
+            | TableFactor::Function { alias, .. }
+            | TableFactor::TableFunction { alias, .. }
+            | TableFactor::UNNEST { alias, .. }
+            | TableFactor::NestedJoin { alias, .. } => (None, alias.as_ref()),
+            _ => (None, None),
+        };
+        if let Some(last) = name.and_then(|n| n.0.last()) {
+            self.relation_names.insert(normalize_part(last));
+        }
+        if let Some(alias) = alias {
+            self.relation_names.insert(normalize_ident(&alias.name));
+        }
         match table_factor {
             TableFactor::Table {
                 name,
@@ -2183,6 +2206,10 @@ fn facts_of_statement(
         push_unique(&mut kinds, *k);
     }
     let computed_from = collector.computed_from();
+    let whole_rows = collector
+        .column_refs
+        .iter()
+        .any(|r| collector.relation_names.contains(r));
     Ok(StatementFacts {
         text: text.into(),
         kind,
@@ -2196,6 +2223,7 @@ fn facts_of_statement(
         opaque_execute: collector.opaque_execute,
         sets_search_path: collector.sets_search_path,
         computed_from: computed_from.into(),
+        whole_rows,
         opaque: collector.opaque || collector.opaque_execute,
     })
 }

@@ -1244,3 +1244,23 @@ fn columns_used_other_than_as_bare_top_level_outputs_are_listed() {
         ["ssn"]
     );
 }
+
+#[test]
+fn whole_row_references_are_flagged() {
+    for sql in [
+        "SELECT c FROM customers c",
+        "SELECT customers FROM customers",
+        "SELECT row_to_json(c) FROM customers AS c",
+        "SELECT to_jsonb(s) FROM (SELECT ssn FROM customers) s",
+        "SELECT (c).ssn FROM customers c",
+        "SELECT id FROM customers c WHERE c IS NOT NULL",
+    ] {
+        assert!(one(sql).whole_rows, "{sql}");
+    }
+    for sql in [
+        "SELECT c.ssn, c.* FROM customers c",
+        "SELECT id, name FROM customers",
+    ] {
+        assert!(!one(sql).whole_rows, "{sql}");
+    }
+}

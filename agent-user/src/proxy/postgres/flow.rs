@@ -1036,15 +1036,18 @@ fn first_word(facts: &StatementFacts) -> &str {
 }
 
 /// Adds [`COMPUTED_FROM_MASKED`] to the masks of every statement whose computed result columns
-/// must be redacted: it uses a column its masks' rules name, or its rows come from something
-/// the gate cannot see into (a cursor's `FETCH`, an opaque statement).
+/// must be redacted: it uses a column its masks' rules name, or a whole row (which holds them),
+/// or its rows come from something the gate cannot see into (a cursor's `FETCH`, an opaque
+/// statement).
 fn mark_computed_columns(ctx: &Context<'_>, qd: &mut QueryDecision) {
     let Some(masker) = ctx.shared.masker.as_ref() else {
         return;
     };
     let mut marked = false;
     for s in &mut qd.statements {
-        let unseen = s.facts.opaque || first_word(&s.facts).eq_ignore_ascii_case("fetch");
+        let unseen = s.facts.opaque
+            || s.facts.whole_rows
+            || first_word(&s.facts).eq_ignore_ascii_case("fetch");
         if masker.computes_from_masked(&s.decision.mask, &s.facts.computed_from, unseen) {
             s.decision.mask = with_computed_marker(&s.decision.mask);
             marked = true;
@@ -2042,7 +2045,11 @@ async fn plan_for(
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            let t = tables.get(&f.table_oid);
+            // Attribute 0 is a whole row (`SELECT c FROM customers c`): it holds every column,
+            // so it is no column of the table a rule could name.
+            let t = (f.column_attr > 0)
+                .then(|| tables.get(&f.table_oid))
+                .flatten();
             ColumnMeta {
                 // The source column's name, so an alias cannot dodge a rule.
                 name: t
