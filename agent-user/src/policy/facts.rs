@@ -2082,13 +2082,18 @@ impl Visitor for Collector {
     }
 
     fn pre_visit_table_factor(&mut self, table_factor: &TableFactor) -> ControlFlow<String> {
+        // Tables and subqueries, whose rows are records of several columns; not functions
+        // (`generate_series(1, 3) g`: there `g` is also the one column).
         let (name, alias) = match table_factor {
-            TableFactor::Table { name, alias, .. } => (Some(name), alias.as_ref()),
-            TableFactor::Derived { alias, .. }
-            | TableFactor::Function { alias, .. }
-            | TableFactor::TableFunction { alias, .. }
-            | TableFactor::UNNEST { alias, .. }
-            | TableFactor::NestedJoin { alias, .. } => (None, alias.as_ref()),
+            TableFactor::Table {
+                name,
+                alias,
+                args: None,
+                ..
+            } => (Some(name), alias.as_ref()),
+            TableFactor::Derived { alias, .. } | TableFactor::NestedJoin { alias, .. } => {
+                (None, alias.as_ref())
+            }
             _ => (None, None),
         };
         if let Some(last) = name.and_then(|n| n.0.last()) {

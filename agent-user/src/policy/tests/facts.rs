@@ -1260,6 +1260,9 @@ fn whole_row_references_are_flagged() {
     for sql in [
         "SELECT c.ssn, c.* FROM customers c",
         "SELECT id, name FROM customers",
+        // A scalar function's alias is its one column.
+        "SELECT g, g * g FROM generate_series(1, 3) g",
+        "SELECT x FROM unnest(ARRAY[1, 2]) AS x",
     ] {
         assert!(!one(sql).whole_rows, "{sql}");
     }
