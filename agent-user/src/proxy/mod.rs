@@ -13,8 +13,10 @@ pub mod tcp;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use agent_common::{FlowRecord, TARGET_UNKNOWN};
@@ -223,16 +225,39 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
         .filter(|a| !a.ip().is_unspecified());
     loop {
         match listener.accept().await {
-            Ok((sock, peer)) => {
-                let gate = gate.clone();
-                tokio::spawn(async move { handle(gate, sock, peer, local).await });
-            }
+            Ok((sock, peer)) => start(handle(gate.clone(), sock, peer, local)).await,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// Runs a new connection up to its first wait on this (the accept) task, then spawns the rest.
+///
+/// A spawned task would queue behind the tasks woken by the same event-loop turn: on a busy
+/// loop those are mostly earlier connections ending (a shutdown, two deregistrations and two
+/// closes each), and they would all run between the accept and the new connection's flow
+/// lookup, upstream connect and first bytes. Polled here first, the new connection's request
+/// is on its way upstream before any of them runs. The wakers it registered meanwhile name the
+/// accept task; the spawned task's first poll, right after, registers its own. A panic is
+/// caught as a spawned task's would be: it ends the connection, not the accept loop.
+async fn start(conn: impl Future<Output = ()> + Send + 'static) {
+    let mut conn = Box::pin(conn);
+    let polled = std::future::poll_fn(|cx| {
+        Poll::Ready(std::panic::catch_unwind(AssertUnwindSafe(|| {
+            conn.as_mut().poll(cx).is_pending()
+        })))
+    })
+    .await;
+    match polled {
+        Ok(true) => {
+            tokio::spawn(conn);
+        }
+        Ok(false) => {}
+        Err(_) => tracing::error!("a connection handler panicked; its connection is closed"),
     }
 }
 
@@ -409,6 +434,36 @@ mod tests {
         assert_eq!(s.peer_addr().unwrap(), addr);
         let (_, from) = listener.accept().await.unwrap();
         assert_eq!(from, s.local_addr().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_connection_runs_until_its_first_wait_before_start_returns() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let began = Arc::new(AtomicUsize::new(0));
+        let b = began.clone();
+        start(async move {
+            b.fetch_add(1, Ordering::Relaxed);
+            let _ = rx.await;
+            let _ = done_tx.send(());
+        })
+        .await;
+        // Ran inline, up to its wait; the rest runs on its own task.
+        assert_eq!(began.load(Ordering::Relaxed), 1);
+        tx.send(()).unwrap();
+        done_rx.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_panicking_connection_does_not_end_the_accept_loop() {
+        start(async { panic!("handler bug") }).await;
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        start(async move {
+            r.fetch_add(1, Ordering::Relaxed);
+        })
+        .await;
+        assert_eq!(ran.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
