@@ -2247,6 +2247,25 @@ fn values_computed_from_masked_columns_are_redacted() {
             "SELECT row_to_json(c) FROM customers c WHERE id = 1",
             "\"[REDACTED]\"\n",
         ),
+        // Columns under no name the statement uses, without a table of origin.
+        (
+            "SELECT * FROM customers WHERE id = 1 UNION ALL SELECT * FROM customers WHERE false",
+            "|[REDACTED]|[REDACTED]|[REDACTED]|[REDACTED]|[REDACTED]\n",
+        ),
+        (
+            "SELECT upper(x) FROM customers AS c(i, n, e, k, x) WHERE i = 1",
+            "[REDACTED]\n",
+        ),
+        // A computed column's name is an alias, not a column a rule can trust.
+        (
+            "SELECT substr(ssn, 1, 3) AS card_number FROM customers WHERE id = 1",
+            "[REDACTED]\n",
+        ),
+        // A write copying a masked value returns nothing of it.
+        (
+            "UPDATE customers SET note = ssn WHERE id = 3 RETURNING id, note",
+            "|[REDACTED]\nUPDATE 1\n",
+        ),
         // Unmasked columns and computations on them are untouched.
         (
             "SELECT name, upper(name) FROM customers WHERE id = 1",

@@ -80,7 +80,8 @@ pub use config::{
     UnmaskablePolicy,
 };
 pub use plan::{
-    COMPUTED_FROM_MASKED, ColumnMeta, Format, Masker, RowOutcome, RowPlan, is_text_like,
+    COMPUTED_FROM_MASKED, ColumnMeta, Format, Masker, RETURNED_FROM_MASKED, RowOutcome, RowPlan,
+    is_text_like,
 };
 
 /// Errors of the masking module.

@@ -276,6 +276,11 @@ struct Inner {
 /// column of a UNION) does not have.
 pub const COMPUTED_FROM_MASKED: &str = "(computed-from-masked)";
 
+/// Put instead of [`COMPUTED_FROM_MASKED`] for a write that uses a masked column: what it
+/// returns (`UPDATE customers SET note = ssn RETURNING note`) may be a masked value stored in
+/// a column no rule names, so every returned column is redacted.
+pub const RETURNED_FROM_MASKED: &str = "(returned-from-masked)";
+
 /// Validated, compiled masking configuration. Cheap to clone, `Send + Sync`.
 #[derive(Clone)]
 pub struct Masker {
@@ -376,10 +381,11 @@ impl Masker {
     /// Check up front (e.g. when loading policies) that every name is a
     /// configured profile. [`Masker::plan`] checks again.
     pub fn check_profiles(&self, profiles: &[String]) -> Result<(), MaskError> {
-        match profiles
-            .iter()
-            .find(|p| *p != COMPUTED_FROM_MASKED && !self.inner.profiles.contains_key(p.as_str()))
-        {
+        match profiles.iter().find(|p| {
+            *p != COMPUTED_FROM_MASKED
+                && *p != RETURNED_FROM_MASKED
+                && !self.inner.profiles.contains_key(p.as_str())
+        }) {
             Some(unknown) => Err(MaskError::UnknownProfile(unknown.clone())),
             None => Ok(()),
         }
@@ -407,16 +413,21 @@ impl Masker {
         let detectors: Vec<(Detector, Action)> = detectors.into_iter().collect();
 
         let computed = names.contains(COMPUTED_FROM_MASKED);
+        let returned = names.contains(RETURNED_FROM_MASKED);
         let mut planned = Vec::new();
         for (index, c) in columns.iter().enumerate() {
             let kind = classify(c.type_oid, c.format);
             let names = FoldedNames::of(c);
-            let rule = active
-                .iter()
-                .filter_map(|p| p.rule_for(&names))
-                .reduce(Action::stronger)
-                // No table of origin: computed, perhaps from a masked column.
-                .or((computed && c.table.is_none()).then_some(Action::Redact));
+            // No table of origin: computed, perhaps from a masked column; its name is only an
+            // alias (`substr(ssn, 1, 3) AS card_number`), so redaction overrides any rule.
+            let rule = if (computed && c.table.is_none()) || returned {
+                Some(Action::Redact)
+            } else {
+                active
+                    .iter()
+                    .filter_map(|p| p.rule_for(&names))
+                    .reduce(Action::stronger)
+            };
             let op = match rule {
                 Some(a) => Op::Rule(a),
                 // Fail closed: everything but the NOT_TEXT types is inspected.

@@ -81,9 +81,10 @@ use serde::{Deserialize, Serialize};
 use sqlparser::ast::{
     AlterTableOperation, ColumnOption, CommentObject, CopySource, CopyTarget, CreateTableLikeKind,
     DataType, Expr, FromTable, FunctionArg, FunctionArgExpr, FunctionArguments, GrantObjects,
-    Ident, InTarget, MergeAction, MergeClauseKind, ObjectName, ObjectNamePart, ObjectType,
-    OnConflict, OnConflictAction, OnInsert, Query, RenameTableNameKind, Reset, Select, SelectItem,
-    Set, SetExpr, Statement, TableConstraint, TableFactor, TableObject, Value, Visit, Visitor,
+    Ident, InTarget, Join, JoinConstraint, JoinOperator, MergeAction, MergeClauseKind, ObjectName,
+    ObjectNamePart, ObjectType, OnConflict, OnConflictAction, OnInsert, Query, RenameTableNameKind,
+    Reset, Select, SelectItem, Set, SetExpr, Statement, TableAlias, TableConstraint, TableFactor,
+    TableObject, Value, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::{Parser, ParserError};
@@ -324,10 +325,12 @@ pub struct StatementFacts {
     /// computed from such a column has no table of origin in RowDescription, so column masking
     /// rules cannot see it (see `mask::COMPUTED_FROM_MASKED`).
     pub computed_from: Arc<[String]>,
-    /// The statement refers to a whole row of a relation (`SELECT c FROM customers c`,
-    /// `row_to_json(c)`, `(c).ssn`): that value holds every column, masked ones too, and has
-    /// no table of origin.
-    pub whole_rows: bool,
+    /// Some result column may hold a table's columns under no name the statement uses: a whole
+    /// row (`SELECT c FROM customers c`, `row_to_json(c.*)`), a `*` other than in the top-level
+    /// plain SELECT's list (in a subquery, a CTE, a UNION), a join's merged columns (`NATURAL`;
+    /// `USING` names count as used), columns renamed by an alias list (`customers AS c(i, n, x)`).
+    /// Such columns have no table of origin in RowDescription either.
+    pub unseen_columns: bool,
     /// The facts may not cover everything the statement touches: `DO`
     /// blocks, `EXECUTE`, statements only classified by their leading
     /// keywords (tables unknown, functions found heuristically), DDL/DCL
@@ -788,7 +791,7 @@ fn unparsed_facts(
         opaque_execute: false,
         sets_search_path: false,
         computed_from: Arc::default(),
-        whole_rows: false,
+        unseen_columns: false,
         opaque,
     }
 }
@@ -954,6 +957,42 @@ fn normalize_ident_parts(value: &str, quote_style: Option<char>) -> String {
         Some(_) => value.to_string(),
     };
     truncate_identifier(folded)
+}
+
+/// The alias of a relation in FROM, if it has one.
+fn table_factor_alias(factor: &TableFactor) -> Option<&TableAlias> {
+    match factor {
+        TableFactor::Table { alias, .. }
+        | TableFactor::Derived { alias, .. }
+        | TableFactor::Function { alias, .. }
+        | TableFactor::TableFunction { alias, .. }
+        | TableFactor::UNNEST { alias, .. }
+        | TableFactor::NestedJoin { alias, .. } => alias.as_ref(),
+        _ => None,
+    }
+}
+
+/// A join's constraint (`ON`, `USING`, `NATURAL`), whatever its kind.
+fn join_constraint(op: &JoinOperator) -> Option<&JoinConstraint> {
+    match op {
+        JoinOperator::Join(c)
+        | JoinOperator::Inner(c)
+        | JoinOperator::Left(c)
+        | JoinOperator::LeftOuter(c)
+        | JoinOperator::Right(c)
+        | JoinOperator::RightOuter(c)
+        | JoinOperator::FullOuter(c)
+        | JoinOperator::CrossJoin(c)
+        | JoinOperator::Semi(c)
+        | JoinOperator::LeftSemi(c)
+        | JoinOperator::RightSemi(c)
+        | JoinOperator::Anti(c)
+        | JoinOperator::LeftAnti(c)
+        | JoinOperator::RightAnti(c)
+        | JoinOperator::StraightJoin(c) => Some(c),
+        JoinOperator::AsOf { constraint, .. } => Some(constraint),
+        _ => None,
+    }
 }
 
 /// The column a bare column reference names (`ssn`, `c.ssn`, `s.c.ssn`), folded.
@@ -1377,22 +1416,86 @@ struct Collector {
     /// Names and aliases of the relations in FROM clauses (folded): a reference to one of them
     /// is a whole row.
     relation_names: HashSet<String>,
+    /// See [`StatementFacts::unseen_columns`] (whole rows by name are found at the end).
+    unseen_columns: bool,
+    /// The top-level statement's query, whose plain SELECT list may hold `*`.
+    top_query: Option<*const Query>,
 }
 
 impl Collector {
     /// [`StatementFacts::computed_from`]: the names referenced more often than as bare outputs.
     fn computed_from(&self) -> Vec<String> {
-        let mut names: Vec<String> = Vec::new();
+        // One pass over each list (a statement can hold tens of thousands of references).
+        let mut counts: HashMap<&str, (usize, usize)> = HashMap::new();
         for name in &self.column_refs {
-            if names.contains(name) {
-                continue;
-            }
-            let count = |list: &[String]| list.iter().filter(|n| *n == name).count();
-            if count(&self.column_refs) > count(&self.bare_outputs) {
+            counts.entry(name).or_default().0 += 1;
+        }
+        for name in &self.bare_outputs {
+            counts.entry(name).or_default().1 += 1;
+        }
+        let mut names = Vec::new();
+        for name in &self.column_refs {
+            if let Some((refs, bare)) = counts.remove(name.as_str())
+                && refs > bare
+            {
                 names.push(name.clone());
             }
         }
         names
+    }
+
+    /// A query's SELECT lists and joins, for [`StatementFacts::unseen_columns`] and the columns
+    /// `USING` merges.
+    fn note_query_columns(&mut self, query: &Query) {
+        let top = self.top_query == Some(query as *const Query);
+        let mut bodies: Vec<(&SetExpr, bool)> = vec![(query.body.as_ref(), top)];
+        while let Some((body, top)) = bodies.pop() {
+            match body {
+                SetExpr::Select(select) => {
+                    let star = select.projection.iter().any(|item| {
+                        matches!(
+                            item,
+                            SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
+                        )
+                    });
+                    if star && !top {
+                        self.unseen_columns = true;
+                    }
+                    for from in &select.from {
+                        self.note_joins(&from.joins);
+                    }
+                }
+                SetExpr::SetOperation { left, right, .. } => {
+                    bodies.push((left.as_ref(), false));
+                    bodies.push((right.as_ref(), false));
+                }
+                _ => {}
+            }
+        }
+        if let Some(with) = &query.with
+            && with
+                .cte_tables
+                .iter()
+                .any(|cte| !cte.alias.columns.is_empty())
+        {
+            self.unseen_columns = true;
+        }
+    }
+
+    fn note_joins(&mut self, joins: &[Join]) {
+        for join in joins {
+            match join_constraint(&join.join_operator) {
+                Some(JoinConstraint::Natural) => self.unseen_columns = true,
+                Some(JoinConstraint::Using(names) | JoinConstraint::UsingAlias(names, _)) => {
+                    for n in names {
+                        if let Some(last) = n.0.last() {
+                            self.column_refs.push(normalize_part(last));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Notes the result columns of a top-level plain SELECT that are bare column references:
@@ -1979,6 +2082,9 @@ impl Visitor for Collector {
         check_set(statement, &mut self.reads_numbers)?;
         if self.stmts.is_empty() {
             self.note_bare_outputs(statement);
+            if let Statement::Query(query) = statement {
+                self.top_query = Some(query.as_ref() as *const Query);
+            }
         }
         if set_variables(statement)
             .iter()
@@ -2010,6 +2116,7 @@ impl Visitor for Collector {
     }
 
     fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<String> {
+        self.note_query_columns(query);
         // Entering the body of a CTE of the enclosing WITH: only earlier CTEs
         // are in scope (all of them for WITH RECURSIVE).
         if let Some(frame) = self.ctes.last_mut()
@@ -2102,6 +2209,18 @@ impl Visitor for Collector {
         if let Some(alias) = alias {
             self.relation_names.insert(normalize_ident(&alias.name));
         }
+        if let Some(alias) = table_factor_alias(table_factor)
+            && !alias.columns.is_empty()
+        {
+            // `customers AS c(i, n, x)`: the table's columns under other names.
+            self.unseen_columns = true;
+        }
+        if let TableFactor::NestedJoin {
+            table_with_joins, ..
+        } = table_factor
+        {
+            self.note_joins(&table_with_joins.joins);
+        }
         match table_factor {
             TableFactor::Table {
                 name,
@@ -2141,6 +2260,28 @@ impl Visitor for Collector {
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<String> {
         if let Some(name) = column_name(expr) {
             self.column_refs.push(name);
+        }
+        match expr {
+            // `(c.*)::text`, `ROW(c.*)`: whole rows.
+            Expr::Wildcard(_) | Expr::QualifiedWildcard(..) => self.unseen_columns = true,
+            // `row_to_json(c.*)`, `array_agg(c.*)` (not `count(*)`).
+            Expr::Function(f)
+                if argument_list(&f.args).is_some_and(|args| {
+                    args.iter().any(|a| {
+                        matches!(
+                            a,
+                            FunctionArg::Unnamed(FunctionArgExpr::QualifiedWildcard(_))
+                                | FunctionArg::Named {
+                                    arg: FunctionArgExpr::QualifiedWildcard(_),
+                                    ..
+                                }
+                        )
+                    })
+                }) =>
+            {
+                self.unseen_columns = true;
+            }
+            _ => {}
         }
         let builtin = match expr {
             Expr::Function(function) => {
@@ -2211,10 +2352,11 @@ fn facts_of_statement(
         push_unique(&mut kinds, *k);
     }
     let computed_from = collector.computed_from();
-    let whole_rows = collector
-        .column_refs
-        .iter()
-        .any(|r| collector.relation_names.contains(r));
+    let unseen_columns = collector.unseen_columns
+        || collector
+            .column_refs
+            .iter()
+            .any(|r| collector.relation_names.contains(r));
     Ok(StatementFacts {
         text: text.into(),
         kind,
@@ -2228,7 +2370,7 @@ fn facts_of_statement(
         opaque_execute: collector.opaque_execute,
         sets_search_path: collector.sets_search_path,
         computed_from: computed_from.into(),
-        whole_rows,
+        unseen_columns,
         opaque: collector.opaque || collector.opaque_execute,
     })
 }

@@ -1239,6 +1239,11 @@ fn columns_used_other_than_as_bare_top_level_outputs_are_listed() {
         ["ssn"]
     );
     assert_eq!(uses("SELECT count(*) FROM customers GROUP BY ssn"), ["ssn"]);
+    // `USING` merges the columns it names (the merged one has no origin).
+    assert_eq!(
+        uses("SELECT ssn FROM customers FULL JOIN other USING (ssn)"),
+        ["ssn"]
+    );
     assert_eq!(
         uses("WITH c AS (SELECT reverse(ssn) AS r FROM customers) SELECT r FROM c"),
         ["ssn"]
@@ -1246,7 +1251,7 @@ fn columns_used_other_than_as_bare_top_level_outputs_are_listed() {
 }
 
 #[test]
-fn whole_row_references_are_flagged() {
+fn columns_a_statement_holds_under_no_name_it_uses_are_flagged() {
     for sql in [
         "SELECT c FROM customers c",
         "SELECT customers FROM customers",
@@ -1254,8 +1259,20 @@ fn whole_row_references_are_flagged() {
         "SELECT to_jsonb(s) FROM (SELECT ssn FROM customers) s",
         "SELECT (c).ssn FROM customers c",
         "SELECT id FROM customers c WHERE c IS NOT NULL",
+        // Columns under no name the statement uses, without a table of origin.
+        "SELECT * FROM customers UNION ALL SELECT * FROM customers WHERE false",
+        "SELECT ssn FROM (SELECT * FROM customers UNION ALL SELECT * FROM customers) s",
+        "WITH RECURSIVE r AS (SELECT * FROM customers UNION ALL SELECT * FROM r WHERE false) SELECT * FROM r",
+        "SELECT * FROM customers NATURAL FULL JOIN (SELECT NULL::text AS ssn WHERE false) z",
+        "SELECT upper(x) FROM customers AS c(i, n, x)",
+        "SELECT upper(x) FROM (SELECT * FROM customers) s(i, n, x)",
+        "WITH w(i, n, x) AS (SELECT * FROM customers) SELECT upper(x) FROM w",
+        "SELECT row_to_json(c.*) FROM customers c",
+        "SELECT (c.*)::text FROM customers c",
+        "SELECT array_agg(c.*) FROM customers c",
+        "SELECT j->>'ssn' FROM (SELECT to_jsonb(c.*) j FROM customers c) s",
     ] {
-        assert!(one(sql).whole_rows, "{sql}");
+        assert!(one(sql).unseen_columns, "{sql}");
     }
     for sql in [
         "SELECT c.ssn, c.* FROM customers c",
@@ -1263,7 +1280,10 @@ fn whole_row_references_are_flagged() {
         // A scalar function's alias is its one column.
         "SELECT g, g * g FROM generate_series(1, 3) g",
         "SELECT x FROM unnest(ARRAY[1, 2]) AS x",
+        "SELECT * FROM customers",
+        "SELECT c.* FROM customers c JOIN t ON t.id = c.id",
+        "SELECT count(*) FROM customers",
     ] {
-        assert!(!one(sql).whole_rows, "{sql}");
+        assert!(!one(sql).unseen_columns, "{sql}");
     }
 }

@@ -31,7 +31,7 @@ use super::catalog;
 use super::upstream::{Upstream, read_backend, read_frontend};
 use super::{PgError, PgTarget, Shared};
 use crate::approval::{Hold, NewTicket, Outcome, Requester};
-use crate::mask::{COMPUTED_FROM_MASKED, ColumnMeta, Format, RowPlan};
+use crate::mask::{COMPUTED_FROM_MASKED, ColumnMeta, Format, RETURNED_FROM_MASKED, RowPlan};
 use crate::policy::{
     CopyDirection, Decision, ExtractOptions, QueryDecision, StatementFacts, StatementKind, Subject,
     TableRef, Verdict,
@@ -1046,23 +1046,36 @@ fn mark_computed_columns(ctx: &Context<'_>, qd: &mut QueryDecision) {
     let mut marked = false;
     for s in &mut qd.statements {
         let unseen = s.facts.opaque
-            || s.facts.whole_rows
+            || s.facts.unseen_columns
             || first_word(&s.facts).eq_ignore_ascii_case("fetch");
         if masker.computes_from_masked(&s.decision.mask, &s.facts.computed_from, unseen) {
-            s.decision.mask = with_computed_marker(&s.decision.mask);
+            // A write can store a masked value in a column no rule names and return it.
+            let writes = matches!(
+                s.facts.kind,
+                StatementKind::Insert
+                    | StatementKind::Update
+                    | StatementKind::Delete
+                    | StatementKind::Merge
+            );
+            let marker = if writes {
+                RETURNED_FROM_MASKED
+            } else {
+                COMPUTED_FROM_MASKED
+            };
+            s.decision.mask = with_marker(&s.decision.mask, marker);
             marked = true;
         }
     }
     if marked && !qd.decision.mask.is_empty() {
-        qd.decision.mask = with_computed_marker(&qd.decision.mask);
+        qd.decision.mask = with_marker(&qd.decision.mask, COMPUTED_FROM_MASKED);
     }
 }
 
-fn with_computed_marker(masks: &[String]) -> Arc<[String]> {
+fn with_marker(masks: &[String], marker: &str) -> Arc<[String]> {
     masks
         .iter()
         .cloned()
-        .chain(std::iter::once(COMPUTED_FROM_MASKED.to_string()))
+        .chain(std::iter::once(marker.to_string()))
         .collect()
 }
 
