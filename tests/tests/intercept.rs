@@ -1405,8 +1405,10 @@ fn governed_processes_cannot_bind_the_ports_the_gate_dials_or_listens_on() {
     // credentials, or handed other agents' redirected connections. Such binds are refused.
     let echo = EchoServer::start("127.0.0.1:0");
     let spare = agentgate_tests::free_port();
-    let extra =
-        format!("  - name: elsewhere\n    match: [\"10.9.9.9:{spare}\"]\n    protocol: tcp\n");
+    let remote = agentgate_tests::free_port();
+    let extra = format!(
+        "  - name: spare\n    match: [\"127.0.0.3:{spare}\"]\n    protocol: tcp\n  - name: elsewhere\n    match: [\"10.9.9.9:{remote}\"]\n    protocol: tcp\n"
+    );
     let gate = Gate::start(&config(&echo, &extra));
     let free = agentgate_tests::free_port();
     let cases = [
@@ -1419,6 +1421,8 @@ fn governed_processes_cannot_bind_the_ports_the_gate_dials_or_listens_on() {
         ("4", "127.0.0.1", gate.port, EPERM),
         ("6", "::", gate.port, EPERM),
         ("4", "127.0.0.1", free, 0),
+        // A remote target's port: nothing listening here stands in for it.
+        ("4", "0.0.0.0", remote, 0),
         ("6", "::", 0, 0),
     ];
     let list: Vec<String> = cases

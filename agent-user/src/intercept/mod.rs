@@ -625,14 +625,29 @@ fn pin_link(
 }
 
 /// The ports governed processes may not bind (see `reason::RESERVED_PORT`), each as
-/// `0.0.0.0:port` (the key `RESERVED_PORTS` uses): every target's destination and upstream
-/// ports, the enforcer's listener's and the admin HTTP API's.
+/// `0.0.0.0:port` (the key `RESERVED_PORTS` uses): the ports of targets' destinations and
+/// upstreams that are on this host (a loopback or unspecified address, one of the host's
+/// addresses, a network covering one), the enforcer's listener's and the admin HTTP API's.
+/// Remote targets' ports stay free: no listener here stands in for them.
 fn reserved_ports(cfg: &Config) -> Vec<SocketAddr> {
+    // Unreadable: every target's ports, as if all were local.
+    let host = crate::proxy::local::this_host_addresses();
+    let here = |addr: SocketAddr| {
+        addr.ip().is_loopback()
+            || addr.ip().is_unspecified()
+            || host.as_ref().is_none_or(|h| h.contains(&addr.ip()))
+    };
     let targets = cfg.targets.iter().flat_map(|t| {
-        t.destinations
-            .iter()
+        let local_destinations = t.destinations.iter().filter(|d| {
+            d.local_address().is_some()
+                || host
+                    .as_ref()
+                    .is_none_or(|h| h.iter().any(|ip| d.matches(&SocketAddr::new(*ip, d.port))))
+        });
+        local_destinations
             .map(|d| d.port)
-            .chain(t.upstream.map(|u| u.port()))
+            .chain(t.upstream.filter(|u| here(*u)).map(|u| u.port()))
+            .collect::<Vec<u16>>()
     });
     let daemon =
         std::iter::once(cfg.listen.port).chain(cfg.admin.http.iter().map(|h| h.listen.port()));

@@ -95,7 +95,40 @@ fn is_this_host(ip: IpAddr) -> bool {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     };
-    host_addresses().is_none_or(|addrs| addrs.contains(&ip))
+    match host_addresses() {
+        None => true,
+        Some(addrs) if addrs.contains(&ip) => true,
+        // Not there: an address added since the last reading (DHCP, a temporary IPv6 address)
+        // must not pass for another host's, so a reading older than [`REREAD_AFTER`] is
+        // taken again.
+        Some(_) => {
+            let stale = ADDRESSES
+                .lock()
+                .ok()
+                .and_then(|c| c.as_ref().map(|(read, _)| read.elapsed() >= REREAD_AFTER))
+                .unwrap_or(true);
+            if !stale {
+                return false;
+            }
+            let Some(fresh) = read_host_addresses() else {
+                return true;
+            };
+            let found = fresh.contains(&ip);
+            if let Ok(mut c) = ADDRESSES.lock() {
+                *c = Some((Instant::now(), fresh));
+            }
+            found
+        }
+    }
+}
+
+/// How old a reading of the host's addresses may be for an address missing from it to be
+/// taken as another host's.
+const REREAD_AFTER: Duration = Duration::from_millis(100);
+
+/// This host's addresses, read now (`None` when they cannot be listed).
+pub fn this_host_addresses() -> Option<Arc<[IpAddr]>> {
+    read_host_addresses()
 }
 
 fn host_addresses() -> Option<Arc<[IpAddr]>> {
@@ -105,6 +138,12 @@ fn host_addresses() -> Option<Arc<[IpAddr]>> {
     {
         return Some(addrs.clone());
     }
+    let addrs = read_host_addresses()?;
+    *cached = Some((Instant::now(), addrs.clone()));
+    Some(addrs)
+}
+
+fn read_host_addresses() -> Option<Arc<[IpAddr]>> {
     let Ok(list) = nix::ifaddrs::getifaddrs() else {
         tracing::warn!(
             "cannot list this host's addresses; an unknown destination on a local target's port is taken for this host"
@@ -119,7 +158,6 @@ fn host_addresses() -> Option<Arc<[IpAddr]>> {
                 .or_else(|| sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
         })
         .collect();
-    *cached = Some((Instant::now(), addrs.clone()));
     Some(addrs)
 }
 
