@@ -6,7 +6,7 @@
 //! the pinned links stay: governed agents remain refused until a daemon serves again or an
 //! operator runs `agentgate uninstall`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
@@ -769,7 +769,14 @@ async fn follow_cgroups(daemon: Arc<Daemon>) {
         tokio::select! {
             _ = tick.tick() => daemon.follow_recreated_cgroups("poll"),
             r = created => match r {
-                Ok(()) => daemon.follow_recreated_cgroups("inotify"),
+                Ok(ended) => {
+                    if let Some(w) = &mut watch {
+                        for wd in ended {
+                            w.watched.remove(&wd);
+                        }
+                    }
+                    daemon.follow_recreated_cgroups("inotify");
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "inotify watch of governed cgroups' parents failed; polling only");
                     watch = None;
@@ -793,7 +800,9 @@ impl std::os::fd::AsRawFd for InotifyFd {
 /// removes its cgroup and makes it again there.
 struct ParentWatch {
     fd: tokio::io::unix::AsyncFd<InotifyFd>,
-    watched: std::collections::HashSet<std::path::PathBuf>,
+    /// Watched directories by their watch: one removed (and perhaps made again) ends its
+    /// watch (`IN_IGNORED`), and is watched again by the next `watch_parents_of`.
+    watched: HashMap<nix::sys::inotify::WatchDescriptor, std::path::PathBuf>,
 }
 
 impl ParentWatch {
@@ -828,15 +837,15 @@ impl ParentWatch {
             Err(_) => return,
         };
         for parent in parents {
-            if self.watched.contains(&parent) {
+            if self.watched.values().any(|p| *p == parent) {
                 continue;
             }
             match self.fd.get_ref().0.add_watch(
                 &parent,
                 AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO,
             ) {
-                Ok(_) => {
-                    self.watched.insert(parent);
+                Ok(wd) => {
+                    self.watched.insert(wd, parent);
                 }
                 Err(e) => {
                     tracing::debug!(parent = %parent.display(), error = %e, "cannot watch a governed cgroup's parent");
@@ -845,12 +854,19 @@ impl ParentWatch {
         }
     }
 
-    /// Waits until something was created in a watched directory (and drains the events).
-    async fn created(&self) -> std::io::Result<()> {
+    /// Waits for events (draining them): the watches that ended with them.
+    async fn created(&self) -> std::io::Result<Vec<nix::sys::inotify::WatchDescriptor>> {
+        use nix::sys::inotify::AddWatchFlags;
         loop {
             let mut guard = self.fd.readable().await?;
             match guard.get_inner().0.read_events() {
-                Ok(events) if !events.is_empty() => return Ok(()),
+                Ok(events) if !events.is_empty() => {
+                    return Ok(events
+                        .iter()
+                        .filter(|e| e.mask.contains(AddWatchFlags::IN_IGNORED))
+                        .map(|e| e.wd)
+                        .collect());
+                }
                 Ok(_) | Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
                 Err(e) => return Err(e.into()),
             }
