@@ -604,6 +604,19 @@ impl Gate {
     /// Runs `psql` inside `agent`'s cgroup against 127.0.0.1:`port` (the real server address:
     /// the hook redirects it), as user `postgres` with `password` (`None`: no password at all),
     /// `extra` arguments and `stdin` as its script.
+    pub fn psql(
+        &self,
+        agent: &str,
+        port: u16,
+        password: Option<&str>,
+        extra: &[&str],
+        stdin: &str,
+    ) -> Output {
+        self.spawn_psql(agent, port, password, extra, stdin)
+            .wait_with_output()
+            .expect("wait for psql")
+    }
+
     /// [`Gate::psql`], left running.
     pub fn spawn_psql(
         &self,
@@ -618,21 +631,6 @@ impl Gate {
         argv.extend(extra.iter().map(|s| (*s).to_string()));
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         spawn_with_stdin(&mut self.exec(agent, &argv), password, stdin)
-    }
-
-    pub fn psql(
-        &self,
-        agent: &str,
-        port: u16,
-        password: Option<&str>,
-        extra: &[&str],
-        stdin: &str,
-    ) -> Output {
-        let mut argv = vec!["psql".to_string()];
-        argv.extend(psql_conn_args(port));
-        argv.extend(extra.iter().map(|s| (*s).to_string()));
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        run_with_stdin(&mut self.exec(agent, &argv), password, stdin)
     }
 }
 
