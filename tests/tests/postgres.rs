@@ -2256,10 +2256,20 @@ fn values_computed_from_masked_columns_are_redacted() {
             "SELECT upper(x) FROM customers AS c(i, n, e, k, x) WHERE i = 1",
             "[REDACTED]\n",
         ),
+        // `TABLE t` is `SELECT * FROM t`: through a UNION its columns have no origin.
+        (
+            "SELECT ssn, card_number FROM (TABLE customers UNION ALL TABLE customers) s WHERE id = 2 LIMIT 1",
+            "[REDACTED]|[REDACTED]\n",
+        ),
         // A computed column's name is an alias, not a column a rule can trust.
         (
             "SELECT substr(ssn, 1, 3) AS card_number FROM customers WHERE id = 1",
             "[REDACTED]\n",
+        ),
+        // An upsert returning its target's whole row.
+        (
+            "INSERT INTO customers (id) VALUES (2) ON CONFLICT (id) DO UPDATE SET note = customers.note WHERE customers.id = 2 RETURNING customers",
+            "[REDACTED]\nINSERT 0 1\n",
         ),
         // A write copying a masked value returns nothing of it.
         (
@@ -2284,6 +2294,19 @@ fn values_computed_from_masked_columns_are_redacted() {
     assert!(o.status.success(), "{}", show(&o));
     let want: String = cases.iter().map(|(_, w)| *w).collect();
     assert_eq!(text(&o.stdout), want, "{}", show(&o));
+    // Planner statistics hold sample values of every column: denied by the example policy.
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "bot",
+        &["-A", "-t"],
+        "SELECT most_common_vals::text FROM pg_stats WHERE tablename = 'customers';",
+    );
+    assert!(
+        text(&o.stderr).contains("42501") && text(&o.stderr).contains("planner-statistics"),
+        "{}",
+        show(&o)
+    );
     // A cursor's rows: the gate cannot see what the FETCH reads.
     let o = gated_psql(
         &gate,

@@ -1469,7 +1469,15 @@ impl Collector {
                     bodies.push((left.as_ref(), false));
                     bodies.push((right.as_ref(), false));
                 }
-                _ => {}
+                // Visited as queries of their own, or literals.
+                SetExpr::Query(_) | SetExpr::Values(_) => {}
+                // `TABLE t` is `SELECT * FROM t`; a data-modifying body returns rows as it
+                // likes (`RETURNING *`). Anything else is taken as hiding columns too.
+                _ => {
+                    if !top {
+                        self.unseen_columns = true;
+                    }
+                }
             }
         }
         if let Some(with) = &query.with
@@ -2084,6 +2092,18 @@ impl Visitor for Collector {
             self.note_bare_outputs(statement);
             if let Statement::Query(query) = statement {
                 self.top_query = Some(query.as_ref() as *const Query);
+            }
+        }
+        // An INSERT's target is no table factor: its name and alias name whole rows too
+        // (`ON CONFLICT DO UPDATE ... RETURNING customers`).
+        if let Statement::Insert(insert) = statement {
+            if let TableObject::TableName(name) = &insert.table
+                && let Some(last) = name.0.last()
+            {
+                self.relation_names.insert(normalize_part(last));
+            }
+            if let Some(alias) = &insert.table_alias {
+                self.relation_names.insert(normalize_ident(&alias.alias));
             }
         }
         if set_variables(statement)

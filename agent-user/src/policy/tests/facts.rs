@@ -1271,6 +1271,11 @@ fn columns_a_statement_holds_under_no_name_it_uses_are_flagged() {
         "SELECT (c.*)::text FROM customers c",
         "SELECT array_agg(c.*) FROM customers c",
         "SELECT j->>'ssn' FROM (SELECT to_jsonb(c.*) j FROM customers c) s",
+        "TABLE customers UNION ALL TABLE customers",
+        "SELECT ssn FROM (TABLE customers UNION ALL TABLE customers) s",
+        "WITH t AS (TABLE customers UNION TABLE customers) SELECT * FROM t",
+        "INSERT INTO customers (id) VALUES (2) ON CONFLICT (id) DO UPDATE SET note = customers.note WHERE customers.id = 2 RETURNING customers",
+        "INSERT INTO customers AS c (id) VALUES (2) ON CONFLICT (id) DO UPDATE SET note = c.note WHERE c.id = 2 RETURNING row_to_json(c)",
     ] {
         assert!(one(sql).unseen_columns, "{sql}");
     }
