@@ -959,6 +959,18 @@ fn normalize_ident_parts(value: &str, quote_style: Option<char>) -> String {
     truncate_identifier(folded)
 }
 
+/// A data-modifying statement's RETURNING list (`Some(&[])` without one); `None` for any other
+/// statement.
+fn returning(statement: &Statement) -> Option<&[SelectItem]> {
+    let list = match statement {
+        Statement::Insert(i) => &i.returning,
+        Statement::Update(u) => &u.returning,
+        Statement::Delete(d) => &d.returning,
+        _ => return None,
+    };
+    Some(list.as_deref().unwrap_or_default())
+}
+
 /// The alias of a relation in FROM, if it has one.
 fn table_factor_alias(factor: &TableFactor) -> Option<&TableAlias> {
     match factor {
@@ -1471,8 +1483,24 @@ impl Collector {
                 }
                 // Visited as queries of their own, or literals.
                 SetExpr::Query(_) | SetExpr::Values(_) => {}
-                // `TABLE t` is `SELECT * FROM t`; a data-modifying body returns rows as it
-                // likes (`RETURNING *`). Anything else is taken as hiding columns too.
+                // A data-modifying body (a CTE's) returns what its RETURNING lists: `*` is the
+                // table's every column; named ones are references like any other.
+                SetExpr::Insert(statement)
+                | SetExpr::Update(statement)
+                | SetExpr::Delete(statement) => {
+                    let star = returning(statement).is_none_or(|items| {
+                        items.iter().any(|item| {
+                            matches!(
+                                item,
+                                SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
+                            )
+                        })
+                    });
+                    if star && !top {
+                        self.unseen_columns = true;
+                    }
+                }
+                // `TABLE t` is `SELECT * FROM t`. Anything else is taken as hiding columns too.
                 _ => {
                     if !top {
                         self.unseen_columns = true;

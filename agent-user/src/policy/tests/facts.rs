@@ -1274,6 +1274,7 @@ fn columns_a_statement_holds_under_no_name_it_uses_are_flagged() {
         "TABLE customers UNION ALL TABLE customers",
         "SELECT ssn FROM (TABLE customers UNION ALL TABLE customers) s",
         "WITH t AS (TABLE customers UNION TABLE customers) SELECT * FROM t",
+        "WITH d AS (DELETE FROM customers WHERE id = 1 RETURNING *) SELECT * FROM d",
         "INSERT INTO customers (id) VALUES (2) ON CONFLICT (id) DO UPDATE SET note = customers.note WHERE customers.id = 2 RETURNING customers",
         "INSERT INTO customers AS c (id) VALUES (2) ON CONFLICT (id) DO UPDATE SET note = c.note WHERE c.id = 2 RETURNING row_to_json(c)",
     ] {
@@ -1288,6 +1289,7 @@ fn columns_a_statement_holds_under_no_name_it_uses_are_flagged() {
         "SELECT * FROM customers",
         "SELECT c.* FROM customers c JOIN t ON t.id = c.id",
         "SELECT count(*) FROM customers",
+        "WITH d AS (DELETE FROM secrets WHERE id = 1 RETURNING value) SELECT * FROM d",
     ] {
         assert!(!one(sql).unseen_columns, "{sql}");
     }
