@@ -600,31 +600,19 @@ fn try_inbound(ctx: &SkBuffContext) -> i32 {
         return ALLOW;
     }
     // The packet starts at its IP header. A connection from this host comes from a loopback
-    // address (the gate's own relays, local helpers); one from another host does not.
-    let Ok(first) = ctx.load::<u8>(0) else {
-        return ALLOW;
-    };
-    let (family, dst) = match first >> 4 {
-        4 => {
-            let (Ok(src), Ok(dst)) = (ctx.load::<[u8; 4]>(12), ctx.load::<[u8; 4]>(16)) else {
-                return ALLOW;
-            };
-            if src[0] == 127 {
-                return ALLOW;
-            }
-            (AF_INET, v4_mapped(dst))
-        }
-        6 => {
-            let (Ok(src), Ok(dst)) = (ctx.load::<Addr>(8), ctx.load::<Addr>(24)) else {
-                return ALLOW;
-            };
+    // address (the gate's own relays, local helpers); one from another host does not. A header
+    // that cannot be read is taken for another host's (dropped if the socket is governed).
+    let (family, dst) = match ctx.load::<u8>(0).map(|first| first >> 4) {
+        Ok(4) => match (ctx.load::<[u8; 4]>(12), ctx.load::<[u8; 4]>(16)) {
+            (Ok(src), _) if src[0] == 127 => return ALLOW,
+            (_, dst) => (AF_INET, v4_mapped(dst.unwrap_or_default())),
+        },
+        Ok(6) => match (ctx.load::<Addr>(8), ctx.load::<Addr>(24)) {
             // `::1` only: a mapped 127.x source in an IPv6 header is no loopback connection.
-            if src == IPV6_LOOPBACK {
-                return ALLOW;
-            }
-            (AF_INET6, dst)
-        }
-        _ => return ALLOW,
+            (Ok(src), _) if src == IPV6_LOOPBACK => return ALLOW,
+            (_, dst) => (AF_INET6, dst.unwrap_or_default()),
+        },
+        _ => (AF_INET, [0; 4]),
     };
     // SAFETY: `skb` is the program's context.
     let Some((gov_cgroup, gov)) = governed_socket(skb) else {

@@ -170,6 +170,14 @@ pub struct PinnedProgram {
 /// The programs' links pinned under `pin_dir`, with the kernel's run statistics.
 pub fn pinned_links(pin_dir: &Path, state_dir: &Path) -> Vec<PinnedProgram> {
     let paths = Paths::new(pin_dir, state_dir);
+    // Runs and nanoseconds by program id, read once (each program is a syscall or two).
+    let stats: std::collections::HashMap<u32, (u64, u64)> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| {
+            let ns = u64::try_from(p.run_time().as_nanos()).unwrap_or(u64::MAX);
+            (p.id(), (p.run_count(), ns))
+        })
+        .collect();
     paths
         .all_links()
         .map(|p| {
@@ -178,21 +186,16 @@ pub fn pinned_links(pin_dir: &Path, state_dir: &Path) -> Vec<PinnedProgram> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let link = PinnedLink::from_pin(&p).ok();
+            let attached = link.is_some();
             // Dropping the link closes only this descriptor: the pin keeps it attached.
             let program = link
                 .and_then(|l| FdLink::from(l).info().ok())
-                .and_then(|info| {
-                    aya::programs::loaded_programs()
-                        .filter_map(Result::ok)
-                        .find(|prog| prog.id() == info.program_id())
-                });
+                .and_then(|info| stats.get(&info.program_id()));
             PinnedProgram {
                 name,
-                attached: PinnedLink::from_pin(&p).is_ok(),
-                runs: program.as_ref().map(|prog| prog.run_count()),
-                run_ns: program
-                    .as_ref()
-                    .map(|prog| u64::try_from(prog.run_time().as_nanos()).unwrap_or(u64::MAX)),
+                attached,
+                runs: program.map(|(runs, _)| *runs),
+                run_ns: program.map(|(_, ns)| *ns),
             }
         })
         .collect()

@@ -110,7 +110,7 @@ fn is_this_host(ip: IpAddr) -> bool {
             if !stale {
                 return false;
             }
-            let Some(fresh) = read_host_addresses() else {
+            let Some(fresh) = this_host_addresses() else {
                 return true;
             };
             let found = fresh.contains(&ip);
@@ -126,11 +126,6 @@ fn is_this_host(ip: IpAddr) -> bool {
 /// taken as another host's.
 const REREAD_AFTER: Duration = Duration::from_millis(100);
 
-/// This host's addresses, read now (`None` when they cannot be listed).
-pub fn this_host_addresses() -> Option<Arc<[IpAddr]>> {
-    read_host_addresses()
-}
-
 fn host_addresses() -> Option<Arc<[IpAddr]>> {
     let mut cached = ADDRESSES.lock().ok()?;
     if let Some((read, addrs)) = cached.as_ref()
@@ -138,12 +133,13 @@ fn host_addresses() -> Option<Arc<[IpAddr]>> {
     {
         return Some(addrs.clone());
     }
-    let addrs = read_host_addresses()?;
+    let addrs = this_host_addresses()?;
     *cached = Some((Instant::now(), addrs.clone()));
     Some(addrs)
 }
 
-fn read_host_addresses() -> Option<Arc<[IpAddr]>> {
+/// This host's addresses, read now (`None` when they cannot be listed).
+pub fn this_host_addresses() -> Option<Arc<[IpAddr]>> {
     let Ok(list) = nix::ifaddrs::getifaddrs() else {
         tracing::warn!(
             "cannot list this host's addresses; an unknown destination on a local target's port is taken for this host"
