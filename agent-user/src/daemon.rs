@@ -363,6 +363,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         governed: Mutex::new(Vec::new()),
     });
     daemon.resync(&governed, true)?;
+    intercept::warn_of_autobind_ports(&cfg);
     let budget = cfg.kernel_event_budget();
     if budget.clamped {
         tracing::warn!(

@@ -1406,8 +1406,14 @@ fn governed_processes_cannot_bind_the_ports_the_gate_dials_or_listens_on() {
     let echo = EchoServer::start("127.0.0.1:0");
     let spare = agentgate_tests::free_port();
     let remote = agentgate_tests::free_port();
+    // A local target's port the kernel could hand out itself (the other test ports are kept
+    // outside the ephemeral range).
+    let ephemeral = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("an ephemeral port")
+        .port();
     let extra = format!(
-        "  - name: spare\n    match: [\"127.0.0.3:{spare}\"]\n    protocol: tcp\n  - name: elsewhere\n    match: [\"10.9.9.9:{remote}\"]\n    protocol: tcp\n"
+        "  - name: spare\n    match: [\"127.0.0.3:{spare}\"]\n    protocol: tcp\n  - name: elsewhere\n    match: [\"10.9.9.9:{remote}\"]\n    protocol: tcp\n  - name: ephemeral\n    match: [\"127.0.0.4:{ephemeral}\"]\n    protocol: tcp\n"
     );
     let gate = Gate::start(&config(&echo, &extra));
     let free = agentgate_tests::free_port();
@@ -1459,4 +1465,25 @@ print(json.dumps(out))
     });
     // Ungoverned processes are not touched.
     std::net::TcpListener::bind(("127.0.0.1", spare)).expect("an ungoverned bind");
+    // `listen()` without `bind()` takes a port from the ephemeral range, past the bind hooks:
+    // the daemon names the reserved ports the kernel could hand out that way, and only those.
+    let kept = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
+        .expect("ip_local_reserved_ports");
+    assert!(kept.trim().is_empty(), "this host reserves ports: {kept}");
+    let log = gate.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("ip_local_reserved_ports"))
+        .unwrap_or_else(|| panic!("no warning of ports open to autobind in:\n{log}"));
+    let named: Vec<u16> = line
+        .split_once(" ports=")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .expect("the ports field")
+        .split(',')
+        .map(|p| p.parse().expect("a port"))
+        .collect();
+    // The echo server's port is ephemeral too; the others are outside the range.
+    let mut want = vec![ephemeral, echo.addr.port()];
+    want.sort_unstable();
+    assert_eq!(named, want, "{line}");
 }

@@ -661,6 +661,57 @@ fn reserved_ports(cfg: &Config) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// The bind hooks run in `bind()` only: a socket that listens without binding gets a port the
+/// kernel picks from `net.ipv4.ip_local_port_range`, skipping `ip_local_reserved_ports`. A
+/// reserved port inside that range and not reserved there could be won by retrying `listen()`
+/// while its server (or this daemon) is down, so the daemon says so when it starts.
+pub fn warn_of_autobind_ports(cfg: &Config) {
+    let read = |name: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"));
+    let (Ok(range), Ok(kept)) = (read("ip_local_port_range"), read("ip_local_reserved_ports"))
+    else {
+        return;
+    };
+    let ports = reserved_ports(cfg).into_iter().map(|a| a.port());
+    let exposed = ports_open_to_autobind(ports, &range, &kept);
+    if !exposed.is_empty() {
+        let list = exposed
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        tracing::warn!(
+            ports = %list,
+            range = %range.trim(),
+            "ports governed processes may not bind are inside the kernel's ephemeral port range: a governed `listen()` without `bind()` could be given one while its server is down; add them to net.ipv4.ip_local_reserved_ports (sysctl -w net.ipv4.ip_local_reserved_ports={list}) or move them out of the range"
+        );
+    }
+}
+
+/// Of `ports`, those inside `range` (`ip_local_port_range`: "low high") and not in `kept`
+/// (`ip_local_reserved_ports`: "8080,9000-9010" or empty). An unreadable range exposes none
+/// (nothing to say), an unreadable reserved list keeps none (everything in range is said).
+fn ports_open_to_autobind(ports: impl Iterator<Item = u16>, range: &str, kept: &str) -> Vec<u16> {
+    let mut bounds = range.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(low)), Some(Ok(high))) = (bounds.next(), bounds.next()) else {
+        return Vec::new();
+    };
+    let kept: Vec<(u16, u16)> = kept
+        .trim()
+        .split(',')
+        .filter_map(|part| {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        })
+        .collect();
+    let mut out: Vec<u16> = ports
+        .filter(|p| (low..=high).contains(p))
+        .filter(|p| !kept.iter().any(|(a, b)| (*a..=*b).contains(p)))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 fn sync_endpoints(
     map: &Mutex<HashMap<MapData, Endpoint, u8>>,
     want: &[SocketAddr],
@@ -940,6 +991,27 @@ pub fn pinned_governed_agent(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserved_ports_inside_the_ephemeral_range_and_not_kept_are_named() {
+        let ports = || [5432, 15001, 40000, 45000, 50001, 60999, 61000].into_iter();
+        // Nothing kept: those in the range, in order, once each.
+        assert_eq!(
+            ports_open_to_autobind(ports().chain([40000]), "32768\t60999\n", "\n"),
+            vec![40000, 45000, 50001, 60999]
+        );
+        // Single ports and ranges kept are the kernel's own protection.
+        assert_eq!(
+            ports_open_to_autobind(ports(), "32768 60999", "40000,44000-45000\n"),
+            vec![50001, 60999]
+        );
+        // An unreadable range says nothing; an unreadable list keeps nothing.
+        assert!(ports_open_to_autobind(ports(), "garbage", "").is_empty());
+        assert_eq!(
+            ports_open_to_autobind(ports(), "50000 51000", "x-y"),
+            vec![50001]
+        );
+    }
 
     #[test]
     fn flow_keys_fold_v4_into_mapped_form() {
