@@ -36,6 +36,7 @@ pub mod names {
     pub const SOCK_OPS: &str = "ag_sock_ops";
     pub const SOCK_CREATE: &str = "ag_sock_create";
     pub const INBOUND: &str = "ag_inbound";
+    pub const OUTBOUND: &str = "ag_outbound";
     pub const BIND4: &str = "ag_bind4";
     pub const BIND6: &str = "ag_bind6";
 
@@ -241,6 +242,12 @@ pub mod reason {
     /// there (a database that is down, a daemon that is stopped) would be dialed by the gate
     /// with brokered credentials, or handed other agents' redirected connections.
     pub const RESERVED_PORT: u32 = 10;
+    /// A packet of a governed socket whose IP header goes somewhere the socket hooks did not
+    /// allow: IPv4 options (source routing), an IPv6 extension header (a routing header sends
+    /// the packet to its segments, not to the address `sendmsg` or `connect` saw), or a
+    /// destination other than loopback, the enforcer or (UDP) a resolver. Dropped on egress.
+    /// The event's destination is the packet's own; its pid is 0 and its uid the socket's owner.
+    pub const OUTBOUND_PACKET: u32 = 11;
 }
 
 /// Sent through the `EVENTS` ring buffer for every refusal.

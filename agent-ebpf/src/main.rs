@@ -19,6 +19,12 @@
 //!   non-loopback address (a connection from another host) is dropped, unless the agent may
 //!   accept them. For every other packet on the host it returns "allow" after reading the
 //!   receiving socket's state.
+//! - `outbound` (`cgroup_skb/egress`): a governed socket's packet must go where the hooks above
+//!   let it: no IPv4 options and no IPv6 extension headers (source routing would carry it past
+//!   the address they checked), and to loopback, the enforcer, a resolver (UDP), or anywhere
+//!   for ICMP echo (`allow_ping`) and replies to accepted connections (`allow_inbound`). Plain
+//!   packets to loopback, most of a host's local traffic, are let through before the ancestor
+//!   walk.
 //!
 //! Every refusal is reported through the `EVENTS` ring buffer, within the refusing agent's
 //! budget of entries (`EVENT_BUDGETS`); refusals over it are only counted. Policy beyond "which
@@ -621,14 +627,7 @@ fn try_inbound(ctx: &SkBuffContext) -> i32 {
     if gov.flags & GOVERNED_ALLOW_INBOUND != 0 {
         return ALLOW;
     }
-    let caller = Caller {
-        // SAFETY: helpers taking the program's context.
-        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
-        governed_cgroup_id: gov_cgroup,
-        agent_id: gov.agent_id,
-        tgid: 0,
-        uid: unsafe { bpf_get_socket_uid(skb) },
-    };
+    let caller = packet_caller(skb, gov_cgroup, &gov);
     // SAFETY: 4-byte context load.
     let port = unsafe { (*skb).local_port } as u16;
     deny(
@@ -644,12 +643,121 @@ fn try_inbound(ctx: &SkBuffContext) -> i32 {
     )
 }
 
+/// Who a packet of a governed socket belongs to: no process runs when a packet arrives, and the
+/// egress path may run on behalf of another (a timer, a softirq), so no pid; the socket's owner.
+#[inline(always)]
+fn packet_caller(skb: *mut aya_ebpf::bindings::__sk_buff, gov_cgroup: u64, gov: &Governed) -> Caller {
+    Caller {
+        // SAFETY: helpers taking the program's context.
+        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+        governed_cgroup_id: gov_cgroup,
+        agent_id: gov.agent_id,
+        tgid: 0,
+        uid: unsafe { bpf_get_socket_uid(skb) },
+    }
+}
+
 /// `::1`, as four words of network-order bytes.
 const IPV6_LOOPBACK: Addr = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 
 #[cgroup_skb(ingress)]
 pub fn ag_inbound(ctx: SkBuffContext) -> i32 {
     try_inbound(&ctx)
+}
+
+/// IPv6 next-header values a governed socket's packet may carry right after the fixed header:
+/// its transport, never an extension header.
+#[inline(always)]
+fn plain_transport(next: u8) -> bool {
+    next == IPPROTO_TCP as u8 || next == IPPROTO_UDP as u8 || next == IPPROTO_ICMPV6 as u8
+}
+
+fn try_outbound(ctx: &SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // The packet starts at its IP header. `plain`: no options or extension headers, so the
+    // transport header follows the fixed one; `dst` is where the packet goes on the wire.
+    let (family, plain, protocol, dst, transport) = match ctx.load::<u8>(0) {
+        Ok(first) if first >> 4 == 4 => {
+            let Ok(dst) = ctx.load::<[u8; 4]>(16) else {
+                return outbound_refused(ctx, AF_INET, [0; 4], 0, 0);
+            };
+            let protocol = ctx.load::<u8>(9).unwrap_or(0);
+            (AF_INET, first & 0x0f == 5, protocol, v4_mapped(dst), 20)
+        }
+        Ok(first) if first >> 4 == 6 => {
+            let Ok(dst) = ctx.load::<Addr>(24) else {
+                return outbound_refused(ctx, AF_INET6, [0; 4], 0, 0);
+            };
+            let next = ctx.load::<u8>(6).unwrap_or(0);
+            (AF_INET6, plain_transport(next), next, dst, 40)
+        }
+        // Not IP: no socket hook of a governed process makes those.
+        _ => return ALLOW,
+    };
+    if plain && is_loopback_or_any(&dst) {
+        return ALLOW;
+    }
+    // SAFETY: `skb` is the program's context.
+    let Some((gov_cgroup, gov)) = governed_socket(skb) else {
+        return ALLOW;
+    };
+    // Destination port, for the event and for resolvers (TCP and UDP keep it in the same place).
+    let port = if plain && (protocol == IPPROTO_TCP as u8 || protocol == IPPROTO_UDP as u8) {
+        ctx.load::<[u8; 2]>(transport + 2)
+            .map(u16::from_be_bytes)
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    if plain {
+        let enforcer = settings().is_some_and(|s| {
+            dst == v4_mapped(s.enforcer_v4) || (dst == s.enforcer_v6 && dst != [0; 4])
+        });
+        let allowed = if protocol == IPPROTO_TCP as u8 {
+            enforcer || gov.flags & GOVERNED_ALLOW_INBOUND != 0
+        } else if protocol == IPPROTO_UDP as u8 {
+            is_resolver(&dst, port)
+        } else {
+            // ICMP echo sockets exist only for agents allowed to ping (`sock_create`).
+            (protocol == IPPROTO_ICMP as u8 || protocol == IPPROTO_ICMPV6 as u8)
+                && gov.flags & GOVERNED_ALLOW_PING != 0
+        };
+        if allowed {
+            return ALLOW;
+        }
+    }
+    let caller = packet_caller(skb, gov_cgroup, &gov);
+    deny(
+        &caller,
+        &Refusal {
+            reason: reason::OUTBOUND_PACKET,
+            dst,
+            port,
+            family,
+            sock_type: if protocol == IPPROTO_TCP as u8 { SOCK_STREAM } else { SOCK_DGRAM },
+            protocol: u32::from(protocol),
+        },
+    )
+}
+
+/// A governed socket's packet whose header cannot be read is dropped; an ungoverned one's is
+/// not this program's business.
+#[inline(always)]
+fn outbound_refused(ctx: &SkBuffContext, family: u16, dst: Addr, port: u16, protocol: u32) -> i32 {
+    let skb = ctx.skb.skb;
+    let Some((gov_cgroup, gov)) = governed_socket(skb) else {
+        return ALLOW;
+    };
+    let caller = packet_caller(skb, gov_cgroup, &gov);
+    deny(
+        &caller,
+        &Refusal { reason: reason::OUTBOUND_PACKET, dst, port, family, sock_type: 0, protocol },
+    )
+}
+
+#[cgroup_skb(egress)]
+pub fn ag_outbound(ctx: SkBuffContext) -> i32 {
+    try_outbound(&ctx)
 }
 
 #[cgroup_sock(sock_create)]

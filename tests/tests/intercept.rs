@@ -11,7 +11,7 @@ use agentgate_tests::{
     ECONNREFUSED, EPERM, EchoServer, Gate, HostAddress, probe_ungoverned, run, stdout, udp_echo,
     wait_for,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn config(echo: &EchoServer, extra: &str) -> String {
     format!(
@@ -252,6 +252,94 @@ fn udp_is_refused_except_to_resolvers() {
     });
     assert_eq!(e["agent"], "bot");
     assert_eq!(e["destination"], other.to_string());
+}
+
+/// Sends a datagram to the resolver `to` with a socket carrying `option` (level, name, bytes),
+/// and says what `sendto` returned: "sent", or the errno.
+const ROUTED_DATAGRAM: &str = r#"
+import socket, sys, json
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+out = []
+for level, name, value in json.loads(sys.argv[3]):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    if value:
+        s.setsockopt(level, name, bytes.fromhex(value))
+    try:
+        s.sendto(b"routed", (sys.argv[1], int(sys.argv[2])))
+        out.append("sent")
+    except OSError as e:
+        out.append(e.errno)
+print(json.dumps(out))
+"#;
+
+#[test]
+fn packets_routed_past_the_address_the_hooks_checked_are_dropped() {
+    // A UDP socket may send only to resolvers, but an IPv6 routing header (settable without
+    // privileges) or IPv4 source routing (root) sends the datagram to the header's address,
+    // after `sendmsg` saw the resolver's. The egress program drops them by what the packet
+    // carries.
+    let _far6 = HostAddress::add("fd00:a9::2");
+    let _far4 = HostAddress::add("192.0.2.77");
+    let _near6 = HostAddress::add("fd00:a9::53");
+    let echo = EchoServer::start("127.0.0.1:0");
+    let resolver6 = udp_echo("[fd00:a9::53]:0");
+    let resolver4 = udp_echo("127.0.0.1:0");
+    let gate = Gate::start(&config(
+        &echo,
+        &format!("dns_resolvers: [\"{resolver6}\", \"{resolver4}\"]\n"),
+    ));
+    // IPV6_RTHDR (57): a segment routing header (type 4) whose one segment is `fd00:a9::2`.
+    let srh = "0002040000000000fd0000a9000000000000000000000002";
+    // IP_OPTIONS (4): a no-op, then loose source routing (131) through 192.0.2.77.
+    let lsrr = "01830704c000024d";
+    let send = |who: &str, to: SocketAddr, options: &str| -> Vec<Value> {
+        let argv = [
+            "python3",
+            "-c",
+            ROUTED_DATAGRAM,
+            &to.ip().to_string(),
+            &to.port().to_string(),
+            options,
+        ];
+        let o = match who {
+            "bot" => run(&mut gate.exec("bot", &argv)),
+            _ => run(Command::new(argv[0]).args(&argv[1..])),
+        };
+        serde_json::from_str(stdout(&o).trim()).unwrap_or_else(|e| panic!("{e}: {o:?}"))
+    };
+    let v6 = format!(r#"[[41, 57, ""], [41, 57, "{srh}"]]"#);
+    let v4 = format!(r#"[[0, 4, ""], [0, 4, "{lsrr}"]]"#);
+    assert_eq!(
+        send("bot", resolver6, &v6),
+        vec![json!("sent"), json!(EPERM)]
+    );
+    assert_eq!(
+        send("bot", resolver4, &v4),
+        vec![json!("sent"), json!(EPERM)]
+    );
+    let e = gate.wait_event("the dropped routed datagram", |e| {
+        e["kind"] == "kernel_deny"
+            && e["detail"]["reason"] == "outbound_packet"
+            && e["destination"]
+                .as_str()
+                .is_some_and(|d| d.contains("fd00:a9::2"))
+    });
+    assert_eq!(e["agent"], "bot", "{e}");
+    gate.wait_event("the dropped source-routed datagram", |e| {
+        e["detail"]["reason"] == "outbound_packet"
+            && e["destination"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("192.0.2.77:"))
+    });
+    // Ungoverned processes are not touched.
+    assert_eq!(
+        send("host", resolver6, &v6),
+        vec![json!("sent"), json!("sent")]
+    );
+    assert_eq!(
+        send("host", resolver4, &v4),
+        vec![json!("sent"), json!("sent")]
+    );
 }
 
 #[test]

@@ -150,7 +150,12 @@ impl Paths {
     fn all_links(&self) -> impl Iterator<Item = PathBuf> + '_ {
         SOCK_ADDR_PROGRAMS
             .iter()
-            .chain([&names::SOCK_OPS, &names::SOCK_CREATE, &names::INBOUND])
+            .chain([
+                &names::SOCK_OPS,
+                &names::SOCK_CREATE,
+                &names::INBOUND,
+                &names::OUTBOUND,
+            ])
             .map(|p| self.link(p))
     }
 }
@@ -323,6 +328,7 @@ impl Intercept {
         }
         attach_and_pin!(SockOps, names::SOCK_OPS);
         attach_and_pin!(CgroupSkb, names::INBOUND, CgroupSkbAttachType::Ingress);
+        attach_and_pin!(CgroupSkb, names::OUTBOUND, CgroupSkbAttachType::Egress);
 
         if let Some(dir) = paths.hash_file.parent() {
             fs::create_dir_all(dir).map_err(|source| InterceptError::Io {
@@ -925,6 +931,7 @@ pub fn reason_name(reason: u32) -> &'static str {
         PROTECTED_ENDPOINT => "protected_endpoint",
         SOCKET_NOT_ALLOWED => "socket_not_allowed",
         INBOUND_CONNECTION => "inbound_connection",
+        OUTBOUND_PACKET => "outbound_packet",
         RESERVED_PORT => "bind_to_reserved_port",
         _ => "unknown",
     }
