@@ -672,25 +672,68 @@ fn plain_transport(next: u8) -> bool {
     next == IPPROTO_TCP as u8 || next == IPPROTO_UDP as u8 || next == IPPROTO_ICMPV6 as u8
 }
 
+/// The fixed IPv4 header, as far as the egress program reads it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Header {
+    version_ihl: u8,
+    _tos: u8,
+    _total_length: u16,
+    _id: u16,
+    _fragment: u16,
+    _ttl: u8,
+    protocol: u8,
+    _checksum: u16,
+    _src: [u8; 4],
+    dst: [u8; 4],
+}
+
+/// The fixed IPv6 header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Header {
+    _version_class_flow: [u8; 4],
+    _payload_length: u16,
+    next_header: u8,
+    _hop_limit: u8,
+    _src: Addr,
+    dst: Addr,
+}
+
+/// The packet's first `size_of::<T>()` bytes: read in place when they are in the linear part
+/// the program may read directly (no helper call), copied out by `bpf_skb_load_bytes` otherwise.
+#[inline(always)]
+fn packet_start<T: Copy>(ctx: &SkBuffContext) -> Result<T, i64> {
+    let skb = ctx.skb.skb;
+    // SAFETY: context loads of the packet bounds.
+    let (start, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    if start + core::mem::size_of::<T>() <= end {
+        // SAFETY: the bytes are inside the packet (checked above, as the verifier requires).
+        return Ok(unsafe { core::ptr::read_unaligned(start as *const T) });
+    }
+    ctx.load::<T>(0)
+}
+
+/// `ETH_P_IP` and `ETH_P_IPV6`, as `__sk_buff::protocol` holds them (network order).
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+
 fn try_outbound(ctx: &SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
-    // The packet starts at its IP header. `plain`: no options or extension headers, so the
-    // transport header follows the fixed one; `dst` is where the packet goes on the wire.
-    let (family, plain, protocol, dst, transport) = match ctx.load::<u8>(0) {
-        Ok(first) if first >> 4 == 4 => {
-            let Ok(dst) = ctx.load::<[u8; 4]>(16) else {
-                return outbound_refused(ctx, AF_INET, [0; 4], 0, 0);
-            };
-            let protocol = ctx.load::<u8>(9).unwrap_or(0);
-            (AF_INET, first & 0x0f == 5, protocol, v4_mapped(dst), 20)
-        }
-        Ok(first) if first >> 4 == 6 => {
-            let Ok(dst) = ctx.load::<Addr>(24) else {
-                return outbound_refused(ctx, AF_INET6, [0; 4], 0, 0);
-            };
-            let next = ctx.load::<u8>(6).unwrap_or(0);
-            (AF_INET6, plain_transport(next), next, dst, 40)
-        }
+    // SAFETY: 4-byte context load.
+    let ethertype = u16::from_be(unsafe { (*skb).protocol } as u16);
+    // The packet starts at its IP header, read with one helper call (this runs for every packet
+    // the host sends). `plain`: no options or extension headers, so the transport header
+    // follows the fixed one; `dst` is where the packet goes on the wire.
+    let (family, plain, protocol, dst, transport) = match ethertype {
+        ETH_P_IP => match packet_start::<Ipv4Header>(ctx) {
+            Ok(h) => (AF_INET, h.version_ihl == 0x45, h.protocol, v4_mapped(h.dst), 20),
+            Err(_) => return outbound_refused(ctx, AF_INET, [0; 4], 0, 0),
+        },
+        ETH_P_IPV6 => match packet_start::<Ipv6Header>(ctx) {
+            Ok(h) => (AF_INET6, plain_transport(h.next_header), h.next_header, h.dst, 40),
+            Err(_) => return outbound_refused(ctx, AF_INET6, [0; 4], 0, 0),
+        },
         // Not IP: no socket hook of a governed process makes those.
         _ => return ALLOW,
     };
