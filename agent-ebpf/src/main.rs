@@ -722,9 +722,9 @@ fn try_outbound(ctx: &SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
     // SAFETY: 4-byte context load.
     let ethertype = u16::from_be(unsafe { (*skb).protocol } as u16);
-    // The packet starts at its IP header, read with one helper call (this runs for every packet
-    // the host sends). `plain`: no options or extension headers, so the transport header
-    // follows the fixed one; `dst` is where the packet goes on the wire.
+    // The packet starts at its IP header, read in place (this runs for every packet the host
+    // sends). `plain`: no options or extension headers, so the transport header follows the
+    // fixed one; `dst` is where the packet goes on the wire.
     let (family, plain, protocol, dst, transport) = match ethertype {
         ETH_P_IP => match packet_start::<Ipv4Header>(ctx) {
             Ok(h) => (AF_INET, h.version_ihl == 0x45, h.protocol, v4_mapped(h.dst), 20),
