@@ -57,7 +57,8 @@
 //!
 //! Parser differentials with PostgreSQL that would let SQL smuggle past the
 //! policy are refused as parse errors: Unicode-escaped identifiers
-//! (`U&"..."`, which sqlparser misreads as an `&` operator); lines after
+//! (`U&"..."`, which sqlparser misreads as an `&` operator); dollar-quote
+//! tags and parameters PostgreSQL lexes differently (`$1a$`, `$a€$`); lines after
 //! `COPY ... FROM STDIN;` in the same query string (sqlparser reads them as
 //! COPY data, PostgreSQL runs them); turning `standard_conforming_strings` off
 //! (`SET`, `RESET`, `set_config`) or setting `client_encoding` to anything but
@@ -671,6 +672,15 @@ fn check_tokens(tokens: &[TokenWithSpan], opts: &ExtractOptions) -> Result<(), P
             )));
         }
     }
+    if let Some(t) = tokens
+        .iter()
+        .find(|t| not_a_postgres_dollar_token(&t.token))
+    {
+        return Err(ParseError::new(format!(
+            "a dollar-quote tag or parameter that PostgreSQL reads differently{}",
+            t.span.start
+        )));
+    }
     if !opts.standard_conforming_strings {
         for t in tokens {
             let suspicious = match &t.token {
@@ -686,6 +696,29 @@ fn check_tokens(tokens: &[TokenWithSpan], opts: &ExtractOptions) -> Result<(), P
         }
     }
     Ok(())
+}
+
+/// A `$` token that sqlparser and PostgreSQL read differently. sqlparser takes any run of
+/// alphanumerics as a dollar-quote tag (`$1a$`: a string for it, the parameter `$1` and more
+/// SQL for the server) and stops a tag at a non-ASCII character that is not alphanumeric (`$a€$`:
+/// a parameter `$a` for it, the start of a string for the server). PostgreSQL's tags are
+/// `[A-Za-z\200-\377_][A-Za-z\200-\377_0-9]*` and its parameters `$` and digits
+/// (<https://www.postgresql.org/docs/current/sql-syntax-lexical.html#SQL-SYNTAX-DOLLAR-QUOTING>).
+fn not_a_postgres_dollar_token(token: &Token) -> bool {
+    match token {
+        Token::DollarQuotedString(sqlparser::ast::DollarQuotedString {
+            tag: Some(tag), ..
+        }) => {
+            !tag.starts_with(|c: char| c == '_' || c.is_ascii_alphabetic() || !c.is_ascii())
+                || !tag
+                    .chars()
+                    .all(|c| c == '_' || c.is_ascii_alphanumeric() || !c.is_ascii())
+        }
+        Token::Placeholder(p) => p
+            .strip_prefix('$')
+            .is_some_and(|n| n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit())),
+        _ => false,
+    }
 }
 
 // ---------------------------------------------------------------------------

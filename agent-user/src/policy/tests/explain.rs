@@ -122,6 +122,21 @@ fn explains_shadow_default_and_parse_errors() {
         "{text}"
     );
 
+    // sqlparser would read one string constant, PostgreSQL a parameter and a function call.
+    let e = explain(
+        &set,
+        &subject,
+        "db",
+        "SELECT $1a$, pg_read_file($$/etc/hostname$$) AS x, $1a$",
+    );
+    assert!(matches!(e.enforced, Verdict::Deny { .. }), "{e}");
+    let text = e.to_string();
+    assert!(text.contains("dollar-quote tag"), "{text}");
+    assert!(
+        text.contains("[policy analysts, rule unparseable]"),
+        "{text}"
+    );
+
     let nobody = Subject {
         agent: "eve",
         roles: &[],

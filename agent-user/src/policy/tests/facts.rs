@@ -639,6 +639,33 @@ fn unicode_escaped_identifiers_are_refused() {
 }
 
 #[test]
+fn dollar_tokens_postgres_reads_differently_are_refused() {
+    // sqlparser reads `$1a$ ... $1a$` as one string; PostgreSQL reads a parameter `$1`, then
+    // SQL (before version 15, `a$` as the parameter's column label).
+    for sql in [
+        "SELECT $1a$, pg_read_file($$/etc/hostname$$) AS x, $1a$",
+        "SELECT $1$, pg_read_file($$/etc/hostname$$) AS x, $1$",
+        "SELECT $1$x$1$",
+        // `€` ends sqlparser's tag (a parameter `$a`, then a word); PostgreSQL takes `$a€$` as
+        // a tag, so the string is on the other side for each of them.
+        "SELECT $a€$ FROM t WHERE x = '$a€$, pg_read_file($$/etc/hostname$$) AS y --'",
+        "SELECT $1a",
+    ] {
+        let err = extract(sql).unwrap_err();
+        assert!(err.message.contains("dollar-quote tag"), "{sql}: {err}");
+    }
+    for sql in [
+        "SELECT $_a$x$_a$",
+        "SELECT $ä$x$ä$",
+        "SELECT $a1$x$a1$",
+        "SELECT $$x$$",
+        "SELECT $1, $23",
+    ] {
+        assert!(extract(sql).is_ok(), "{sql}");
+    }
+}
+
+#[test]
 fn placeholders() {
     let f = one("SELECT abalance FROM pgbench_accounts WHERE aid = $1");
     assert_eq!(tables(&f), ["pgbench_accounts:r"]);
