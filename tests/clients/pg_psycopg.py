@@ -11,6 +11,9 @@ name, SQLSTATE and message. Scenarios:
             binary result formats
   denied    a denied statement raises InsufficientPrivilege; the connection works after rollback
   smuggle   `SELECT ...; DROP TABLE t` without parameters (psycopg sends it as one simple Query)
+  statements  queries of 6 and 5 statements (simple Query), the first with an INSERT, and
+            prepared ones (Parse) of 2 and 6 statements; for a target with
+            `max_statements_per_query: 5`
 """
 import json
 import sys
@@ -89,7 +92,18 @@ def smuggle(port):
         step(conn, "after", "SELECT count(*) FROM t")
 
 
-SCENARIOS = {"params": params, "denied": denied, "smuggle": smuggle}
+def statements(port):
+    with connect(port) as conn:
+        conn.autocommit = True
+        step(conn, "over", "INSERT INTO t VALUES (400, 'over');" + "SELECT 1;" * 5)
+        step(conn, "after", "SELECT count(*) FROM t")
+        step(conn, "at", "INSERT INTO t VALUES (401, 'at');" + "SELECT 1;" * 4)
+        step(conn, "prepared_two", "SELECT %s::int; SELECT 2", (1,))
+        step(conn, "prepared_over", "SELECT %s::int;" + "SELECT 1;" * 5, (1,))
+        step(conn, "prepared_one", "SELECT %s::int", (1,))
+
+
+SCENARIOS = {"params": params, "denied": denied, "smuggle": smuggle, "statements": statements}
 
 
 def main():

@@ -1742,6 +1742,72 @@ fn result_columns_past_max_kept_bytes_end_the_connection() {
 }
 
 #[test]
+fn a_query_of_more_than_max_statements_per_query_statements_is_refused_and_runs_nothing() {
+    // The gate parses, judges and records every statement of a query before sending it: a
+    // frame of tiny statements would make it hold far more than the frame.
+    let (pg, gate) = start_with("    max_statements_per_query: 5\n");
+    let l = psycopg(&gate, &pg, "bot", &["statements"]);
+    let over = step(&l, "over");
+    assert_eq!(over["ok"], false, "{l:#?}");
+    assert_eq!(over["code"], "54000", "{l:#?}");
+    assert!(
+        over["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_statements_per_query (5)"),
+        "{l:#?}"
+    );
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM t WHERE id = 400"),
+        0,
+        "nothing of the refused query ran"
+    );
+    // The connection goes on, and a query at the limit runs.
+    assert_eq!(
+        step(&l, "after")["rows"],
+        serde_json::json!([[3]]),
+        "{l:#?}"
+    );
+    // (psycopg reports the first statement's result.)
+    assert_eq!(step(&l, "at")["statusmessage"], "INSERT 0 1", "{l:#?}");
+    assert_eq!(count(&pg, "SELECT count(*) FROM t WHERE id = 401"), 1);
+    // A prepared statement holds one statement: the gate refuses more (the server would too),
+    // and more than the limit before parsing them.
+    let two = step(&l, "prepared_two");
+    assert_eq!(two["ok"], false, "{l:#?}");
+    assert_eq!(two["code"], "42501", "{l:#?}");
+    assert!(
+        two["message"].as_str().unwrap().contains("holds 2"),
+        "{l:#?}"
+    );
+    assert_eq!(step(&l, "prepared_over")["code"], "54000", "{l:#?}");
+    assert_eq!(
+        step(&l, "prepared_one")["rows"],
+        serde_json::json!([[1]]),
+        "{l:#?}"
+    );
+    // The refusal is recorded like any other, with the query's text.
+    let st = all_statements(&gate, 1);
+    let refused: Vec<&Value> = st
+        .iter()
+        .filter(|s| {
+            s["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("max_statements_per_query"))
+        })
+        .collect();
+    assert_eq!(refused.len(), 2, "{st:#?}");
+    assert_eq!(refused[0]["decision"], "deny", "{st:#?}");
+    assert!(
+        refused[0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("INSERT INTO t VALUES (400"),
+        "{st:#?}"
+    );
+}
+
+#[test]
 fn names_equal_in_their_first_63_bytes_are_one_name_for_the_gate_as_for_the_server() {
     let (pg, gate) = start();
     let l = pg_client(&gate, &pg, "bot", "raw_long_names", "");

@@ -334,6 +334,11 @@ pub struct TargetConfig {
     /// or Bind beyond it is refused with SQLSTATE 54000; closing names gives the bytes back.
     #[serde(default = "default_max_kept_bytes")]
     pub max_kept_bytes: usize,
+    /// Statements one query string (a simple Query) may hold: the gate parses, judges and
+    /// records each before sending any, so a frame of tiny statements costs it far more than
+    /// the frame. A query with more is refused with SQLSTATE 54000, nothing of it sent.
+    #[serde(default = "default_max_statements_per_query")]
+    pub max_statements_per_query: usize,
 }
 
 impl TargetConfig {
@@ -367,6 +372,9 @@ fn default_record_rows() -> usize {
 }
 fn default_max_kept_bytes() -> usize {
     64 * 1024 * 1024
+}
+fn default_max_statements_per_query() -> usize {
+    1000
 }
 
 /// Where the gate finds the upstream password: an environment variable of the daemon or a file
@@ -648,6 +656,12 @@ impl Config {
                     return Err(invalid(
                         format!("targets[{i}].max_kept_bytes"),
                         "must be at least 65536".into(),
+                    ));
+                }
+                if t.max_statements_per_query == 0 {
+                    return Err(invalid(
+                        format!("targets[{i}].max_statements_per_query"),
+                        "must be at least 1".into(),
                     ));
                 }
                 // A network destination without an upstream dials the address the agent asked
@@ -1123,6 +1137,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.targets[0].max_kept_bytes, 262144);
+    }
+
+    #[test]
+    fn max_statements_per_query_defaults_to_1000_and_zero_is_refused() {
+        let target = |extra: &str| {
+            format!(
+                "targets:\n  - name: db\n    match: [\"127.0.0.1:5432\"]\n    protocol: postgres\n    credentials: {{ user: u }}\n{extra}"
+            )
+        };
+        let cfg = Config::parse(&target(""), "f").unwrap();
+        assert_eq!(cfg.targets[0].max_statements_per_query, 1000);
+        let err = Config::parse(&target("    max_statements_per_query: 0\n"), "f")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("targets[0].max_statements_per_query"), "{err}");
+        let cfg = Config::parse(&target("    max_statements_per_query: 1\n"), "f").unwrap();
+        assert_eq!(cfg.targets[0].max_statements_per_query, 1);
     }
 
     #[test]

@@ -478,6 +478,40 @@ fn tokenize(dialect: &PostgreSqlDialect, sql: &str) -> Result<Vec<TokenWithSpan>
         .map_err(|e| ParseError::new(e.to_string()))
 }
 
+/// Whether `sql` holds more than `limit` statements (non-empty, split at `;` outside
+/// parentheses as [`split_statements`] does; a `CREATE FUNCTION ... BEGIN ATOMIC` body counts
+/// its statements too). Checked before a query is parsed: the gate builds and keeps an AST,
+/// facts, a decision and a record for each statement before sending any, so a single frame of
+/// `SELECT 1;` repeated would make it hold ~1500 times the frame's size. Every statement but
+/// the last ends at a `;` byte, so a string with fewer `;` bytes than `limit` is not tokenized
+/// here; one that cannot be tokenized is not counted (judging refuses it).
+pub fn more_statements_than(sql: &str, limit: usize) -> bool {
+    if sql.bytes().filter(|b| *b == b';').count() < limit {
+        return false;
+    }
+    let Ok(tokens) = tokenize(&PostgreSqlDialect {}, sql) else {
+        return false;
+    };
+    // Statements ended so far, and whether the current one has a token yet.
+    let mut statements = 0usize;
+    let mut started = false;
+    let mut depth = 0usize;
+    for t in &tokens {
+        match t.token {
+            Token::SemiColon if depth == 0 => {
+                statements += usize::from(started);
+                started = false;
+                continue;
+            }
+            Token::LParen => depth += 1,
+            Token::RParen => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        started |= !is_trivia(&t.token);
+    }
+    statements + usize::from(started) > limit
+}
+
 /// Start and end of every non-empty statement (see [`split_statements`]): first and last
 /// significant token.
 fn statement_spans(tokens: &[TokenWithSpan]) -> Vec<(Location, Location)> {

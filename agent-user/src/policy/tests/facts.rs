@@ -666,6 +666,45 @@ fn dollar_tokens_postgres_reads_differently_are_refused() {
 }
 
 #[test]
+fn statements_are_counted_as_the_parser_splits_them() {
+    use super::super::facts::more_statements_than;
+    // (query, statements)
+    for (sql, n) in [
+        ("", 0),
+        (" ;; -- ;\n", 0),
+        ("SELECT 1", 1),
+        ("SELECT 1;", 1),
+        ("SELECT 1;;; SELECT 2", 2),
+        ("SELECT 1; SELECT 2; /* ; */ SELECT 3 -- ;", 3),
+        // `;` inside strings, identifiers, dollar quotes, comments and parentheses.
+        (
+            "SELECT ';', \";\", $$;$$, $x$;$x$, E'\\';' /* ; */; SELECT 2",
+            2,
+        ),
+        ("SELECT (1; 2); SELECT 3", 2),
+    ] {
+        let statements = extract(sql).map(|s| s.len());
+        if !sql.contains('(') {
+            assert_eq!(statements, Ok(n), "{sql}");
+        }
+        for limit in 1..=4 {
+            assert_eq!(
+                more_statements_than(sql, limit),
+                n > limit,
+                "{sql} with {limit}"
+            );
+        }
+    }
+    let many = "SELECT 1;".repeat(1001);
+    assert!(more_statements_than(&many, 1000));
+    assert!(!more_statements_than(&many, 1001));
+    assert_eq!(extract(&many).map(|s| s.len()), Ok(1001));
+    // Fewer `;` than the limit: not even tokenized (an unterminated string is not counted).
+    assert!(!more_statements_than("SELECT 1; SELECT 2; SELECT '", 2));
+    assert!(!more_statements_than("SELECT 1; SELECT 2; SELECT ';", 2));
+}
+
+#[test]
 fn placeholders() {
     let f = one("SELECT abalance FROM pgbench_accounts WHERE aid = $1");
     assert_eq!(tables(&f), ["pgbench_accounts:r"]);

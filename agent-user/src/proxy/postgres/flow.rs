@@ -1536,6 +1536,24 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
         {
             let mut st = lock(state);
             match &frame.msg {
+                FrontendMessage::Query { sql }
+                    if crate::policy::facts::more_statements_than(
+                        sql,
+                        ctx.target.max_statements,
+                    ) =>
+                {
+                    let message = format!(
+                        "agentgate: more than max_statements_per_query ({}) statements in one query; send them in several queries",
+                        ctx.target.max_statements
+                    );
+                    refuse_unjudged(ctx, "simple", sql, &message);
+                    st.queue.push_back(Expect::Synthetic(error_frame_with(
+                        SQLSTATE_PROGRAM_LIMIT_EXCEEDED,
+                        &message,
+                    )));
+                    inject(&mut st, &mut out)?;
+                    wake = true;
+                }
                 FrontendMessage::Query { sql } => {
                     let (qd, judged, _) = judge(ctx, sql);
                     match judged {
@@ -1572,8 +1590,36 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                         }
                     }
                 }
+                FrontendMessage::Parse { query, .. }
+                    if crate::policy::facts::more_statements_than(
+                        query,
+                        ctx.target.max_statements,
+                    ) =>
+                {
+                    let message = format!(
+                        "agentgate: more than max_statements_per_query ({}) statements in one query; a prepared statement holds one",
+                        ctx.target.max_statements
+                    );
+                    refuse_unjudged(ctx, "extended", query, &message);
+                    st.queue.push_back(Expect::Synthetic(error_frame_with(
+                        SQLSTATE_PROGRAM_LIMIT_EXCEEDED,
+                        &message,
+                    )));
+                    skipping = true;
+                    wake = true;
+                }
                 FrontendMessage::Parse { name, query, .. } => {
                     let (qd, judged, role_grants) = judge(ctx, query);
+                    // The server refuses several statements in one Parse: so does the gate,
+                    // which would otherwise prepare the first one's decision for all of them.
+                    let judged = if qd.statements.len() > 1 {
+                        Judged::Deny(format!(
+                            "agentgate: a prepared statement holds one statement, this one holds {}",
+                            qd.statements.len()
+                        ))
+                    } else {
+                        judged
+                    };
                     match judged {
                         // A statement under review is prepared; each Execute of it is held.
                         Judged::Allow { .. } | Judged::Review { .. } => {

@@ -168,6 +168,7 @@ pub struct PgTarget {
     pub max_frame: usize,
     pub record_rows: usize,
     pub max_kept_bytes: usize,
+    pub max_statements: usize,
 }
 
 enum Startup {
@@ -245,6 +246,7 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
         max_frame: target_cfg.max_frame_bytes,
         record_rows: target_cfg.record_rows,
         max_kept_bytes: target_cfg.max_kept_bytes,
+        max_statements: target_cfg.max_statements_per_query,
     };
     let mut cbuf = BytesMut::with_capacity(8192);
     let params = match read_startup(&mut client, &mut cbuf, target.max_frame).await {
