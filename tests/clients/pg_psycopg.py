@@ -12,8 +12,9 @@ name, SQLSTATE and message. Scenarios:
   denied    a denied statement raises InsufficientPrivilege; the connection works after rollback
   smuggle   `SELECT ...; DROP TABLE t` without parameters (psycopg sends it as one simple Query)
   statements  queries of 6 and 5 statements (simple Query), the first with an INSERT, and
-            prepared ones (Parse) of 2 and 6 statements; for a target with
-            `max_statements_per_query: 5`
+            prepared ones (Parse) of 2 and 6 statements, then a 1.1 KB value in the
+            text and as a parameter; for a target with `max_statements_per_query: 5`
+            and `max_query_bytes: 1024`
 """
 import json
 import sys
@@ -101,6 +102,9 @@ def statements(port):
         step(conn, "prepared_two", "SELECT %s::int; SELECT 2", (1,))
         step(conn, "prepared_over", "SELECT %s::int;" + "SELECT 1;" * 5, (1,))
         step(conn, "prepared_one", "SELECT %s::int", (1,))
+        long = "x" * 1100
+        step(conn, "long", "INSERT INTO t VALUES (402, '" + long + "')")
+        step(conn, "long_param", "INSERT INTO t VALUES (403, %s)", (long,))
 
 
 SCENARIOS = {"params": params, "denied": denied, "smuggle": smuggle, "statements": statements}

@@ -1744,8 +1744,9 @@ fn result_columns_past_max_kept_bytes_end_the_connection() {
 #[test]
 fn a_query_of_more_than_max_statements_per_query_statements_is_refused_and_runs_nothing() {
     // The gate parses, judges and records every statement of a query before sending it: a
-    // frame of tiny statements would make it hold far more than the frame.
-    let (pg, gate) = start_with("    max_statements_per_query: 5\n");
+    // frame of tiny statements would make it hold far more than the frame, and a long text
+    // a syntax tree far larger than the text.
+    let (pg, gate) = start_with("    max_statements_per_query: 5\n    max_query_bytes: 1024\n");
     let l = psycopg(&gate, &pg, "bot", &["statements"]);
     let over = step(&l, "over");
     assert_eq!(over["ok"], false, "{l:#?}");
@@ -1786,6 +1787,20 @@ fn a_query_of_more_than_max_statements_per_query_statements_is_refused_and_runs_
         serde_json::json!([[1]]),
         "{l:#?}"
     );
+    // A text longer than max_query_bytes is not parsed at all; the same value as a
+    // parameter (never parsed) goes through.
+    let long = step(&l, "long");
+    assert_eq!(long["code"], "54000", "{l:#?}");
+    assert!(
+        long["message"]
+            .as_str()
+            .unwrap()
+            .contains("longer than max_query_bytes (1024)"),
+        "{l:#?}"
+    );
+    assert_eq!(count(&pg, "SELECT count(*) FROM t WHERE id = 402"), 0);
+    assert_eq!(step(&l, "long_param")["ok"], true, "{l:#?}");
+    assert_eq!(count(&pg, "SELECT count(*) FROM t WHERE id = 403"), 1);
     // The refusal is recorded like any other, with the query's text.
     let st = all_statements(&gate, 1);
     let refused: Vec<&Value> = st

@@ -339,6 +339,13 @@ pub struct TargetConfig {
     /// the frame. A query with more is refused with SQLSTATE 54000, nothing of it sent.
     #[serde(default = "default_max_statements_per_query")]
     pub max_statements_per_query: usize,
+    /// Bytes of SQL text (a simple Query's, or a Parse's) the gate will parse. Parsing builds a
+    /// syntax tree of up to about a thousand times the text's size while it runs (`SELECT
+    /// 1,1,1,...`: about 1.1 KB per byte), so a frame-sized statement could take gigabytes. A
+    /// longer text is refused with SQLSTATE 54000, nothing sent; large data goes as COPY or as
+    /// parameters, which are not parsed.
+    #[serde(default = "default_max_query_bytes")]
+    pub max_query_bytes: usize,
 }
 
 impl TargetConfig {
@@ -375,6 +382,9 @@ fn default_max_kept_bytes() -> usize {
 }
 fn default_max_statements_per_query() -> usize {
     1000
+}
+fn default_max_query_bytes() -> usize {
+    256 * 1024
 }
 
 /// Where the gate finds the upstream password: an environment variable of the daemon or a file
@@ -656,6 +666,12 @@ impl Config {
                     return Err(invalid(
                         format!("targets[{i}].max_kept_bytes"),
                         "must be at least 65536".into(),
+                    ));
+                }
+                if t.max_query_bytes < 1024 {
+                    return Err(invalid(
+                        format!("targets[{i}].max_query_bytes"),
+                        "must be at least 1024".into(),
                     ));
                 }
                 if t.max_statements_per_query == 0 {
@@ -1154,6 +1170,11 @@ mod tests {
         assert!(err.contains("targets[0].max_statements_per_query"), "{err}");
         let cfg = Config::parse(&target("    max_statements_per_query: 1\n"), "f").unwrap();
         assert_eq!(cfg.targets[0].max_statements_per_query, 1);
+        assert_eq!(cfg.targets[0].max_query_bytes, 256 * 1024);
+        let err = Config::parse(&target("    max_query_bytes: 100\n"), "f")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("targets[0].max_query_bytes"), "{err}");
     }
 
     #[test]

@@ -856,6 +856,26 @@ fn judge(ctx: &Context<'_>, sql: &str) -> (QueryDecision, Judged, Vec<u64>) {
 }
 
 /// Records the refusal of a message that carries no statement the policy could judge.
+/// Why a query text may not be parsed at all, if it may not: longer than `max_query_bytes`
+/// (parsing costs the daemon up to about a thousand times the text's size in syntax tree while
+/// it runs, see `TargetConfig::max_query_bytes`), or more statements than
+/// `max_statements_per_query` (each is parsed, judged and recorded before any is sent).
+fn over_limits(ctx: &Context<'_>, text: &str) -> Option<String> {
+    if text.len() > ctx.target.max_query_bytes {
+        return Some(format!(
+            "agentgate: a query text of {} bytes is longer than max_query_bytes ({}); send large data with COPY or as parameters",
+            text.len(),
+            ctx.target.max_query_bytes
+        ));
+    }
+    crate::policy::facts::more_statements_than(text, ctx.target.max_statements).then(|| {
+        format!(
+            "agentgate: more than max_statements_per_query ({}) statements in one query; send them in several queries (a prepared statement holds one)",
+            ctx.target.max_statements
+        )
+    })
+}
+
 fn refuse_unjudged(ctx: &Context<'_>, protocol: &'static str, text: &str, message: &str) {
     let open = ctx.gate.store.statement(
         ctx.peer.share,
@@ -1536,16 +1556,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
         {
             let mut st = lock(state);
             match &frame.msg {
-                FrontendMessage::Query { sql }
-                    if crate::policy::facts::more_statements_than(
-                        sql,
-                        ctx.target.max_statements,
-                    ) =>
-                {
-                    let message = format!(
-                        "agentgate: more than max_statements_per_query ({}) statements in one query; send them in several queries",
-                        ctx.target.max_statements
-                    );
+                FrontendMessage::Query { sql } if let Some(message) = over_limits(ctx, sql) => {
                     refuse_unjudged(ctx, "simple", sql, &message);
                     st.queue.push_back(Expect::Synthetic(error_frame_with(
                         SQLSTATE_PROGRAM_LIMIT_EXCEEDED,
@@ -1591,15 +1602,8 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     }
                 }
                 FrontendMessage::Parse { query, .. }
-                    if crate::policy::facts::more_statements_than(
-                        query,
-                        ctx.target.max_statements,
-                    ) =>
+                    if let Some(message) = over_limits(ctx, query) =>
                 {
-                    let message = format!(
-                        "agentgate: more than max_statements_per_query ({}) statements in one query; a prepared statement holds one",
-                        ctx.target.max_statements
-                    );
                     refuse_unjudged(ctx, "extended", query, &message);
                     st.queue.push_back(Expect::Synthetic(error_frame_with(
                         SQLSTATE_PROGRAM_LIMIT_EXCEEDED,

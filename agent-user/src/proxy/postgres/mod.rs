@@ -169,6 +169,7 @@ pub struct PgTarget {
     pub record_rows: usize,
     pub max_kept_bytes: usize,
     pub max_statements: usize,
+    pub max_query_bytes: usize,
 }
 
 enum Startup {
@@ -247,6 +248,7 @@ pub async fn handle(gate: &Gate, mut client: TcpStream, peer: Peer) {
         record_rows: target_cfg.record_rows,
         max_kept_bytes: target_cfg.max_kept_bytes,
         max_statements: target_cfg.max_statements_per_query,
+        max_query_bytes: target_cfg.max_query_bytes,
     };
     let mut cbuf = BytesMut::with_capacity(8192);
     let params = match read_startup(&mut client, &mut cbuf, target.max_frame).await {
