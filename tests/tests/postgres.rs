@@ -1401,6 +1401,50 @@ fn dangerous_functions_and_opaque_statements_are_denied() {
     );
 }
 
+#[test]
+fn writes_to_system_catalogs_are_denied_as_schema_changes() {
+    let (pg, gate) = start();
+    pg.admin_sql("CREATE ROLE agentgate_e2e_plain NOLOGIN;");
+    // With a superuser login these rename the masked column (its rule then names nothing) and
+    // make a role a superuser; the example policy's `reads-and-writes` would allow them as
+    // plain writes with a WHERE.
+    let catalog_writes = [
+        "UPDATE pg_catalog.pg_attribute SET attname = 'x_ssn' WHERE attrelid = 'customers'::regclass AND attname = 'ssn';",
+        "UPDATE pg_authid SET rolsuper = true WHERE rolname = 'agentgate_e2e_plain';",
+        "WITH r AS (UPDATE pg_class SET relname = 'clients' WHERE relname = 'customers' RETURNING oid) SELECT count(*) FROM r;",
+    ];
+    let mut script = catalog_writes.join("\n");
+    script.push_str("\nSELECT 'still-here';\n");
+    let o = gated_psql(&gate, &pg, "bot", &["-A", "-t"], &script);
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(
+        occurrences(
+            &err,
+            "ERROR:  42501: agentgate: denied by rule \"no-schema-changes\" of policy \
+             \"analysts\": schema and privilege changes are not allowed"
+        ),
+        catalog_writes.len(),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(out, "still-here\n", "{}", show(&o));
+    // The server never ran them.
+    assert_eq!(
+        pg.admin_sql(
+            "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute \
+             WHERE attrelid = 'customers'::regclass AND attnum > 0"
+        )
+        .trim(),
+        "id,name,email,card_number,ssn,note"
+    );
+    assert_eq!(
+        pg.admin_sql("SELECT rolsuper FROM pg_authid WHERE rolname = 'agentgate_e2e_plain'")
+            .trim(),
+        "f"
+    );
+    assert!(table_exists(&pg, "customers"));
+}
+
 // 15 -----------------------------------------------------------------------------------------
 
 #[test]

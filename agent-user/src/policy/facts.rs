@@ -40,6 +40,13 @@
 //! * `DECLARE c CURSOR FOR <query>` is `select` (plus whatever the query does);
 //!   `FETCH` and `CLOSE` are `select` (they read from a declared cursor).
 //! * `SELECT ... INTO t` is `ddl` (it creates `t`, reported as `write`).
+//! * A write (`INSERT`, `UPDATE`, `DELETE`, `MERGE`, an upsert, `COPY FROM`, in a CTE too) to a
+//!   system catalog is also `ddl`: the catalogs hold the schema and the privileges, so
+//!   `UPDATE pg_attribute SET attname = ...` renames a column and
+//!   `UPDATE pg_authid SET rolsuper = true` makes a superuser. A catalog is a relation in
+//!   `pg_catalog` or `information_schema`, or an unqualified one whose name starts with `pg_`
+//!   (`pg_catalog` is searched first unless `search_path` names it later). The tables keep their
+//!   `write` access.
 //! * `EXPLAIN <stmt>` has the kind of `<stmt>` with `explain: true`
 //!   (`explain_analyze: true` when it really executes it).
 //! * A statement containing several statements (data-modifying CTEs,
@@ -121,7 +128,8 @@ pub enum StatementKind {
     /// `COPY` (direction and danger in [`CopyFacts`]).
     Copy,
     /// Schema changes and maintenance: `CREATE`/`ALTER`/`DROP`/`TRUNCATE`/
-    /// `COMMENT`/`VACUUM`/`ANALYZE`/`REINDEX`/`CLUSTER`/`SELECT INTO`...
+    /// `COMMENT`/`VACUUM`/`ANALYZE`/`REINDEX`/`CLUSTER`/`SELECT INTO`..., and writes to the
+    /// system catalogs (`UPDATE pg_catalog.pg_attribute ...`).
     Ddl,
     /// Access control: `GRANT`/`REVOKE`, roles and users, `SET ROLE`,
     /// `SET SESSION AUTHORIZATION` (and the `role`/`session_authorization`
@@ -1635,6 +1643,21 @@ impl Collector {
         }
     }
 
+    /// A relation whose rows the statement writes (a DML or `COPY FROM` target). Writing a
+    /// system catalog is a schema or privilege change: `ddl`.
+    fn add_target(&mut self, schema: Option<String>, table: String) {
+        if is_catalog(schema.as_deref(), &table) {
+            self.kinds.push(StatementKind::Ddl);
+        }
+        self.add_table(schema, table, Access::Write);
+    }
+
+    fn add_written(&mut self, name: &ObjectName) {
+        if let Some((schema, table)) = split_name(name) {
+            self.add_target(schema, table);
+        }
+    }
+
     /// A function call, wherever it is (an expression, `FROM f(...)`, `CALL`...): records the
     /// function and applies what depends on its arguments. `args` is `None` when they are
     /// not a list.
@@ -1798,7 +1821,7 @@ impl Collector {
                     }
                 }
                 for name in &delete.tables {
-                    self.add_table_name(name, Access::Write);
+                    self.add_written(name);
                 }
                 if delete.selection.is_none() {
                     self.without_where = true;
@@ -1831,8 +1854,11 @@ impl Collector {
                 source, to, target, ..
             } => {
                 if let CopySource::Table { table_name, .. } = source {
-                    let access = if *to { Access::Read } else { Access::Write };
-                    self.add_table_name(table_name, access);
+                    if *to {
+                        self.add_table_name(table_name, Access::Read);
+                    } else {
+                        self.add_written(table_name);
+                    }
                 }
                 self.copy = Some(CopyFacts {
                     direction: if *to {
@@ -2178,6 +2204,16 @@ fn is_pg_settings(table: &TableRef) -> bool {
     table.name == "pg_settings" && table.schema.as_deref().is_none_or(|s| s == "pg_catalog")
 }
 
+/// A system catalog: a relation in `pg_catalog` or `information_schema`, or an unqualified one
+/// whose name starts with `pg_` (PostgreSQL searches `pg_catalog` first unless `search_path`
+/// names it later, so `pg_authid` is `pg_catalog.pg_authid`).
+fn is_catalog(schema: Option<&str>, name: &str) -> bool {
+    match schema {
+        Some(schema) => schema == "pg_catalog" || schema == "information_schema",
+        None => name.starts_with("pg_"),
+    }
+}
+
 impl Visitor for Collector {
     type Break = String;
 
@@ -2365,7 +2401,7 @@ impl Visitor for Collector {
             .is_some_and(|ctx| ctx.writes.iter().any(|p| std::ptr::eq(*p, relation)));
         if written {
             // DML targets are always real tables, never CTEs.
-            self.add_table(schema, table, Access::Write);
+            self.add_target(schema, table);
         } else {
             self.add_reference(schema, table);
         }

@@ -340,6 +340,107 @@ fn without_where() {
 }
 
 #[test]
+fn writes_to_system_catalogs_are_ddl() {
+    for (sql, kinds, expected) in [
+        (
+            "UPDATE pg_catalog.pg_attribute SET attname = 'x_ssn' \
+             WHERE attrelid = 'customers'::regclass AND attname = 'ssn'",
+            &[K::Ddl, K::Update][..],
+            &["pg_catalog.pg_attribute:w"][..],
+        ),
+        (
+            "UPDATE pg_authid SET rolsuper = true WHERE rolname = 'x'",
+            &[K::Ddl, K::Update],
+            &["pg_authid:w"],
+        ),
+        (
+            "UPDATE \"pg_authid\" SET rolsuper = true WHERE rolname = 'x'",
+            &[K::Ddl, K::Update],
+            &["pg_authid:w"],
+        ),
+        (
+            "UPDATE PG_CATALOG.PG_CLASS c SET relname = 'x' FROM pg_namespace n WHERE c.oid = 1",
+            &[K::Ddl, K::Update],
+            &["pg_catalog.pg_class:w", "pg_namespace:r"],
+        ),
+        (
+            "INSERT INTO pg_catalog.pg_auth_members VALUES (1, 2, 3, true)",
+            &[K::Ddl, K::Insert],
+            &["pg_catalog.pg_auth_members:w"],
+        ),
+        (
+            "DELETE FROM pg_largeobject WHERE loid = 1",
+            &[K::Ddl, K::Delete],
+            &["pg_largeobject:w"],
+        ),
+        (
+            "INSERT INTO information_schema.sql_features SELECT * FROM t \
+             ON CONFLICT DO NOTHING",
+            &[K::Ddl, K::Insert],
+            &["information_schema.sql_features:w", "t:r"],
+        ),
+        (
+            "INSERT INTO pg_catalog.pg_description VALUES (1, 2, 0, 'x') \
+             ON CONFLICT DO UPDATE SET description = 'y'",
+            &[K::Ddl, K::Insert, K::Update],
+            &["pg_catalog.pg_description:w"],
+        ),
+        (
+            "MERGE INTO pg_catalog.pg_attribute a USING t ON a.attnum = t.id \
+             WHEN MATCHED THEN UPDATE SET attname = t.v",
+            &[K::Ddl, K::Merge, K::Update],
+            &["pg_catalog.pg_attribute:w", "t:r"],
+        ),
+        (
+            "WITH u AS (UPDATE pg_catalog.pg_authid SET rolsuper = true WHERE oid = 10 \
+             RETURNING oid) SELECT * FROM u",
+            &[K::Ddl, K::Select, K::Update],
+            &["pg_catalog.pg_authid:w"],
+        ),
+        (
+            "COPY pg_catalog.pg_authid FROM STDIN",
+            &[K::Ddl, K::Copy],
+            &["pg_catalog.pg_authid:w"],
+        ),
+        (
+            "EXPLAIN ANALYZE DELETE FROM pg_catalog.pg_proc WHERE oid = 1",
+            &[K::Ddl, K::Delete],
+            &["pg_catalog.pg_proc:w"],
+        ),
+        (
+            "TRUNCATE pg_catalog.pg_statistic",
+            &[K::Ddl],
+            &["pg_catalog.pg_statistic:w"],
+        ),
+    ] {
+        let f = one(sql);
+        assert_eq!(f.kind, K::Ddl, "{sql}");
+        assert_eq!(*f.kinds, *kinds, "{sql}");
+        assert_eq!(tables(&f), expected, "{sql}");
+    }
+    // Reading a catalog, writing a table read from one, or copying a catalog out are not.
+    for (sql, kind) in [
+        ("SELECT * FROM pg_catalog.pg_authid", K::Select),
+        (
+            "UPDATE t SET v = (SELECT relname FROM pg_class LIMIT 1) WHERE id = 1",
+            K::Update,
+        ),
+        (
+            "INSERT INTO t SELECT oid, relname FROM pg_catalog.pg_class",
+            K::Insert,
+        ),
+        ("COPY pg_catalog.pg_class TO STDOUT", K::Copy),
+        ("UPDATE public.pg_notes SET v = 1 WHERE id = 1", K::Update),
+        ("UPDATE pg_temp.scratch SET v = 1 WHERE id = 1", K::Update),
+        ("SELECT * FROM pg_class FOR UPDATE", K::Select),
+    ] {
+        let f = one(sql);
+        assert_eq!(f.kind, kind, "{sql}");
+        assert!(!f.kinds.contains(&K::Ddl), "{sql}");
+    }
+}
+
+#[test]
 fn explain() {
     let f = one("EXPLAIN ANALYZE DELETE FROM t");
     assert_eq!(
