@@ -442,10 +442,13 @@ fn a_multi_statement_query_with_one_denied_statement_is_denied_as_a_whole() {
 #[test]
 fn unbounded_writes_need_review_even_inside_a_cte() {
     let (pg, gate) = start();
-    // Each unbounded write, in a CTE or not, is held for a human; here every ticket is denied.
+    // Each unbounded write, in a CTE or not, with no WHERE or one naming no column, is held
+    // for a human; here every ticket is denied.
     let script = "WITH d AS (DELETE FROM secrets RETURNING *) SELECT * FROM d;
 DELETE FROM secrets;
 UPDATE secrets SET value = 'pwned';
+DELETE FROM secrets WHERE true;
+UPDATE secrets SET value = 'pwned' WHERE 1 = 1;
 WITH u AS (UPDATE secrets SET value = 'x' RETURNING id) SELECT count(*) FROM u;
 SELECT count(*) FROM secrets;
 WITH d AS (DELETE FROM secrets WHERE id = 1 RETURNING value) SELECT * FROM d;
@@ -472,6 +475,8 @@ WITH d AS (DELETE FROM secrets WHERE id = 1 RETURNING value) SELECT * FROM d;
         "WITH d AS (DELETE FROM secrets RETURNING *)",
         "DELETE FROM secrets;",
         "UPDATE secrets SET value = 'pwned'",
+        "DELETE FROM secrets WHERE true",
+        "UPDATE secrets SET value = 'pwned' WHERE 1 = 1",
         "WITH u AS (UPDATE secrets SET value = 'x'",
     ];
     for statement in held {
@@ -499,7 +504,7 @@ WITH d AS (DELETE FROM secrets WHERE id = 1 RETURNING value) SELECT * FROM d;
             &err,
             "ERROR:  42501: agentgate: statement denied by approver unix:root: needs a WHERE"
         ),
-        4,
+        held.len(),
         "{}",
         show(&o)
     );
@@ -518,7 +523,7 @@ WITH d AS (DELETE FROM secrets WHERE id = 1 RETURNING value) SELECT * FROM d;
         .iter()
         .filter(|s| s["rule"] == "unbounded-writes")
         .collect();
-    assert_eq!(reviewed.len(), 4, "{st:#?}");
+    assert_eq!(reviewed.len(), held.len(), "{st:#?}");
     assert!(
         reviewed
             .iter()

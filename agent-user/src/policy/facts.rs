@@ -47,6 +47,11 @@
 //!   `pg_catalog` or `information_schema`, or an unqualified one whose name starts with `pg_`
 //!   (`pg_catalog` is searched first unless `search_path` names it later). The tables keep their
 //!   `write` access.
+//! * An `UPDATE`/`DELETE` whose `WHERE` names no column (`WHERE true`, `WHERE 1 = 1`,
+//!   `WHERE $1`: literals, parameters, and operators, casts and calls over them) counts as
+//!   having none, and so does a `MERGE` whose `ON` names none for its `WHEN MATCHED` updates
+//!   and deletes without an `AND` condition naming one. A condition naming a column bounds the
+//!   write even when every row matches it (`WHERE id = id`).
 //! * `EXPLAIN <stmt>` has the kind of `<stmt>` with `explain: true`
 //!   (`explain_analyze: true` when it really executes it).
 //! * A statement containing several statements (data-modifying CTEs,
@@ -314,7 +319,9 @@ pub struct StatementFacts {
     /// An `UPDATE` or `DELETE` (possibly nested) without a `WHERE` clause; also
     /// `ON CONFLICT ... DO UPDATE` without one, and a `MERGE` with a
     /// `WHEN NOT MATCHED BY SOURCE` update or delete without an `AND` condition
-    /// (its other clauses act on the rows its `ON` condition matches).
+    /// (its other clauses act on the rows its `ON` condition matches). A condition that names
+    /// no column (`WHERE true`, `WHERE 1 = 1`, `MERGE ... ON true`) counts as none: it bounds
+    /// nothing. One that names a column counts even if it holds for every row (`WHERE id = id`).
     pub update_or_delete_without_where: bool,
     /// Present for `COPY`.
     pub copy: Option<CopyFacts>,
@@ -1790,7 +1797,7 @@ impl Collector {
                         ..
                     })) => {
                         self.kinds.push(StatementKind::Update);
-                        if from_query && update.selection.is_none() {
+                        if from_query && update.selection.as_ref().is_none_or(names_no_column) {
                             self.without_where = true;
                         }
                     }
@@ -1807,7 +1814,7 @@ impl Collector {
                 if let TableFactor::Table { name, .. } = &update.table.relation {
                     writes.push(name);
                 }
-                if update.selection.is_none() {
+                if update.selection.as_ref().is_none_or(names_no_column) {
                     self.without_where = true;
                 }
             }
@@ -1823,7 +1830,7 @@ impl Collector {
                 for name in &delete.tables {
                     self.add_written(name);
                 }
-                if delete.selection.is_none() {
+                if delete.selection.as_ref().is_none_or(names_no_column) {
                     self.without_where = true;
                 }
             }
@@ -1832,9 +1839,11 @@ impl Collector {
                     writes.push(name);
                 }
                 // The ON condition bounds the rows that `WHEN MATCHED` and
-                // `WHEN NOT MATCHED [BY TARGET]` act on, as a WHERE clause would. `WHEN NOT
-                // MATCHED BY SOURCE` acts on every target row that ON does not match, so
-                // without an `AND` condition it is unbounded.
+                // `WHEN NOT MATCHED [BY TARGET]` act on, as a WHERE clause would, unless it
+                // names no column (`ON true` matches every target row). `WHEN NOT MATCHED BY
+                // SOURCE` acts on every target row that ON does not match. Either is unbounded
+                // without an `AND` condition naming a column.
+                let on_bounds = !names_no_column(&merge.on);
                 for clause in &merge.clauses {
                     let kind = match clause.action {
                         MergeAction::Insert(_) => StatementKind::Insert,
@@ -1843,9 +1852,13 @@ impl Collector {
                         MergeAction::DoNothing { .. } => continue,
                     };
                     self.kinds.push(kind);
-                    if clause.clause_kind == MergeClauseKind::NotMatchedBySource
-                        && clause.predicate.is_none()
-                    {
+                    let bounded_by_on = match clause.clause_kind {
+                        MergeClauseKind::Matched => on_bounds,
+                        MergeClauseKind::NotMatchedBySource => false,
+                        // Inserts: they touch no existing row.
+                        MergeClauseKind::NotMatched | MergeClauseKind::NotMatchedByTarget => true,
+                    };
+                    if !bounded_by_on && clause.predicate.as_ref().is_none_or(names_no_column) {
                         self.without_where = true;
                     }
                 }
@@ -2212,6 +2225,31 @@ fn is_catalog(schema: Option<&str>, name: &str) -> bool {
         Some(schema) => schema == "pg_catalog" || schema == "information_schema",
         None => name.starts_with("pg_"),
     }
+}
+
+/// Whether a condition names no column, so that it holds for every row or for none: literals,
+/// parameters (the agent chooses their values), and operators, casts and calls over them
+/// (`true`, `1 = 1`, `NOT false`, `$1`, `now() IS NOT NULL`, `current_user = 'x'`), subqueries
+/// naming no column (`EXISTS (SELECT 1 FROM u)`). A bare word is a column (or a whole row),
+/// except the SQL value keywords PostgreSQL reserves that sqlparser leaves as identifiers.
+fn names_no_column(condition: &Expr) -> bool {
+    const VALUE_KEYWORDS: [&str; 2] = ["current_role", "current_schema"];
+    sqlparser::ast::visit_expressions(condition, |expr| match expr {
+        Expr::Identifier(ident)
+            if ident.quote_style.is_none()
+                && VALUE_KEYWORDS
+                    .iter()
+                    .any(|k| ident.value.eq_ignore_ascii_case(k)) =>
+        {
+            ControlFlow::Continue(())
+        }
+        Expr::Identifier(_)
+        | Expr::CompoundIdentifier(_)
+        | Expr::Wildcard(_)
+        | Expr::QualifiedWildcard(..) => ControlFlow::Break(()),
+        _ => ControlFlow::Continue(()),
+    })
+    .is_continue()
 }
 
 impl Visitor for Collector {

@@ -197,7 +197,8 @@ pub struct MatchConditions {
     /// Some called function matches one of these names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub functions: Option<Vec<String>>,
-    /// `UPDATE`/`DELETE` without `WHERE`.
+    /// `UPDATE`/`DELETE` without `WHERE`, or with one naming no column (`WHERE true`); see
+    /// `StatementFacts::update_or_delete_without_where`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub without_where: Option<bool>,
     /// `COPY ... PROGRAM`.

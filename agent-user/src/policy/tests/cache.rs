@@ -66,6 +66,8 @@ const CORPUS: &[&str] = &[
     "UPDATE t SET a = 5",
     "DELETE FROM t WHERE id IN (1, 2, 3)",
     "DELETE FROM t",
+    "DELETE FROM t WHERE 1 = 1",
+    "UPDATE t SET a = 5 WHERE 1 = 2 OR 3 > 4",
     "UPDATE pg_catalog.pg_attribute SET attnum = 2 WHERE attnum = 1",
     "SELECT t1.c2 FROM t1 JOIN t2 ON t1.id = t2.id LIMIT 10 OFFSET 20",
     "SELECT * FROM t OFFSET 5 LIMIT 5",

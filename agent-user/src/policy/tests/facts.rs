@@ -340,6 +340,59 @@ fn without_where() {
 }
 
 #[test]
+fn a_condition_naming_no_column_is_no_where() {
+    for sql in [
+        "DELETE FROM t WHERE true",
+        "DELETE FROM t WHERE 1=1",
+        "DELETE FROM t WHERE NOT false",
+        "DELETE FROM t WHERE (true)",
+        "DELETE FROM t WHERE 'a' = 'a' OR false",
+        "DELETE FROM t WHERE 1::bool",
+        "DELETE FROM t WHERE CAST(1 AS boolean)",
+        "DELETE FROM t WHERE NULL IS NULL",
+        "DELETE FROM t WHERE 1 IS NOT NULL",
+        "DELETE FROM t WHERE length('x') > 0",
+        "DELETE FROM t WHERE now() IS NOT NULL",
+        "DELETE FROM t WHERE current_user = 'postgres'",
+        "DELETE FROM t WHERE CURRENT_ROLE = 'postgres'",
+        "DELETE FROM t WHERE $1",
+        "DELETE FROM t WHERE $1 = $2",
+        "DELETE FROM t WHERE 1 IN (1, 2)",
+        "DELETE FROM t WHERE 2 BETWEEN 1 AND 3",
+        "DELETE FROM t WHERE CASE WHEN true THEN true END",
+        "DELETE FROM t WHERE EXISTS (SELECT 1)",
+        "DELETE FROM t USING u WHERE true",
+        "UPDATE t SET x = 1 WHERE true",
+        "UPDATE t SET x = 1 WHERE 1 = 1 AND NOT false",
+        "UPDATE t SET x = u.x FROM u WHERE true",
+        "WITH d AS (DELETE FROM t WHERE true RETURNING *) SELECT * FROM d",
+        "INSERT INTO t SELECT * FROM t ON CONFLICT (id) DO UPDATE SET v = 0 WHERE true",
+        "MERGE INTO t USING s ON true WHEN MATCHED THEN DELETE",
+        "MERGE INTO t USING s ON 1 = 1 WHEN MATCHED THEN UPDATE SET v = 0",
+        "MERGE INTO t USING s ON true WHEN MATCHED AND true THEN DELETE",
+        "MERGE INTO t USING s ON t.id = s.id WHEN NOT MATCHED BY SOURCE AND true THEN DELETE",
+    ] {
+        assert!(one(sql).update_or_delete_without_where, "{sql}");
+    }
+    // A condition naming a column bounds the write, even one every row meets: the fact is
+    // about a missing or constant condition, not about how many rows match.
+    for sql in [
+        "DELETE FROM t WHERE id = id",
+        "DELETE FROM t WHERE x IS NOT NULL",
+        "DELETE FROM t WHERE t.x OR true",
+        "DELETE FROM t WHERE \"current_role\" = 'a'",
+        "DELETE FROM t WHERE id = $1",
+        "UPDATE t SET x = 1 WHERE id IN (SELECT id FROM u)",
+        "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE",
+        "MERGE INTO t USING s ON true WHEN MATCHED AND t.old THEN DELETE",
+        "MERGE INTO t USING s ON true WHEN NOT MATCHED THEN INSERT VALUES (1)",
+        "INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET v = 0 WHERE true",
+    ] {
+        assert!(!one(sql).update_or_delete_without_where, "{sql}");
+    }
+}
+
+#[test]
 fn writes_to_system_catalogs_are_ddl() {
     for (sql, kinds, expected) in [
         (
