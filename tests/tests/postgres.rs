@@ -1369,9 +1369,29 @@ fn dangerous_functions_and_opaque_statements_are_denied() {
         "DO $$ BEGIN EXECUTE 'DROP TABLE t'; END $$;",
         "PREPARE p AS SELECT 1;\nEXECUTE p;",
     ];
+    // A plain SELECT storing a value computed from a masked column where no masking rule can
+    // name it, to be read back by the next statement.
+    let large_objects = [
+        "SELECT lo_from_bytea(424242, convert_to(translate(ssn, '0123456789', 'abcdefghij'), 'UTF8')) FROM customers WHERE id = 1;",
+        "SELECT convert_from(lo_get(424242), 'UTF8') AS x;",
+        "SELECT lo_create(424243);",
+        "SELECT lowrite(lo_open(424243, 131072), convert_to(ssn, 'UTF8')) FROM customers WHERE id = 1;",
+        "SELECT lo_put(424243, 0, '\\x00');",
+        "SELECT pg_catalog.lo_unlink(424243);",
+    ];
+    let values_outside_tables = [
+        "SELECT setval('agentgate_e2e_seq', translate(ssn, '-', '')::bigint) FROM customers WHERE id = 1;",
+        "SELECT pg_notify('agentgate_e2e', ssn) FROM customers;",
+        "SELECT pg_advisory_lock(translate(ssn, '-', '')::bigint) FROM customers WHERE id = 1;",
+    ];
+    pg.admin_sql("CREATE SEQUENCE agentgate_e2e_seq;");
     let mut script = denied_functions.join("\n");
     script.push('\n');
     script.push_str(&opaque.join("\n"));
+    script.push('\n');
+    script.push_str(&large_objects.join("\n"));
+    script.push('\n');
+    script.push_str(&values_outside_tables.join("\n"));
     script.push_str("\nSELECT 'still-here';\n");
     let o = gated_psql(&gate, &pg, "bot", &["-A", "-t"], &script);
     let (out, err) = (text(&o.stdout), text(&o.stderr));
@@ -1383,6 +1403,35 @@ fn dangerous_functions_and_opaque_statements_are_denied() {
         denied_functions.len(),
         "{}",
         show(&o)
+    );
+    assert_eq!(
+        occurrences(
+            &err,
+            "ERROR:  42501: agentgate: denied by rule \"large-objects\" of policy \"analysts\": \
+             large objects can hold copies of masked values"
+        ),
+        large_objects.len(),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(
+        occurrences(
+            &err,
+            "ERROR:  42501: agentgate: denied by rule \"values-outside-tables\""
+        ),
+        values_outside_tables.len(),
+        "{}",
+        show(&o)
+    );
+    assert!(!out.contains("bcd-ef-ghij"), "{}", show(&o));
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM pg_largeobject_metadata"),
+        0
+    );
+    assert_eq!(
+        pg.admin_sql("SELECT last_value, is_called FROM agentgate_e2e_seq")
+            .trim(),
+        "1|f"
     );
     assert!(
         occurrences(
@@ -1403,6 +1452,22 @@ fn dangerous_functions_and_opaque_statements_are_denied() {
             "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'checkpointer'"
         ),
         1
+    );
+    // NOTIFY (kind `other`) is no kind the example policy allows.
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "bot",
+        &[],
+        "NOTIFY agentgate_e2e, '123-45-6789';\n",
+    );
+    assert!(
+        text(&o.stderr).contains(
+            "ERROR:  42501: agentgate: denied by rule \"default\" of policy \"analysts\": \
+             not allowed for analysts"
+        ),
+        "{}",
+        show(&o)
     );
 }
 
