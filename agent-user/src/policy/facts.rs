@@ -1126,8 +1126,10 @@ fn push_unique<T: PartialEq>(v: &mut Vec<T>, item: T) {
 // ---------------------------------------------------------------------------
 // Classification.
 
-/// Settings that change who the session acts as: setting them is `dcl`.
-const ROLE_SETTINGS: [&str; 2] = ["role", "session_authorization"];
+/// Settings that change who the session acts as, or which of the server's own checks run
+/// (`session_replication_role = replica` turns off triggers, audit triggers too, and foreign
+/// keys): setting them is `dcl`.
+const ROLE_SETTINGS: [&str; 3] = ["role", "session_authorization", "session_replication_role"];
 
 fn is_role_parameter(name: &ObjectName) -> bool {
     ROLE_SETTINGS.iter().any(|r| is_setting(name, r))

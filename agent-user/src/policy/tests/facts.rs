@@ -1178,6 +1178,9 @@ fn role_settings_are_dcl() {
         "SELECT set_config('role', 'admin', false)",
         "SELECT 1 FROM t WHERE set_config('Session_Authorization', 'u', true) IS NOT NULL",
         "SELECT * FROM set_config('role', 'admin', false)",
+        "SET session_replication_role = replica",
+        "SET LOCAL session_replication_role TO 'replica'",
+        "SELECT set_config('session_replication_role', 'replica', true)",
     ] {
         let f = one(sql);
         assert_eq!(f.kind, K::Dcl, "{sql}");
