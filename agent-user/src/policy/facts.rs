@@ -347,6 +347,16 @@ pub struct StatementFacts {
     /// `USING` names count as used), columns renamed by an alias list (`customers AS c(i, n, x)`).
     /// Such columns have no table of origin in RowDescription either.
     pub unseen_columns: bool,
+    /// Qualified references `q.x`, `s.q.x` whose qualifier names a table or view of the statement
+    /// (in FROM or JOIN, an UPDATE, DELETE, INSERT or MERGE target, by name or alias; an upsert's
+    /// `excluded`), once each. PostgreSQL reads `q.x` as the call `x(q)` over the whole row when
+    /// `x` is no column of `q` (`c.to_jsonb`, `customers.record_out`, a user-defined
+    /// `full_name(customers)` as `c.full_name`): whoever acts on [`Self::unseen_columns`] must
+    /// take each one the catalog does not confirm as a column as a whole row. Qualifiers naming
+    /// a CTE, a subquery or a function need no check: whatever flows through them is counted in
+    /// their own query or arguments. A qualifier naming nothing the statement holds (PostgreSQL
+    /// 18's `old` and `new` in RETURNING, a parenthesized join's alias) sets `unseen_columns`.
+    pub qualified_columns: Arc<[QualifiedColumn]>,
     /// The facts may not cover everything the statement touches: `DO`
     /// blocks, `EXECUTE`, statements only classified by their leading
     /// keywords (tables unknown, functions found heuristically), DDL/DCL
@@ -354,6 +364,29 @@ pub struct StatementFacts {
     /// `GRANT ... ON ALL TABLES IN SCHEMA`...), and calls of functions that
     /// run SQL given as text (`query_to_xml`, `ts_stat`, `dblink`...).
     pub opaque: bool,
+}
+
+/// A qualified reference `q.x` whose qualifier `q` is a table or view (see
+/// [`StatementFacts::qualified_columns`]), folded.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct QualifiedColumn {
+    /// The relation's schema, when the statement names it (`public.customers c`, or
+    /// `public.customers.to_jsonb`); otherwise the relation is whichever of that name the
+    /// session's `search_path` finds, which the agent can change.
+    pub schema: Option<String>,
+    /// The relation's name (not its alias).
+    pub relation: String,
+    /// The name after the qualifier: a column of the relation, or else a function of its row.
+    pub column: String,
+}
+
+impl fmt::Display for QualifiedColumn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.schema {
+            Some(schema) => write!(f, "{schema}.{}.{}", self.relation, self.column),
+            None => write!(f, "{}.{}", self.relation, self.column),
+        }
+    }
 }
 
 /// Options for [`extract_with`].
@@ -874,6 +907,7 @@ fn unparsed_facts(
         sets_search_path: false,
         computed_from: Arc::default(),
         unseen_columns: false,
+        qualified_columns: Arc::default(),
         opaque,
     }
 }
@@ -1514,6 +1548,15 @@ struct Collector {
     relation_names: HashSet<String>,
     /// See [`StatementFacts::unseen_columns`] (whole rows by name are found at the end).
     unseen_columns: bool,
+    /// Every qualified column reference (`q.x`, `s.q.x`), folded parts, once each; resolved at
+    /// the end, when every relation they can name has been seen.
+    qualified_refs: OrderedSet<Vec<String>>,
+    /// Tables and views by the name that qualifies their columns (the alias, else the name):
+    /// `(schema, name)` of each relation given that name anywhere in the statement.
+    base_relations: HashMap<String, Vec<(Option<String>, String)>>,
+    /// The other FROM items' names (CTEs, subqueries, functions): what their columns hold is
+    /// counted where it is computed.
+    derived_relations: HashSet<String>,
     /// The top-level statement's query, whose plain SELECT list may hold `*`.
     top_query: Option<*const Query>,
 }
@@ -1538,6 +1581,57 @@ impl Collector {
             }
         }
         names
+    }
+
+    /// [`StatementFacts::qualified_columns`], and whether some qualifier names nothing the
+    /// statement holds (then [`StatementFacts::unseen_columns`]).
+    fn qualified_columns(&self) -> (Vec<QualifiedColumn>, bool) {
+        let mut out = OrderedSet::default();
+        let mut unknown = false;
+        for parts in &self.qualified_refs.items {
+            match parts.as_slice() {
+                [qualifier, column] => match self.base_relations.get(qualifier) {
+                    Some(relations) => {
+                        for (schema, relation) in relations {
+                            out.insert(QualifiedColumn {
+                                schema: schema.clone(),
+                                relation: relation.clone(),
+                                column: column.clone(),
+                            });
+                        }
+                    }
+                    None => unknown |= !self.derived_relations.contains(qualifier),
+                },
+                // `schema.table.column` and `database.schema.table.column` qualify only tables
+                // and views named without an alias.
+                [schema, relation, column] | [_, schema, relation, column] => {
+                    out.insert(QualifiedColumn {
+                        schema: Some(schema.clone()),
+                        relation: relation.clone(),
+                        column: column.clone(),
+                    });
+                }
+                // More parts are an error in PostgreSQL.
+                _ => unknown = true,
+            }
+        }
+        (out.items, unknown)
+    }
+
+    /// Notes the name that qualifies the columns of a FROM item (or DML target): for a table or
+    /// view, with its `(schema, name)`.
+    fn note_qualifier(&mut self, qualifier: String, relation: Option<(Option<String>, String)>) {
+        match relation {
+            Some(relation) => {
+                let relations = self.base_relations.entry(qualifier).or_default();
+                if !relations.contains(&relation) {
+                    relations.push(relation);
+                }
+            }
+            None => {
+                self.derived_relations.insert(qualifier);
+            }
+        }
     }
 
     /// A query's SELECT lists and joins, for [`StatementFacts::unseen_columns`] and the columns
@@ -2272,6 +2366,13 @@ impl Visitor for Collector {
                 && let Some(last) = name.0.last()
             {
                 self.relation_names.insert(normalize_part(last));
+                let qualifier = match &insert.table_alias {
+                    Some(alias) => normalize_ident(&alias.alias),
+                    None => normalize_part(last),
+                };
+                self.note_qualifier(qualifier, split_name(name));
+                // The row proposed for insertion, of the target's type.
+                self.note_qualifier("excluded".to_string(), split_name(name));
             }
             if let Some(alias) = &insert.table_alias {
                 self.relation_names.insert(normalize_ident(&alias.alias));
@@ -2400,6 +2501,29 @@ impl Visitor for Collector {
         if let Some(alias) = alias {
             self.relation_names.insert(normalize_ident(&alias.name));
         }
+        let qualifier = table_factor_alias(table_factor)
+            .map(|alias| normalize_ident(&alias.name))
+            .or_else(|| match table_factor {
+                TableFactor::Table { name, .. } => name.0.last().map(normalize_part),
+                _ => None,
+            });
+        match (table_factor, qualifier) {
+            // A parenthesized join's alias qualifies the columns of every table in it: taken as
+            // naming nothing (see `qualified_columns`).
+            (TableFactor::NestedJoin { .. }, _) | (_, None) => {}
+            (
+                TableFactor::Table {
+                    name, args: None, ..
+                },
+                Some(qualifier),
+            ) => {
+                let relation = split_name(name)
+                    .filter(|(schema, table)| schema.is_some() || !self.is_cte(table));
+                // A CTE's columns are counted in its query, as a subquery's are.
+                self.note_qualifier(qualifier, relation);
+            }
+            (_, Some(qualifier)) => self.note_qualifier(qualifier, None),
+        }
         if let Some(alias) = table_factor_alias(table_factor)
             && !alias.columns.is_empty()
         {
@@ -2451,6 +2575,12 @@ impl Visitor for Collector {
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<String> {
         if let Some(name) = column_name(expr) {
             self.column_refs.push(name);
+        }
+        if let Expr::CompoundIdentifier(parts) = expr
+            && parts.len() > 1
+        {
+            self.qualified_refs
+                .insert(parts.iter().map(normalize_ident).collect());
         }
         match expr {
             // `(c.*)::text`, `ROW(c.*)`: whole rows.
@@ -2543,7 +2673,9 @@ fn facts_of_statement(
         push_unique(&mut kinds, *k);
     }
     let computed_from = collector.computed_from();
+    let (qualified_columns, unknown_qualifier) = collector.qualified_columns();
     let unseen_columns = collector.unseen_columns
+        || unknown_qualifier
         || collector
             .column_refs
             .iter()
@@ -2562,6 +2694,7 @@ fn facts_of_statement(
         sets_search_path: collector.sets_search_path,
         computed_from: computed_from.into(),
         unseen_columns,
+        qualified_columns: qualified_columns.into(),
         opaque: collector.opaque || collector.opaque_execute,
     })
 }

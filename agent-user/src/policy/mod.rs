@@ -21,8 +21,8 @@ pub use cache::CacheStats;
 pub use eval::{Decision, QueryDecision, StatementDecision, Subject, Verdict};
 pub use explain::{Explanation, explain};
 pub use facts::{
-    Access, CopyDirection, CopyFacts, ExtractOptions, ParseError, StatementFacts, StatementKind,
-    TableRef, extract, extract_with,
+    Access, CopyDirection, CopyFacts, ExtractOptions, ParseError, QualifiedColumn, StatementFacts,
+    StatementKind, TableRef, extract, extract_with,
 };
 pub use rules::{PolicyConfig, PolicyError, PolicySet, compile};
 

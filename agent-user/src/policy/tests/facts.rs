@@ -1517,3 +1517,113 @@ fn columns_a_statement_holds_under_no_name_it_uses_are_flagged() {
         assert!(!one(sql).unseen_columns, "{sql}");
     }
 }
+
+#[test]
+fn qualified_references_to_tables_are_listed_for_the_catalog() {
+    // `c.f` is the call `f(c)` over the whole row when `f` is no column of `c`; only the catalog
+    // can tell, so each reference qualified by a table or view is listed.
+    let refs = |sql: &str| -> Vec<String> {
+        one(sql)
+            .qualified_columns
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    };
+    assert_eq!(
+        refs("SELECT c.to_jsonb ->> 'ssn' FROM customers c"),
+        ["customers.to_jsonb"]
+    );
+    assert_eq!(
+        refs("SELECT translate(c.concat, '0123456789', 'abcdefghij') FROM customers c"),
+        ["customers.concat"]
+    );
+    assert_eq!(
+        refs("SELECT customers.record_out FROM customers"),
+        ["customers.record_out"]
+    );
+    assert_eq!(
+        refs("SELECT C.\"text\" FROM Customers AS c"),
+        ["customers.text"]
+    );
+    assert_eq!(
+        refs("SELECT c.full_name FROM public.customers c"),
+        ["public.customers.full_name"]
+    );
+    // `schema.table.x` and `database.schema.table.x` name the table's schema.
+    assert_eq!(
+        refs("SELECT public.customers.to_jsonb FROM customers"),
+        ["public.customers.to_jsonb"]
+    );
+    assert_eq!(
+        refs("SELECT postgres.public.customers.to_jsonb FROM customers"),
+        ["public.customers.to_jsonb"]
+    );
+    // Every clause, every statement that names tables: targets of writes, an upsert's
+    // proposed row, correlated subqueries.
+    assert_eq!(
+        refs("UPDATE customers c SET note = 'x' WHERE c.id = 1 RETURNING c.text"),
+        ["customers.id", "customers.text"]
+    );
+    assert_eq!(
+        refs("DELETE FROM customers WHERE id = 1 RETURNING customers.to_jsonb"),
+        ["customers.to_jsonb"]
+    );
+    assert_eq!(
+        refs(
+            "INSERT INTO customers AS c (id) VALUES (1) ON CONFLICT (id) DO UPDATE \
+             SET note = excluded.note RETURNING c.to_jsonb"
+        ),
+        ["customers.note", "customers.to_jsonb"]
+    );
+    assert_eq!(
+        refs("SELECT (SELECT o.id FROM orders o WHERE o.customer = c.id) FROM customers c"),
+        ["orders.id", "orders.customer", "customers.id"]
+    );
+    assert_eq!(
+        refs(
+            "MERGE INTO customers c USING staging s ON s.id = c.id \
+             WHEN MATCHED THEN UPDATE SET note = s.note"
+        ),
+        ["staging.id", "customers.id", "staging.note"]
+    );
+    // One alias for two tables: checked against both.
+    assert_eq!(
+        refs("SELECT x.id FROM customers x UNION SELECT x.id FROM orders x"),
+        ["customers.id", "orders.id"]
+    );
+    // What flows through a CTE, a subquery or a function is counted where it is computed.
+    assert!(refs("WITH t AS (SELECT id FROM customers) SELECT t.to_jsonb FROM t").is_empty());
+    assert!(refs("SELECT s.to_jsonb FROM (SELECT id FROM customers) s").is_empty());
+    assert!(refs("SELECT g.to_jsonb FROM generate_series(1, 3) g").is_empty());
+    assert_eq!(
+        refs("WITH t AS (SELECT c.to_jsonb AS j FROM customers c) SELECT t.j FROM t"),
+        ["customers.to_jsonb"]
+    );
+    // Inside the first CTE's body, `t` is still the table.
+    assert_eq!(
+        refs("WITH a AS (SELECT t.to_jsonb FROM t), t AS (SELECT 1 AS x) SELECT * FROM a, t"),
+        ["t.to_jsonb"]
+    );
+    // Unqualified names need nothing from the catalog.
+    assert!(refs("SELECT abalance FROM pgbench_accounts WHERE aid = 1").is_empty());
+}
+
+#[test]
+fn qualifiers_naming_nothing_the_statement_holds_are_whole_rows() {
+    for sql in [
+        // A parenthesized join's alias qualifies the columns of every table in it.
+        "SELECT j.to_jsonb FROM (customers JOIN orders USING (id)) AS j",
+        // Not a FROM item of the statement (PostgreSQL 18 reads `old` in RETURNING).
+        "UPDATE customers SET note = 'x' WHERE id = 1 RETURNING old.to_jsonb",
+        "SELECT a.b.c.d.e FROM customers",
+    ] {
+        assert!(one(sql).unseen_columns, "{sql}");
+    }
+    // The facts cannot tell a function over the row from a column: the catalog decides.
+    for sql in [
+        "SELECT c.to_jsonb FROM customers c",
+        "SELECT c.id, upper(c.name) FROM customers c",
+    ] {
+        assert!(!one(sql).unseen_columns, "{sql}");
+    }
+}
