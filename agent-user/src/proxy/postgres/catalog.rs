@@ -6,8 +6,12 @@
 //! (OIDs are not reused while the table exists; a dropped and recreated table gets a new one).
 //! A cached table is looked up again when it is older than [`TTL`] or lacks an attribute
 //! number a result set names (a column added after it was cached).
+//!
+//! It also answers which names are columns of a relation named in a statement
+//! ([`Catalog::relation_columns`]): PostgreSQL reads `c.f` as the call `f(c)` over the whole row
+//! when `f` is no column of `c`, and the statement's facts cannot tell which it is.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +40,9 @@ pub struct TableInfo {
 
 type Key = (String, String);
 
+/// A relation as a statement names it: `(schema, name)`, the schema only when given.
+pub type RelationName = (Option<String>, String);
+
 #[derive(Debug, Clone)]
 struct Entry {
     info: Arc<TableInfo>,
@@ -58,9 +65,17 @@ fn usable(
             .all(|a| a < 1 || info.columns.contains_key(&a))
 }
 
+/// The columns of a relation name, as [`Catalog::relation_columns`] answers for it.
+#[derive(Debug, Clone)]
+struct NamedEntry {
+    columns: Arc<HashSet<String>>,
+    fetched: Instant,
+}
+
 #[derive(Default)]
 pub struct Catalog {
     cache: Mutex<HashMap<(Key, u32), Entry>>,
+    names: Mutex<HashMap<(Key, RelationName), NamedEntry>>,
     conns: tokio::sync::Mutex<HashMap<Key, Upstream>>,
 }
 
@@ -105,21 +120,6 @@ impl Catalog {
             return Ok(out);
         }
         missing.sort_unstable();
-        let mut conns = self.conns.lock().await;
-        if !conns.contains_key(&key) {
-            let params = vec![
-                ("database".to_string(), database.to_string()),
-                (
-                    "application_name".to_string(),
-                    "agentgate-catalog".to_string(),
-                ),
-            ];
-            let conn = upstream::open(gate, target, &params).await?;
-            conns.insert(key.clone(), conn);
-        }
-        let Some(conn) = conns.get_mut(&key) else {
-            return Ok(out);
-        };
         let list: Vec<String> = missing.iter().map(u32::to_string).collect();
         let sql = format!(
             "SELECT c.oid::int8, n.nspname, c.relname, a.attnum::int4, a.attname \
@@ -130,13 +130,7 @@ impl Catalog {
         );
         // Taken before the query: a rename after this instant may be missing from the answer.
         let fetched = Instant::now();
-        let rows = match simple_query(conn, &sql).await {
-            Ok(rows) => rows,
-            Err(e) => {
-                conns.remove(&key);
-                return Err(e);
-            }
-        };
+        let rows = self.query(gate, target, &key, &sql).await?;
         let mut found: HashMap<u32, TableInfo> = HashMap::new();
         for row in rows {
             let [
@@ -185,6 +179,153 @@ impl Catalog {
         }
         Ok(out)
     }
+
+    /// The columns (system columns included) of relations as statements name them, for
+    /// qualified references `q.x`: PostgreSQL reads `x` as a column of `q` when it is one, and
+    /// otherwise as a function of `q`'s whole row. A schema-qualified name gets the
+    /// columns of that relation; an unqualified one only the columns every relation of that
+    /// name has, in any schema, because the agent can set `search_path` to find any of them. A
+    /// name no relation has gets none. Answers are cached for [`TTL`], like resolved OIDs: a
+    /// column dropped later (and a function of its name then reached instead) is seen within
+    /// that window.
+    pub async fn relation_columns(
+        &self,
+        gate: &Gate,
+        target: &PgTarget,
+        database: &str,
+        wanted: &[RelationName],
+    ) -> Result<HashMap<RelationName, Arc<HashSet<String>>>, PgError> {
+        let key = (target.name.clone(), database.to_string());
+        let now = Instant::now();
+        let mut out = HashMap::new();
+        let mut missing: Vec<&RelationName> = Vec::new();
+        {
+            let names = self
+                .names
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for name in wanted {
+                match names.get(&(key.clone(), name.clone())) {
+                    Some(e) if now.saturating_duration_since(e.fetched) < TTL => {
+                        out.insert(name.clone(), e.columns.clone());
+                    }
+                    _ if !missing.contains(&name) => missing.push(name),
+                    _ => {}
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let mut relnames: Vec<&str> = missing.iter().map(|(_, n)| n.as_str()).collect();
+        relnames.sort_unstable();
+        relnames.dedup();
+        let list: Vec<String> = relnames.iter().map(|n| text_literal(n)).collect();
+        // Indexes and composite types have attributes but are never FROM items.
+        let sql = format!(
+            "SELECT c.oid::int8, n.nspname, c.relname, a.attname \
+             FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum <> 0 \
+             AND NOT a.attisdropped \
+             WHERE c.relkind NOT IN ('i', 'I', 'c') AND c.relname IN ({})",
+            list.join(",")
+        );
+        let fetched = Instant::now();
+        let rows = self.query(gate, target, &key, &sql).await?;
+        // OID -> (schema, name, columns).
+        let mut relations: HashMap<String, (String, String, HashSet<String>)> = HashMap::new();
+        for row in rows {
+            let [Some(oid), Some(schema), Some(name), attname] =
+                <[Option<String>; 4]>::try_from(row).unwrap_or_default()
+            else {
+                continue;
+            };
+            let entry = relations
+                .entry(oid)
+                .or_insert_with(|| (schema, name, HashSet::new()));
+            // A relation without columns has one row, with no attribute.
+            if let Some(attname) = attname {
+                entry.2.insert(attname);
+            }
+        }
+        let mut names = self
+            .names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        names.retain(|_, e| fetched.saturating_duration_since(e.fetched) < TTL);
+        for name in missing {
+            let columns = Arc::new(columns_of(name, relations.values()));
+            names.insert(
+                (key.clone(), name.clone()),
+                NamedEntry {
+                    columns: columns.clone(),
+                    fetched,
+                },
+            );
+            out.insert(name.clone(), columns);
+        }
+        Ok(out)
+    }
+
+    /// Runs `sql` on the catalog connection of `key`, opening it first if need be. A failed
+    /// connection is dropped (the next query opens another).
+    async fn query(
+        &self,
+        gate: &Gate,
+        target: &PgTarget,
+        key: &Key,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, PgError> {
+        let mut conns = self.conns.lock().await;
+        if !conns.contains_key(key) {
+            let params = vec![
+                ("database".to_string(), key.1.clone()),
+                (
+                    "application_name".to_string(),
+                    "agentgate-catalog".to_string(),
+                ),
+            ];
+            let conn = upstream::open(gate, target, &params).await?;
+            conns.insert(key.clone(), conn);
+        }
+        let Some(conn) = conns.get_mut(key) else {
+            return Err(PgError::UpstreamClosed);
+        };
+        let rows = simple_query(conn, sql).await;
+        if rows.is_err() {
+            conns.remove(key);
+        }
+        rows
+    }
+}
+
+/// The columns `name` is sure to have among `relations` (`(schema, name, columns)` of every
+/// relation whose name is `name`'s, in any schema): those of the one in its schema, or, without
+/// one, those every relation of that name has. None when no relation matches.
+fn columns_of<'a>(
+    (schema, name): &RelationName,
+    relations: impl Iterator<Item = &'a (String, String, HashSet<String>)>,
+) -> HashSet<String> {
+    let mut matching =
+        relations.filter(|(s, n, _)| n == name && schema.as_ref().is_none_or(|schema| schema == s));
+    let Some((_, _, first)) = matching.next() else {
+        return HashSet::new();
+    };
+    let mut columns = first.clone();
+    for (_, _, other) in matching {
+        columns.retain(|c| other.contains(c));
+    }
+    columns
+}
+
+/// `text` as an SQL expression of type text that reads the same whatever the server's
+/// `standard_conforming_strings`: hex digits inside the quotes, nothing to escape. Names come
+/// from the agent's SQL.
+fn text_literal(text: &str) -> String {
+    format!(
+        "pg_catalog.convert_from(pg_catalog.decode('{}', 'hex'), 'UTF8')",
+        hex::encode(text)
+    )
 }
 
 /// One simple query on an idle connection; text-format rows.
@@ -262,6 +403,55 @@ mod tests {
         let at = Instant::now();
         assert!(!usable(&t, at, at, [1, 4]));
         assert!(!usable(&t, at, at, [3]));
+    }
+
+    fn relation(schema: &str, name: &str, columns: &[&str]) -> (String, String, HashSet<String>) {
+        (
+            schema.to_string(),
+            name.to_string(),
+            columns.iter().map(|c| c.to_string()).collect(),
+        )
+    }
+
+    #[test]
+    fn an_unqualified_name_has_only_the_columns_every_relation_of_that_name_has() {
+        let relations = [
+            relation("public", "customers", &["id", "name", "ssn"]),
+            relation("scratch", "customers", &["id", "ssn", "to_jsonb"]),
+            relation("public", "orders", &["id"]),
+        ];
+        let sorted = |c: HashSet<String>| {
+            let mut c: Vec<String> = c.into_iter().collect();
+            c.sort();
+            c
+        };
+        assert_eq!(
+            sorted(columns_of(&(None, "customers".into()), relations.iter())),
+            ["id", "ssn"]
+        );
+        assert_eq!(
+            sorted(columns_of(
+                &(Some("scratch".into()), "customers".into()),
+                relations.iter()
+            )),
+            ["id", "ssn", "to_jsonb"]
+        );
+        assert!(
+            columns_of(
+                &(Some("other".into()), "customers".into()),
+                relations.iter()
+            )
+            .is_empty()
+        );
+        assert!(columns_of(&(None, "missing".into()), relations.iter()).is_empty());
+    }
+
+    #[test]
+    fn names_reach_the_catalog_query_as_hex() {
+        assert_eq!(
+            text_literal("a'b\\"),
+            "pg_catalog.convert_from(pg_catalog.decode('6127625c', 'hex'), 'UTF8')"
+        );
     }
 
     #[test]

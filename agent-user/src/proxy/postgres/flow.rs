@@ -16,7 +16,7 @@
 //! is recorded. Internal messages (the injected error, a Describe the gate adds to learn result
 //! columns for masking) are answered to the gate and never reach the agent.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,11 +30,14 @@ use super::super::{Gate, Peer};
 use super::catalog;
 use super::upstream::{Upstream, read_backend, read_frontend};
 use super::{PgError, PgTarget, Shared};
+use crate::approval::GrantedRoles;
 use crate::approval::{Hold, NewTicket, Outcome, Requester};
-use crate::mask::{COMPUTED_FROM_MASKED, ColumnMeta, Format, RETURNED_FROM_MASKED, RowPlan};
+use crate::mask::{
+    COMPUTED_FROM_MASKED, ColumnMeta, Format, Masker, RETURNED_FROM_MASKED, RowPlan,
+};
 use crate::policy::{
-    CopyDirection, Decision, ExtractOptions, QueryDecision, StatementFacts, StatementKind, Subject,
-    TableRef, Verdict,
+    CopyDirection, Decision, ExtractOptions, QualifiedColumn, QueryDecision, StatementDecision,
+    StatementFacts, StatementKind, Subject, TableRef, Verdict,
 };
 use crate::protocol::postgres::{
     BackendDecoder, BackendMessage, ErrorFields, FieldDescription, FrontendDecoder,
@@ -155,6 +158,9 @@ struct Prepared {
     changes_portals: bool,
     /// Its bytes in the connection's [`Budget`], given back when the last reference goes.
     charge: Charge,
+    /// The qualified references the catalog confirmed as columns at Parse, for judging it
+    /// again.
+    verified: Arc<Verified>,
 }
 
 /// A masking plan for (mask profiles, result formats) of one prepared statement.
@@ -813,9 +819,43 @@ fn grant_note(g: &crate::approval::Grant) -> String {
     )
 }
 
-fn judge(ctx: &Context<'_>, sql: &str) -> (QueryDecision, Judged, Vec<u64>) {
-    // Role grants in force now (their ids go with a prepared statement, which is judged again
-    // once one of them ends).
+/// What [`judge`] makes of a query string.
+struct Judgement {
+    qd: QueryDecision,
+    judged: Judged,
+    /// Role grants the decision relied on.
+    role_grants: Vec<u64>,
+    verified: Arc<Verified>,
+}
+
+/// Judges a query string, asking the catalog first whether its qualified references are
+/// columns when that decides the redaction of its computed columns (see [`verify_columns`]).
+async fn judge(ctx: &Context<'_>, sql: &str) -> Judgement {
+    let (qd, granted) = decide(ctx, sql);
+    let verified = Arc::new(verify_columns(ctx, &qd).await);
+    let (qd, judged, role_grants) = conclude(ctx, qd, granted, &verified);
+    Judgement {
+        qd,
+        judged,
+        role_grants,
+        verified,
+    }
+}
+
+/// [`judge`] with the qualified references already checked (`verified`: those found to be
+/// columns; any other is taken as a whole row).
+fn judge_with(
+    ctx: &Context<'_>,
+    sql: &str,
+    verified: &Verified,
+) -> (QueryDecision, Judged, Vec<u64>) {
+    let (qd, granted) = decide(ctx, sql);
+    conclude(ctx, qd, granted, verified)
+}
+
+/// The policy's decision, with the role grants in force now (their ids go with a prepared
+/// statement, which is judged again once one of them ends).
+fn decide(ctx: &Context<'_>, sql: &str) -> (QueryDecision, Option<GrantedRoles>) {
     let granted = ctx
         .shared
         .approvals
@@ -827,11 +867,20 @@ fn judge(ctx: &Context<'_>, sql: &str) -> (QueryDecision, Judged, Vec<u64>) {
     let opts = ExtractOptions {
         standard_conforming_strings: ctx.standard_strings,
     };
-    let mut qd = ctx
+    let qd = ctx
         .shared
         .policies
         .decide_query_with(&subject, &ctx.target.name, sql, &opts);
-    mark_computed_columns(ctx, &mut qd);
+    (qd, granted)
+}
+
+fn conclude(
+    ctx: &Context<'_>,
+    mut qd: QueryDecision,
+    granted: Option<GrantedRoles>,
+    verified: &Verified,
+) -> (QueryDecision, Judged, Vec<u64>) {
+    mark_computed_columns(ctx, &mut qd, verified);
     let judged = match qd.enforced_verdict() {
         Verdict::Deny { message } => Judged::Deny(match &qd.parse_error {
             Some(e) => format!("agentgate: statement denied: it could not be parsed ({e})"),
@@ -1055,19 +1104,89 @@ fn first_word(facts: &StatementFacts) -> &str {
         .unwrap_or_default()
 }
 
-/// Adds [`COMPUTED_FROM_MASKED`] to the masks of every statement whose computed result columns
-/// must be redacted: it uses a column its masks' rules name, or a whole row (which holds them),
-/// or its rows come from something the gate cannot see into (a cursor's `FETCH`, an opaque
+/// Qualified references (`c.x`) the catalog confirmed as columns of their relation.
+type Verified = HashSet<QualifiedColumn>;
+
+/// Whether a statement uses columns under no name it gives, as far as its facts tell: a whole
+/// row, or rows from something the gate cannot see into (a cursor's `FETCH`, an opaque
 /// statement).
-fn mark_computed_columns(ctx: &Context<'_>, qd: &mut QueryDecision) {
+fn unseen(facts: &StatementFacts) -> bool {
+    facts.opaque || facts.unseen_columns || first_word(facts).eq_ignore_ascii_case("fetch")
+}
+
+/// The qualified references of a statement that decide whether its computed columns are
+/// redacted: none when they would be redacted, or kept, whatever the references are.
+fn references_to_verify<'a>(masker: &Masker, s: &'a StatementDecision) -> &'a [QualifiedColumn] {
+    let mask = &s.decision.mask;
+    if s.facts.qualified_columns.is_empty()
+        || !masker.computes_from_masked(mask, &[], true)
+        || masker.computes_from_masked(mask, &s.facts.computed_from, unseen(&s.facts))
+    {
+        return &[];
+    }
+    &s.facts.qualified_columns
+}
+
+/// Which qualified references `c.x` of the statements are columns of their relation.
+/// PostgreSQL reads one that is not as the function `x(c)` over the whole row (`c.to_jsonb`,
+/// `customers.record_out`, a user-defined function of the row type), and only the server's
+/// catalog can tell which: it is asked on the gate's own connection, and only for statements
+/// whose computed columns would otherwise go unredacted (none without masks or without such
+/// references). A catalog that cannot answer confirms nothing, so those computed columns are
+/// redacted.
+async fn verify_columns(ctx: &Context<'_>, qd: &QueryDecision) -> Verified {
+    let Some(masker) = ctx.shared.masker.as_ref() else {
+        return Verified::new();
+    };
+    let wanted: Vec<&QualifiedColumn> = qd
+        .statements
+        .iter()
+        .flat_map(|s| references_to_verify(masker, s))
+        .collect();
+    if wanted.is_empty() {
+        return Verified::new();
+    }
+    let mut relations: Vec<catalog::RelationName> = Vec::new();
+    for q in &wanted {
+        let relation = (q.schema.clone(), q.relation.clone());
+        if !relations.contains(&relation) {
+            relations.push(relation);
+        }
+    }
+    let Ok(columns) = ctx
+        .shared
+        .catalog
+        .relation_columns(ctx.gate, ctx.target, &ctx.database, &relations)
+        .await
+    else {
+        return Verified::new();
+    };
+    wanted
+        .into_iter()
+        .filter(|q| {
+            columns
+                .get(&(q.schema.clone(), q.relation.clone()))
+                .is_some_and(|c| c.contains(&q.column))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Adds [`COMPUTED_FROM_MASKED`] to the masks of every statement whose computed result columns
+/// must be redacted: it uses a column its masks' rules name, or a whole row (which holds them,
+/// also as a qualified reference not in `verified`), or its rows come from something the gate
+/// cannot see into (a cursor's `FETCH`, an opaque statement).
+fn mark_computed_columns(ctx: &Context<'_>, qd: &mut QueryDecision, verified: &Verified) {
     let Some(masker) = ctx.shared.masker.as_ref() else {
         return;
     };
     let mut marked = false;
     for s in &mut qd.statements {
-        let unseen = s.facts.opaque
-            || s.facts.unseen_columns
-            || first_word(&s.facts).eq_ignore_ascii_case("fetch");
+        let unseen = unseen(&s.facts)
+            || s.facts
+                .qualified_columns
+                .iter()
+                .any(|q| !verified.contains(q));
         if masker.computes_from_masked(&s.decision.mask, &s.facts.computed_from, unseen) {
             // A write can store a masked value in a column no rule names and return it.
             let writes = matches!(
@@ -1396,7 +1515,7 @@ fn rejudged(ctx: &Context<'_>, p: &Prepared) -> Option<(Decision, Option<String>
     if p.role_grants.is_empty() || ctx.shared.approvals.all_active(&p.role_grants) {
         return None;
     }
-    let (qd, judged, _) = judge(ctx, &p.text);
+    let (qd, judged, _) = judge_with(ctx, &p.text, &p.verified);
     let decision = qd
         .statements
         .first()
@@ -1553,20 +1672,43 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                 continue;
             }
         }
+        // A text over the query limits is refused before anything parses it.
+        let over = match &frame.msg {
+            FrontendMessage::Query { sql: text } | FrontendMessage::Parse { query: text, .. } => {
+                over_limits(ctx, text)
+            }
+            _ => None,
+        };
+        // Judged before the state is locked: the catalog may be asked.
+        let mut judgement = match &frame.msg {
+            FrontendMessage::Query { sql: text } | FrontendMessage::Parse { query: text, .. }
+                if over.is_none() =>
+            {
+                Some(judge(ctx, text).await)
+            }
+            _ => None,
+        };
         {
             let mut st = lock(state);
             match &frame.msg {
-                FrontendMessage::Query { sql } if let Some(message) = over_limits(ctx, sql) => {
-                    refuse_unjudged(ctx, "simple", sql, &message);
+                FrontendMessage::Query { sql } if let Some(message) = &over => {
+                    refuse_unjudged(ctx, "simple", sql, message);
                     st.queue.push_back(Expect::Synthetic(error_frame_with(
                         SQLSTATE_PROGRAM_LIMIT_EXCEEDED,
-                        &message,
+                        message,
                     )));
                     inject(&mut st, &mut out)?;
                     wake = true;
                 }
                 FrontendMessage::Query { sql } => {
-                    let (qd, judged, _) = judge(ctx, sql);
+                    let (qd, judged) = match judgement.take() {
+                        Some(j) => (j.qd, j.judged),
+                        // (Judged above.) Nothing verified: computed columns redacted.
+                        None => {
+                            let (qd, judged, _) = judge_with(ctx, sql, &Verified::new());
+                            (qd, judged)
+                        }
+                    };
                     match judged {
                         Judged::Allow { note } => {
                             let reviewed = note.map(|message| Reviewed {
@@ -1601,19 +1743,35 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                         }
                     }
                 }
-                FrontendMessage::Parse { query, .. }
-                    if let Some(message) = over_limits(ctx, query) =>
-                {
-                    refuse_unjudged(ctx, "extended", query, &message);
+                FrontendMessage::Parse { query, .. } if let Some(message) = &over => {
+                    refuse_unjudged(ctx, "extended", query, message);
                     st.queue.push_back(Expect::Synthetic(error_frame_with(
                         SQLSTATE_PROGRAM_LIMIT_EXCEEDED,
-                        &message,
+                        message,
                     )));
                     skipping = true;
                     wake = true;
                 }
                 FrontendMessage::Parse { name, query, .. } => {
-                    let (qd, judged, role_grants) = judge(ctx, query);
+                    let Judgement {
+                        qd,
+                        judged,
+                        role_grants,
+                        verified,
+                    } = match judgement.take() {
+                        Some(j) => j,
+                        // (Judged above.) Nothing verified: computed columns redacted.
+                        None => {
+                            let (qd, judged, role_grants) =
+                                judge_with(ctx, query, &Verified::new());
+                            Judgement {
+                                qd,
+                                judged,
+                                role_grants,
+                                verified: Arc::default(),
+                            }
+                        }
+                    };
                     // The server refuses several statements in one Parse: so does the gate,
                     // which would otherwise prepare the first one's decision for all of them.
                     let judged = if qd.statements.len() > 1 {
@@ -1646,6 +1804,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 changes_prepared: changes_prepared(&qd),
                                 changes_portals: changes_portals(&qd),
                                 charge: Charge::new(&st.budget, parse_cost(name, query)),
+                                verified,
                             });
                             let previous = st.statements.insert(name, prepared.clone());
                             st.queue.push_back(Expect::Parse {
