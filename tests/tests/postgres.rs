@@ -2533,3 +2533,103 @@ COMMIT;
         "123"
     );
 }
+
+#[test]
+fn whole_rows_read_through_functional_notation_are_redacted() {
+    // PostgreSQL reads `c.f`, when `f` is no column of `c`, as the call `f(c)` over the whole
+    // row: every masked column, under what looks like a column's name. The gate asks the
+    // catalog which qualified names are columns.
+    let (pg, gate) = start();
+    // A function of the row type, as a DBA might write one; and another `customers`, with one
+    // more column, `to_jsonb`: an unqualified name is a column only if it is one of every table
+    // of that name, since the agent's `search_path` picks which one a query reads.
+    pg.admin_sql(
+        "CREATE FUNCTION full_name(customers) RETURNS text LANGUAGE sql
+           AS $$ SELECT $1.name || ' ' || $1.ssn $$;
+         CREATE SCHEMA scratch;
+         CREATE TABLE scratch.customers (LIKE public.customers, to_jsonb jsonb);
+         INSERT INTO scratch.customers (id, name, to_jsonb) VALUES (1, 'x', '{\"n\": 1}');",
+    );
+    let cases = [
+        (
+            "SELECT c.to_jsonb ->> 'ssn', c.to_jsonb ->> 'card_number' FROM customers c ORDER BY c.id",
+            "[REDACTED]|[REDACTED]\n[REDACTED]|[REDACTED]\n[REDACTED]|[REDACTED]\n",
+        ),
+        (
+            "SELECT translate(c.concat, '0123456789', 'abcdefghij') FROM customers c ORDER BY c.id",
+            "[REDACTED]\n[REDACTED]\n[REDACTED]\n",
+        ),
+        (
+            "SELECT customers.record_out FROM customers WHERE id = 2",
+            "[REDACTED]\n",
+        ),
+        (
+            "SELECT public.customers.to_jsonb ->> 'ssn' FROM customers WHERE id = 2",
+            "[REDACTED]\n",
+        ),
+        (
+            "SELECT (c).to_jsonb ->> 'ssn' FROM customers c WHERE c.id = 2",
+            "[REDACTED]\n",
+        ),
+        (
+            "SELECT (c.*).to_jsonb ->> 'ssn' FROM customers c WHERE c.id = 2",
+            "[REDACTED]\n",
+        ),
+        (
+            "SELECT c.full_name FROM customers c WHERE c.id = 2",
+            "[REDACTED]\n",
+        ),
+        (
+            "UPDATE customers c SET note = c.note WHERE c.id = 2 RETURNING c.to_jsonb ->> 'ssn'",
+            "[REDACTED]\nUPDATE 1\n",
+        ),
+        // Real columns, qualified: untouched.
+        (
+            "SELECT c.id, c.name FROM customers c ORDER BY c.id",
+            "1|Alice\n2|Bob\n3|Carol\n",
+        ),
+        (
+            "SELECT upper(c.name) FROM customers c ORDER BY c.id",
+            "ALICE\nBOB\nCAROL\n",
+        ),
+        ("SELECT s.to_jsonb ->> 'n' FROM scratch.customers s", "1\n"),
+    ];
+    let script: String = cases.iter().map(|(q, _)| format!("{q};\n")).collect();
+    let o = gated_psql(
+        &gate,
+        &pg,
+        "bot",
+        &["-A", "-t", "-v", "ON_ERROR_STOP=1"],
+        &script,
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let want: String = cases.iter().map(|(_, w)| *w).collect();
+    assert_eq!(text(&o.stdout), want, "{}", show(&o));
+    // The same through the extended protocol (a prepared statement).
+    let l = pg_client(&gate, &pg, "bot", "functional_notation", "");
+    let row = &step(&l, "whole_row")["rows"][0];
+    assert_eq!(row[0], "[REDACTED]", "{l:#?}");
+    assert_eq!(row[1], "[REDACTED]", "{l:#?}");
+    assert_eq!(step(&l, "column")["rows"][0][0], "BOB", "{l:#?}");
+    // No SSN or card number, plain or with its digits as letters, reached the agent.
+    let seen = format!("{}{l:?}", text(&o.stdout));
+    for secret in [
+        "123-45-6789",
+        "987-65-4321",
+        "111-22-3333",
+        "4111111111111111",
+        "5500000000000004",
+        "378282246310005",
+        "bcd-ef-ghij",
+        "jih-gf-edcb",
+        "fffaaaaaaaaaaaae",
+    ] {
+        assert!(!seen.contains(secret), "{secret} in {seen}");
+    }
+    // Directly, the values are there to leak.
+    assert_eq!(
+        pg.admin_sql("SELECT c.to_jsonb ->> 'ssn', c.full_name FROM customers c WHERE c.id = 2")
+            .trim(),
+        "987-65-4321|Bob 987-65-4321"
+    );
+}

@@ -143,6 +143,26 @@ async fn masked(port: u16) {
     emit(result("computed", r));
 }
 
+/// Whole rows through functional notation (`c.f` is `f(c)` when `f` is no column of `c`),
+/// prepared and run through the extended protocol; and a real qualified column.
+async fn functional_notation(port: u16) {
+    let client = connect(port).await;
+    let r = client
+        .query(
+            "SELECT c.to_jsonb ->> 'ssn' AS s, c.full_name AS f FROM customers c WHERE c.id = $1",
+            &[&2i32],
+        )
+        .await;
+    emit(result("whole_row", r));
+    let r = client
+        .query(
+            "SELECT upper(c.name) AS n FROM customers c WHERE c.id = $1",
+            &[&2i32],
+        )
+        .await;
+    emit(result("column", r));
+}
+
 async fn pipeline(port: u16) {
     let client = connect(port).await;
     let started = Instant::now();
@@ -1088,6 +1108,7 @@ fn main() {
         .expect("tokio runtime");
     match scenario {
         "masked" => rt.block_on(masked(port)),
+        "functional_notation" => rt.block_on(functional_notation(port)),
         "pipeline" => rt.block_on(pipeline(port)),
         "denied_parse" => rt.block_on(denied_parse(port)),
         "transaction" => rt.block_on(transaction(port)),
