@@ -54,6 +54,9 @@ enum Cmd {
         /// closed: a socket opened before the cgroup was joined is not governed.
         #[arg(long)]
         keep_fds: bool,
+        /// Set by `exec` for its own child: the pid of the `exec` that waits for it.
+        #[arg(long, hide = true)]
+        supervisor: Option<u32>,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -247,13 +250,27 @@ fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
             agent,
             user,
             keep_fds,
+            supervisor,
             command,
         } => {
             // Before anything else is opened: every descriptor above stderr now is inherited.
-            if !keep_fds {
+            let kept = if keep_fds {
+                cli::inherited_fds()?
+            } else {
                 cli::close_inherited_fds()?;
+                Vec::new()
+            };
+            let request = cli::ExecRequest {
+                config: args.config.as_deref(),
+                agent: &agent,
+                user: user.as_deref(),
+                keep_fds,
+                command: &command,
+            };
+            match supervisor {
+                None => return Ok(cli::exec(&load()?, &request, &kept)?),
+                Some(pid) => cli::exec_supervised(&load()?, &request, pid)?,
             }
-            cli::exec(&load()?, &agent, user.as_deref(), &command)?
         }
         Cmd::Attach { agent, cgroup } => rt()?.block_on(cli::attach(&load()?, &agent, &cgroup))?,
         Cmd::Detach { cgroup } => rt()?.block_on(cli::detach(&load()?, &cgroup))?,

@@ -260,6 +260,16 @@ impl Gate {
         cmd
     }
 
+    /// [`Gate::exec`] as `user` (`--user`).
+    pub fn exec_as(&self, agent: &str, user: &str, argv: &[&str]) -> Command {
+        let mut cmd = Command::new(agentgate_bin());
+        cmd.args(["exec", "--config"])
+            .arg(&self.config)
+            .args(["--agent", agent, "--user", user, "--"])
+            .args(argv);
+        cmd
+    }
+
     /// Sessions, most recent first, once at least `n` have ended (the store commits in batches).
     pub fn sessions_ended(&self, n: usize) -> Vec<serde_json::Value> {
         wait_for(

@@ -1112,6 +1112,216 @@ except OSError as e:
     assert!(err.contains("standard input) is a network socket"), "{err}");
 }
 
+/// Stands in for the operator's interactive shell: a session leader with a pseudo-terminal as
+/// its controlling terminal, running each `exec` as a foreground job (its own process group,
+/// given the terminal). argv[1]: the `agentgate exec ... --` prefix, as JSON. Prints what the
+/// terminal showed and what the shell saw, as JSON.
+const OPERATOR_TERMINAL: &str = r#"
+import json, os, pty, select, signal, subprocess, sys, time
+prefix = json.loads(sys.argv[1])
+PROBE = r"""
+import errno, fcntl, json, os, sys, termios
+def attempt(f):
+    try:
+        f()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+line = sys.stdin.readline()
+res = {"read": line.strip(), "isatty": os.isatty(0), "sid": os.getsid(0)}
+res["tiocsti"] = attempt(lambda: [fcntl.ioctl(0, termios.TIOCSTI, bytes([c])) for c in b"echo INJECTED\n"])
+res["tcsetpgrp"] = attempt(lambda: os.tcsetpgrp(0, os.getpgrp()))
+print("probe:" + json.dumps(res), flush=True)
+"""
+INTERRUPTED = r"""
+import signal, sys, time
+def on(sig, frame):
+    print("agent got " + signal.Signals(sig).name, flush=True)
+    sys.exit(42)
+signal.signal(signal.SIGINT, on)
+print("interrupt-me", flush=True)
+time.sleep(30)
+"""
+reports_r, reports_w = os.pipe()
+pid, master = pty.fork()
+if pid == 0:
+    os.close(reports_r)
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    def report(**kv):
+        os.write(reports_w, (json.dumps(kv) + "\n").encode())
+    def foreground():
+        os.setpgid(0, 0)
+        os.tcsetpgrp(0, os.getpgrp())
+        signal.signal(signal.SIGTTOU, signal.SIG_DFL)
+    def job(argv):
+        code = subprocess.Popen(argv, preexec_fn=foreground).wait()
+        os.tcsetpgrp(0, os.getpgrp())
+        return code
+    report(shell_sid=os.getsid(0))
+    code = job(prefix + ["python3", "-c", PROBE])
+    left = b""
+    if select.select([0], [], [], 1)[0]:
+        left = os.read(0, 1024)
+    report(probe_exit=code, left_in_input=left.decode(errors="replace"))
+    report(interrupted_exit=job(prefix + ["python3", "-c", INTERRUPTED]))
+    os._exit(0)
+os.close(reports_w)
+os.write(master, b"typed by the operator\n")
+transcript, reports, interrupted = b"", b"", False
+open_fds, deadline = {master, reports_r}, time.time() + 60
+while reports_r in open_fds and time.time() < deadline:
+    for fd in select.select(list(open_fds), [], [], 1)[0]:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            open_fds.discard(fd)
+        elif fd == master:
+            transcript += data
+        else:
+            reports += data
+    if not interrupted and b"interrupt-me" in transcript:
+        os.write(master, b"\x03")
+        interrupted = True
+os.kill(pid, signal.SIGKILL)
+os.waitpid(pid, 0)
+out = {"transcript": transcript.decode(errors="replace")}
+for line in reports.decode().splitlines():
+    out.update(json.loads(line))
+print(json.dumps(out))
+"#;
+
+#[test]
+fn exec_gives_the_agent_no_controlling_terminal() {
+    // Run from an operator's terminal, an agent sharing it could push a command into its input
+    // (TIOCSTI), which the operator's root shell runs once the agent exits, outside every
+    // cgroup; or take the foreground (tcsetpgrp) and read what the operator types next. `exec`
+    // runs the agent in a session of its own, with the terminal's descriptors but not the
+    // terminal as its controlling terminal.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let prefix = serde_json::json!([
+        agentgate_tests::agentgate_bin(),
+        "exec",
+        "--config",
+        gate.config,
+        "--agent",
+        "bot",
+        "--user",
+        "nobody",
+        "--"
+    ]);
+    let out = run(Command::new("python3").args(["-c", OPERATOR_TERMINAL, &prefix.to_string()]));
+    let seen: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", agentgate_tests::show(&out)));
+    let transcript = seen["transcript"].as_str().unwrap_or_default();
+    let probe: Value = transcript
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("probe:"))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no probe result: {seen}"));
+    // Where TIOCSTI is disabled for everyone, it fails earlier, with EIO.
+    let legacy = std::fs::read_to_string("/proc/sys/dev/tty/legacy_tiocsti").unwrap_or_default();
+    let refused = if legacy.trim() == "0" { "EIO" } else { "EPERM" };
+    assert_eq!(probe["tiocsti"], refused, "{seen}");
+    assert_eq!(
+        seen["left_in_input"], "",
+        "nothing reaches the shell's input: {seen}"
+    );
+    assert_eq!(probe["tcsetpgrp"], "ENOTTY", "{seen}");
+    assert_ne!(probe["sid"], seen["shell_sid"], "{seen}");
+    // Interactive use still works: the agent reads what is typed at the terminal.
+    assert_eq!(probe["isatty"], true, "{seen}");
+    assert_eq!(probe["read"], "typed by the operator", "{seen}");
+    assert_eq!(seen["probe_exit"], 0, "{seen}");
+    // Ctrl-C at the terminal reaches the agent through `exec`.
+    assert!(transcript.contains("agent got SIGINT"), "{seen}");
+    assert_eq!(seen["interrupted_exit"], 42, "{seen}");
+}
+
+#[test]
+fn exec_relays_signals_and_exit_status_and_the_agent_dies_with_it() {
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let exec_as_nobody = |script: &str| {
+        gate.exec_as("bot", "nobody", &["python3", "-c", script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn exec")
+    };
+    let first_line = |child: &mut std::process::Child| {
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read");
+        line
+    };
+
+    // A signal that ends the agent is reported as a shell does.
+    let out = run(&mut gate.exec("bot", &["sh", "-c", "kill -TERM $$"]));
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "{}",
+        agentgate_tests::show(&out)
+    );
+
+    // SIGTERM sent to `exec` reaches the agent, which starts with no signal blocked; `exec`
+    // itself stays outside the agent's cgroup.
+    let mut child = exec_as_nobody(
+        r#"
+import os, signal, sys, time
+def on(sig, frame):
+    print("agent got " + signal.Signals(sig).name, flush=True)
+    sys.exit(9)
+signal.signal(signal.SIGTERM, on)
+blocked = [l.split()[1] for l in open("/proc/self/status") if l.startswith("SigBlk:")][0]
+print(os.getpid(), blocked, flush=True)
+time.sleep(30)
+"#,
+    );
+    let line = first_line(&mut child);
+    let (agent_pid, blocked) = line.trim().split_once(' ').expect("pid and mask");
+    assert_eq!(u64::from_str_radix(blocked, 16), Ok(0), "{line}");
+    let cgroup_of = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let agent_cgroup = format!("{}/bot\n", gate.cgroup_base);
+    assert!(cgroup_of(agent_pid).ends_with(&agent_cgroup));
+    assert!(!cgroup_of(&child.id().to_string()).ends_with(&agent_cgroup));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(9),
+        "{}",
+        agentgate_tests::show(&out)
+    );
+    assert_eq!(stdout(&out).trim(), "agent got SIGTERM");
+
+    // `kill -9` of `exec` (which cannot be relayed) still ends the agent, as it did when `exec`
+    // became the agent.
+    let mut child =
+        exec_as_nobody("import os, time; print(os.getpid(), flush=True); time.sleep(30)");
+    let agent_pid = first_line(&mut child).trim().to_string();
+    child.kill().unwrap();
+    let _ = child.wait();
+    wait_for(
+        "the agent to end",
+        Duration::from_secs(10),
+        || match std::fs::read_to_string(format!("/proc/{agent_pid}/stat")) {
+            Err(_) => Some(()),
+            Ok(stat) => stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+                .then_some(()),
+        },
+    );
+}
+
 #[test]
 fn governed_processes_can_create_only_tcp_and_udp_sockets() {
     // Raw, ICMP echo, UDP-Lite, MPTCP and other sockets send past the connect and sendmsg hooks:

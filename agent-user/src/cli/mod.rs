@@ -3,16 +3,17 @@
 //! `sessions`). Output formatting lives here; decisions do not.
 
 pub mod approvals;
+mod exec;
 pub(crate) mod text;
 
+pub use exec::{ExecRequest, close_inherited_fds, exec, exec_supervised, inherited_fds};
+
 use std::io::Write as _;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
 
 use crate::admin::{self, Request};
 use crate::config::{Config, normalize_cgroup};
-use crate::identity::{CgroupFs, cgroup_id};
+use crate::identity::CgroupFs;
 use crate::intercept;
 use crate::session::{EventRow, SessionReader, SessionRow, StatementRow};
 
@@ -36,96 +37,6 @@ pub enum CliError {
 
 fn msg(s: impl Into<String>) -> CliError {
     CliError::Msg(s.into())
-}
-
-/// Closes every descriptor above stderr, before `exec` opens anything of its own: they were
-/// inherited from the caller, and would otherwise pass to the governed command. A socket among
-/// them was connected outside the cgroup and is not governed; a file may be one the command's
-/// user could not open. Nothing in this process owns them, so closing them by number is sound.
-pub fn close_inherited_fds() -> Result<(), CliError> {
-    // Standard input and output stay (they are the command's), unless one is an IP socket: a
-    // wrapper (inetd style, `socat ... EXEC:`) would hand the agent a connection made outside
-    // the cgroup.
-    for fd in 0..=2 {
-        if let Ok(addr) = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd)
-            && (addr.as_sockaddr_in().is_some() || addr.as_sockaddr_in6().is_some())
-        {
-            return Err(msg(format!(
-                "descriptor {fd} (standard {}) is a network socket connected outside the agent's cgroup; it would not be governed (use --keep-fds to pass it on anyway)",
-                match fd {
-                    0 => "input",
-                    1 => "output",
-                    _ => "error",
-                }
-            )));
-        }
-    }
-    // Listed first and the listing closed before anything is closed (its own descriptor is in
-    // the list; closing it is then a harmless EBADF).
-    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd > 2)
-        .collect();
-    for fd in fds {
-        match nix::unistd::close(fd) {
-            Ok(()) | Err(nix::errno::Errno::EBADF) => {}
-            Err(e) => {
-                return Err(msg(format!(
-                    "cannot close inherited descriptor {fd}: {e} (use --keep-fds to pass them on)"
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Runs `cmd` inside the agent's cgroup, as `user` if given. On success this never returns:
-/// the process becomes the command, so stdio, signals and the exit code are the command's own.
-pub fn exec(cfg: &Config, agent: &str, user: Option<&str>, cmd: &[String]) -> Result<(), CliError> {
-    let a = cfg
-        .agent(agent)
-        .ok_or_else(|| msg(format!("unknown agent `{agent}`")))?;
-    let agent_id = cfg
-        .agent_id(agent)
-        .ok_or_else(|| msg(format!("unknown agent `{agent}`")))?;
-    let (program, args) = cmd
-        .split_first()
-        .ok_or_else(|| msg("no command given after `--`"))?;
-    let cgroups = CgroupFs::discover()?;
-    let relative = normalize_cgroup(&a.cgroup).map_err(msg)?;
-    let dir = cgroups.dir(&relative);
-    let not_governed = || {
-        msg(format!(
-            "agent `{agent}` is not governed right now (cgroup {} is not registered with the kernel hooks); start `agentgate run` first",
-            dir.display()
-        ))
-    };
-    let id = cgroup_id(&dir).map_err(|_| not_governed())?;
-    // Refuse to start an agent the hooks would not see: that would be an ungoverned agent.
-    match intercept::pinned_governed_agent(&cfg.pin_dir, id) {
-        Ok(Some(found)) if found == agent_id => {}
-        _ => return Err(not_governed()),
-    }
-
-    let mut command = Command::new(program);
-    command.args(args);
-    if let Some(name) = user {
-        let u = nix::unistd::User::from_name(name)
-            .map_err(|e| msg(format!("looking up user `{name}`: {e}")))?
-            .ok_or_else(|| msg(format!("no such user `{name}`")))?;
-        // std drops supplementary groups when it changes uid as root.
-        command
-            .uid(u.uid.as_raw())
-            .gid(u.gid.as_raw())
-            .env("USER", &u.name)
-            .env("LOGNAME", &u.name)
-            .env("HOME", &u.dir)
-            .env("SHELL", &u.shell);
-    }
-    // Join before exec so that every socket the command creates is created inside the cgroup.
-    cgroups.join(&relative, std::process::id())?;
-    let err = command.exec();
-    Err(msg(format!("cannot run `{program}`: {err}")))
 }
 
 pub async fn attach(cfg: &Config, agent: &str, cgroup: &str) -> Result<(), CliError> {

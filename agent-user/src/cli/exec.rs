@@ -1,0 +1,395 @@
+//! `agentgate exec`: runs a command inside an agent's cgroup, as another user if asked, in a
+//! session of its own.
+//!
+//! The command never gets the caller's terminal as its controlling terminal. With it, a governed
+//! agent could push input into the terminal (`TIOCSTI`), which the operator's shell runs once
+//! the agent exits, as the operator and outside every cgroup; or make itself the terminal's
+//! foreground process group (`tcsetpgrp`) and read what the operator types next. So `exec`
+//! forks: the child (this binary run again, as `exec --supervisor PID`) starts a new session
+//! (`setsid`, which leaves it without a controlling terminal), joins the cgroup, drops to the
+//! user and executes the command. It keeps the descriptors of the terminal: a process without a
+//! controlling terminal still reads and writes them, so interactive programs work. The parent
+//! stays outside the cgroup, waits, passes on the exit status and relays the signals the
+//! terminal or an operator sends it (the command's own session gets none from the terminal).
+//!
+//! Whether the agent is governed, and who it runs as, is decided by the child from the
+//! configuration, just before it joins; the parent checks the same first, to fail early.
+
+use std::ffi::OsString;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, ExitStatus};
+
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::unistd::{Gid, Pid, Uid, User};
+
+use super::{CliError, msg};
+use crate::config::{Config, normalize_cgroup};
+use crate::identity::{CgroupFs, cgroup_id};
+use crate::intercept;
+
+/// Relayed to the command as they are. SIGTSTP is relayed as SIGSTOP (see [`supervise`]).
+const RELAYED: [Signal; 8] = [
+    Signal::SIGHUP,
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGTERM,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+    Signal::SIGCONT,
+];
+
+/// What `exec` was asked to run, as given on the command line.
+pub struct ExecRequest<'a> {
+    /// `--config`, passed on to the child so that it reads the same file.
+    pub config: Option<&'a Path>,
+    pub agent: &'a str,
+    pub user: Option<&'a str>,
+    pub keep_fds: bool,
+    pub command: &'a [String],
+}
+
+/// Descriptors above stderr, by number: the ones inherited from the caller when read first.
+pub fn inherited_fds() -> Result<Vec<i32>, CliError> {
+    Ok(std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect())
+}
+
+/// Closes every descriptor above stderr, before `exec` opens anything of its own: they were
+/// inherited from the caller, and would otherwise pass to the governed command. A socket among
+/// them was connected outside the cgroup and is not governed; a file may be one the command's
+/// user could not open. Nothing in this process owns them, so closing them by number is sound.
+pub fn close_inherited_fds() -> Result<(), CliError> {
+    // Standard input and output stay (they are the command's), unless one is an IP socket: a
+    // wrapper (inetd style, `socat ... EXEC:`) would hand the agent a connection made outside
+    // the cgroup.
+    for fd in 0..=2 {
+        if let Ok(addr) = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd)
+            && (addr.as_sockaddr_in().is_some() || addr.as_sockaddr_in6().is_some())
+        {
+            return Err(msg(format!(
+                "descriptor {fd} (standard {}) is a network socket connected outside the agent's cgroup; it would not be governed (use --keep-fds to pass it on anyway)",
+                match fd {
+                    0 => "input",
+                    1 => "output",
+                    _ => "error",
+                }
+            )));
+        }
+    }
+    // Listed first and the listing closed before anything is closed (its own descriptor is in
+    // the list; closing it is then a harmless EBADF).
+    close_fds(&inherited_fds()?).map_err(|(fd, e)| {
+        msg(format!(
+            "cannot close inherited descriptor {fd}: {e} (use --keep-fds to pass them on)"
+        ))
+    })
+}
+
+fn close_fds(fds: &[i32]) -> Result<(), (i32, nix::errno::Errno)> {
+    for &fd in fds {
+        match nix::unistd::close(fd) {
+            Ok(()) | Err(nix::errno::Errno::EBADF) => {}
+            Err(e) => return Err((fd, e)),
+        }
+    }
+    Ok(())
+}
+
+/// The checked request: where the command goes and how it starts.
+struct Prepared {
+    cgroups: CgroupFs,
+    relative: String,
+    user: Option<User>,
+    command: Command,
+}
+
+/// Everything `exec` refuses for, checked without changing anything.
+fn prepare(cfg: &Config, request: &ExecRequest<'_>) -> Result<Prepared, CliError> {
+    let agent = request.agent;
+    let a = cfg
+        .agent(agent)
+        .ok_or_else(|| msg(format!("unknown agent `{agent}`")))?;
+    let agent_id = cfg
+        .agent_id(agent)
+        .ok_or_else(|| msg(format!("unknown agent `{agent}`")))?;
+    let (program, args) = request
+        .command
+        .split_first()
+        .ok_or_else(|| msg("no command given after `--`"))?;
+    let cgroups = CgroupFs::discover()?;
+    let relative = normalize_cgroup(&a.cgroup).map_err(msg)?;
+    let dir = cgroups.dir(&relative);
+    let not_governed = || {
+        msg(format!(
+            "agent `{agent}` is not governed right now (cgroup {} is not registered with the kernel hooks); start `agentgate run` first",
+            dir.display()
+        ))
+    };
+    let id = cgroup_id(&dir).map_err(|_| not_governed())?;
+    // Refuse to start an agent the hooks would not see: that would be an ungoverned agent.
+    match intercept::pinned_governed_agent(&cfg.pin_dir, id) {
+        Ok(Some(found)) if found == agent_id => {}
+        _ => return Err(not_governed()),
+    }
+
+    let mut command = Command::new(program);
+    command.args(args);
+    let user = match request.user {
+        Some(name) => {
+            let u = User::from_name(name)
+                .map_err(|e| msg(format!("looking up user `{name}`: {e}")))?
+                .ok_or_else(|| msg(format!("no such user `{name}`")))?;
+            command
+                .env("USER", &u.name)
+                .env("LOGNAME", &u.name)
+                .env("HOME", &u.dir)
+                .env("SHELL", &u.shell);
+            Some(u)
+        }
+        None => None,
+    };
+    Ok(Prepared {
+        cgroups,
+        relative,
+        user,
+        command,
+    })
+}
+
+/// Runs the command of `request` inside the agent's cgroup, as its user if given, in a session
+/// of its own, and returns its exit status (128 + the signal's number if a signal ended it, as
+/// a shell reports it). `kept`: the descriptors `--keep-fds` passes on; the child has them,
+/// and this process closes its copies.
+pub fn exec(cfg: &Config, request: &ExecRequest<'_>, kept: &[i32]) -> Result<ExitCode, CliError> {
+    prepare(cfg, request)?;
+    let mut waited = SigSet::empty();
+    for s in RELAYED {
+        waited.add(s);
+    }
+    waited.add(Signal::SIGTSTP);
+    waited.add(Signal::SIGCHLD);
+    // Blocked before the child exists, so that none is lost; they are taken with sigwait. The
+    // child inherits the mask and clears it first.
+    waited
+        .thread_block()
+        .map_err(|e| msg(format!("cannot block signals: {e}")))?;
+
+    // This binary again, whichever path it was started by (even if replaced since).
+    let mut child = Command::new("/proc/self/exe");
+    child
+        .arg0(
+            std::env::args_os()
+                .next()
+                .unwrap_or_else(|| "agentgate".into()),
+        )
+        .args(child_args(request, std::process::id()));
+    let mut child = child
+        .spawn()
+        .map_err(|e| msg(format!("cannot start the command's process: {e}")))?;
+
+    // The child has its own copies. Holding a pipe open here would keep its other end from
+    // seeing the command close it.
+    let _ = close_fds(kept);
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    nix::unistd::dup2_stdin(&null).map_err(std::io::Error::from)?;
+    nix::unistd::dup2_stdout(&null).map_err(std::io::Error::from)?;
+    drop(null);
+
+    supervise(&mut child, &waited)
+}
+
+/// The child's command line: `exec` with the same request, and the parent's pid.
+fn child_args(request: &ExecRequest<'_>, supervisor: u32) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["exec".into()];
+    if let Some(config) = request.config {
+        args.push("--config".into());
+        args.push(PathBuf::from(config).into_os_string());
+    }
+    args.push("--agent".into());
+    args.push(request.agent.into());
+    if let Some(user) = request.user {
+        args.push("--user".into());
+        args.push(user.into());
+    }
+    if request.keep_fds {
+        args.push("--keep-fds".into());
+    }
+    args.push("--supervisor".into());
+    args.push(supervisor.to_string().into());
+    args.push("--".into());
+    args.extend(request.command.iter().map(OsString::from));
+    args
+}
+
+/// Waits for the child, relaying signals to it, until it exits.
+fn supervise(child: &mut Child, waited: &SigSet) -> Result<ExitCode, CliError> {
+    let pid = Pid::from_raw(
+        i32::try_from(child.id()).map_err(|_| msg("the command's process id is out of range"))?,
+    );
+    loop {
+        let signal = match waited.wait() {
+            Ok(s) => s,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(msg(format!("waiting for signals: {e}"))),
+        };
+        // The child is reaped only here, so until then its pid cannot name another process.
+        match signal {
+            Signal::SIGCHLD => {
+                if let Some(status) = child.try_wait()? {
+                    return Ok(exit_code(status));
+                }
+            }
+            Signal::SIGTSTP => {
+                // The child's process group is orphaned (its parent is in another session),
+                // and the kernel discards SIGTSTP sent to one: stop it with SIGSTOP, then stop
+                // this process, which the shell sees as its job stopping. The shell's SIGCONT
+                // resumes this process and is relayed.
+                let _ = kill(pid, Signal::SIGSTOP);
+                let _ = kill(Pid::this(), Signal::SIGSTOP);
+            }
+            other => {
+                let _ = kill(pid, other);
+            }
+        }
+    }
+}
+
+fn exit_code(status: ExitStatus) -> ExitCode {
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))
+}
+
+/// The child's side of [`exec`]: started by it with `--supervisor` (its pid). Starts a new
+/// session, joins the agent's cgroup, drops to the user and becomes the command. Returns only
+/// on failure.
+pub fn exec_supervised(
+    cfg: &Config,
+    request: &ExecRequest<'_>,
+    supervisor: u32,
+) -> Result<(), CliError> {
+    // Blocked by the parent when it forked; the command must get them (one relayed meanwhile is
+    // delivered now).
+    SigSet::empty()
+        .thread_set_mask()
+        .map_err(|e| msg(format!("cannot unblock signals: {e}")))?;
+    // A new session has no controlling terminal, and the terminal descriptors it inherited
+    // cannot give it one: the terminal is already another session's. Fails in a process-group
+    // leader, which a process a shell started directly is.
+    nix::unistd::setsid().map_err(|e| {
+        msg(format!(
+            "cannot start a session for the command: {e} (`--supervisor` is set by `agentgate exec` for its own child)"
+        ))
+    })?;
+    let Prepared {
+        cgroups,
+        relative,
+        user,
+        mut command,
+    } = prepare(cfg, request)?;
+    // Join before exec so that every socket the command creates is created inside the cgroup,
+    // and before dropping privileges, which writing `cgroup.procs` needs.
+    cgroups.join(&relative, std::process::id())?;
+    if let Some(u) = &user {
+        drop_privileges(u.uid, u.gid)?;
+    }
+    // Set after the user change, which clears it: the command dies with `exec`, as it did when
+    // `exec` became the command (a `kill -9` of the pid a caller knows still ends the agent).
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(|e| msg(format!("cannot set the parent-death signal: {e}")))?;
+    if nix::unistd::getppid().as_raw() != i32::try_from(supervisor).unwrap_or(-1) {
+        return Err(msg("`agentgate exec` ended before the command started"));
+    }
+    let err = command.exec();
+    Err(msg(format!(
+        "cannot run `{}`: {err}",
+        command.get_program().to_string_lossy()
+    )))
+}
+
+/// Without supplementary groups (the root process has root's), then the group, then the user.
+fn drop_privileges(uid: Uid, gid: Gid) -> Result<(), CliError> {
+    let fail = |what: &str, e: nix::errno::Errno| msg(format!("cannot set the {what}: {e}"));
+    nix::unistd::setgroups(&[]).map_err(|e| fail("supplementary groups", e))?;
+    nix::unistd::setgid(gid).map_err(|e| fail("group", e))?;
+    nix::unistd::setuid(uid).map_err(|e| fail("user", e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_status_is_passed_on_as_a_shell_reports_it() {
+        let code = |raw: i32| format!("{:?}", exit_code(ExitStatus::from_raw(raw)));
+        // wait(2) statuses: exit code in the second byte, a terminating signal in the first.
+        assert_eq!(code(0), format!("{:?}", ExitCode::from(0)));
+        assert_eq!(code(7 << 8), format!("{:?}", ExitCode::from(7)));
+        assert_eq!(code(255 << 8), format!("{:?}", ExitCode::from(255)));
+        assert_eq!(code(15), format!("{:?}", ExitCode::from(143)));
+        assert_eq!(code(2), format!("{:?}", ExitCode::from(130)));
+        // SIGQUIT with a core dump.
+        assert_eq!(code(3 | 0x80), format!("{:?}", ExitCode::from(131)));
+    }
+
+    #[test]
+    fn the_child_gets_the_same_request_and_the_parents_pid() {
+        let command = vec!["psql".to_string(), "-X".to_string(), "--".to_string()];
+        let request = ExecRequest {
+            config: Some(Path::new("/etc/agentgate/a b.yaml")),
+            agent: "etl-bot",
+            user: Some("etl"),
+            keep_fds: true,
+            command: &command,
+        };
+        let args: Vec<String> = child_args(&request, 42)
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "exec",
+                "--config",
+                "/etc/agentgate/a b.yaml",
+                "--agent",
+                "etl-bot",
+                "--user",
+                "etl",
+                "--keep-fds",
+                "--supervisor",
+                "42",
+                "--",
+                "psql",
+                "-X",
+                "--"
+            ]
+        );
+        let psql = vec!["psql".to_string()];
+        let bare = ExecRequest {
+            config: None,
+            agent: "a",
+            user: None,
+            keep_fds: false,
+            command: &psql,
+        };
+        let args: Vec<String> = child_args(&bare, 1)
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            ["exec", "--agent", "a", "--supervisor", "1", "--", "psql"]
+        );
+    }
+}
