@@ -8,6 +8,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -238,14 +240,44 @@ fn relative_cgroup(cgroups: &CgroupFs, path: &str) -> Result<String, String> {
     normalize_cgroup(&rel)
 }
 
+/// `state_dir` holds every agent's records (the session store), the admin socket and the pid
+/// file: only the daemon's user may enter it. Made 0700 when missing, narrowed to 0700 when an
+/// earlier version left it open to other users, refused when another user owns it (that user
+/// could swap the files inside).
+fn private_state_dir(dir: &Path) -> Result<(), DaemonError> {
+    let io = |source| DaemonError::Io {
+        what: format!("state_dir {}", dir.display()),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io)?;
+    let meta = std::fs::metadata(dir).map_err(io)?;
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(io(std::io::Error::other(format!(
+            "owned by uid {}, not by the daemon's user; it holds every agent's records",
+            meta.uid()
+        ))));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{mode:o}"),
+            "state_dir was open to other users; narrowed to 0700"
+        );
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    Ok(())
+}
+
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let cfg = Arc::new(cfg);
     raise_fd_limit();
     let cgroups = CgroupFs::discover()?;
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::Io {
-        what: format!("state_dir {}", cfg.state_dir.display()),
-        source,
-    })?;
+    private_state_dir(&cfg.state_dir)?;
     let agents: Vec<&str> = cfg.agents.iter().map(|a| a.name.as_str()).collect();
     let store = Arc::new(SessionStore::open_with(
         &cfg.sessions_db(),

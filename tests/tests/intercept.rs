@@ -1323,6 +1323,69 @@ time.sleep(30)
 }
 
 #[test]
+fn the_state_dir_and_the_session_store_are_private_to_the_daemon() {
+    // Open to other users, a governed agent could read every agent's records, and hold a read
+    // lock on `sessions.db-shm` (a read-only descriptor is enough) to stall the session writer.
+    use std::os::unix::fs::PermissionsExt;
+    let echo = EchoServer::start("127.0.0.1:0");
+    let mut gate = Gate::start(&config(&echo, ""));
+    let governed = gate.probe("bot", &[&format!("tcp:{}", echo.addr)]);
+    assert!(ok(&governed[0]), "{governed:?}");
+    gate.sessions_ended(1);
+    let state = gate.dir.join("state");
+    let db_files =
+        || ["sessions.db", "sessions.db-wal", "sessions.db-shm"].map(|name| state.join(name));
+    let mode = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let open_as_nobody = |gate: &Gate, path: &std::path::Path| {
+        let script = format!(
+            "import os\ntry:\n    os.open({:?}, os.O_RDONLY)\n    print('opened')\nexcept OSError as e:\n    print(e.errno)",
+            path.display().to_string()
+        );
+        stdout(&run(&mut gate.exec_as(
+            "bot",
+            "nobody",
+            &["python3", "-c", &script],
+        )))
+    };
+    let shm = state.join("sessions.db-shm");
+    assert_eq!(open_as_nobody(&gate, &shm).trim(), "13", "EACCES expected");
+    assert_eq!(mode(&state), 0o700);
+    for f in db_files() {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+
+    // A state_dir and store an earlier version left open to everyone are narrowed at start.
+    gate.stop();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for f in db_files() {
+        if f.exists() {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    assert_eq!(
+        open_as_nobody(&gate, &state.join("sessions.db")).trim(),
+        "opened"
+    );
+    gate.spawn();
+    assert_eq!(mode(&state), 0o700);
+    for f in db_files() {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+    assert_eq!(open_as_nobody(&gate, &shm).trim(), "13", "EACCES expected");
+    let log = gate.log();
+    assert!(
+        log.contains("state_dir was open to other users; narrowed to 0700"),
+        "{log}"
+    );
+}
+
+#[test]
 fn governed_processes_can_create_only_tcp_and_udp_sockets() {
     // Raw, ICMP echo, UDP-Lite, MPTCP and other sockets send past the connect and sendmsg hooks:
     // their creation is refused in the kernel. ICMP echo is allowed to agents that opt in.

@@ -19,6 +19,7 @@
 //! the daemon writes. This module stores and reads; it does not decide anything.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -139,6 +140,11 @@ pub enum SessionError {
     Open {
         path: PathBuf,
         source: rusqlite::Error,
+    },
+    #[error("session store {path}: keeping it private to the daemon's user: {source}")]
+    NotPrivate {
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("session store: {0}")]
     Sql(#[from] rusqlite::Error),
@@ -394,6 +400,42 @@ pub struct SessionStore {
     path: PathBuf,
 }
 
+/// The files hold every agent's records, and a read lock on the `-shm` file (a read-only
+/// descriptor is enough) stalls the writer: only the daemon's user may open them. Creates the
+/// database file 0600 when it is missing: SQLite gives the `-wal`, `-shm` and `-journal` files
+/// it creates the database file's mode. Narrows to 0600 the ones an earlier version left open
+/// to other users.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let mut files = vec![path.to_path_buf()];
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        files.push(name.into());
+    }
+    for file in files {
+        let mode = match std::fs::metadata(&file) {
+            Ok(meta) => meta.permissions().mode() & 0o7777,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                file = %file.display(),
+                mode = format!("{mode:o}"),
+                "session store file was open to other users; narrowed to 0600"
+            );
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
 fn open_rw(path: &Path) -> Result<Connection, SessionError> {
     let conn = Connection::open(path).map_err(|source| SessionError::Open {
         path: path.into(),
@@ -502,11 +544,19 @@ impl SessionStore {
         agents: &[&str],
     ) -> Result<SessionStore, SessionError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| SessionError::Open {
-                path: path.into(),
-                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-            })?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| SessionError::NotPrivate {
+                    path: path.into(),
+                    source,
+                })?;
         }
+        make_private(path).map_err(|source| SessionError::NotPrivate {
+            path: path.into(),
+            source,
+        })?;
         let conn = open_rw(path)?;
         let max: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM sessions", [], |r| {
             r.get(0)
@@ -1729,6 +1779,45 @@ mod tests {
             plan.iter().all(|step| step.contains("INTEGER PRIMARY KEY")),
             "{plan:?}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn the_store_and_the_files_sqlite_adds_are_private_to_the_daemons_user() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let files = |path: &Path| {
+            ["", "-wal", "-shm"].map(|suffix| {
+                let mut name = path.as_os_str().to_owned();
+                name.push(suffix);
+                std::path::PathBuf::from(name)
+            })
+        };
+        // A new store.
+        let (dir, path) = fresh_dir("private-new");
+        let store = SessionStore::open(&path).unwrap();
+        store.flush().await.unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        for f in files(&path) {
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+        }
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // One an earlier version left readable by everyone, with the companions SQLite made
+        // from its mode.
+        let (dir, path) = fresh_dir("private-old");
+        std::fs::create_dir_all(&dir).unwrap();
+        let conn = open_rw(&path).unwrap();
+        for f in files(&path) {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let store = SessionStore::open(&path).unwrap();
+        store.flush().await.unwrap();
+        for f in files(&path) {
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+        }
+        drop((conn, store));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
