@@ -1240,6 +1240,77 @@ fn exec_gives_the_agent_no_controlling_terminal() {
     assert_eq!(seen["interrupted_exit"], 42, "{seen}");
 }
 
+/// Tries, from the calling process, to trace process `argv[1]` and to open its memory, and
+/// prints the errnos (0: it worked).
+const TRACE_ANOTHER: &str = r#"
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+pid = int(sys.argv[1])
+out = {"uid": os.getuid()}
+out["ptrace"] = 0 if libc.ptrace(16, pid, 0, 0) == 0 else ctypes.get_errno()
+try:
+    open(f"/proc/{pid}/mem", "r+b").close()
+    out["mem"] = 0
+except OSError as e:
+    out["mem"] = e.errno
+try:
+    open("/etc/hostname").read()
+    out["reads"] = True
+except OSError:
+    out["reads"] = False
+print(json.dumps(out))
+"#;
+
+#[test]
+fn an_agent_cannot_trace_processes_of_its_user_outside_its_namespace() {
+    // Identity is the cgroup of the process that connects. A process may trace any process of
+    // its own uid (no Yama here), so an agent could make an ungoverned process of its user, or
+    // another agent's, connect for it. `exec --user` gives the command a user namespace of its
+    // own, with every id mapped to itself: same user, same files, no tracing out of it.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    // An ungoverned process of the same user, dumpable like any program it starts.
+    let mut victim = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sleep",
+            "60",
+        ])
+        .spawn()
+        .expect("an ungoverned process as nobody");
+    let pid = victim.id().to_string();
+    // The same check as nobody outside the gate: tracing works there, so the refusal below is
+    // the namespace's doing. (The system's Python: a root-only toolchain shim may come first
+    // on PATH.)
+    let outside = run(Command::new("setpriv").args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "/usr/bin/python3",
+        "-c",
+        TRACE_ANOTHER,
+        &pid,
+    ]));
+    let outside: Value = serde_json::from_str(stdout(&outside).trim()).expect("json");
+    assert_eq!(outside["ptrace"], 0, "{outside}");
+    // (Attached: let it go on; the tracer has exited, which detaches it.)
+    let inside = run(&mut gate.exec_as(
+        "bot",
+        "nobody",
+        &["/usr/bin/python3", "-c", TRACE_ANOTHER, &pid],
+    ));
+    let inside: Value = serde_json::from_str(stdout(&inside).trim())
+        .unwrap_or_else(|e| panic!("{e}: {}", agentgate_tests::show(&inside)));
+    assert_eq!(inside["uid"], 65534, "{inside}");
+    assert_eq!(inside["ptrace"], EPERM, "{inside}");
+    assert_eq!(inside["mem"], 13, "EACCES opening its memory: {inside}");
+    assert_eq!(inside["reads"], true, "{inside}");
+    let _ = victim.kill();
+    let _ = victim.wait();
+}
+
 #[test]
 fn exec_relays_signals_and_exit_status_and_the_agent_dies_with_it() {
     let echo = EchoServer::start("127.0.0.1:0");

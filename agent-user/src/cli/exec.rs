@@ -6,8 +6,9 @@
 //! the agent exits, as the operator and outside every cgroup; or make itself the terminal's
 //! foreground process group (`tcsetpgrp`) and read what the operator types next. So `exec`
 //! forks: the child (this binary run again, as `exec --supervisor PID`) starts a new session
-//! (`setsid`, which leaves it without a controlling terminal), joins the cgroup, drops to the
-//! user and executes the command. It keeps the descriptors of the terminal: a process without a
+//! (`setsid`, which leaves it without a controlling terminal), joins the cgroup, enters a user
+//! namespace of its own when a user is given (see [`enter_user_namespace`]), drops to the user
+//! and executes the command. It keeps the descriptors of the terminal: a process without a
 //! controlling terminal still reads and writes them, so interactive programs work. The parent
 //! stays outside the cgroup, waits, passes on the exit status and relays the signals the
 //! terminal or an operator sends it (the command's own session gets none from the terminal).
@@ -19,6 +20,7 @@ use std::ffi::OsString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::unistd::{Gid, Pid, Uid, User};
@@ -190,6 +192,13 @@ pub fn exec(cfg: &Config, request: &ExecRequest<'_>, kept: &[i32]) -> Result<Exi
     let mut child = child
         .spawn()
         .map_err(|e| msg(format!("cannot start the command's process: {e}")))?;
+    if request.user.is_some()
+        && let Err(e) = map_user_namespace(&mut child)
+    {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
 
     // The child has its own copies. Holding a pipe open here would keep its other end from
     // seeing the command close it.
@@ -203,6 +212,74 @@ pub fn exec(cfg: &Config, request: &ExecRequest<'_>, kept: &[i32]) -> Result<Exi
     drop(null);
 
     supervise(&mut child, &waited)
+}
+
+/// Every user and group id, mapped to itself: inside the command's user namespace ids, files
+/// and permissions are what they are outside.
+const IDENTITY_MAP: &str = "0 0 4294967295";
+
+/// How long the two sides of [`exec`] wait for each other around the user namespace.
+const NAMESPACE_WAIT: Duration = Duration::from_secs(60);
+
+/// The parent's half of the child's user namespace: once the child has entered a namespace of
+/// its own, maps every id to itself (only a process holding `CAP_SETUID` in the namespace's
+/// parent may write such a map, so the parent writes it). Returns early if the child exits.
+fn map_user_namespace(child: &mut Child) -> Result<(), CliError> {
+    let own = std::fs::read_link("/proc/self/ns/user")?;
+    let proc_dir = PathBuf::from(format!("/proc/{}", child.id()));
+    let started = Instant::now();
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        match std::fs::read_link(proc_dir.join("ns/user")) {
+            Ok(ns) if ns != own => break,
+            _ if started.elapsed() > NAMESPACE_WAIT => {
+                return Err(msg(
+                    "the command's process did not enter its user namespace",
+                ));
+            }
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    for map in ["gid_map", "uid_map"] {
+        std::fs::write(proc_dir.join(map), IDENTITY_MAP)
+            .map_err(|e| msg(format!("cannot write the command's {map}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The child's half: a user namespace of its own, whose ids the parent maps to themselves.
+/// Inside it the command runs as the same user with the same files, but the kernel lets no
+/// process of a namespace trace, or read or write the memory of, a process outside it (that
+/// needs `CAP_SYS_PTRACE` over the other's namespace): an agent cannot act through another
+/// agent's process, nor through an ungoverned one of its own user. Entered by the root
+/// process, so it does not depend on unprivileged user namespaces being allowed.
+fn enter_user_namespace() -> Result<(), CliError> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER).map_err(|e| {
+        msg(format!(
+            "cannot give the command a user namespace of its own: {e} (is user.max_user_namespaces 0?); without one it could trace processes of its user outside the gate"
+        ))
+    })?;
+    let started = Instant::now();
+    loop {
+        let map = std::fs::read_to_string("/proc/self/uid_map")?;
+        if !map.trim().is_empty() {
+            // Nothing but the identity map is acceptable: anything else would change who the
+            // command is to the files it opens.
+            let fields: Vec<&str> = map.split_whitespace().collect();
+            if fields != IDENTITY_MAP.split_whitespace().collect::<Vec<_>>() {
+                return Err(msg(format!("unexpected uid map for the command: {map}")));
+            }
+            return Ok(());
+        }
+        if started.elapsed() > NAMESPACE_WAIT {
+            return Err(msg(
+                "`agentgate exec` did not map the command's user namespace",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// The child's command line: `exec` with the same request, and the parent's pid.
@@ -300,6 +377,7 @@ pub fn exec_supervised(
     // and before dropping privileges, which writing `cgroup.procs` needs.
     cgroups.join(&relative, std::process::id())?;
     if let Some(u) = &user {
+        enter_user_namespace()?;
         drop_privileges(u.uid, u.gid)?;
     }
     // Set after the user change, which clears it: the command dies with `exec`, as it did when
