@@ -326,6 +326,84 @@ fn a_valid_token_reads_and_changes_state() {
 }
 
 #[test]
+fn an_identity_naming_an_agent_cannot_grant_revoke_or_decide() {
+    let g = start();
+    let ops = token();
+    // A grant an approver made, for the revoke attempts below.
+    let r = request(
+        g.admin,
+        "POST",
+        "/v1/grants",
+        Some(&ops),
+        Some(&json!({"agent": "recorder", "role": "dba", "for": "10m"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let granted = r.body["data"]["id"].as_u64().expect("a grant id");
+
+    // The agent's own subject, the recorded form of it, and another agent's subject.
+    for sub in ["bot", "jwt:bot", "recorder"] {
+        let t = token_with(SECRET, &json!({"sub": sub, "exp": now() + 300}));
+        for agent in ["bot", "recorder"] {
+            let r = request(
+                g.admin,
+                "POST",
+                "/v1/grants",
+                Some(&t),
+                Some(&json!({"agent": agent, "role": "dba", "for": "10m", "reason": "self"})),
+            );
+            assert_eq!(r.status, 403, "{sub} granting {agent}: {}", r.body);
+            assert_eq!(r.body["error_kind"], "forbidden", "{}", r.body);
+            assert!(
+                r.body["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("an agent's identity may not"),
+                "{}",
+                r.body
+            );
+        }
+        let r = request(
+            g.admin,
+            "DELETE",
+            &format!("/v1/grants/{granted}"),
+            Some(&t),
+            Some(&json!({"reason": "mine now"})),
+        );
+        assert_eq!(r.status, 403, "{sub} revoking: {}", r.body);
+        // Refused before the ticket is even looked up.
+        let r = request(
+            g.admin,
+            "POST",
+            "/v1/approvals/1/approve",
+            Some(&t),
+            Some(&json!({})),
+        );
+        assert_eq!(r.status, 403, "{sub} approving: {}", r.body);
+        let r = request(
+            g.admin,
+            "POST",
+            "/v1/approvals/1/deny",
+            Some(&t),
+            Some(&json!({"reason": "no"})),
+        );
+        assert_eq!(r.status, 403, "{sub} denying: {}", r.body);
+        // Reading stays allowed.
+        let r = request(g.admin, "GET", "/v1/grants", Some(&t), None);
+        assert_eq!(r.status, 200, "{sub} reading: {}", r.body);
+    }
+    let grants = g.gate.cli_json(&["grants", "list", "--all", "--json"]);
+    let grants = grants.as_array().expect("a list of grants");
+    assert_eq!(grants.len(), 1, "{grants:?}");
+    assert_eq!(grants[0]["id"], granted);
+    assert!(grants[0]["revoked_by"].is_null(), "{grants:?}");
+    let log = g.gate.log();
+    assert!(
+        log.contains("an agent's identity tried to decide or grant"),
+        "{log}"
+    );
+}
+
+#[test]
 fn governed_agents_cannot_reach_the_admin_listener() {
     let g = start();
     let admin = g.admin;

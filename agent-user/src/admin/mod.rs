@@ -329,6 +329,18 @@ pub async fn dispatch(daemon: &Daemon, caller: &Caller, req: Request) -> Respons
     if let Err(refusal) = daemon.admin_allowed(caller) {
         return Response::refused(ErrorKind::Forbidden, refusal);
     }
+    if changes_access(&req)
+        && let Some(agent) = agent_named_by(daemon, caller)
+    {
+        tracing::warn!(agent, caller = %caller.identity(), "an agent's identity tried to decide or grant; refused");
+        return Response::refused(
+            ErrorKind::Forbidden,
+            format!(
+                "`{}` names agent `{agent}`: an agent's identity may not approve, deny, grant, revoke, attach or detach",
+                caller.identity()
+            ),
+        );
+    }
     let approvals = &daemon.approvals;
     let who = caller.identity();
     match req {
@@ -382,6 +394,36 @@ pub async fn dispatch(daemon: &Daemon, caller: &Caller, req: Request) -> Respons
         }
         Request::Revoke { id, reason } => outcome(approvals.revoke(id, &who, reason)),
     }
+}
+
+/// Requests that decide tickets or change who may do what. An identity naming an agent (any
+/// agent, not only the one concerned: agents approving for one another is the same collusion
+/// one hop away) may make none of them; it may still read.
+fn changes_access(req: &Request) -> bool {
+    match req {
+        Request::Approve { .. }
+        | Request::Deny { .. }
+        | Request::Grant { .. }
+        | Request::Revoke { .. }
+        | Request::Attach { .. }
+        | Request::Detach { .. } => true,
+        Request::Status
+        | Request::ApprovalsList { .. }
+        | Request::Watch
+        | Request::GrantsList { .. } => false,
+    }
+}
+
+/// The configured agent the caller's identity names: a governed process's agent, or a JWT
+/// subject equal to an agent's name, bare or as the recorded `jwt:<agent>`.
+fn agent_named_by(daemon: &Daemon, caller: &Caller) -> Option<String> {
+    daemon.caller_agent(caller).or_else(|| match caller {
+        Caller::Http { subject } => subject
+            .strip_prefix("jwt:")
+            .and_then(|s| daemon.gate.cfg.agent(s))
+            .map(|a| a.name.clone()),
+        Caller::Unix { .. } => None,
+    })
 }
 
 fn outcome<T: Serialize>(r: Result<T, crate::approval::ApprovalError>) -> Response {
