@@ -48,7 +48,7 @@
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -72,6 +72,10 @@ use crate::proxy::pgtls::SYSTEM_CA_BUNDLE;
 
 /// Events waiting per webhook; when full, new events for that webhook are dropped.
 pub const QUEUE_CAPACITY: usize = 1024;
+/// Bytes of event data (as JSON) waiting or in delivery per webhook; beyond it new events for
+/// that webhook are dropped too. Events carry statements agents chose, so their number alone
+/// does not bound the memory a slow receiver keeps alive.
+pub const QUEUE_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// Wait before the second attempt; each later wait doubles, up to [`BACKOFF_CAP`].
 pub const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// Longest wait between two attempts.
@@ -169,6 +173,8 @@ struct Target {
     timeout: Duration,
     backoff: Backoff,
     stats: Counters,
+    /// Data bytes of the events queued or in delivery (see [`QUEUE_MAX_BYTES`]).
+    queued_bytes: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -185,6 +191,8 @@ struct Event {
     kind: HeaderValue,
     ts_ms: u64,
     data: Arc<serde_json::Value>,
+    /// `data`'s size as JSON, counted in [`Target::queued_bytes`] while the event is queued.
+    bytes: usize,
 }
 
 /// The JSON body; a struct rather than `json!` so the keys keep this order on the wire.
@@ -283,6 +291,7 @@ impl Webhooks {
                     timeout: Duration::from_millis(cfg.timeout_ms),
                     backoff: options.backoff,
                     stats: Counters::default(),
+                    queued_bytes: AtomicUsize::new(0),
                 },
                 cfg.events.clone(),
             ));
@@ -324,6 +333,7 @@ impl Webhooks {
             return;
         };
         let ts_ms = unix_millis();
+        let bytes = json_len(&payload);
         let data = Arc::new(payload);
         for hook in subscribed {
             let event = Event {
@@ -331,10 +341,30 @@ impl Webhooks {
                 kind: kind_header.clone(),
                 ts_ms,
                 data: data.clone(),
+                bytes,
             };
+            let queued = &hook.target.queued_bytes;
+            if queued
+                .fetch_add(bytes, Ordering::AcqRel)
+                .saturating_add(bytes)
+                > QUEUE_MAX_BYTES
+            {
+                queued.fetch_sub(bytes, Ordering::AcqRel);
+                hook.target.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    webhook = hook.target.index,
+                    url = %hook.target.label,
+                    event = kind,
+                    delivery = %event.id,
+                    bytes,
+                    "webhook queue full ({QUEUE_MAX_BYTES} bytes); event dropped"
+                );
+                continue;
+            }
             match hook.queue.try_send(event) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(event)) => {
+                    queued.fetch_sub(bytes, Ordering::AcqRel);
                     hook.target.stats.dropped.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         webhook = hook.target.index,
@@ -345,6 +375,7 @@ impl Webhooks {
                     );
                 }
                 Err(mpsc::error::TrySendError::Closed(event)) => {
+                    queued.fetch_sub(bytes, Ordering::AcqRel);
                     hook.target.stats.dropped.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         webhook = hook.target.index,
@@ -557,7 +588,26 @@ fn client_config(
 async fn run(target: Arc<Target>, mut queue: mpsc::Receiver<Event>) {
     while let Some(event) = queue.recv().await {
         deliver(&target, &event).await;
+        target.queued_bytes.fetch_sub(event.bytes, Ordering::AcqRel);
     }
+}
+
+/// The length of `value` as compact JSON, without building the text.
+fn json_len(value: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 = self.0.saturating_add(buf.len());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail, nor can serializing a `Value`.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 async fn deliver(target: &Target, event: &Event) {
@@ -1263,6 +1313,33 @@ mod tests {
             hooks.send("ticket_created", serde_json::json!({"n": n}));
         }
         assert_eq!(hooks.stats()[0].dropped, 2);
+    }
+
+    #[tokio::test]
+    async fn a_queue_full_of_bytes_drops_new_events() {
+        let dir = TempDir::new();
+        let secret = dir.file("secret", SECRET);
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = config(
+            &format!("http://{}/", silent.local_addr().unwrap()),
+            &secret,
+        );
+        let hooks = Webhooks::start_with(&[cfg], fast()).unwrap();
+        // Far fewer events than the queue has places for, but more bytes than it may keep.
+        let big = "x".repeat(1024 * 1024);
+        for _ in 0..20 {
+            hooks.send("ticket_created", serde_json::json!({ "statement": big }));
+        }
+        assert_eq!(hooks.stats()[0].dropped, 20 - 15);
+        // Small events still fit.
+        hooks.send("ticket_created", serde_json::json!({"n": 1}));
+        assert_eq!(hooks.stats()[0].dropped, 5);
+    }
+
+    #[test]
+    fn json_len_is_the_length_of_the_json() {
+        let v = serde_json::json!({"a": [1, "two\n", null], "b": {"c": true}});
+        assert_eq!(json_len(&v), serde_json::to_vec(&v).unwrap().len());
     }
 
     #[tokio::test]

@@ -562,6 +562,53 @@ fn an_agent_cannot_bury_the_approvers_in_tickets() {
 }
 
 #[test]
+fn a_statement_too_large_to_hold_is_refused_with_54000_and_no_ticket() {
+    // A ticket keeps its statement for as long as it is listed, and its events carry it: a
+    // statement larger than `approvals.max_statement_bytes` that would be held is refused.
+    let (pg, gate) = start_with("approvals: { max_statement_bytes: 200 }");
+    let big = format!("UPDATE t SET v = '{}'", "x".repeat(300));
+    let o = finish(spawn_psql(&gate, &pg, "bot", &big), "psql");
+    let err = text(&o.stderr);
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(err.contains("54000"), "{err}");
+    assert!(
+        err.contains("approvals.max_statement_bytes (200)") && err.contains("no ticket was opened"),
+        "{err}"
+    );
+    assert!(tickets(&gate, true).is_empty(), "no ticket");
+    assert_eq!(count(&pg, "SELECT count(*) FROM t WHERE v LIKE 'xxx%'"), 0);
+    let refused = wait_for(
+        "the refused statement recorded",
+        Duration::from_secs(10),
+        || {
+            gate.sessions_ended(1).iter().find_map(|s| {
+                let id = s["id"].as_i64()?.to_string();
+                let shown = gate.cli_json(&["sessions", "show", &id, "--json"]);
+                shown["statements"]
+                    .as_array()?
+                    .iter()
+                    .find(|st| st["text"] == big.as_str())
+                    .cloned()
+            })
+        },
+    );
+    assert_eq!(refused["decision"], "deny", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("approvals.max_statement_bytes"),
+        "{refused}"
+    );
+    // A statement within the limit is held as before.
+    let small = spawn_psql(&gate, &pg, "bot", "UPDATE t SET v = 'small'");
+    let t = pending_ticket(&gate, "bot", "UPDATE t SET v = 'small'");
+    decide(&gate, "approve", &t, &[]);
+    let o = finish(small, "psql");
+    assert!(text(&o.stdout).contains("UPDATE 3"), "{}", show(&o));
+}
+
+#[test]
 fn extended_protocol_hold_inside_a_transaction() {
     let (pg, gate) = start();
     // Approved: the UPDATE runs inside the agent's transaction and commits.

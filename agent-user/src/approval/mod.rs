@@ -33,6 +33,9 @@ use crate::webhook::Webhooks;
 
 /// Decided tickets kept in memory for `approvals list --all` (the full history is in the store).
 const KEEP_DECIDED: usize = 1000;
+/// And at most this much of their statement text and parameters: an agent that asks and hangs
+/// up again and again would otherwise fill the daemon's memory with cancelled tickets.
+const KEEP_DECIDED_BYTES: usize = 16 * 1024 * 1024;
 /// How often grant expiry is checked for recording (enforcement checks the time at each use).
 const GRANT_TICK: Duration = Duration::from_millis(500);
 
@@ -70,8 +73,9 @@ pub struct Ticket {
     pub requester: Requester,
     /// `simple` (a Query) or `extended` (an Execute of a prepared statement).
     pub protocol: String,
-    /// The exact statement text the agent sent.
-    pub statement: String,
+    /// The exact statement text the agent sent (one copy, shared by the ticket's clones in
+    /// lists and events).
+    pub statement: Arc<str>,
     /// Bound parameters of an extended-protocol Execute (binary ones as `\x` hex).
     #[serde(default)]
     pub params: Vec<Option<String>>,
@@ -99,7 +103,7 @@ pub struct Ticket {
 pub struct NewTicket {
     pub requester: Requester,
     pub protocol: &'static str,
-    pub statement: String,
+    pub statement: Arc<str>,
     pub params: Vec<Option<bytes::Bytes>>,
     pub param_formats: Vec<i16>,
     pub facts: serde_json::Value,
@@ -128,6 +132,11 @@ pub enum Outcome {
     /// No ticket was opened: the agent already had as many pending as it may
     /// (`approvals.max_pending_per_agent`).
     Refused {
+        why: String,
+    },
+    /// No ticket was opened: the statement is larger than one may be to be held
+    /// (`approvals.max_statement_bytes`).
+    TooLarge {
         why: String,
     },
 }
@@ -283,6 +292,8 @@ pub struct Approvals {
     any_grants: AtomicBool,
     /// Pending tickets one agent may have at once (see [`ApprovalLimits`]).
     max_pending_per_agent: usize,
+    /// The largest statement (text and parameters) that may be held for review.
+    max_statement_bytes: usize,
     /// Tickets opened, per agent (see [`ApprovalLimits::new_tickets_per_second`]).
     opened: EventLimiter,
 }
@@ -302,6 +313,16 @@ pub struct ApprovalLimits {
     /// open them in a loop.
     #[serde(default = "default_new_tickets_per_second")]
     pub new_tickets_per_second: u32,
+    /// The largest statement, text and bound parameters together, that may be held for review.
+    /// A ticket keeps its statement for as long as it is listed, and events, watchers and
+    /// webhooks carry it: a larger statement that a `review` rule matches is refused at once
+    /// (SQLSTATE 54000) without a ticket.
+    #[serde(default = "default_max_statement_bytes")]
+    pub max_statement_bytes: usize,
+}
+
+fn default_max_statement_bytes() -> usize {
+    64 * 1024
 }
 
 fn default_new_tickets_per_second() -> u32 {
@@ -327,6 +348,7 @@ impl Default for ApprovalLimits {
         ApprovalLimits {
             max_pending_per_agent: default_max_pending_per_agent(),
             new_tickets_per_second: default_new_tickets_per_second(),
+            max_statement_bytes: default_max_statement_bytes(),
         }
     }
 }
@@ -398,12 +420,14 @@ impl Approvals {
             next_grant: AtomicU64::new(next_grant),
             any_grants: AtomicBool::new(any),
             max_pending_per_agent: default_max_pending_per_agent(),
+            max_statement_bytes: default_max_statement_bytes(),
             opened: opened_limiter(ApprovalLimits::default()),
         }
     }
 
     pub fn with_limits(mut self, limits: ApprovalLimits) -> Self {
         self.max_pending_per_agent = limits.max_pending_per_agent;
+        self.max_statement_bytes = limits.max_statement_bytes;
         self.opened = opened_limiter(limits);
         self
     }
@@ -454,6 +478,21 @@ impl Approvals {
     /// Opens a ticket for a held statement, unless its agent already has as many pending as it
     /// may: then the outcome, a refusal, is returned at once and no ticket exists.
     pub fn hold(&self, n: NewTicket) -> Result<Hold, Outcome> {
+        // Before anything is hashed, copied or counted against the agent's rate.
+        let size = n
+            .params
+            .iter()
+            .flatten()
+            .fold(n.statement.len(), |sum, p| sum.saturating_add(p.len()));
+        if size > self.max_statement_bytes {
+            tracing::warn!(agent = %n.requester.agent, bytes = size, "statement refused: too large to be held for approval");
+            return Err(Outcome::TooLarge {
+                why: format!(
+                    "the statement and its parameters are {size} bytes, more than approvals.max_statement_bytes ({}) allows to be held for approval; no ticket was opened",
+                    self.max_statement_bytes
+                ),
+            });
+        }
         // Hashed and rendered before the lock: a large statement must not stall decisions.
         let sha256 = statement_hash(n.protocol, &n.statement, &n.params, &n.param_formats);
         let params = n
@@ -941,24 +980,36 @@ impl Approvals {
     }
 }
 
-/// Drops the oldest decided tickets beyond [`KEEP_DECIDED`].
+/// Drops the oldest decided tickets beyond [`KEEP_DECIDED`] tickets or [`KEEP_DECIDED_BYTES`].
 fn prune(tickets: &mut BTreeMap<u64, Entry>) {
-    let decided = tickets
-        .values()
-        .filter(|e| e.ticket.state != TicketState::Pending)
-        .count();
-    if decided <= KEEP_DECIDED {
-        return;
+    let decided = || {
+        tickets
+            .values()
+            .filter(|e| e.ticket.state != TicketState::Pending)
+    };
+    let (mut count, mut bytes) = decided().fold((0usize, 0usize), |(n, b), e| {
+        (n + 1, b.saturating_add(ticket_bytes(&e.ticket)))
+    });
+    let mut drop = Vec::new();
+    for e in decided() {
+        if count <= KEEP_DECIDED && bytes <= KEEP_DECIDED_BYTES {
+            break;
+        }
+        count -= 1;
+        bytes = bytes.saturating_sub(ticket_bytes(&e.ticket));
+        drop.push(e.ticket.id);
     }
-    let drop: Vec<u64> = tickets
-        .values()
-        .filter(|e| e.ticket.state != TicketState::Pending)
-        .take(decided - KEEP_DECIDED)
-        .map(|e| e.ticket.id)
-        .collect();
     for id in drop {
         tickets.remove(&id);
     }
+}
+
+/// What a kept ticket holds of the agent's bytes: its statement and parameters.
+fn ticket_bytes(t: &Ticket) -> usize {
+    t.params
+        .iter()
+        .flatten()
+        .fold(t.statement.len(), |sum, p| sum.saturating_add(p.len()))
 }
 
 /// The longest grant: access is meant to be just in time, and a longer one (past year 9999)

@@ -325,6 +325,7 @@ async fn an_agent_may_have_only_so_many_tickets_pending() {
     let a = a.with_limits(ApprovalLimits {
         max_pending_per_agent: 2,
         new_tickets_per_second: 1000,
+        ..ApprovalLimits::default()
     });
     let h1 = a.hold(ticket("bot", "DELETE FROM a")).unwrap();
     let _h2 = a.hold(ticket("bot", "DELETE FROM b")).unwrap();
@@ -351,6 +352,7 @@ async fn an_agent_cannot_open_tickets_in_a_loop_by_hanging_up() {
     let a = a.with_limits(ApprovalLimits {
         max_pending_per_agent: 2,
         new_tickets_per_second: 1,
+        ..ApprovalLimits::default()
     });
     let mut opened = 0;
     let mut refused = None;
@@ -371,4 +373,63 @@ async fn an_agent_cannot_open_tickets_in_a_loop_by_hanging_up() {
     assert!(refused.unwrap().contains("faster than it may"));
     // Another agent is not affected.
     a.hold(ticket("bot2", "DELETE FROM t")).unwrap();
+}
+
+#[tokio::test]
+async fn a_statement_too_large_to_hold_opens_no_ticket() {
+    let (a, _d) = approvals();
+    let a = a.with_limits(ApprovalLimits {
+        max_statement_bytes: 100,
+        ..ApprovalLimits::default()
+    });
+    let big = format!("DELETE FROM t WHERE v = '{}'", "x".repeat(100));
+    let Err(Outcome::TooLarge { why }) = a.hold(ticket("bot", &big)) else {
+        panic!("a ticket was opened for a statement over the limit");
+    };
+    assert!(why.contains("approvals.max_statement_bytes (100)"), "{why}");
+    assert!(a.list(true).is_empty());
+    // Parameters count with the text.
+    let mut with_params = ticket("bot", "DELETE FROM t WHERE v = $1");
+    with_params.params = vec![Some(Bytes::from(vec![b'x'; 90]))];
+    with_params.param_formats = vec![0];
+    assert!(matches!(a.hold(with_params), Err(Outcome::TooLarge { .. })));
+    // At the limit it is held as before.
+    let fits = "x".repeat(100);
+    a.hold(ticket("bot", &fits)).unwrap();
+    assert_eq!(a.list(false).len(), 1);
+}
+
+#[tokio::test]
+async fn decided_tickets_kept_are_bounded_by_bytes() {
+    let (a, _d) = approvals();
+    let a = a.with_limits(ApprovalLimits {
+        max_statement_bytes: 1024 * 1024,
+        new_tickets_per_second: 1000,
+        max_pending_per_agent: 1000,
+    });
+    let text = "x".repeat(1024 * 1024);
+    for _ in 0..40 {
+        let h = a.hold(ticket("bot", &text)).unwrap();
+        a.cancel(h.ticket.id, "the agent disconnected");
+    }
+    let kept = a.list(true);
+    assert_eq!(kept.len(), KEEP_DECIDED_BYTES / (1024 * 1024));
+    // The newest are kept.
+    assert_eq!(kept[0].id, 41 + 40);
+}
+
+#[test]
+fn a_ticket_and_its_clones_share_one_copy_of_the_statement() {
+    let (a, _d) = approvals();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    let mut rx = a.subscribe();
+    let h = a.hold(ticket("bot", "DELETE FROM t")).unwrap();
+    let listed = a.list(false);
+    let event = rx.try_recv().unwrap();
+    let sent = event.ticket.unwrap();
+    assert!(Arc::ptr_eq(&h.ticket.statement, &listed[0].statement));
+    assert!(Arc::ptr_eq(&h.ticket.statement, &sent.statement));
 }

@@ -1348,7 +1348,7 @@ fn new_ticket(ctx: &Context<'_>, held: &Held) -> NewTicket {
             session_id: ctx.session_id,
         },
         protocol: "simple",
-        statement: String::new(),
+        statement: Arc::default(),
         params: Vec::new(),
         param_formats: Vec::new(),
         facts: serde_json::Value::Null,
@@ -1362,7 +1362,7 @@ fn new_ticket(ctx: &Context<'_>, held: &Held) -> NewTicket {
         } => {
             let d = deciding_review(qd);
             NewTicket {
-                statement: sql.clone(),
+                statement: sql.as_str().into(),
                 facts: facts_json(qd),
                 policy: d.policy.as_deref().map(String::from),
                 rule: d.rule.as_deref().map(String::from),
@@ -1378,7 +1378,7 @@ fn new_ticket(ctx: &Context<'_>, held: &Held) -> NewTicket {
             ..
         } => NewTicket {
             protocol: "extended",
-            statement: prepared.text.to_string(),
+            statement: prepared.text.clone(),
             params: portal
                 .as_ref()
                 .map(|p| p.params.clone())
@@ -1497,6 +1497,10 @@ fn refusal(ticket: u64, rule: Option<&str>, outcome: &Outcome) -> (&'static str,
         ),
         Outcome::Refused { why } => (
             SQLSTATE_INSUFFICIENT_PRIVILEGE,
+            format!("agentgate: statement needs approval but was refused: {why} (rule \"{rule}\")"),
+        ),
+        Outcome::TooLarge { why } => (
+            SQLSTATE_PROGRAM_LIMIT_EXCEEDED,
             format!("agentgate: statement needs approval but was refused: {why} (rule \"{rule}\")"),
         ),
         Outcome::Cancelled { why } => (
