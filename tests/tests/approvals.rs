@@ -830,6 +830,111 @@ fn approval_with_a_duration_grants_the_rule_until_it_expires() {
     assert!(used.is_some(), "{sessions:#?}");
 }
 
+/// psql inside `agent`'s cgroup connecting to `port` and `database`, started in the background.
+fn spawn_psql_to(gate: &Gate, agent: &str, port: u16, database: &str, script: &str) -> Child {
+    let port = port.to_string();
+    gate.exec(
+        agent,
+        &[
+            "psql",
+            "-X",
+            "-w",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            database,
+            "-c",
+            script,
+        ],
+    )
+    .env("PGPASSWORD", "not-the-password")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn psql")
+}
+
+#[test]
+fn a_rule_grant_covers_only_the_target_and_database_of_its_ticket() {
+    // Two targets on the harness's server (db2 is another address standing in for another
+    // server) and a second database: what the approver saw was db/postgres, nothing else.
+    let pg = Postgres::start("scram-sha-256");
+    pg.admin_sql(SCHEMA);
+    pg.admin_sql("CREATE DATABASE other");
+    let o = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(&pg.dir)
+        .args([
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "other",
+            "-c",
+            SCHEMA,
+        ])
+        .output()
+        .expect("run psql");
+    assert!(o.status.success(), "{}", show(&o));
+    let port2 = agentgate_tests::free_port();
+    let db2 = format!(
+        "  - name: db2
+    match: [\"127.0.0.1:{port2}\"]
+    upstream: 127.0.0.1:{port}
+    protocol: postgres
+    credentials: {{ user: postgres, password_file: {pw} }}
+",
+        port = pg.port,
+        pw = pg.dir.join("pw").display(),
+    );
+    let gate = Gate::start(&config(&pg, &db2).replacen("targets: [db]", "targets: [db, db2]", 1));
+
+    let psql = spawn_psql(&gate, &pg, "bot", "UPDATE t SET v = 'one'");
+    let ticket = pending_ticket(&gate, "bot", "UPDATE t SET v = 'one'");
+    let id = ticket["id"].as_u64().unwrap().to_string();
+    let out = cli_ok(&gate, &["approvals", "approve", &id, "--for", "10m"]);
+    assert!(out.contains("on target db, database postgres"), "{out}");
+    assert!(finish(psql, "psql").status.success());
+    let listed = cli_ok(&gate, &["grants", "list"]);
+    assert!(
+        listed.contains("rule bulk-writes of policy operators on target db, database postgres"),
+        "{listed}"
+    );
+    let grants = gate.cli_json(&["grants", "list", "--json"]);
+    assert_eq!(grants[0]["scope"]["target"], "db", "{grants}");
+    assert_eq!(grants[0]["scope"]["database"], "postgres", "{grants}");
+
+    // Another target: held, not let through.
+    let other_target = spawn_psql_to(&gate, "bot", port2, "postgres", "DELETE FROM t");
+    let t = pending_ticket(&gate, "bot", "DELETE FROM t");
+    assert_eq!(t["target"], "db2", "{t}");
+    decide(&gate, "deny", &t, &["--reason", "not on db2"]);
+    let o = finish(other_target, "psql on db2");
+    assert!(!o.status.success(), "{}", show(&o));
+    // Another database of the same target: held too.
+    let other_db = spawn_psql_to(&gate, "bot", pg.port, "other", "UPDATE t SET v = 'other'");
+    let t = pending_ticket(&gate, "bot", "UPDATE t SET v = 'other'");
+    assert_eq!(t["database"], "other", "{t}");
+    decide(&gate, "deny", &t, &["--reason", "not on other"]);
+    let o = finish(other_db, "psql on other");
+    assert!(!o.status.success(), "{}", show(&o));
+    assert_eq!(count(&pg, "SELECT count(*) FROM t"), 3);
+
+    // Where the approver saw it, the grant applies.
+    let o = finish(
+        spawn_psql(&gate, &pg, "bot", "UPDATE t SET v = 'two'"),
+        "psql",
+    );
+    assert!(text(&o.stdout).contains("UPDATE 3"), "{}", show(&o));
+    assert_eq!(tickets(&gate, true).len(), 3);
+}
+
 #[test]
 fn a_governed_agent_cannot_use_the_admin_api_or_approve_its_own_ticket() {
     let (pg, gate) = start();

@@ -162,15 +162,32 @@ pub struct Approve {
 pub enum GrantScope {
     /// The agent holds this role as well as its configured ones.
     Role { role: String },
-    /// Statements that a `review` rule matches run without a ticket.
-    Rule { policy: String, rule: String },
+    /// Statements that a `review` rule matches run without a ticket, on the target and
+    /// database of the ticket whose approval made the grant (what the approver saw), nowhere
+    /// else. (Grants stored before these were recorded have none, and match nothing.)
+    Rule {
+        policy: String,
+        rule: String,
+        #[serde(default)]
+        target: String,
+        #[serde(default)]
+        database: String,
+    },
 }
 
 impl std::fmt::Display for GrantScope {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             GrantScope::Role { role } => write!(f, "role {role}"),
-            GrantScope::Rule { policy, rule } => write!(f, "rule {rule} of policy {policy}"),
+            GrantScope::Rule {
+                policy,
+                rule,
+                target,
+                database,
+            } => write!(
+                f,
+                "rule {rule} of policy {policy} on target {target}, database {database}"
+            ),
         }
     }
 }
@@ -192,6 +209,15 @@ pub struct Grant {
     /// Set once the expiry has been recorded.
     #[serde(default)]
     pub expired: bool,
+}
+
+/// A statement of a `review` rule about to run: what a rule grant must cover to let it through.
+pub struct RuleUse<'a> {
+    pub agent: &'a str,
+    pub target: &'a str,
+    pub database: &'a str,
+    pub policy: &'a str,
+    pub rule: &'a str,
 }
 
 /// An agent's roles widened by role grants, and the grants that widened them.
@@ -663,7 +689,12 @@ impl Approvals {
         {
             let g = self.add_grant(
                 &ticket.requester.agent,
-                GrantScope::Rule { policy, rule },
+                GrantScope::Rule {
+                    policy,
+                    rule,
+                    target: ticket.requester.target.clone(),
+                    database: ticket.requester.database.clone(),
+                },
                 d,
                 &a.approver,
                 a.reason.clone(),
@@ -927,8 +958,8 @@ impl Approvals {
             .all(|id| inner.grants.get(id).is_some_and(|g| g.active_at(now)))
     }
 
-    /// An active grant of `policy`/`rule` to the agent.
-    pub fn rule_grant(&self, agent: &str, policy: &str, rule: &str) -> Option<Grant> {
+    /// An active grant of `policy`/`rule` to the agent, on this target and database.
+    pub fn rule_grant(&self, at: &RuleUse<'_>) -> Option<Grant> {
         if !self.any_grants.load(Ordering::Acquire) {
             return None;
         }
@@ -937,9 +968,16 @@ impl Approvals {
             .grants
             .values()
             .find(|g| {
-                g.agent == agent
+                g.agent == at.agent
                     && g.active_at(now)
-                    && matches!(&g.scope, GrantScope::Rule { policy: p, rule: r } if p == policy && r == rule)
+                    && matches!(
+                        &g.scope,
+                        GrantScope::Rule { policy, rule, target, database }
+                            if policy == at.policy
+                                && rule == at.rule
+                                && target == at.target
+                                && database == at.database
+                    )
             })
             .cloned()
     }

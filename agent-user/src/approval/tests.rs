@@ -236,6 +236,31 @@ async fn role_grants_add_roles_until_they_end() {
     ));
 }
 
+fn at<'a>(agent: &'a str, target: &'a str, database: &'a str, rule: &'a str) -> RuleUse<'a> {
+    RuleUse {
+        agent,
+        target,
+        database,
+        policy: "operators",
+        rule,
+    }
+}
+
+#[test]
+fn a_rule_grant_stored_without_target_matches_nothing() {
+    let stored: GrantScope = serde_json::from_value(
+        serde_json::json!({"kind": "rule", "policy": "operators", "rule": "bulk-writes"}),
+    )
+    .unwrap();
+    let GrantScope::Rule {
+        target, database, ..
+    } = stored
+    else {
+        panic!("not a rule grant");
+    };
+    assert!(target.is_empty() && database.is_empty());
+}
+
 #[tokio::test]
 async fn approving_with_a_duration_grants_the_rule() {
     let (a, _d) = approvals();
@@ -251,14 +276,41 @@ async fn approving_with_a_duration_grants_the_rule() {
         )
         .unwrap();
     let gid = t.grant_id.unwrap();
-    let g = a.rule_grant("bot", "operators", "bulk-writes").unwrap();
+    let g = a
+        .rule_grant(&at("bot", "db", "postgres", "bulk-writes"))
+        .unwrap();
     assert_eq!(g.id, gid);
     assert_eq!(g.ticket, Some(h.ticket.id));
     assert_eq!(g.granted_by, "jwt:alice");
-    assert!(a.rule_grant("bot", "operators", "other").is_none());
-    assert!(a.rule_grant("bot2", "operators", "bulk-writes").is_none());
+    assert!(
+        g.scope
+            .to_string()
+            .contains("on target db, database postgres"),
+        "{}",
+        g.scope
+    );
+    assert!(
+        a.rule_grant(&at("bot", "db", "postgres", "other"))
+            .is_none()
+    );
+    assert!(
+        a.rule_grant(&at("bot2", "db", "postgres", "bulk-writes"))
+            .is_none()
+    );
+    // Only where the approved statement was going: not another target, nor another database.
+    assert!(
+        a.rule_grant(&at("bot", "prod", "postgres", "bulk-writes"))
+            .is_none()
+    );
+    assert!(
+        a.rule_grant(&at("bot", "db", "other", "bulk-writes"))
+            .is_none()
+    );
     a.revoke(gid, "unix:root", Some("done".into())).unwrap();
-    assert!(a.rule_grant("bot", "operators", "bulk-writes").is_none());
+    assert!(
+        a.rule_grant(&at("bot", "db", "postgres", "bulk-writes"))
+            .is_none()
+    );
     assert!(matches!(
         a.revoke(999, "unix:root", None),
         Err(ApprovalError::NoGrant(999))

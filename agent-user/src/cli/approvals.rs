@@ -191,9 +191,11 @@ pub async fn approve(
     println!("approved ticket {}: the held statement runs now", t.id);
     if let Some(g) = t.grant_id {
         println!(
-            "agent {} may run statements of rule {} without review (grant {g})",
+            "agent {} may run statements of rule {} without review on target {}, database {} (grant {g})",
             t.requester.agent,
-            t.rule.as_deref().unwrap_or("-")
+            t.rule.as_deref().unwrap_or("-"),
+            t.requester.target,
+            t.requester.database
         );
     }
     Ok(())

@@ -273,9 +273,11 @@ fn describe_event(e: &EventRow) -> String {
             let scope = match text("/scope/kind") {
                 Some("role") => format!("role {}", text("/scope/role").unwrap_or("?")),
                 _ => format!(
-                    "rule {} of policy {}",
+                    "rule {} of policy {} on target {}, database {}",
                     text("/scope/rule").unwrap_or("?"),
-                    text("/scope/policy").unwrap_or("?")
+                    text("/scope/policy").unwrap_or("?"),
+                    text("/scope/target").unwrap_or("?"),
+                    text("/scope/database").unwrap_or("?")
                 ),
             };
             let what = match e.kind.as_str() {

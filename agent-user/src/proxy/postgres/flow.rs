@@ -31,7 +31,7 @@ use super::catalog;
 use super::upstream::{Upstream, read_backend, read_frontend};
 use super::{PgError, PgTarget, Shared};
 use crate::approval::GrantedRoles;
-use crate::approval::{Hold, NewTicket, Outcome, Requester};
+use crate::approval::{Hold, NewTicket, Outcome, Requester, RuleUse};
 use crate::mask::{
     COMPUTED_FROM_MASKED, ColumnMeta, Format, Masker, RETURNED_FROM_MASKED, RowPlan,
 };
@@ -803,10 +803,13 @@ fn rule_grants(ctx: &Context<'_>, decisions: &[&Decision]) -> Option<String> {
         let (Some(policy), Some(rule)) = (d.policy.as_deref(), d.rule.as_deref()) else {
             return None;
         };
-        let g = ctx
-            .shared
-            .approvals
-            .rule_grant(&ctx.peer.agent, policy, rule)?;
+        let g = ctx.shared.approvals.rule_grant(&RuleUse {
+            agent: &ctx.peer.agent,
+            target: &ctx.target.name,
+            database: &ctx.database,
+            policy,
+            rule,
+        })?;
         notes.push(grant_note(&g));
     }
     Some(notes.join("; "))
