@@ -21,10 +21,12 @@ CREATE TABLE expiring (id int);
 INSERT INTO expiring VALUES (1), (2);
 CREATE TABLE people (id int, email text);
 INSERT INTO people VALUES (1, 'ada@example.com'), (2, 'grace@example.org');
+CREATE TABLE secret (id int, s text);
+INSERT INTO secret VALUES (1, 'top-secret-1'), (2, 'top-secret-2');
 ";
 
 /// `bot` and `bot2` are operators: writes without WHERE need a human, statements on `expiring`
-/// need one within 2 seconds, DDL needs the `dba` role (granted just in time).
+/// need one within 2 seconds, DDL and `secret` need the `dba` role (granted just in time).
 const POLICY: &str = "
 policies:
   - name: dba
@@ -41,6 +43,9 @@ policies:
         match: { kinds: [ddl, dcl] }
         action: deny
         message: \"schema changes need the dba role\"
+      - name: secret-needs-dba
+        match: { tables: [secret] }
+        action: deny
       - name: hurry
         match: { tables: [expiring], kinds: [delete, update] }
         action: review
@@ -778,6 +783,84 @@ fn role_grant_lets_statements_through_until_it_expires() {
     assert_eq!(all.as_array().unwrap().len(), 2);
     let tables = pg.admin_sql("SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables WHERE tablename LIKE 'g_'");
     assert_eq!(tables.trim(), "g1");
+}
+
+#[test]
+fn cursors_declared_under_a_role_grant_stop_when_it_is_revoked() {
+    let (pg, gate) = start();
+    let out = cli_ok(
+        &gate,
+        &[
+            "grant", "--agent", "bot", "--role", "dba", "--for", "10m", "--json",
+        ],
+    );
+    let grant: Value = serde_json::from_str(&out).unwrap();
+    let gid = grant["id"].as_u64().unwrap().to_string();
+    // A holdable cursor (it outlives its transaction) and a plain one (its query runs at each
+    // FETCH), both declared under the grant; the grant is revoked during the sleep.
+    let psql = spawn_psql_script(
+        &gate,
+        &pg,
+        "bot",
+        "DECLARE held CURSOR WITH HOLD FOR SELECT s FROM secret;
+BEGIN;
+DECLARE plain CURSOR FOR SELECT s FROM secret;
+SELECT pg_sleep(4);
+FETCH ALL FROM plain;
+COMMIT;
+FETCH ALL FROM held;
+MOVE ABSOLUTE 0 IN held;
+SELECT s FROM secret;
+CLOSE ALL;
+DECLARE fresh CURSOR WITH HOLD FOR SELECT v FROM t WHERE id = 1;
+FETCH ALL FROM fresh;
+",
+    );
+    wait_for(
+        "the agent's session to sleep",
+        Duration::from_secs(15),
+        || {
+            (count(
+                &pg,
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(4);'",
+            ) == 1)
+                .then_some(())
+        },
+    );
+    cli_ok(
+        &gate,
+        &["grants", "revoke", &gid, "--reason", "access ends now"],
+    );
+    let o = finish(psql, "psql");
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(!out.contains("top-secret"), "{}", show(&o));
+    assert_eq!(
+        err.matches("42501").count(),
+        4,
+        "FETCH, FETCH, MOVE and SELECT refused: {}",
+        show(&o)
+    );
+    assert_eq!(
+        err.matches(&format!(
+            "grant {gid}, in force when a cursor was declared here, has ended"
+        ))
+        .count(),
+        3,
+        "{}",
+        show(&o)
+    );
+    assert!(
+        err.contains("denied by rule \"secret-needs-dba\""),
+        "{}",
+        show(&o)
+    );
+    // Once every cursor is closed, new ones (declared without the grant) work (the FETCH's
+    // computed column is masked, as any FETCH's is under a mask profile).
+    let after = out
+        .split_once("CLOSE CURSOR ALL")
+        .map(|(_, a)| a)
+        .unwrap_or("");
+    assert!(after.contains("(1 row)"), "{}", show(&o));
 }
 
 #[test]

@@ -16,7 +16,7 @@
 //! is recorded. Internal messages (the injected error, a Describe the gate adds to learn result
 //! columns for masking) are answered to the gate and never reach the agent.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -156,6 +156,8 @@ struct Prepared {
     /// acts), not at Parse.
     changes_prepared: bool,
     changes_portals: bool,
+    /// What it does to SQL-level cursors (see [`State::cursor_grants`]).
+    cursors: CursorUse,
     /// Its bytes in the connection's [`Budget`], given back when the last reference goes.
     charge: Charge,
     /// The qualified references the catalog confirmed as columns at Parse, for judging it
@@ -390,6 +392,49 @@ struct State {
     /// A masked statement has answered since the last idle ReadyForQuery: what checks the
     /// transaction's deferred constraints may quote what it wrote.
     masked_in_transaction: bool,
+    /// Grants in force when a cursor was declared on this connection, each with the number of
+    /// the last such DECLARE. A cursor's query runs at each FETCH (and a `WITH HOLD` one lasts
+    /// as long as the connection), while FETCH and MOVE name no table: once one of these
+    /// grants ends, FETCH and MOVE are refused until a CLOSE ALL or DISCARD ALL sent after
+    /// those DECLAREs completes. (Conservative: every grant in force counts, and every cursor.)
+    cursor_grants: BTreeMap<u64, u64>,
+    /// DECLAREs counted so far.
+    declares: u64,
+    /// For each CLOSE ALL or DISCARD ALL sent and not yet completed, oldest first: the first
+    /// DECLARE number it does not close. A failed one leaves its entry behind, which only makes
+    /// a later completion close less than it did.
+    cursor_resets: VecDeque<u64>,
+}
+
+/// What a statement does to SQL-level cursors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CursorUse {
+    None,
+    Declare,
+    /// FETCH or MOVE.
+    Move,
+    /// CLOSE ALL or DISCARD ALL.
+    CloseAll,
+}
+
+fn cursor_use(facts: &StatementFacts) -> CursorUse {
+    let mut words = facts
+        .text
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .filter(|w| !w.is_empty());
+    let first = words.next().unwrap_or_default();
+    let is = |w: &str, k: &str| w.eq_ignore_ascii_case(k);
+    if is(first, "declare") {
+        CursorUse::Declare
+    } else if is(first, "fetch") || is(first, "move") {
+        CursorUse::Move
+    } else if (is(first, "close") || is(first, "discard"))
+        && words.next().is_some_and(|w| is(w, "all"))
+    {
+        CursorUse::CloseAll
+    } else {
+        CursorUse::None
+    }
 }
 
 /// Prepared statements or portals by name. The unnamed one (`""`) is kept apart: drivers use it
@@ -502,7 +547,10 @@ impl State {
 
     /// What sending an allowed (or approved) query does to the gate's view: a COPY is followed,
     /// SQL-level statement and cursor changes make the gate forget its names.
-    fn query_sent(&mut self, qd: &QueryDecision) {
+    fn query_sent(&mut self, qd: &QueryDecision, grants: &[u64]) {
+        for s in &qd.statements {
+            self.cursor_sent(cursor_use(&s.facts), grants);
+        }
         self.copy_pending |= is_copy(qd);
         if changes_prepared(qd) {
             self.forget_statements();
@@ -510,6 +558,39 @@ impl State {
         if changes_portals(qd) {
             self.forget_portals();
         }
+    }
+
+    /// Follows a statement sent to the server, in order, for [`State::cursor_grants`].
+    fn cursor_sent(&mut self, what: CursorUse, grants: &[u64]) {
+        match what {
+            CursorUse::Declare if !grants.is_empty() => {
+                self.declares += 1;
+                for g in grants {
+                    self.cursor_grants.insert(*g, self.declares);
+                }
+            }
+            // Beyond the bound an entry is left out: a later completion then takes an older
+            // entry and closes less.
+            CursorUse::CloseAll if self.cursor_resets.len() < MAX_IN_FLIGHT => {
+                self.cursor_resets.push_back(self.declares + 1);
+            }
+            _ => {}
+        }
+    }
+
+    /// A CLOSE ALL or DISCARD ALL completed.
+    fn cursors_closed(&mut self) {
+        if let Some(upto) = self.cursor_resets.pop_front() {
+            self.cursor_grants.retain(|_, declared| *declared >= upto);
+        }
+    }
+
+    /// A grant a cursor of this connection was declared under that is no longer in force.
+    fn ended_cursor_grant(&self, ctx: &Context<'_>) -> Option<u64> {
+        self.cursor_grants
+            .keys()
+            .copied()
+            .find(|g| !ctx.shared.approvals.all_active(&[*g]))
     }
 
     /// Forgets the named statements (SQL `PREPARE`/`DEALLOCATE`/`DISCARD`), likewise.
@@ -793,9 +874,10 @@ enum Judged {
 }
 
 /// Lets `review` statements through when the agent holds a grant of their rule; returns the
-/// note to record, or `None` if some reviewed statement has no grant.
-fn rule_grants(ctx: &Context<'_>, decisions: &[&Decision]) -> Option<String> {
+/// note to record and the grants, or `None` if some reviewed statement has no grant.
+fn rule_grants(ctx: &Context<'_>, decisions: &[&Decision]) -> Option<(String, Vec<u64>)> {
     let mut notes = Vec::new();
+    let mut ids = Vec::new();
     for d in decisions {
         if d.shadow || !matches!(d.verdict, Verdict::Review { .. }) {
             continue;
@@ -811,8 +893,9 @@ fn rule_grants(ctx: &Context<'_>, decisions: &[&Decision]) -> Option<String> {
             rule,
         })?;
         notes.push(grant_note(&g));
+        ids.push(g.id);
     }
-    Some(notes.join("; "))
+    Some((notes.join("; "), ids))
 }
 
 fn grant_note(g: &crate::approval::Grant) -> String {
@@ -856,8 +939,9 @@ fn judge_with(
     conclude(ctx, qd, granted, verified)
 }
 
-/// The policy's decision, with the role grants in force now (their ids go with a prepared
-/// statement, which is judged again once one of them ends).
+/// The policy's decision, with the role grants in force now (their ids, and those of rule
+/// grants that let it through, go with a prepared statement, which is judged again once one of
+/// them ends, and with a cursor).
 fn decide(ctx: &Context<'_>, sql: &str) -> (QueryDecision, Option<GrantedRoles>) {
     let granted = ctx
         .shared
@@ -884,6 +968,7 @@ fn conclude(
     verified: &Verified,
 ) -> (QueryDecision, Judged, Vec<u64>) {
     mark_computed_columns(ctx, &mut qd, verified);
+    let mut rule_ids = Vec::new();
     let judged = match qd.enforced_verdict() {
         Verdict::Deny { message } => Judged::Deny(match &qd.parse_error {
             Some(e) => format!("agentgate: statement denied: it could not be parsed ({e})"),
@@ -899,12 +984,24 @@ fn conclude(
         Verdict::Review { timeout } => {
             let decisions: Vec<&Decision> = qd.statements.iter().map(|s| &s.decision).collect();
             match rule_grants(ctx, &decisions) {
-                Some(note) => Judged::Allow { note: Some(note) },
+                Some((note, ids)) => {
+                    rule_ids = ids;
+                    Judged::Allow { note: Some(note) }
+                }
                 None => Judged::Review { timeout },
             }
         }
     };
-    (qd, judged, granted.map(|g| g.grants).unwrap_or_default())
+    let mut grants = granted.map(|g| g.grants).unwrap_or_default();
+    grants.extend(rule_ids);
+    (qd, judged, grants)
+}
+
+/// The refusal of a FETCH or MOVE once a grant a cursor was declared under has ended.
+fn cursor_grant_ended(grant: u64) -> String {
+    format!(
+        "agentgate: FETCH and MOVE are refused on this connection: grant {grant}, in force when a cursor was declared here, has ended; CLOSE ALL (or DISCARD ALL) and declare it again"
+    )
 }
 
 /// Records the refusal of a message that carries no statement the policy could judge.
@@ -1708,14 +1805,19 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     wake = true;
                 }
                 FrontendMessage::Query { sql } => {
-                    let (qd, judged) = match judgement.take() {
-                        Some(j) => (j.qd, j.judged),
+                    let (qd, mut judged, grants) = match judgement.take() {
+                        Some(j) => (j.qd, j.judged, j.role_grants),
                         // (Judged above.) Nothing verified: computed columns redacted.
-                        None => {
-                            let (qd, judged, _) = judge_with(ctx, sql, &Verified::new());
-                            (qd, judged)
-                        }
+                        None => judge_with(ctx, sql, &Verified::new()),
                     };
+                    if qd
+                        .statements
+                        .iter()
+                        .any(|s| cursor_use(&s.facts) == CursorUse::Move)
+                        && let Some(g) = st.ended_cursor_grant(ctx)
+                    {
+                        judged = Judged::Deny(cursor_grant_ended(g));
+                    }
                     match judged {
                         Judged::Allow { note } => {
                             let reviewed = note.map(|message| Reviewed {
@@ -1729,7 +1831,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 idx: 0,
                                 plan: None,
                             }));
-                            st.query_sent(&qd);
+                            st.query_sent(&qd, &grants);
                             out.extend_from_slice(&frame.raw);
                         }
                         Judged::Deny(message) => {
@@ -1810,6 +1912,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 columns: Mutex::new(None),
                                 changes_prepared: changes_prepared(&qd),
                                 changes_portals: changes_portals(&qd),
+                                cursors: first.map_or(CursorUse::None, |s| cursor_use(&s.facts)),
                                 charge: Charge::new(&st.budget, parse_cost(name, query)),
                                 verified,
                             });
@@ -1909,13 +2012,19 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     }
                     match prepared {
                         Some(p) => {
-                            let (decision, denied) = match rejudged(ctx, &p) {
+                            let (decision, mut denied) = match rejudged(ctx, &p) {
                                 Some((d, denial)) => (std::borrow::Cow::Owned(d), denial),
                                 None => (std::borrow::Cow::Borrowed(&p.decision), None),
                             };
-                            let grant = match decision.enforced_verdict() {
-                                Verdict::Review { .. } => rule_grants(ctx, &[&decision]),
-                                _ => None,
+                            if p.cursors == CursorUse::Move
+                                && let Some(g) = st.ended_cursor_grant(ctx)
+                            {
+                                denied.get_or_insert_with(|| cursor_grant_ended(g));
+                            }
+                            let (grant, rule_ids) = match decision.enforced_verdict() {
+                                Verdict::Review { .. } => rule_grants(ctx, &[&decision])
+                                    .map_or((None, Vec::new()), |(n, ids)| (Some(n), ids)),
+                                _ => (None, Vec::new()),
                             };
                             match (denied, decision.enforced_verdict(), grant) {
                                 (Some(message), _, _) => {
@@ -1946,6 +2055,9 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                         portal: bound,
                                         plan: None,
                                     })));
+                                    let mut grants = p.role_grants.clone();
+                                    grants.extend(rule_ids);
+                                    st.cursor_sent(p.cursors, &grants);
                                     st.copy_pending |= p.kind == Some(StatementKind::Copy.as_str());
                                     out.extend_from_slice(&frame.raw);
                                 }
@@ -2107,7 +2219,7 @@ fn settle_held(
         }
         (Held::Query { raw, sql, qd, .. }, Some(reviewed)) => {
             *statement_timeout = statement_timeout_of(&qd, *statement_timeout);
-            st.query_sent(&qd);
+            st.query_sent(&qd, &[]);
             let recs = record_query(ctx, "simple", &sql, &qd, Some(&reviewed));
             st.queue.push_back(Expect::Query(QueryRun {
                 recs,
@@ -2143,6 +2255,7 @@ fn settle_held(
             // (Its statement's names were forgotten when the Execute was read, if it changes
             // them; a COPY still has to be followed.)
             st.copy_pending |= prepared.kind == Some(StatementKind::Copy.as_str());
+            st.cursor_sent(prepared.cursors, &[]);
             let rec = record_execute(ctx, &prepared, &decision, Some(&reviewed));
             st.queue.push_back(Expect::Execute(Box::new(ExecRun {
                 rec,
@@ -2585,6 +2698,11 @@ fn on_backend(
         // The server left COPY (done, or failed): what follows is read normally again.
         st.copy_in = false;
     }
+    if let B::CommandComplete { tag } = &frame.msg
+        && (tag == "CLOSE CURSOR ALL" || tag == "DISCARD ALL")
+    {
+        st.cursors_closed();
+    }
     match frame.msg {
         B::ParseComplete => {
             if let Some(Expect::Parse { injected, .. }) = st.queue.front() {
@@ -2835,7 +2953,9 @@ fn on_backend(
 
 #[cfg(test)]
 mod tests {
-    use super::{Names, changes_prepared, parse_statement_timeout, render};
+    use super::{
+        CursorUse, Names, State, changes_prepared, cursor_use, parse_statement_timeout, render,
+    };
     use bytes::Bytes;
     use std::time::Duration;
 
@@ -2898,6 +3018,49 @@ mod tests {
                 "rule": "unbounded-writes",
             })
         );
+    }
+
+    #[test]
+    fn a_close_all_forgets_only_the_cursors_declared_before_it() {
+        let mut st = State::default();
+        st.cursor_sent(CursorUse::Declare, &[1]);
+        st.cursor_sent(CursorUse::CloseAll, &[]);
+        // Pipelined after the CLOSE ALL, answered after it: still open.
+        st.cursor_sent(CursorUse::Declare, &[2]);
+        st.cursor_sent(CursorUse::Declare, &[]);
+        st.cursor_sent(CursorUse::CloseAll, &[]);
+        st.cursors_closed();
+        assert_eq!(st.cursor_grants.keys().copied().collect::<Vec<_>>(), [2]);
+        // The second one failed (no completion); a third that completes closes no more than
+        // the second would have.
+        st.cursor_sent(CursorUse::Declare, &[3]);
+        st.cursor_sent(CursorUse::CloseAll, &[]);
+        st.cursors_closed();
+        assert_eq!(st.cursor_grants.keys().copied().collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn cursor_statements_are_told_apart() {
+        let facts = |sql: &str| {
+            crate::policy::facts::extract(sql)
+                .unwrap()
+                .into_iter()
+                .next()
+                .unwrap()
+        };
+        for (sql, want) in [
+            ("DECLARE c CURSOR FOR SELECT 1", CursorUse::Declare),
+            ("fetch all from c", CursorUse::Move),
+            ("MOVE 1 IN c", CursorUse::Move),
+            ("CLOSE ALL", CursorUse::CloseAll),
+            ("DISCARD ALL", CursorUse::CloseAll),
+            ("CLOSE c", CursorUse::None),
+            ("DISCARD PLANS", CursorUse::None),
+            ("SELECT 1", CursorUse::None),
+        ] {
+            assert_eq!(cursor_use(&facts(sql)), want, "{sql}");
+        }
     }
 
     #[test]
