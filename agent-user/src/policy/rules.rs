@@ -78,6 +78,10 @@ use super::facts::{Access, StatementKind, TableRef};
 /// Review timeout when a `review` rule gives none.
 pub const DEFAULT_REVIEW_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
+/// The longest review timeout: a held statement holds its connection (and a server transaction)
+/// meanwhile, and the deadline must stay far from any clock's range.
+pub const MAX_REVIEW_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// A policy file: `policies: [...]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -743,6 +747,9 @@ fn compile_rule(rule: RuleConfig) -> Result<Rule, String> {
                         .map_err(|e| format!("bad timeout {text:?}: {e}"))?;
                     if timeout.is_zero() {
                         return Err(format!("bad timeout {text:?}: must be positive"));
+                    }
+                    if timeout > MAX_REVIEW_TIMEOUT {
+                        return Err(format!("bad timeout {text:?}: at most 7 days"));
                     }
                     timeout
                 }

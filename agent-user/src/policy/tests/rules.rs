@@ -275,6 +275,28 @@ policies:
     roles: [a]
     targets: [t]
     rules:
+      - { name: slow, match: any, action: review, timeout: 8days }
+"#,
+            r#"policy "p", rule "slow": bad timeout "8days": at most 7 days"#,
+        ),
+        (
+            r#"
+policies:
+  - name: p
+    roles: [a]
+    targets: [t]
+    rules:
+      - { name: slow, match: any, action: review, timeout: 300000000000years }
+"#,
+            r#"policy "p", rule "slow": bad timeout "300000000000years""#,
+        ),
+        (
+            r#"
+policies:
+  - name: p
+    roles: [a]
+    targets: [t]
+    rules:
       - { name: r, match: { tables: [] }, action: deny }
 "#,
             r#"policy "p", rule "r": `match.tables` must not be empty"#,
