@@ -358,11 +358,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     drop(reader);
     let admin_http = match &cfg.admin.http {
         Some(h) => {
-            let verifier =
-                admin::jwt::Verifier::from_config(&h.jwt).map_err(|e| DaemonError::Io {
+            let verifier = admin::jwt::Verifier::from_config(&h.jwt)
+                .map_err(|e| DaemonError::Io {
                     what: "admin.http.jwt".into(),
                     source: std::io::Error::other(e.to_string()),
-                })?;
+                })?
+                // Validated at load.
+                .with_max_lifetime(h.max_token_lifetime().unwrap_or(None));
             let listener =
                 TcpListener::bind(h.listen)
                     .await

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind as JwtErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyOperations, PublicKeyUse};
@@ -77,6 +78,13 @@ pub enum JwtError {
     WrongAudience,
     #[error("token has no subject (`sub` missing or empty)")]
     MissingSub,
+    #[error("token issued in the future (iat)")]
+    IssuedInFuture,
+    #[error(
+        "token lifetime (exp - iat) exceeds admin.http.max_token_lifetime ({}s)",
+        .0.as_secs()
+    )]
+    LifetimeTooLong(Duration),
 }
 
 /// Where the verifying key comes from.
@@ -95,6 +103,8 @@ pub struct Verifier {
     algorithm: Algorithm,
     keys: Keys,
     validation: Validation,
+    /// The longest `exp - iat` (`exp - now` without `iat`) accepted.
+    max_lifetime: Option<Duration>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -117,6 +127,11 @@ impl std::fmt::Debug for Verifier {
 struct Claims {
     #[serde(default)]
     sub: Option<String>,
+    /// Required and checked by the library; read again for the lifetime.
+    #[serde(default)]
+    exp: Option<f64>,
+    #[serde(default)]
+    iat: Option<f64>,
 }
 
 impl Verifier {
@@ -168,7 +183,15 @@ impl Verifier {
             algorithm,
             keys,
             validation,
+            max_lifetime: None,
         })
+    }
+
+    /// Refuses tokens that live longer than `max` (`admin.http.max_token_lifetime`): a leaked
+    /// token is good only for so long, whatever its issuer wrote.
+    pub fn with_max_lifetime(mut self, max: Option<Duration>) -> Verifier {
+        self.max_lifetime = max;
+        self
     }
 
     /// Verifies `token` (the compact JWS, without `Bearer `) and returns its `sub`.
@@ -205,6 +228,20 @@ impl Verifier {
         };
         let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
             .map_err(|e| token_error(e.into_kind()))?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        if let Some(iat) = data.claims.iat
+            && iat > now + self.validation.leeway as f64
+        {
+            return Err(JwtError::IssuedInFuture);
+        }
+        if let (Some(max), Some(exp)) = (self.max_lifetime, data.claims.exp) {
+            let from = data.claims.iat.unwrap_or(now);
+            if exp - from > max.as_secs_f64() {
+                return Err(JwtError::LifetimeTooLong(max));
+            }
+        }
         match data.claims.sub {
             Some(sub) if !sub.trim().is_empty() => Ok(sub),
             _ => Err(JwtError::MissingSub),
@@ -517,6 +554,44 @@ mod tests {
         let err = Verifier::from_config(&cfg).unwrap_err();
         assert!(matches!(err, JwtError::ReadKeyFile { .. }), "{err}");
         assert!(err.to_string().contains("/nonexistent/agentgate-secret"));
+    }
+
+    #[test]
+    fn a_token_issued_in_the_future_is_refused() {
+        let (v, _f) = hs256(SECRET);
+        let ahead = hs(json!({"sub": "alice", "iat": now() + 3600, "exp": now() + 7200}));
+        assert!(matches!(v.verify(&ahead), Err(JwtError::IssuedInFuture)));
+        // Within the leeway (clock skew), and in the past, it is fine.
+        let mut cfg = config(JwtAlgorithm::HS256);
+        let file = TempSecret::new(SECRET);
+        cfg.secret_file = Some(file.0.clone());
+        cfg.leeway_secs = 60;
+        let lenient = Verifier::from_config(&cfg).unwrap();
+        let skewed = hs(json!({"sub": "alice", "iat": now() + 30, "exp": now() + 300}));
+        assert_eq!(lenient.verify(&skewed).unwrap(), "alice");
+        let past = hs(json!({"sub": "alice", "iat": now() - 30, "exp": now() + 300}));
+        assert_eq!(v.verify(&past).unwrap(), "alice");
+    }
+
+    #[test]
+    fn a_token_living_longer_than_the_maximum_is_refused() {
+        let (v, _f) = hs256(SECRET);
+        let v = v.with_max_lifetime(Some(Duration::from_secs(24 * 3600)));
+        let year = now() + 365 * 24 * 3600;
+        // exp - iat too long, though exp is in the future.
+        let long = hs(json!({"sub": "alice", "iat": now() - 10, "exp": year}));
+        assert!(matches!(v.verify(&long), Err(JwtError::LifetimeTooLong(_))));
+        // Without iat, exp - now counts.
+        let no_iat = hs(json!({"sub": "alice", "exp": year}));
+        assert!(matches!(
+            v.verify(&no_iat),
+            Err(JwtError::LifetimeTooLong(_))
+        ));
+        let day = hs(json!({"sub": "alice", "iat": now(), "exp": now() + 3600}));
+        assert_eq!(v.verify(&day).unwrap(), "alice");
+        // Off: any lifetime.
+        let (any, _g) = hs256(SECRET);
+        assert_eq!(any.verify(&no_iat).unwrap(), "alice");
     }
 
     #[test]

@@ -492,6 +492,29 @@ pub struct AdminHttpConfig {
     /// A loopback `ip:port`. Governed agents' connects to it are refused in the kernel.
     pub listen: SocketAddr,
     pub jwt: JwtConfig,
+    /// The longest token lifetime accepted (`exp - iat`, or `exp - now` without `iat`), such as
+    /// `24h`; `off` accepts any.
+    #[serde(default = "default_max_token_lifetime")]
+    pub max_token_lifetime: String,
+}
+
+fn default_max_token_lifetime() -> String {
+    "24h".into()
+}
+
+impl AdminHttpConfig {
+    /// `max_token_lifetime`, validated at load (`None`: `off`).
+    pub fn max_token_lifetime(&self) -> Result<Option<std::time::Duration>, String> {
+        let text = self.max_token_lifetime.trim();
+        if text == "off" {
+            return Ok(None);
+        }
+        match humantime::parse_duration(text) {
+            Ok(d) if d.is_zero() => Err("must be positive (or `off`)".into()),
+            Ok(d) => Ok(Some(d)),
+            Err(e) => Err(format!("bad duration {text:?}: {e}")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -737,6 +760,9 @@ impl Config {
                     "admin.http.listen".into(),
                     "needs a fixed port other than the enforcer's".into(),
                 ));
+            }
+            if let Err(e) = h.max_token_lifetime() {
+                return Err(invalid("admin.http.max_token_lifetime".into(), e));
             }
             let j = &h.jwt;
             let keys = [j.public_key_file.is_some(), j.jwks_file.is_some()];
