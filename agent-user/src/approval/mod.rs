@@ -1050,9 +1050,9 @@ fn ticket_bytes(t: &Ticket) -> usize {
         .fold(t.statement.len(), |sum, p| sum.saturating_add(p.len()))
 }
 
-/// The longest grant: access is meant to be just in time, and a longer one (past year 9999)
-/// could not even be written as a date.
-pub const MAX_GRANT: Duration = Duration::from_secs(366 * 24 * 3600);
+/// The longest grant: access is meant to be just in time (a standing need is a role in the
+/// configuration), and the expiry must stay far from what a date can hold.
+pub const MAX_GRANT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 fn check_grant_duration(d: Duration) -> Result<(), ApprovalError> {
     if d.is_zero() {
@@ -1060,7 +1060,7 @@ fn check_grant_duration(d: Duration) -> Result<(), ApprovalError> {
     }
     if d > MAX_GRANT {
         return Err(ApprovalError::Invalid(
-            "--for is at most 366 days: grants are just-in-time access".into(),
+            "--for is at most 7 days: grants are just-in-time access".into(),
         ));
     }
     Ok(())
