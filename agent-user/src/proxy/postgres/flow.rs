@@ -928,6 +928,27 @@ async fn judge(ctx: &Context<'_>, sql: &str) -> Judgement {
     }
 }
 
+/// The judgement made before the state was locked, as it stands now: judged again (no await,
+/// the catalog's answers kept) if a grant it relied on ended while the catalog was asked, so
+/// that what is sent is judged with the grants in force when it is sent. `None`: not judged
+/// above; nothing verified, computed columns redacted.
+fn current(ctx: &Context<'_>, sql: &str, judgement: Option<Judgement>) -> Judgement {
+    let verified = match judgement {
+        Some(j) if j.role_grants.is_empty() || ctx.shared.approvals.all_active(&j.role_grants) => {
+            return j;
+        }
+        Some(j) => j.verified,
+        None => Arc::default(),
+    };
+    let (qd, judged, role_grants) = judge_with(ctx, sql, &verified);
+    Judgement {
+        qd,
+        judged,
+        role_grants,
+        verified,
+    }
+}
+
 /// [`judge`] with the qualified references already checked (`verified`: those found to be
 /// columns; any other is taken as a whole row).
 fn judge_with(
@@ -1805,11 +1826,12 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                     wake = true;
                 }
                 FrontendMessage::Query { sql } => {
-                    let (qd, mut judged, grants) = match judgement.take() {
-                        Some(j) => (j.qd, j.judged, j.role_grants),
-                        // (Judged above.) Nothing verified: computed columns redacted.
-                        None => judge_with(ctx, sql, &Verified::new()),
-                    };
+                    let Judgement {
+                        qd,
+                        mut judged,
+                        role_grants: grants,
+                        ..
+                    } = current(ctx, sql, judgement.take());
                     if qd
                         .statements
                         .iter()
@@ -1867,20 +1889,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                         judged,
                         role_grants,
                         verified,
-                    } = match judgement.take() {
-                        Some(j) => j,
-                        // (Judged above.) Nothing verified: computed columns redacted.
-                        None => {
-                            let (qd, judged, role_grants) =
-                                judge_with(ctx, query, &Verified::new());
-                            Judgement {
-                                qd,
-                                judged,
-                                role_grants,
-                                verified: Arc::default(),
-                            }
-                        }
-                    };
+                    } = current(ctx, query, judgement.take());
                     // The server refuses several statements in one Parse: so does the gate,
                     // which would otherwise prepare the first one's decision for all of them.
                     let judged = if qd.statements.len() > 1 {
