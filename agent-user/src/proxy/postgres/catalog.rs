@@ -198,7 +198,7 @@ impl Catalog {
         let key = (target.name.clone(), database.to_string());
         let now = Instant::now();
         let mut out = HashMap::new();
-        let mut missing: Vec<&RelationName> = Vec::new();
+        let mut missing: HashSet<&RelationName> = HashSet::new();
         {
             let names = self
                 .names
@@ -209,8 +209,9 @@ impl Catalog {
                     Some(e) if now.saturating_duration_since(e.fetched) < TTL => {
                         out.insert(name.clone(), e.columns.clone());
                     }
-                    _ if !missing.contains(&name) => missing.push(name),
-                    _ => {}
+                    _ => {
+                        missing.insert(name);
+                    }
                 }
             }
         }

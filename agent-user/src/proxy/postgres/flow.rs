@@ -1267,20 +1267,28 @@ async fn verify_columns(ctx: &Context<'_>, qd: &QueryDecision) -> Verified {
     if wanted.is_empty() {
         return Verified::new();
     }
-    let mut relations: Vec<catalog::RelationName> = Vec::new();
-    for q in &wanted {
-        let relation = (q.schema.clone(), q.relation.clone());
-        if !relations.contains(&relation) {
-            relations.push(relation);
-        }
-    }
-    let Ok(columns) = ctx
+    // A set: a statement may name thousands of relations, each many times.
+    let relations: Vec<catalog::RelationName> = wanted
+        .iter()
+        .map(|q| (q.schema.clone(), q.relation.clone()))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let columns = match ctx
         .shared
         .catalog
         .relation_columns(ctx.gate, ctx.target, &ctx.database, &relations)
         .await
-    else {
-        return Verified::new();
+    {
+        Ok(columns) => columns,
+        Err(e) => {
+            tracing::warn!(
+                target = %ctx.target.name,
+                error = %e,
+                "the catalog could not say which qualified names are columns; the statement's computed columns are redacted"
+            );
+            return Verified::new();
+        }
     };
     wanted
         .into_iter()
