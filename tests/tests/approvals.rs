@@ -74,6 +74,9 @@ fn config(pg: &Postgres, extra: &str) -> String {
     cgroup: {{base}}/bot
     roles: [operator]
     targets: [db]
+    # `exec` would refuse its Unix sockets: the admin API's own refusal of governed callers
+    # (which also guards services placed with `attach`) is what the tests here check.
+    allow_unix_sockets: true
   - name: bot2
     cgroup: {{base}}/bot2
     roles: [operator]
@@ -1044,6 +1047,28 @@ fn a_governed_agent_cannot_use_the_admin_api_or_approve_its_own_ticket() {
     assert!(!o.status.success(), "{}", show(&o));
     assert!(
         text(&o.stderr).contains("may not use the admin API"),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(ticket_state(&gate, id.parse().unwrap()), "pending");
+    // An agent without `allow_unix_sockets` does not get as far as the socket.
+    let o = gate
+        .exec(
+            "bot2",
+            &[
+                bin.to_str().unwrap(),
+                "approvals",
+                "approve",
+                &id,
+                "--config",
+                &config,
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(
+        text(&o.stderr).contains("Operation not permitted"),
         "{}",
         show(&o)
     );

@@ -1919,3 +1919,104 @@ print(json.dumps(out))
     want.sort_unstable();
     assert_eq!(named, want, "{line}");
 }
+
+/// Creates the sockets no kernel hook sees and tries io_uring; prints each call's errno (0:
+/// it worked). argv[1]: a Unix socket that answers `hello`.
+const OTHER_SOCKETS: &str = r#"
+import ctypes, json, os, socket, sys
+out = {}
+def probe(name, f):
+    try:
+        f()
+        out[name] = 0
+    except OSError as e:
+        out[name] = e.errno
+def unix():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    out["unix_reply"] = s.recv(16).decode()
+    s.close()
+probe("unix", unix)
+probe("vsock", lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close())
+probe("alg", lambda: socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET).close())
+probe("pair", lambda: [s.close() for s in socket.socketpair()])
+probe("tcp", lambda: socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close())
+probe("netlink", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close())
+libc = ctypes.CDLL(None, use_errno=True)
+params = ctypes.create_string_buffer(120)
+fd = libc.syscall(425, 4, params)  # io_uring_setup(4, &params)
+out["io_uring"] = 0 if fd >= 0 else ctypes.get_errno()
+if fd >= 0:
+    os.close(fd)
+out["no_new_privs"] = [l.split()[1] for l in open("/proc/self/status") if l.startswith("NoNewPrivs")][0]
+print(json.dumps(out))
+"#;
+
+#[test]
+fn exec_refuses_unix_vsock_and_other_sockets_no_hook_sees_and_io_uring() {
+    // The connect hooks see IPv4 and IPv6 only: a Unix socket reaches whatever listens on its
+    // path (a database trusting local connections, a container engine), a vsock the hypervisor's
+    // host, io_uring creates and connects sockets where no system call filter looks. `exec`
+    // refuses them all with a seccomp filter; `allow_unix_sockets: true` lets Unix ones through.
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&two_agents(&echo, "", "local", "allow_unix_sockets: true"));
+    // A service on a Unix socket anyone may connect to.
+    let dir = std::env::temp_dir().join(agentgate_tests::unique("agentgate-unix"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.join("service.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().map_while(Result::ok) {
+            let _ = s.write_all(b"hello");
+        }
+    });
+    let path = path.to_str().unwrap();
+    let outcome = |cmd: &mut Command| -> Value {
+        let o = run(cmd);
+        serde_json::from_str(stdout(&o).trim())
+            .unwrap_or_else(|e| panic!("{e}: {}", agentgate_tests::show(&o)))
+    };
+    let script = ["/usr/bin/python3", "-c", OTHER_SOCKETS, path];
+    let outside = outcome(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(script),
+    );
+    assert_eq!(
+        outside["unix"], 0,
+        "the route exists outside the gate: {outside}"
+    );
+    assert_eq!(outside["unix_reply"], "hello", "{outside}");
+    assert_ne!(outside["alg"], EPERM, "{outside}");
+    assert_eq!(outside["io_uring"], 0, "{outside}");
+    assert_ne!(outside["vsock"], EPERM, "{outside}");
+    assert_eq!(outside["no_new_privs"], "0", "{outside}");
+
+    for (who, bot) in [
+        (
+            "nobody",
+            outcome(&mut gate.exec_as("bot", "nobody", &script)),
+        ),
+        ("root", outcome(&mut gate.exec("bot", &script))),
+    ] {
+        for refused in ["unix", "vsock", "alg", "io_uring"] {
+            assert_eq!(bot[refused], EPERM, "{refused} as {who}: {bot}");
+        }
+        assert!(bot.get("unix_reply").is_none(), "{bot}");
+        for allowed in ["pair", "tcp", "netlink"] {
+            assert_eq!(bot[allowed], 0, "{allowed} as {who}: {bot}");
+        }
+        assert_eq!(bot["no_new_privs"], "1", "{bot}");
+    }
+    let local = outcome(&mut gate.exec_as("local", "nobody", &script));
+    assert_eq!(local["unix"], 0, "allow_unix_sockets: {local}");
+    assert_eq!(local["unix_reply"], "hello", "{local}");
+    for refused in ["vsock", "alg", "io_uring"] {
+        assert_eq!(local[refused], EPERM, "{refused}: {local}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

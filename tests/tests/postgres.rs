@@ -2633,3 +2633,56 @@ fn whole_rows_read_through_functional_notation_are_redacted() {
         "987-65-4321|Bob 987-65-4321"
     );
 }
+
+#[test]
+fn a_governed_agent_cannot_reach_the_database_over_its_unix_socket() {
+    // The test server trusts every local (Unix socket) connection, as initdb's default does:
+    // an agent that opened its socket would be the superuser, with nothing judged, masked or
+    // recorded. No kernel hook sees Unix sockets; `exec` refuses to create them.
+    let (pg, gate) = start();
+    let port = pg.port.to_string();
+    let dir = pg.dir.to_str().unwrap();
+    let psql = [
+        "psql",
+        "-X",
+        "-A",
+        "-t",
+        "-h",
+        dir,
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+        "-c",
+        "SELECT current_user",
+    ];
+    let outside = agentgate_tests::run(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(psql),
+    );
+    assert!(outside.status.success(), "{}", show(&outside));
+    assert_eq!(
+        text(&outside.stdout).trim(),
+        "postgres",
+        "the route exists outside the gate"
+    );
+    for o in [
+        agentgate_tests::run(&mut gate.exec_as("bot", "nobody", &psql)),
+        agentgate_tests::run(&mut gate.exec("bot", &psql)),
+    ] {
+        assert!(!o.status.success(), "{}", show(&o));
+        assert!(text(&o.stdout).trim().is_empty(), "{}", show(&o));
+        assert!(
+            text(&o.stderr).contains("could not create socket: Operation not permitted"),
+            "{}",
+            show(&o)
+        );
+    }
+    // Through the gate (TCP) the same agent still works.
+    let o = gated_psql(&gate, &pg, "bot", &["-A", "-t"], "SELECT 1");
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(text(&o.stdout).trim(), "1", "{}", show(&o));
+}

@@ -13,6 +13,10 @@
 //! stays outside the cgroup, waits, passes on the exit status and relays the signals the
 //! terminal or an operator sends it (the command's own session gets none from the terminal).
 //!
+//! Just before it becomes the command, the child puts a system call filter on itself: sockets
+//! of the families no kernel hook sees (Unix unless the agent allows them, vsock, packet, ...)
+//! and io_uring are refused (see [`seccomp`]).
+//!
 //! Whether the agent is governed, and who it runs as, is decided by the child from the
 //! configuration, just before it joins; the parent checks the same first, to fail early.
 
@@ -25,7 +29,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::unistd::{Gid, Pid, Uid, User};
 
-use super::{CliError, msg};
+use super::{CliError, msg, seccomp};
 use crate::config::{Config, normalize_cgroup};
 use crate::identity::{CgroupFs, cgroup_id};
 use crate::intercept;
@@ -107,6 +111,8 @@ struct Prepared {
     relative: String,
     user: Option<User>,
     command: Command,
+    /// The agent's `allow_unix_sockets` (see [`seccomp`]).
+    allow_unix_sockets: bool,
 }
 
 /// Everything `exec` refuses for, checked without changing anything.
@@ -159,6 +165,7 @@ fn prepare(cfg: &Config, request: &ExecRequest<'_>) -> Result<Prepared, CliError
         relative,
         user,
         command,
+        allow_unix_sockets: a.allow_unix_sockets,
     })
 }
 
@@ -372,6 +379,7 @@ pub fn exec_supervised(
         relative,
         user,
         mut command,
+        allow_unix_sockets,
     } = prepare(cfg, request)?;
     // Join before exec so that every socket the command creates is created inside the cgroup,
     // and before dropping privileges, which writing `cgroup.procs` needs.
@@ -387,6 +395,8 @@ pub fn exec_supervised(
     if nix::unistd::getppid().as_raw() != i32::try_from(supervisor).unwrap_or(-1) {
         return Err(msg("`agentgate exec` ended before the command started"));
     }
+    // Last: it sets `no_new_privs`, and nothing before the command needs a socket.
+    seccomp::install(allow_unix_sockets)?;
     let err = command.exec();
     Err(msg(format!(
         "cannot run `{}`: {err}",

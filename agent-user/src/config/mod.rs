@@ -290,6 +290,12 @@ pub struct AgentConfig {
     /// host (loopback addresses) are always accepted.
     #[serde(default)]
     pub allow_inbound: bool,
+    /// Processes `agentgate exec` starts may create Unix-domain sockets. Off by default: no
+    /// hook sees where they connect, and a database's local socket (often trusted without a
+    /// password) or a container engine's would be reached past the gate. Socket pairs are
+    /// always allowed; vsock, packet and other non-IP families never (see `cli::seccomp`).
+    #[serde(default)]
+    pub allow_unix_sockets: bool,
     /// Connections of this agent the enforcer serves at once; more are closed at accept (with
     /// a `connection_limit` event). One agent cannot run the daemon out of descriptors for all.
     #[serde(default = "default_max_connections")]

@@ -1,0 +1,170 @@
+//! The system call filter `agentgate exec` puts on a governed command, for the sockets the
+//! kernel hooks never see.
+//!
+//! The cgroup hooks govern IPv4 and IPv6 sockets only. A Unix socket reaches whatever listens on
+//! its path: a database's local socket (often trusted without a password), a container engine's
+//! (root on the host), another proxy. A vsock reaches the hypervisor's host, and the other
+//! families (packet, TIPC, RDS, Bluetooth, ...) each have their own way out. None of them passes
+//! a connect hook, so none can be redirected, judged or recorded. And io_uring creates and
+//! connects sockets from the kernel's side of its queue, where no system call filter looks.
+//!
+//! So the command may create IPv4 and IPv6 sockets (which the hooks govern), netlink sockets
+//! (the C library asks the kernel for its interface addresses through one; they reach the
+//! kernel, not another host), Unix sockets only when its agent has `allow_unix_sockets: true`,
+//! and unconnected Unix socket pairs (they reach nothing: a process shares them with its own
+//! children). `socket`/`socketpair` of another family and `io_uring_setup` fail with `EPERM`.
+//! A system call made through the 32-bit entry points kills the process: there `socket` is
+//! reached through `socketcall`, whose arguments a filter cannot read.
+//!
+//! The filter is installed by the command's own process just before it becomes the command,
+//! stays on it and on everything it starts, and cannot be removed. Installing it sets
+//! `no_new_privs` (the kernel asks for that or `CAP_SYS_ADMIN`, and seccompiler always sets it):
+//! a set-user-id program the agent runs does not gain its owner's rights.
+//!
+//! Processes placed in a cgroup with `attach` (a systemd service) have no such filter: for them
+//! see the README's known limits (systemd's `RestrictAddressFamilies=` does the same).
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+use super::{CliError, msg};
+
+/// The `errno` every refused call gets: what the kernel hooks return for what they refuse.
+const REFUSED: u32 = libc::EPERM as u32;
+
+/// The filter for a command: refuses what the module comment lists, allows the rest.
+pub fn filter(allow_unix_sockets: bool) -> Result<BpfProgram, CliError> {
+    let mut families = vec![libc::AF_INET, libc::AF_INET6, libc::AF_NETLINK];
+    if allow_unix_sockets {
+        families.push(libc::AF_UNIX);
+    }
+    let arch = TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|e| msg(format!("no system call filter for this architecture: {e}")))?;
+    let rules = [
+        (libc::SYS_socket, vec![family_not_in(&families)?]),
+        (libc::SYS_socketpair, vec![family_not_in(&[libc::AF_UNIX])?]),
+        // No condition: always refused.
+        (libc::SYS_io_uring_setup, vec![]),
+    ]
+    .into_iter()
+    .collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(REFUSED),
+        arch,
+    )
+    .map_err(|e| msg(format!("cannot build the system call filter: {e}")))?;
+    BpfProgram::try_from(filter)
+        .map_err(|e| msg(format!("cannot compile the system call filter: {e}")))
+}
+
+/// A rule matching a call whose first argument (the address family) is none of `families`.
+/// Compared as 32 bits: the kernel reads the family as an `int`.
+fn family_not_in(families: &[libc::c_int]) -> Result<SeccompRule, CliError> {
+    let conditions = families
+        .iter()
+        .map(|&f| {
+            SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Ne,
+                u64::from(f.unsigned_abs()),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| msg(format!("cannot build the system call filter: {e}")))?;
+    SeccompRule::new(conditions)
+        .map_err(|e| msg(format!("cannot build the system call filter: {e}")))
+}
+
+/// Puts the filter on the calling thread (and so on the program it executes next).
+pub fn install(allow_unix_sockets: bool) -> Result<(), CliError> {
+    let program = filter(allow_unix_sockets)?;
+    seccompiler::apply_filter(&program).map_err(|e| {
+        msg(format!(
+            "cannot put the socket filter on the command: {e}; without it the command could use Unix and other sockets no hook sees"
+        ))
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use std::os::fd::OwnedFd;
+
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket, socketpair};
+
+    fn create(family: AddressFamily, kind: SockType) -> Result<OwnedFd, nix::errno::Errno> {
+        socket(family, kind, SockFlag::SOCK_CLOEXEC, None)
+    }
+
+    /// Runs `probe` in a thread of its own with the filter on it (a filter is per thread until
+    /// the thread starts others), so the test process keeps its sockets.
+    fn filtered<T: Send + 'static>(allow_unix: bool, probe: fn() -> T) -> T {
+        std::thread::spawn(move || {
+            install(allow_unix).expect("install");
+            probe()
+        })
+        .join()
+        .expect("probe thread")
+    }
+
+    #[test]
+    fn only_ip_and_netlink_sockets_and_socket_pairs_are_created_under_the_filter() {
+        let outcome = filtered(false, || {
+            [
+                create(AddressFamily::Inet, SockType::Stream).err(),
+                create(AddressFamily::Inet6, SockType::Datagram).err(),
+                create(AddressFamily::Netlink, SockType::Raw).err(),
+                create(AddressFamily::Unix, SockType::Stream).err(),
+                create(AddressFamily::Vsock, SockType::Stream).err(),
+                create(AddressFamily::Alg, SockType::SeqPacket).err(),
+                socketpair(
+                    AddressFamily::Unix,
+                    SockType::Stream,
+                    None,
+                    SockFlag::SOCK_CLOEXEC,
+                )
+                .err(),
+            ]
+        });
+        let eperm = Some(nix::errno::Errno::EPERM);
+        assert_eq!(
+            outcome,
+            [None, None, None, eperm, eperm, eperm, None],
+            "inet, inet6, netlink, unix, vsock, alg, unix pair"
+        );
+        // Outside the filter (this thread) Unix sockets are still created.
+        assert!(create(AddressFamily::Unix, SockType::Stream).is_ok());
+    }
+
+    #[test]
+    fn allow_unix_sockets_lets_unix_sockets_through_and_nothing_else() {
+        let outcome = filtered(true, || {
+            [
+                create(AddressFamily::Unix, SockType::Stream).err(),
+                create(AddressFamily::Vsock, SockType::Stream).err(),
+            ]
+        });
+        assert_eq!(outcome, [None, Some(nix::errno::Errno::EPERM)]);
+    }
+
+    #[test]
+    fn the_filter_checks_the_architecture_first() {
+        // The first instructions load the audit architecture and kill the process on any other
+        // (the 32-bit entry points' `socketcall` would pass a family the filter cannot read).
+        let program = filter(false).unwrap();
+        assert!(program.len() > 3, "{program:?}");
+        let kill = seccompiler::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_KILL_PROCESS,
+        };
+        assert_eq!(program.get(2), Some(&kill), "{:?}", program.get(..3));
+    }
+}
