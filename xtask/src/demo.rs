@@ -4,7 +4,8 @@
 //! daemon with pinned eBPF hooks, and an unmodified `psql` placed under the gate as `demo-agent`
 //! (running as `nobody`): masked reads, an in-band denial, an UPDATE held until the operator
 //! approves it. The session shows up in `agentgate sessions list`; a connect to any
-//! other destination is refused in the kernel. Everything is stopped and unpinned at the end;
+//! other destination is refused in the kernel, and one over the database's Unix socket by
+//! `exec`'s socket filter. Everything is stopped and unpinned at the end;
 //! the session store stays in /var/lib/agentgate for inspection.
 
 use std::path::PathBuf;
@@ -232,6 +233,30 @@ pub fn run() -> Result<()> {
     )?;
     if refused {
         bail!("a connect to an unconfigured destination was not refused");
+    }
+    // The demo server trusts local connections (initdb's default): over its Unix socket the
+    // agent would be the superuser, past every hook. `exec` refuses the socket itself.
+    let local = show(
+        "the agent tries the database's Unix socket (which trusts local users): refused by exec's socket filter",
+        Command::new(agentgate())
+            .args([
+                "exec",
+                "--agent",
+                "demo-agent",
+                "--user",
+                "nobody",
+                "--",
+                "psql",
+                "-X",
+            ])
+            .arg(format!(
+                "host={} port={DEMO_PORT} user=postgres dbname=postgres",
+                pg.dir.display()
+            ))
+            .args(["-c", "select 1"]),
+    )?;
+    if local {
+        bail!("a connect over the database's Unix socket was not refused");
     }
     std::thread::sleep(Duration::from_millis(300));
     show(
