@@ -960,6 +960,69 @@ fn an_execute_the_gate_cannot_tie_to_a_judged_statement_is_refused() {
 }
 
 #[test]
+fn a_write_the_agent_hung_up_on_is_recorded_with_what_the_server_did() {
+    // The agent sends an UPDATE and hangs up at once (with Terminate, or without): the server
+    // runs and commits it. The record must say so, not that it failed.
+    let (pg, gate) = start();
+    for how in ["terminate", "close"] {
+        pg.admin_sql("UPDATE t SET v = 'a' WHERE id = 1");
+        let l = pg_client(&gate, &pg, "bot", "raw_hangup", how);
+        assert_eq!(step(&l, "sent")["step"], "sent", "{l:#?}");
+        agentgate_tests::wait_for("the write to commit", Duration::from_secs(10), || {
+            (count(&pg, "SELECT count(*) FROM t WHERE v = 'changed-by-agent'") == 1).then_some(())
+        });
+    }
+    let updates: Vec<Value> = all_statements(&gate, 2)
+        .into_iter()
+        .filter(|s| s["text"] == "UPDATE t SET v = 'changed-by-agent' WHERE id = 1")
+        .collect();
+    assert_eq!(updates.len(), 2, "{updates:#?}");
+    for u in &updates {
+        assert_eq!(u["command_tag"], "UPDATE 1", "{u:#}");
+        assert!(u["error"].is_null(), "{u:#}");
+    }
+}
+
+#[test]
+fn a_fetch_is_masked_by_the_cursor_it_reads_when_bound_not_when_prepared() {
+    // The server fixes a FETCH portal's columns at Bind, from whatever cursor has the name
+    // then; masking by the columns seen at Parse (one int of `t`) passed every masked column in
+    // clear, with or without a Describe of the portal once a plan had been cached.
+    let (pg, gate) = start();
+    let l = pg_client(&gate, &pg, "bot", "raw_redeclared_cursor", "");
+    for s in [
+        "declare_harmless",
+        "prepare_fetch",
+        "declare_masked",
+        "declare_again",
+        "rollback",
+    ] {
+        assert_eq!(step(&l, s)["ok"], true, "{s}: {l:#?}");
+    }
+    assert_eq!(
+        step(&l, "fetch_harmless")["rows"],
+        serde_json::json!([["1"], ["2"], ["3"]]),
+        "{l:#?}"
+    );
+    for s in ["fetch_without_describe", "fetch_with_describe"] {
+        let fetched = step(&l, s);
+        assert_eq!(fetched["ok"], true, "{s}: {l:#?}");
+        let row = fetched["rows"][0].as_array().cloned().unwrap_or_default();
+        assert_eq!(row.len(), 5, "{s}: {l:#?}");
+        let text = fetched["rows"].to_string();
+        for secret in [
+            "123-45-6789",
+            "123456789",
+            "4111111111111111",
+            "alice@example.com",
+        ] {
+            assert!(!text.contains(secret), "{s} leaked {secret}: {l:#?}");
+        }
+        assert_eq!(row[0], "1", "{s}: {l:#?}");
+    }
+}
+
+#[test]
 fn results_after_an_extended_protocol_copy_are_still_masked() {
     let (pg, gate) = start();
     let l = pg_client(&gate, &pg, "bot", "raw_copy_sync", "");
@@ -1834,8 +1897,8 @@ fn an_unnamed_statement_replacing_the_last_is_not_charged_twice_against_max_kept
 
 #[test]
 fn result_columns_past_max_kept_bytes_end_the_connection() {
-    // 1600 columns cost ~80 KB a statement: a few fit in 256 KiB, the Describe of the next
-    // ends the connection instead of keeping them beyond the budget.
+    // 1600 columns cost ~80 KB a portal: a few fit in 256 KiB, the Describe of the next ends
+    // the connection instead of keeping them beyond the budget.
     let (pg, gate) = start_with("    max_frame_bytes: 65536\n    max_kept_bytes: 262144\n");
     pg.admin_sql(
         "DO $$BEGIN EXECUTE (SELECT 'CREATE TABLE wide (' || string_agg('c' || i || ' int', ', ') || ')' FROM generate_series(1, 1600) i); END$$;",

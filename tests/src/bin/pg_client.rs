@@ -683,6 +683,63 @@ fn raw_out_of_step(port: u16) {
     emit(summary("after", c.until_ready()));
 }
 
+/// A write sent with Terminate in one packet, the connection closed at once: the server runs
+/// and commits it after the agent has gone. `arg` says how: `terminate` or `close` (no
+/// Terminate, just the end of the stream).
+fn raw_hangup(port: u16, how: &str) {
+    let mut c = Raw::connect(port);
+    let mut batch = query_msg("UPDATE t SET v = 'changed-by-agent' WHERE id = 1");
+    if how == "terminate" {
+        batch.extend(frame(b'X', &[]));
+    }
+    c.send(&batch);
+    drop(c);
+    emit(json!({"step": "sent"}));
+}
+
+/// A FETCH prepared while its cursor read one harmless column, executed after the cursor was
+/// declared again over masked columns: the server fixes a FETCH portal's columns at Bind, from
+/// the cursor as it is then. First with no Describe of the portal (the gate must describe it),
+/// then again with one (a plan cached for the first shape must not be reused).
+fn raw_redeclared_cursor(port: u16) {
+    let mut c = Raw::connect(port);
+    c.send(&query_msg("BEGIN; DECLARE c CURSOR FOR SELECT id FROM t"));
+    emit(summary("declare_harmless", c.until_ready()));
+    let mut batch = parse_msg("f", "FETCH ALL FROM c");
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("prepare_fetch", c.until_ready()));
+    let mut batch = bind_msg("", "f");
+    batch.extend(describe_msg(b'P', ""));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("fetch_harmless", c.until_ready()));
+    let masked =
+        "SELECT id, ssn, card_number, email, translate(ssn, '-', '') FROM customers WHERE id = 1";
+    c.send(&query_msg(&format!(
+        "CLOSE c; DECLARE c CURSOR FOR {masked}"
+    )));
+    emit(summary("declare_masked", c.until_ready()));
+    let mut batch = bind_msg("", "f");
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("fetch_without_describe", c.until_ready()));
+    c.send(&query_msg(&format!(
+        "CLOSE c; DECLARE c CURSOR FOR {masked}"
+    )));
+    emit(summary("declare_again", c.until_ready()));
+    let mut batch = bind_msg("", "f");
+    batch.extend(describe_msg(b'P', ""));
+    batch.extend(execute_msg(""));
+    batch.extend(sync_msg());
+    c.send(&batch);
+    emit(summary("fetch_with_describe", c.until_ready()));
+    c.send(&query_msg("ROLLBACK"));
+    emit(summary("rollback", c.until_ready()));
+}
+
 /// Ways to make the gate's view of names and responses part from the server's (each must leave
 /// masking and judging intact).
 fn raw_desync(port: u16) {
@@ -942,13 +999,17 @@ fn raw_replace_unnamed(port: u16, size: usize) {
     }
 }
 
-/// Named statements of a wide table's every column, each described, until the gate ends the
-/// connection for its memory budget.
+/// Portals of a wide table's every column, each described, in one transaction, until the gate
+/// ends the connection for its memory budget.
 fn raw_wide(port: u16) {
     let mut c = Raw::connect(port);
+    // Portals last until the transaction ends.
+    c.send(&query_msg("BEGIN"));
+    emit(summary("begin", c.until_ready()));
     for i in 0..10 {
         let mut batch = parse_msg(&format!("w{i}"), "SELECT * FROM wide");
-        batch.extend(describe_msg(b'S', &format!("w{i}")));
+        batch.extend(bind_msg(&format!("p{i}"), &format!("w{i}")));
+        batch.extend(describe_msg(b'P', &format!("p{i}")));
         batch.extend(sync_msg());
         c.send(&batch);
         let r = summary(&format!("wide{i}"), c.until_ready());
@@ -1122,6 +1183,8 @@ fn main() {
         "raw_out_of_step" => raw_out_of_step(port),
         "raw_copy_sync" => raw_copy_sync(port),
         "raw_desync" => raw_desync(port),
+        "raw_redeclared_cursor" => raw_redeclared_cursor(port),
+        "raw_hangup" => raw_hangup(port, &arg),
         "raw_startup" => raw_startup(port),
         "raw_budget" => raw_budget(port, arg.parse().expect("size")),
         "raw_wide" => raw_wide(port),

@@ -104,7 +104,7 @@ struct ExecRun {
 
 /// Whose columns a Describe answers.
 enum Described {
-    Statement(Option<Arc<Prepared>>),
+    Statement,
     Portal(Option<Arc<Portal>>),
 }
 
@@ -150,7 +150,6 @@ struct Prepared {
     kind: Option<&'static str>,
     tables: Arc<[TableRef]>,
     functions: Arc<[String]>,
-    columns: Mutex<Option<Vec<FieldDescription>>>,
     /// It prepares, deallocates or discards statements at the SQL level, or declares or closes
     /// cursors: the gate forgets its names when an Execute of it is sent (when the server
     /// acts), not at Parse.
@@ -168,7 +167,13 @@ struct Prepared {
 /// A masking plan for (mask profiles, result formats) of one prepared statement.
 /// Each plan keeps when it was built: the names it resolved are trusted as long as the
 /// catalog's (see [`catalog::TTL`]), so a rename outside the gate reaches the plans too.
-type CachedPlan = (Arc<[String]>, Vec<i16>, Option<Arc<RowPlan>>, Instant);
+type CachedPlan = (
+    Arc<[String]>,
+    Vec<i16>,
+    Vec<FieldDescription>,
+    Option<Arc<RowPlan>>,
+    Instant,
+);
 
 /// A masking plan kept for a simple query's result: by mask profiles and RowDescription bytes.
 type QueryPlan = (Arc<[String]>, Bytes, Option<Arc<RowPlan>>, Instant);
@@ -197,7 +202,11 @@ struct Portal {
     /// Bound parameters, kept only for statements under review (an approver sees them).
     params: Vec<Option<Bytes>>,
     param_formats: Vec<i16>,
+    /// Its result columns, from a Describe of the portal: the agent's own, or the one the gate
+    /// sends before the first Execute of a masked statement (see [`send_execute`]).
     columns: Mutex<Option<Vec<FieldDescription>>>,
+    /// A Describe of it was sent after its Bind.
+    described: AtomicBool,
     charge: Charge,
 }
 
@@ -647,6 +656,23 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Which side of a connection ended it.
+enum Ended {
+    Agent(Result<(), PgError>),
+    Server(Result<(), PgError>),
+}
+
+/// How long the server's answers are still read after the agent hung up with statements in
+/// flight (see [`run`]).
+const DRAIN_AFTER_HANGUP: Duration = Duration::from_secs(10);
+
+/// Whether statements were sent whose outcome the server has not reported yet.
+fn has_statements_in_flight(st: &State) -> bool {
+    st.queue
+        .iter()
+        .any(|e| matches!(e, Expect::Query(_) | Expect::Execute(_)))
+}
+
 pub async fn run(
     ctx: &Context<'_>,
     client: TcpStream,
@@ -663,6 +689,8 @@ pub async fn run(
         ..State::default()
     });
     let notify = Notify::new();
+    let gone = AtomicBool::new(false);
+    let mut drained = false;
     let mut up_bytes = 0u64;
     let mut down_bytes = 0u64;
     let result = {
@@ -675,16 +703,30 @@ pub async fn run(
             ToAgent {
                 half: &mut client_w,
                 mid_write: &mid_write,
+                gone: &gone,
             },
             &state,
             &notify,
             &mut down_bytes,
         );
-        tokio::select! {
+        tokio::pin!(from_server);
+        let ended = tokio::select! {
             // Either ending ends the connection: no need to draw which is polled first.
             biased;
-            r = from_agent => r,
-            r = from_server => r,
+            r = from_agent => Ended::Agent(r),
+            r = &mut from_server => Ended::Server(r),
+        };
+        match ended {
+            // The agent hung up (or sent Terminate): what it sent before still runs on the
+            // server, which stops once it reads the end. Its answers are still read and
+            // recorded for a while, so that a write that committed is not recorded as failed.
+            Ended::Agent(Ok(())) if has_statements_in_flight(&lock(&state)) => {
+                gone.store(true, Ordering::Relaxed);
+                drained = true;
+                let _ = tokio::time::timeout(DRAIN_AFTER_HANGUP, &mut from_server).await;
+                Ok(())
+            }
+            Ended::Agent(r) | Ended::Server(r) => r,
         }
     };
     // The gate ended the connection itself: the agent is told why, as the server would tell it.
@@ -695,24 +737,22 @@ pub async fn run(
         super::fatal(&mut client_w, code, &format!("agentgate: {e}")).await;
     }
     // Statements still in flight when the connection ended.
+    let unknown = if drained {
+        format!(
+            "outcome unknown: the agent hung up after sending it, and the server had not answered within {} s",
+            DRAIN_AFTER_HANGUP.as_secs()
+        )
+    } else {
+        "connection closed before the statement completed".to_string()
+    };
     for e in lock(&state).queue.drain(..) {
         match e {
             Expect::Query(q) => {
                 for r in q.recs.into_iter().skip(q.idx) {
-                    finish(
-                        ctx,
-                        r,
-                        None,
-                        Some("connection closed before the statement completed".into()),
-                    );
+                    finish(ctx, r, None, Some(unknown.clone()));
                 }
             }
-            Expect::Execute(x) => finish(
-                ctx,
-                x.rec,
-                None,
-                Some("connection closed before the statement completed".into()),
-            ),
+            Expect::Execute(x) => finish(ctx, x.rec, None, Some(unknown.clone())),
             _ => {}
         }
     }
@@ -1366,6 +1406,43 @@ fn error_frame_with(sqlstate: &str, message: &str) -> Bytes {
     }
 }
 
+/// Sends an Execute of `portal` (named `name`; `raw` is the agent's message) and queues its
+/// run. A masked statement's rows are masked by the portal's own result columns, which the
+/// server fixes at Bind: a statement's columns seen at Parse can be another result's by then (a
+/// `FETCH` reads whatever cursor has the name when it is bound; a name the search path finds
+/// can be another schema's table). So unless the agent described the portal itself, the gate
+/// does, just before the Execute.
+fn send_execute(
+    st: &mut State,
+    out: &mut BytesMut,
+    rec: Rec,
+    portal: Option<Arc<Portal>>,
+    name: &str,
+    raw: &[u8],
+) -> Result<(), PgError> {
+    if let Some(p) = &portal
+        && !rec.masks.is_empty()
+        && !p.described.swap(true, Ordering::Relaxed)
+    {
+        FrontendMessage::Describe {
+            kind: Target::Portal,
+            name: name.to_owned(),
+        }
+        .encode(out)?;
+        st.queue.push_back(Expect::Describe {
+            what: Described::Portal(Some(p.clone())),
+            internal: true,
+        });
+    }
+    st.queue.push_back(Expect::Execute(Box::new(ExecRun {
+        rec,
+        portal,
+        plan: None,
+    })));
+    out.extend_from_slice(raw);
+    Ok(())
+}
+
 /// Writes the injected error statement (see the module docs) and queues what it answers.
 fn inject(st: &mut State, out: &mut BytesMut) -> Result<(), PgError> {
     FrontendMessage::Parse {
@@ -1418,6 +1495,8 @@ enum Held {
     },
     Execute {
         raw: Bytes,
+        /// The portal's name, for the Describe [`send_execute`] may add.
+        name: String,
         portal: Option<Arc<Portal>>,
         prepared: Arc<Prepared>,
         /// The decision this Execute was held by: the statement's own, or the one it got when
@@ -1761,7 +1840,6 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
     let mut dec = FrontendDecoder::tagged(ctx.target.max_frame);
     let mut out = BytesMut::with_capacity(8192);
     let mut skipping = false;
-    let masking = ctx.shared.masker.is_some();
     let mut statement_timeout: Option<Duration> = None;
     loop {
         // While the session writer is behind, the agent's next message waits (backpressure);
@@ -1915,7 +1993,6 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                             let decision = first
                                 .map(|s| s.decision.clone())
                                 .unwrap_or(qd.decision.clone());
-                            let needs_columns = masking && !decision.mask.is_empty();
                             let prepared = Arc::new(Prepared {
                                 text: query.as_str().into(),
                                 kind: first.map(|s| s.facts.kind.as_str()),
@@ -1926,7 +2003,6 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 decision,
                                 role_grants,
                                 plans: Mutex::new(Vec::new()),
-                                columns: Mutex::new(None),
                                 changes_prepared: changes_prepared(&qd),
                                 changes_portals: changes_portals(&qd),
                                 cursors: first.map_or(CursorUse::None, |s| cursor_use(&s.facts)),
@@ -1940,18 +2016,6 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                 previous,
                             });
                             out.extend_from_slice(&frame.raw);
-                            if needs_columns {
-                                // Learn the result columns for masking even if the agent never asks.
-                                FrontendMessage::Describe {
-                                    kind: Target::Statement,
-                                    name: name.clone(),
-                                }
-                                .encode(&mut out)?;
-                                st.queue.push_back(Expect::Describe {
-                                    what: Described::Statement(Some(prepared)),
-                                    internal: true,
-                                });
-                            }
                             // Shadow-mode would-be denials are recorded at Parse.
                             if qd
                                 .statements
@@ -2006,6 +2070,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                             Vec::new()
                         },
                         columns: Mutex::new(None),
+                        described: AtomicBool::new(false),
                         charge,
                     });
                     let previous = st.portals.insert(portal, bound);
@@ -2055,6 +2120,7 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                     let decision = decision.into_owned();
                                     held = Some(Held::Execute {
                                         raw: frame.raw.clone(),
+                                        name: portal.clone(),
                                         portal: bound,
                                         prepared: p,
                                         decision,
@@ -2067,16 +2133,13 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                                         message,
                                     });
                                     let rec = record_execute(ctx, &p, &decision, reviewed.as_ref());
-                                    st.queue.push_back(Expect::Execute(Box::new(ExecRun {
-                                        rec,
-                                        portal: bound,
-                                        plan: None,
-                                    })));
+                                    send_execute(
+                                        &mut st, &mut out, rec, bound, portal, &frame.raw,
+                                    )?;
                                     let mut grants = p.role_grants.clone();
                                     grants.extend(rule_ids);
                                     st.cursor_sent(p.cursors, &grants);
                                     st.copy_pending |= p.kind == Some(StatementKind::Copy.as_str());
-                                    out.extend_from_slice(&frame.raw);
                                 }
                             }
                         }
@@ -2102,9 +2165,12 @@ async fn agent_to_server<W: AsyncWrite + Unpin>(
                 }
                 FrontendMessage::Describe { kind, name } => {
                     let what = match kind {
-                        Target::Statement => Described::Statement(st.statements.get(name).cloned()),
+                        Target::Statement => Described::Statement,
                         Target::Portal => Described::Portal(st.portals.get(name).cloned()),
                     };
+                    if let Described::Portal(Some(p)) = &what {
+                        p.described.store(true, Ordering::Relaxed);
+                    }
                     st.queue.push_back(Expect::Describe {
                         what,
                         internal: false,
@@ -2262,6 +2328,7 @@ fn settle_held(
         (
             Held::Execute {
                 raw,
+                name,
                 portal,
                 prepared,
                 decision,
@@ -2274,12 +2341,7 @@ fn settle_held(
             st.copy_pending |= prepared.kind == Some(StatementKind::Copy.as_str());
             st.cursor_sent(prepared.cursors, &[]);
             let rec = record_execute(ctx, &prepared, &decision, Some(&reviewed));
-            st.queue.push_back(Expect::Execute(Box::new(ExecRun {
-                rec,
-                portal,
-                plan: None,
-            })));
-            out.extend_from_slice(&raw);
+            send_execute(st, out, rec, portal, &name, &raw)?;
             Ok(false)
         }
         (
@@ -2356,20 +2418,52 @@ fn format_of(formats: &[i16], i: usize) -> Format {
     Format::from_code(format_code(formats, i)).unwrap_or(Format::Text)
 }
 
-fn cached_plan(
-    s: &Prepared,
-    masks: &Arc<[String]>,
-    formats: &[i16],
-) -> Option<Option<Arc<RowPlan>>> {
+/// The plan a statement's earlier Execute built for the same masks, formats and result columns.
+fn cached_plan(s: &Prepared, masks: &Arc<[String]>, portal: &Portal) -> Option<Arc<RowPlan>> {
+    let columns = portal
+        .columns
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let columns = columns.as_deref()?;
     s.plans
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .iter()
         // The lists are usually the statement decision's own (same pointer): no string compares.
-        .find(|(m, f, _, built)| {
-            (Arc::ptr_eq(m, masks) || m == masks) && f == formats && fresh(*built)
+        .find(|(m, f, c, _, built)| {
+            (Arc::ptr_eq(m, masks) || m == masks)
+                && *f == portal.formats
+                && c.as_slice() == columns
+                && fresh(*built)
         })
-        .map(|(_, _, p, _)| p.clone())
+        .and_then(|(_, _, _, p, _)| p.clone())
+}
+
+/// Keeps a plan built for one of `s`'s Executes for the next ones, within the connection's
+/// budget for what it keeps (the columns it was built for are kept with it, as the key).
+fn remember_plan(s: &Prepared, entry: CachedPlan) {
+    let mut plans = s
+        .plans
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let cost = |plans: &[CachedPlan]| plans.iter().map(|(.., c, _, _)| columns_cost(c)).sum();
+    let old: usize = cost(&plans);
+    let mut kept: Vec<CachedPlan> = std::mem::take(&mut *plans)
+        .into_iter()
+        .filter(|(.., built)| fresh(*built))
+        .collect();
+    remember(&mut kept, PLANS_PER_STATEMENT, entry);
+    let new: usize = cost(&kept);
+    if s.charge.budget.fits(new, old) {
+        *plans = kept;
+        s.charge.replace(old, new);
+    } else {
+        // Not kept: the next Execute plans again.
+        kept.pop();
+        let new = cost(&kept);
+        *plans = kept;
+        s.charge.replace(old, new);
+    }
 }
 
 /// Builds the masking plan for a result set (resolving table OIDs through the catalog).
@@ -2421,8 +2515,10 @@ async fn plan_for(
             }
         })
         .collect();
-    let plan = masker.plan(masks, &columns)?;
-    Ok(if plan.is_noop() { None } else { Some(plan) })
+    // A plan that changes nothing is kept all the same: it checks each row's width against the
+    // columns it was built for, so rows of another shape than described end the connection
+    // instead of passing unmasked.
+    Ok(Some(masker.plan(masks, &columns)?))
 }
 
 /// The agent's side of the connection, as the server's messages reach it.
@@ -2430,11 +2526,17 @@ struct ToAgent<'a> {
     half: &'a mut tokio::net::tcp::OwnedWriteHalf,
     /// Set while a write is under way: one cut short leaves a message half sent.
     mid_write: &'a AtomicBool,
+    /// Set once the agent has hung up: the server's answers are still read and recorded, and
+    /// go nowhere.
+    gone: &'a AtomicBool,
 }
 
 impl ToAgent<'_> {
     /// Writes whole messages.
     async fn send(&mut self, out: &[u8]) -> std::io::Result<()> {
+        if self.gone.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         self.mid_write.store(true, Ordering::Relaxed);
         self.half.write_all(out).await?;
         self.mid_write.store(false, Ordering::Relaxed);
@@ -2534,12 +2636,13 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
                         None
                     }
                     Some(Expect::Execute(x)) if x.plan.is_none() => {
-                        let cached = x.portal.as_ref().and_then(|p| {
-                            cached_plan(p.prepared.as_ref()?, &x.rec.masks, &p.formats)
-                        });
+                        let cached = x
+                            .portal
+                            .as_ref()
+                            .and_then(|p| cached_plan(p.prepared.as_ref()?, &x.rec.masks, p));
                         match cached {
                             Some(plan) => {
-                                x.plan = Some(plan);
+                                x.plan = Some(Some(plan));
                                 None
                             }
                             None => Some((x.rec.masks.clone(), x.portal.clone())),
@@ -2553,21 +2656,16 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
                     .as_ref()
                     .map(|p| p.formats.clone())
                     .unwrap_or_default();
-                let fields = portal
-                    .as_ref()
-                    .and_then(|p| columns_of(&p.columns))
-                    .or_else(|| {
-                        portal
-                            .as_ref()
-                            .and_then(|p| p.prepared.as_ref())
-                            .and_then(|s| columns_of(&s.columns))
-                    });
-                let plan = match (&masks[..], fields) {
-                    ([], _) => None,
+                // The portal's own columns (described after its Bind, by the agent or the gate),
+                // never its statement's as seen at Parse.
+                let fields = portal.as_ref().and_then(|p| columns_of(&p.columns));
+                let (plan, fields) = match (&masks[..], fields) {
+                    ([], _) => (None, Vec::new()),
                     (_, Some(fields)) => {
                         let fmts: Vec<Format> =
                             (0..fields.len()).map(|i| format_of(&formats, i)).collect();
-                        plan_for(ctx, &masks, &fields, &fmts).await?.map(Arc::new)
+                        let plan = plan_for(ctx, &masks, &fields, &fmts).await?.map(Arc::new);
+                        (plan, fields)
                     }
                     // Masking applies but the columns are unknown: refuse rather than leak.
                     (_, None) => {
@@ -2576,17 +2674,10 @@ async fn server_to_agent<R: AsyncRead + Unpin>(
                         ));
                     }
                 };
-                if let Some(s) = portal.as_ref().and_then(|p| p.prepared.as_ref()) {
-                    let mut plans = s
-                        .plans
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    plans.retain(|(_, _, _, built)| fresh(*built));
-                    remember(
-                        &mut *plans,
-                        PLANS_PER_STATEMENT,
-                        (masks, formats, plan.clone(), Instant::now()),
-                    );
+                if let Some(s) = portal.as_ref().and_then(|p| p.prepared.as_ref())
+                    && plan.is_some()
+                {
+                    remember_plan(s, (masks, formats, fields, plan.clone(), Instant::now()));
                 }
                 if let Some(Expect::Execute(x)) = lock(state).queue.front_mut() {
                     x.plan = Some(plan);
@@ -2753,11 +2844,10 @@ fn on_backend(
             Some(Expect::Describe { .. }) => {
                 if let Some(Expect::Describe { what, internal }) = st.queue.pop_front() {
                     match what {
-                        Described::Statement(Some(s)) => {
-                            set_columns(&s.columns, &s.charge, fields)?;
-                        }
+                        // A statement's columns are not kept: its Executes are masked by their
+                        // portals' (see `send_execute`).
                         Described::Portal(Some(p)) => set_columns(&p.columns, &p.charge, fields)?,
-                        Described::Statement(None) | Described::Portal(None) => {}
+                        Described::Statement | Described::Portal(None) => {}
                     }
                     if internal {
                         return Ok(());
