@@ -76,8 +76,19 @@ struct NamedEntry {
 pub struct Catalog {
     cache: Mutex<HashMap<(Key, u32), Entry>>,
     names: Mutex<HashMap<(Key, RelationName), NamedEntry>>,
-    conns: tokio::sync::Mutex<HashMap<Key, Upstream>>,
+    /// One connection per target and database, each behind its own lock: a catalog that is
+    /// slow for one database does not hold up the others.
+    conns: Mutex<HashMap<Key, Slot>>,
 }
+
+/// A catalog connection, opened when first needed.
+type Slot = Arc<tokio::sync::Mutex<Option<Upstream>>>;
+
+/// How long opening a catalog connection and running one query may take. Past it the query
+/// fails (the statement's columns then count as unknown, or its connection ends, as for any
+/// catalog error) and the connection is dropped: a stalled server cannot hold up every masked
+/// statement waiting on it.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Catalog {
     fn cached(&self, key: &Key, oid: u32) -> Option<Entry> {
@@ -277,24 +288,41 @@ impl Catalog {
         key: &Key,
         sql: &str,
     ) -> Result<Vec<Vec<Option<String>>>, PgError> {
-        let mut conns = self.conns.lock().await;
-        if !conns.contains_key(key) {
-            let params = vec![
-                ("database".to_string(), key.1.clone()),
-                (
-                    "application_name".to_string(),
-                    "agentgate-catalog".to_string(),
-                ),
-            ];
-            let conn = upstream::open(gate, target, &params).await?;
-            conns.insert(key.clone(), conn);
-        }
-        let Some(conn) = conns.get_mut(key) else {
-            return Err(PgError::UpstreamClosed);
+        let slot = self
+            .conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let mut conn = slot.lock().await;
+        let run = async {
+            if conn.is_none() {
+                let params = vec![
+                    ("database".to_string(), key.1.clone()),
+                    (
+                        "application_name".to_string(),
+                        "agentgate-catalog".to_string(),
+                    ),
+                ];
+                *conn = Some(upstream::open(gate, target, &params).await?);
+            }
+            match conn.as_mut() {
+                Some(c) => simple_query(c, sql).await,
+                None => Err(PgError::UpstreamClosed),
+            }
         };
-        let rows = simple_query(conn, sql).await;
+        let rows = match tokio::time::timeout(QUERY_TIMEOUT, run).await {
+            Ok(rows) => rows,
+            Err(_) => Err(PgError::Protocol(format!(
+                "the catalog of database \"{}\" did not answer within {} s",
+                key.1,
+                QUERY_TIMEOUT.as_secs()
+            ))),
+        };
         if rows.is_err() {
-            conns.remove(key);
+            // Half a conversation may be left on it.
+            *conn = None;
         }
         rows
     }
