@@ -140,7 +140,8 @@ pub struct DestValue {
 }
 
 /// What connect4/6 learned about a redirected socket. Saved by socket cookie in `PENDING`
-/// and `ORIG_DST`, then moved by sock_ops into `FLOWS` under the connection's 4-tuple.
+/// and `ORIG_DST`, then moved by sock_ops into `FLOWS` under the connection's 4-tuple once its
+/// handshake with the enforcer completes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowRecord {

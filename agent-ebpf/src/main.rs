@@ -8,8 +8,11 @@
 //!   its original destination saved by socket cookie; anything else is refused (`EPERM`). A
 //!   loopback or unspecified destination no entry names is looked up again as 127.0.0.1. UDP
 //!   connects are allowed only to configured resolvers.
-//! - `sock_ops` (`TCP_CONNECT_CB`): moves the saved record to `FLOWS` under the full 4-tuple, the
-//!   only key the enforcer can know on accept.
+//! - `sock_ops` (`ACTIVE_ESTABLISHED_CB`): once the agent's own socket has completed its
+//!   handshake with the enforcer, moves the saved record to `FLOWS` under the full 4-tuple, the
+//!   only key the enforcer can know on accept. Not earlier: a record under a 4-tuple whose
+//!   handshake never completed (a SYN the listener dropped) could be claimed by any local
+//!   process that binds the same source port and connects to the enforcer itself.
 //! - `getpeername4/6`: the agent sees the address it asked for.
 //! - `sendmsg4/6`: unconnected UDP from governed cgroups goes only to configured resolvers.
 //! - `bind4/6`: a governed bind to a port in `RESERVED_PORTS` (a target's, the enforcer's, the
@@ -61,23 +64,23 @@ use aya_ebpf::{
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
-const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 
 #[map]
 static GOVERNED: HashMap<u64, Governed> = HashMap::with_max_entries(MAX_GOVERNED, 0);
 #[map]
 static DESTS: LpmTrie<DestKey, DestValue> = LpmTrie::with_max_entries(MAX_DESTS, 0);
-/// LRU: an entry is left behind when a connect fails between this hook and sock_ops (a
-/// process can make that happen at will, e.g. two sockets bound to one address), and a full map
-/// would refuse every agent's connects. Eviction only drops the oldest records, those of
-/// connects long failed; a live one lasts microseconds.
+/// LRU: an entry is left behind when a connect fails between this hook and the end of its
+/// handshake (a process can make that happen at will: two sockets bound to one address, or a
+/// TCP MD5 key set for the loopback address, no capability needed, which makes the enforcer's
+/// listener drop the SYN), and a full map would refuse every agent's connects. Eviction only
+/// drops the oldest records, those of connects long failed; a live one lasts microseconds.
 #[map]
 static PENDING: LruHashMap<u64, FlowRecord> = LruHashMap::with_max_entries(MAX_PENDING, 0);
-/// LRU for the same reason as `PENDING`: a connect whose SYN never reaches the enforcer (a TCP
-/// MD5 key set for the loopback address makes the listener drop it, no capability needed)
-/// leaves its record until the daemon's sweep, and a process can make those at will. Eviction
-/// drops the oldest records; a live one is taken within microseconds of the handshake, so
-/// evicting one only closes that connection (fail closed).
+/// LRU for the same reason as `PENDING`: a connection the agent resets before the enforcer
+/// accepts it leaves its record until the daemon's sweep. Eviction drops the oldest records; a
+/// live one is taken within microseconds of the handshake, so evicting one only closes that
+/// connection (fail closed).
 #[map]
 static FLOWS: LruHashMap<FlowKey, FlowRecord> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 /// Original destination by socket cookie for getpeername; LRU because sockets close without
@@ -503,7 +506,9 @@ fn sock_ops_addr(ops: *mut bpf_sock_ops, local: bool) -> Addr {
 }
 
 fn try_sock_ops(ctx: &SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+    // The client's side of the handshake completes (the SYN-ACK arrived) before the enforcer's
+    // side queues the connection for accept: the record is in place when the enforcer looks.
+    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return 1;
     }
     // SAFETY: the helper takes the program's own context pointer.

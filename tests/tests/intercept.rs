@@ -2020,3 +2020,63 @@ fn exec_refuses_unix_vsock_and_other_sockets_no_hook_sees_and_io_uring() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_flow_record_of_a_connect_that_never_completed_cannot_be_claimed_by_another_process() {
+    // A TCP MD5 key for 127.0.0.1 (no capability needed) makes the gate's listener drop the
+    // agent's redirected SYN. Had its flow record been filed under the 4-tuple then, any local
+    // process binding the same source port and connecting to the gate would be served as the
+    // agent (with its brokered credentials). Records are filed once the handshake completes.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let stale = format!(
+        r#"
+import socket, struct
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+addr = struct.pack("=HH4s", socket.AF_INET, 0, socket.inet_aton("127.0.0.1")).ljust(128, b"\0")
+s.setsockopt(socket.IPPROTO_TCP, 14, addr + struct.pack("=BBHI", 0, 0, 4, 0) + b"key!".ljust(80, b"\0"))
+s.settimeout(1)
+try:
+    s.connect(("127.0.0.1", {port}))
+    print("connected")
+except OSError:
+    pass
+print(s.getsockname()[1])
+s.close()
+"#,
+        port = echo.addr.port()
+    );
+    let out = run(&mut gate.exec_as("bot", "nobody", &["/usr/bin/python3", "-c", &stale]));
+    let text = stdout(&out);
+    assert!(!text.contains("connected"), "{text}");
+    let source_port = text.trim();
+    let claim = format!(
+        r#"
+import socket
+c = socket.socket()
+c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+c.bind(("127.0.0.1", {source_port}))
+c.settimeout(3)
+c.connect(("127.0.0.1", {gate_port}))
+try:
+    c.sendall(b"claimed")
+    print(repr(c.recv(64)))
+except OSError as e:
+    print("closed", e.errno)
+"#,
+        gate_port = gate.port
+    );
+    let claimed = run(Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", &claim]));
+    let said = stdout(&claimed);
+    assert!(
+        said.trim() == "b''" || said.starts_with("closed"),
+        "the ungoverned process was served as the agent: {said} {}",
+        agentgate_tests::show(&claimed)
+    );
+    gate.wait_event("the claim closed without a flow record", |e| {
+        e["kind"] == "no_flow_record"
+    });
+}

@@ -583,7 +583,7 @@ impl Intercept {
         lock(&self.events).take()
     }
 
-    /// Removes `PENDING` records of connects that never reached TCP_CONNECT_CB and `FLOWS`
+    /// Removes `PENDING` records of connects whose handshake never completed and `FLOWS`
     /// records that were never accepted, older than `max_age_ns`. Returns how many.
     pub fn sweep(&self, now_ns: u64, max_age_ns: u64) -> usize {
         let old = |r: &FlowRecord| now_ns.saturating_sub(r.created_ns) > max_age_ns;
