@@ -1921,9 +1921,10 @@ print(json.dumps(out))
 }
 
 /// Creates the sockets no kernel hook sees and tries io_uring; prints each call's errno (0:
-/// it worked). argv[1]: a Unix socket that answers `hello`.
+/// it worked). argv[1]: a Unix socket that answers `hello`; argv[2]: a Unix datagram socket.
 const OTHER_SOCKETS: &str = r#"
 import ctypes, json, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
 out = {}
 def probe(name, f):
     try:
@@ -1940,9 +1941,18 @@ probe("unix", unix)
 probe("vsock", lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close())
 probe("alg", lambda: socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET).close())
 probe("pair", lambda: [s.close() for s in socket.socketpair()])
+probe("seqpacket_pair", lambda: [s.close() for s in socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)])
+def dgram_pair():
+    # connect(AF_UNSPEC) dissolves the pair: a plain datagram socket, which sends anywhere.
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    b.close()
+    if libc.connect(a.fileno(), ctypes.create_string_buffer(16), 16) != 0:
+        raise OSError(ctypes.get_errno(), "connect AF_UNSPEC")
+    a.sendto(b"from the agent", sys.argv[2])
+    a.close()
+probe("dgram_pair", dgram_pair)
 probe("tcp", lambda: socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close())
 probe("netlink", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close())
-libc = ctypes.CDLL(None, use_errno=True)
 params = ctypes.create_string_buffer(120)
 fd = libc.syscall(425, 4, params)  # io_uring_setup(4, &params)
 out["io_uring"] = 0 if fd >= 0 else ctypes.get_errno()
@@ -1975,12 +1985,26 @@ fn exec_refuses_unix_vsock_and_other_sockets_no_hook_sees_and_io_uring() {
         }
     });
     let path = path.to_str().unwrap();
+    // A datagram service anyone may send to (syslog's /dev/log, journald's socket).
+    let dgram_path = dir.join("dgram.sock");
+    let dgram = std::os::unix::net::UnixDatagram::bind(&dgram_path).unwrap();
+    std::fs::set_permissions(&dgram_path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    dgram.set_nonblocking(true).unwrap();
+    let received = || {
+        let mut n = 0;
+        let mut buf = [0u8; 64];
+        while dgram.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    };
+    let dgram_path = dgram_path.to_str().unwrap();
     let outcome = |cmd: &mut Command| -> Value {
         let o = run(cmd);
         serde_json::from_str(stdout(&o).trim())
             .unwrap_or_else(|e| panic!("{e}: {}", agentgate_tests::show(&o)))
     };
-    let script = ["/usr/bin/python3", "-c", OTHER_SOCKETS, path];
+    let script = ["/usr/bin/python3", "-c", OTHER_SOCKETS, path, dgram_path];
     let outside = outcome(
         Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
@@ -1991,6 +2015,8 @@ fn exec_refuses_unix_vsock_and_other_sockets_no_hook_sees_and_io_uring() {
         "the route exists outside the gate: {outside}"
     );
     assert_eq!(outside["unix_reply"], "hello", "{outside}");
+    assert_eq!(outside["dgram_pair"], 0, "{outside}");
+    assert_eq!(received(), 1, "the dissolved pair reached the service");
     assert_ne!(outside["alg"], EPERM, "{outside}");
     assert_eq!(outside["io_uring"], 0, "{outside}");
     assert_ne!(outside["vsock"], EPERM, "{outside}");
@@ -2003,11 +2029,16 @@ fn exec_refuses_unix_vsock_and_other_sockets_no_hook_sees_and_io_uring() {
         ),
         ("root", outcome(&mut gate.exec("bot", &script))),
     ] {
-        for refused in ["unix", "vsock", "alg", "io_uring"] {
+        for refused in ["unix", "vsock", "alg", "io_uring", "dgram_pair"] {
             assert_eq!(bot[refused], EPERM, "{refused} as {who}: {bot}");
         }
         assert!(bot.get("unix_reply").is_none(), "{bot}");
-        for allowed in ["pair", "tcp", "netlink"] {
+        assert_eq!(
+            received(),
+            0,
+            "as {who}: nothing reached the datagram service"
+        );
+        for allowed in ["pair", "seqpacket_pair", "tcp", "netlink"] {
             assert_eq!(bot[allowed], 0, "{allowed} as {who}: {bot}");
         }
         assert_eq!(bot["no_new_privs"], "1", "{bot}");
@@ -2015,9 +2046,12 @@ fn exec_refuses_unix_vsock_and_other_sockets_no_hook_sees_and_io_uring() {
     let local = outcome(&mut gate.exec_as("local", "nobody", &script));
     assert_eq!(local["unix"], 0, "allow_unix_sockets: {local}");
     assert_eq!(local["unix_reply"], "hello", "{local}");
+    assert_eq!(local["dgram_pair"], 0, "allow_unix_sockets: {local}");
+    assert_eq!(received(), 1);
     for refused in ["vsock", "alg", "io_uring"] {
         assert_eq!(local[refused], EPERM, "{refused}: {local}");
     }
+
     let _ = std::fs::remove_dir_all(&dir);
 }
 

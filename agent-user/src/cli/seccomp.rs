@@ -11,10 +11,14 @@
 //! So the command may create IPv4 and IPv6 sockets (which the hooks govern), netlink sockets
 //! (the C library asks the kernel for its interface addresses through one; they reach the
 //! kernel, not another host), Unix sockets only when its agent has `allow_unix_sockets: true`,
-//! and unconnected Unix socket pairs (they reach nothing: a process shares them with its own
-//! children). `socket`/`socketpair` of another family and `io_uring_setup` fail with `EPERM`.
-//! A system call made through the 32-bit entry points kills the process: there `socket` is
-//! reached through `socketcall`, whose arguments a filter cannot read.
+//! and Unix stream and seqpacket pairs (connected to each other for good: a process shares
+//! them with its own children, and `connect` on one fails). A datagram pair is refused too: a
+//! `connect` to `AF_UNSPEC` dissolves it into a plain Unix datagram socket, which can bind a
+//! name, send to any Unix datagram socket and pass descriptors (another agent's connection, or
+//! an ungoverned process's). `socket`/`socketpair` of another family or kind and
+//! `io_uring_setup` fail with `EPERM`. A system call made through the 32-bit entry points
+//! kills the process: there `socket` is reached through `socketcall`, whose arguments a filter
+//! cannot read.
 //!
 //! The filter is installed by the command's own process just before it becomes the command,
 //! stays on it and on everything it starts, and cannot be removed. Installing it sets
@@ -34,6 +38,10 @@ use super::{CliError, msg};
 /// The `errno` every refused call gets: what the kernel hooks return for what they refuse.
 const REFUSED: u32 = libc::EPERM as u32;
 
+/// The kind in a `socket`/`socketpair` type argument; the bits above carry `SOCK_NONBLOCK` and
+/// `SOCK_CLOEXEC` (the kernel's `SOCK_TYPE_MASK`).
+const SOCK_TYPE_MASK: u64 = 0xf;
+
 /// The filter for a command: refuses what the module comment lists, allows the rest.
 pub fn filter(allow_unix_sockets: bool) -> Result<BpfProgram, CliError> {
     let mut families = vec![libc::AF_INET, libc::AF_INET6, libc::AF_NETLINK];
@@ -42,9 +50,17 @@ pub fn filter(allow_unix_sockets: bool) -> Result<BpfProgram, CliError> {
     }
     let arch = TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|e| msg(format!("no system call filter for this architecture: {e}")))?;
+    // Each rule refuses the call when all its conditions hold; a call any rule matches is
+    // refused.
+    let socket = vec![family_not_in(&families)?];
+    let mut socketpair = vec![family_not_in(&[libc::AF_UNIX])?];
+    if !allow_unix_sockets {
+        // With Unix sockets allowed, a datagram pair gives nothing a plain socket does not.
+        socketpair.extend(kinds_except(&[libc::SOCK_STREAM, libc::SOCK_SEQPACKET])?);
+    }
     let rules = [
-        (libc::SYS_socket, vec![family_not_in(&families)?]),
-        (libc::SYS_socketpair, vec![family_not_in(&[libc::AF_UNIX])?]),
+        (libc::SYS_socket, socket),
+        (libc::SYS_socketpair, socketpair),
         // No condition: always refused.
         (libc::SYS_io_uring_setup, vec![]),
     ]
@@ -80,6 +96,28 @@ fn family_not_in(families: &[libc::c_int]) -> Result<SeccompRule, CliError> {
         .map_err(|e| msg(format!("cannot build the system call filter: {e}")))
 }
 
+/// A rule matching a call whose second argument (the type) is of `kind`, whatever its flags.
+fn kind_is(kind: libc::c_int) -> Result<SeccompRule, CliError> {
+    let condition = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(SOCK_TYPE_MASK),
+        u64::from(kind.unsigned_abs()),
+    )
+    .map_err(|e| msg(format!("cannot build the system call filter: {e}")))?;
+    SeccompRule::new(vec![condition])
+        .map_err(|e| msg(format!("cannot build the system call filter: {e}")))
+}
+
+/// Rules matching a call whose type is of any kind but `allowed` (every value the mask leaves,
+/// so a kind the kernel adds later is refused too).
+fn kinds_except(allowed: &[libc::c_int]) -> Result<Vec<SeccompRule>, CliError> {
+    (0..=0xf)
+        .filter(|kind| !allowed.contains(kind))
+        .map(kind_is)
+        .collect()
+}
+
 /// Puts the filter on the calling thread (and so on the program it executes next).
 pub fn install(allow_unix_sockets: bool) -> Result<(), CliError> {
     let program = filter(allow_unix_sockets)?;
@@ -104,13 +142,20 @@ mod tests {
 
     /// Runs `probe` in a thread of its own with the filter on it (a filter is per thread until
     /// the thread starts others), so the test process keeps its sockets.
-    fn filtered<T: Send + 'static>(allow_unix: bool, probe: fn() -> T) -> T {
+    fn filtered<T: Send + 'static>(
+        allow_unix: bool,
+        probe: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
         std::thread::spawn(move || {
             install(allow_unix).expect("install");
             probe()
         })
         .join()
         .expect("probe thread")
+    }
+
+    fn pair(kind: SockType, flags: SockFlag) -> Option<nix::errno::Errno> {
+        socketpair(AddressFamily::Unix, kind, None, flags).err()
     }
 
     #[test]
@@ -123,13 +168,7 @@ mod tests {
                 create(AddressFamily::Unix, SockType::Stream).err(),
                 create(AddressFamily::Vsock, SockType::Stream).err(),
                 create(AddressFamily::Alg, SockType::SeqPacket).err(),
-                socketpair(
-                    AddressFamily::Unix,
-                    SockType::Stream,
-                    None,
-                    SockFlag::SOCK_CLOEXEC,
-                )
-                .err(),
+                pair(SockType::Stream, SockFlag::SOCK_CLOEXEC),
             ]
         });
         let eperm = Some(nix::errno::Errno::EPERM);
@@ -140,6 +179,37 @@ mod tests {
         );
         // Outside the filter (this thread) Unix sockets are still created.
         assert!(create(AddressFamily::Unix, SockType::Stream).is_ok());
+    }
+
+    #[test]
+    fn only_stream_and_seqpacket_unix_pairs_are_created_under_the_filter() {
+        // A datagram pair, once dissolved with connect(AF_UNSPEC), is a plain Unix datagram
+        // socket: it binds a name, sends anywhere and passes descriptors.
+        let both = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+        let outcome = filtered(false, move || {
+            [
+                pair(SockType::Stream, SockFlag::empty()),
+                pair(SockType::Stream, both),
+                pair(SockType::SeqPacket, both),
+                pair(SockType::Datagram, SockFlag::empty()),
+                pair(SockType::Datagram, SockFlag::SOCK_CLOEXEC),
+                pair(SockType::Datagram, both),
+            ]
+        });
+        let eperm = Some(nix::errno::Errno::EPERM);
+        assert_eq!(
+            outcome,
+            [None, None, None, eperm, eperm, eperm],
+            "stream, stream with flags, seqpacket, datagram, with cloexec, with both"
+        );
+        // With Unix sockets allowed, a datagram pair is nothing more than a plain socket.
+        let allowed = filtered(true, || pair(SockType::Datagram, SockFlag::SOCK_CLOEXEC));
+        assert_eq!(allowed, None);
+        assert_eq!(
+            pair(SockType::Datagram, SockFlag::empty()),
+            None,
+            "unfiltered"
+        );
     }
 
     #[test]
