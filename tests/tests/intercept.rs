@@ -1951,6 +1951,8 @@ def dgram_pair():
     a.sendto(b"from the agent", sys.argv[2])
     a.close()
 probe("dgram_pair", dgram_pair)
+# SOCK_PACKET: the kernel makes a packet socket of it, past the IPv4 code (needs CAP_NET_RAW).
+probe("sock_packet", lambda: socket.socket(socket.AF_INET, 10, socket.htons(3)).close())
 probe("tcp", lambda: socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close())
 probe("netlink", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close())
 params = ctypes.create_string_buffer(120)
@@ -2021,6 +2023,9 @@ fn exec_refuses_unix_vsock_and_other_sockets_no_hook_sees_and_io_uring() {
     assert_eq!(outside["io_uring"], 0, "{outside}");
     assert_ne!(outside["vsock"], EPERM, "{outside}");
     assert_eq!(outside["no_new_privs"], "0", "{outside}");
+    let outside_root = outcome(Command::new(script[0]).args(&script[1..]));
+    assert_eq!(outside_root["sock_packet"], 0, "as root: {outside_root}");
+    received();
 
     for (who, bot) in [
         (
@@ -2029,7 +2034,14 @@ fn exec_refuses_unix_vsock_and_other_sockets_no_hook_sees_and_io_uring() {
         ),
         ("root", outcome(&mut gate.exec("bot", &script))),
     ] {
-        for refused in ["unix", "vsock", "alg", "io_uring", "dgram_pair"] {
+        for refused in [
+            "unix",
+            "vsock",
+            "alg",
+            "io_uring",
+            "dgram_pair",
+            "sock_packet",
+        ] {
             assert_eq!(bot[refused], EPERM, "{refused} as {who}: {bot}");
         }
         assert!(bot.get("unix_reply").is_none(), "{bot}");
@@ -2048,7 +2060,7 @@ fn exec_refuses_unix_vsock_and_other_sockets_no_hook_sees_and_io_uring() {
     assert_eq!(local["unix_reply"], "hello", "{local}");
     assert_eq!(local["dgram_pair"], 0, "allow_unix_sockets: {local}");
     assert_eq!(received(), 1);
-    for refused in ["vsock", "alg", "io_uring"] {
+    for refused in ["vsock", "alg", "io_uring", "sock_packet"] {
         assert_eq!(local[refused], EPERM, "{refused}: {local}");
     }
 

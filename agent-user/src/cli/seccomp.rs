@@ -16,9 +16,11 @@
 //! `connect` to `AF_UNSPEC` dissolves it into a plain Unix datagram socket, which can bind a
 //! name, send to any Unix datagram socket and pass descriptors (another agent's connection, or
 //! an ungoverned process's). `socket`/`socketpair` of another family or kind and
-//! `io_uring_setup` fail with `EPERM`. A system call made through the 32-bit entry points
-//! kills the process: there `socket` is reached through `socketcall`, whose arguments a filter
-//! cannot read.
+//! `io_uring_setup` fail with `EPERM`. So does `SOCK_PACKET` (type 10) in any family: the
+//! kernel turns `socket(AF_INET, SOCK_PACKET)` into a packet socket without passing the IPv4
+//! code where the hooks are. A system call made through the 32-bit entry points kills the
+//! process: there `socket` is reached through `socketcall`, whose arguments a filter cannot
+//! read.
 //!
 //! The filter is installed by the command's own process just before it becomes the command,
 //! stays on it and on everything it starts, and cannot be removed. Installing it sets
@@ -38,6 +40,9 @@ use super::{CliError, msg};
 /// The `errno` every refused call gets: what the kernel hooks return for what they refuse.
 const REFUSED: u32 = libc::EPERM as u32;
 
+/// `SOCK_PACKET`: the obsolete packet socket type, which the C library no longer names.
+const SOCK_PACKET: libc::c_int = 10;
+
 /// The kind in a `socket`/`socketpair` type argument; the bits above carry `SOCK_NONBLOCK` and
 /// `SOCK_CLOEXEC` (the kernel's `SOCK_TYPE_MASK`).
 const SOCK_TYPE_MASK: u64 = 0xf;
@@ -52,7 +57,7 @@ pub fn filter(allow_unix_sockets: bool) -> Result<BpfProgram, CliError> {
         .map_err(|e| msg(format!("no system call filter for this architecture: {e}")))?;
     // Each rule refuses the call when all its conditions hold; a call any rule matches is
     // refused.
-    let socket = vec![family_not_in(&families)?];
+    let socket = vec![family_not_in(&families)?, kind_is(SOCK_PACKET)?];
     let mut socketpair = vec![family_not_in(&[libc::AF_UNIX])?];
     if !allow_unix_sockets {
         // With Unix sockets allowed, a datagram pair gives nothing a plain socket does not.
@@ -158,6 +163,13 @@ mod tests {
         socketpair(AddressFamily::Unix, kind, None, flags).err()
     }
 
+    /// `socket(AF_INET, SOCK_PACKET)`, which the kernel makes a packet socket.
+    fn sock_packet() -> Option<i32> {
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::from(10), None)
+            .err()
+            .and_then(|e| e.raw_os_error())
+    }
+
     #[test]
     fn only_ip_and_netlink_sockets_and_socket_pairs_are_created_under_the_filter() {
         let outcome = filtered(false, || {
@@ -210,6 +222,20 @@ mod tests {
             None,
             "unfiltered"
         );
+    }
+
+    #[test]
+    fn sock_packet_is_refused_in_every_family() {
+        // The kernel turns socket(AF_INET, SOCK_PACKET) into a packet socket, past the IPv4 code
+        // where the kernel hooks run. Whoever runs the test, the filter answers EPERM first.
+        assert_eq!(filtered(false, sock_packet), Some(libc::EPERM));
+        assert_eq!(filtered(true, sock_packet), Some(libc::EPERM));
+        let unix_packet = || {
+            socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::from(10), None)
+                .err()
+                .and_then(|e| e.raw_os_error())
+        };
+        assert_eq!(filtered(true, unix_packet), Some(libc::EPERM));
     }
 
     #[test]
