@@ -2064,6 +2064,19 @@ fn exec_refuses_unix_vsock_and_other_sockets_no_hook_sees_and_io_uring() {
         assert_eq!(local[refused], EPERM, "{refused}: {local}");
     }
 
+    // An x32 system call (bit 30 of the number set; x32's `socket` here) kills the agent,
+    // whether or not the kernel has x32 (this one answers ENOSYS outside the gate).
+    let x32 = "import ctypes; libc = ctypes.CDLL(None, use_errno=True); print(libc.syscall(0x40000000 | 41, 1, 1, 0), ctypes.get_errno())";
+    let o = run(Command::new("python3").args(["-c", x32]));
+    assert!(o.status.success(), "{}", agentgate_tests::show(&o));
+    let o = run(&mut gate.exec("bot", &["python3", "-c", x32]));
+    assert_eq!(
+        o.status.code(),
+        Some(128 + nix::sys::signal::Signal::SIGSYS as i32),
+        "{}",
+        agentgate_tests::show(&o)
+    );
+    assert_eq!(stdout(&o), "", "{}", agentgate_tests::show(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

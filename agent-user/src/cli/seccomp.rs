@@ -18,9 +18,10 @@
 //! an ungoverned process's). `socket`/`socketpair` of another family or kind and
 //! `io_uring_setup` fail with `EPERM`. So does `SOCK_PACKET` (type 10) in any family: the
 //! kernel turns `socket(AF_INET, SOCK_PACKET)` into a packet socket without passing the IPv4
-//! code where the hooks are. A system call made through the 32-bit entry points kills the
-//! process: there `socket` is reached through `socketcall`, whose arguments a filter cannot
-//! read.
+//! code where the hooks are. A system call made through the 32-bit entry points, or with the
+//! x32 bit (`0x40000000`) in its number, kills the process: there `socket` is reached through
+//! `socketcall`, whose arguments a filter cannot read, or under a number the rules below do
+//! not name.
 //!
 //! The filter is installed by the command's own process just before it becomes the command,
 //! stays on it and on everything it starts, and cannot be removed. Installing it sets
@@ -78,8 +79,10 @@ pub fn filter(allow_unix_sockets: bool) -> Result<BpfProgram, CliError> {
         arch,
     )
     .map_err(|e| msg(format!("cannot build the system call filter: {e}")))?;
-    BpfProgram::try_from(filter)
-        .map_err(|e| msg(format!("cannot compile the system call filter: {e}")))
+    let mut program = BpfProgram::try_from(filter)
+        .map_err(|e| msg(format!("cannot compile the system call filter: {e}")))?;
+    refuse_x32(&mut program)?;
+    Ok(program)
 }
 
 /// A rule matching a call whose first argument (the address family) is none of `families`.
@@ -121,6 +124,44 @@ fn kinds_except(allowed: &[libc::c_int]) -> Result<Vec<SeccompRule>, CliError> {
         .filter(|kind| !allowed.contains(kind))
         .map(kind_is)
         .collect()
+}
+
+/// Where the x32 bit is tested: after the architecture check (load, compare, kill).
+const X32_CHECK_AT: usize = 3;
+
+/// The x32 ABI's calls run with the x86-64 audit architecture and the number's bit 30 set
+/// (`__X32_SYSCALL_BIT`): `0x40000000 | 41` is x32's `socket`, which the rules (`nr == 41`)
+/// would not match. seccompiler checks the architecture only, so this inserts, right after its
+/// check: load the number; below `0x40000000`, go on; from `0x80000000` (no system call; the
+/// kernel answers `ENOSYS`, and a program may try -1), go on; between them, kill the process,
+/// as the architecture check does. seccompiler's jumps are relative and forward, and nothing
+/// jumps into the first three instructions, so the program after them is unchanged.
+fn refuse_x32(program: &mut BpfProgram) -> Result<(), CliError> {
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JGE_K: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    let architecture_checked = program.get(..X32_CHECK_AT).is_some_and(|check| {
+        check.iter().map(|i| i.code).eq([LD_W_ABS, 0x15, RET_K])
+            && check
+                .get(2)
+                .is_some_and(|i| i.k == libc::SECCOMP_RET_KILL_PROCESS)
+    });
+    if !architecture_checked {
+        return Err(msg(
+            "cannot compile the system call filter: it does not start with the architecture check",
+        ));
+    }
+    let at = |code, jt, jf, k| seccompiler::sock_filter { code, jt, jf, k };
+    let check = [
+        // seccomp_data.nr is at offset 0.
+        at(LD_W_ABS, 0, 0, 0),
+        at(JGE_K, 0, 2, X32_SYSCALL_BIT),
+        at(JGE_K, 1, 0, X32_SYSCALL_BIT << 1),
+        at(RET_K, 0, 0, libc::SECCOMP_RET_KILL_PROCESS),
+    ];
+    program.splice(X32_CHECK_AT..X32_CHECK_AT, check);
+    Ok(())
 }
 
 /// Puts the filter on the calling thread (and so on the program it executes next).
@@ -262,5 +303,34 @@ mod tests {
             k: libc::SECCOMP_RET_KILL_PROCESS,
         };
         assert_eq!(program.get(2), Some(&kill), "{:?}", program.get(..3));
+    }
+
+    #[test]
+    fn x32_calls_kill_the_process_before_any_rule() {
+        // seccompiler checks the architecture only; an x32 call has x86-64's and bit 30 set in
+        // its number, where no rule's number matches.
+        let at = |code, jt, jf, k| seccompiler::sock_filter { code, jt, jf, k };
+        let kill = libc::SECCOMP_RET_KILL_PROCESS;
+        for allow_unix in [false, true] {
+            let program = filter(allow_unix).unwrap();
+            assert_eq!(
+                program.get(X32_CHECK_AT..X32_CHECK_AT + 5),
+                Some(
+                    &[
+                        at(0x20, 0, 0, 0),           // A = seccomp_data.nr
+                        at(0x35, 0, 2, 0x4000_0000), // A < 0x40000000: on to the rules
+                        at(0x35, 1, 0, 0x8000_0000), // A >= 0x80000000: on to the rules
+                        at(0x06, 0, 0, kill),        // x32: kill
+                        at(0x20, 0, 0, 0),           // seccompiler loads the number again
+                    ][..]
+                ),
+                "{program:?}"
+            );
+            // The architecture check still jumps over its kill, now onto the x32 check.
+            assert_eq!(program.get(1).map(|i| (i.jt, i.jf)), Some((1, 0)));
+        }
+        // A program that does not start with the architecture check is not patched blindly.
+        let mut other = vec![at(0x06, 0, 0, 0)];
+        assert!(refuse_x32(&mut other).is_err());
     }
 }
