@@ -1311,6 +1311,83 @@ fn an_agent_cannot_trace_processes_of_its_user_outside_its_namespace() {
     let _ = victim.wait();
 }
 
+/// `add PROGRAM ARGS...`: joins a fresh session keyring, adds the operator's key to it and
+/// executes PROGRAM (an operator's shell after `kinit` or `keyctl add`). `read`: looks for that
+/// key in the session keyring and reads it, then adds a key of its own; prints JSON (a negative
+/// number is an errno). x86-64 system call numbers.
+const SESSION_KEYS: &str = r#"
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+SYS_add_key, SYS_keyctl = 248, 250
+SESSION = ctypes.c_long(-3)  # KEY_SPEC_SESSION_KEYRING
+def call(*args):
+    r = libc.syscall(*args)
+    return r if r >= 0 else -ctypes.get_errno()
+if sys.argv[1] == "add":
+    call(SYS_keyctl, 1, None)  # KEYCTL_JOIN_SESSION_KEYRING, anonymous
+    assert call(SYS_add_key, b"user", b"operator-secret", b"db-password=hunter2", 19, SESSION) > 0
+    os.execv(sys.argv[2], sys.argv[2:])
+out = {"uid": os.getuid()}
+out["search"] = call(SYS_keyctl, 10, SESSION, b"user", b"operator-secret", 0)  # KEYCTL_SEARCH
+if out["search"] > 0:
+    buf = ctypes.create_string_buffer(64)
+    n = call(SYS_keyctl, 11, ctypes.c_long(out["search"]), buf, 64)  # KEYCTL_READ
+    out["read"] = buf.raw[:n].decode() if n >= 0 else n
+out["own_key"] = call(SYS_add_key, b"user", b"agent-own", b"mine", 4, SESSION) > 0
+print(json.dumps(out))
+"#;
+
+#[test]
+fn the_agent_gets_a_session_keyring_of_its_own() {
+    // `setsid` and the user change keep the caller's session keyring, whose keys the process
+    // possesses: an agent, even as nobody, read (and could overwrite) the operator's.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let bin = agentgate_tests::agentgate_bin();
+    let config = gate.config.to_str().unwrap().to_string();
+    let python = "/usr/bin/python3";
+    let keys = |prefix: &[&str]| -> Value {
+        let o = run(Command::new(python)
+            .args(["-c", SESSION_KEYS, "add"])
+            .args(prefix)
+            .args([python, "-c", SESSION_KEYS, "read"]));
+        serde_json::from_str(stdout(&o).trim())
+            .unwrap_or_else(|e| panic!("{e}: {}", agentgate_tests::show(&o)))
+    };
+    // Outside the gate a process of another user in the same session reads the key.
+    let outside = keys(&[
+        "/usr/bin/setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ]);
+    assert_eq!(
+        outside["read"], "db-password=hunter2",
+        "the route exists outside the gate: {outside}"
+    );
+    let exec = [
+        bin.to_str().unwrap(),
+        "exec",
+        "--config",
+        &config,
+        "--agent",
+        "bot",
+    ];
+    let as_nobody = [&exec[..], &["--user", "nobody", "--"]].concat();
+    let as_root = [&exec[..], &["--"]].concat();
+    for (who, uid, prefix) in [("nobody", 65534, as_nobody), ("root", 0, as_root)] {
+        let seen = keys(&prefix);
+        assert_eq!(seen["uid"], uid, "{seen}");
+        assert_eq!(seen["search"], -126, "ENOKEY as {who}: {seen}");
+        assert!(seen.get("read").is_none(), "{seen}");
+        assert_eq!(
+            seen["own_key"], true,
+            "its own keyring works as {who}: {seen}"
+        );
+    }
+}
+
 #[test]
 fn exec_relays_signals_and_exit_status_and_the_agent_dies_with_it() {
     let echo = EchoServer::start("127.0.0.1:0");

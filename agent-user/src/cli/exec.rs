@@ -13,6 +13,8 @@
 //! stays outside the cgroup, waits, passes on the exit status and relays the signals the
 //! terminal or an operator sends it (the command's own session gets none from the terminal).
 //!
+//! The command also gets a session keyring of its own (see [`join_new_session_keyring`]).
+//!
 //! Just before it becomes the command, the child puts a system call filter on itself: sockets
 //! of the families no kernel hook sees (Unix unless the agent allows them, vsock, packet, ...)
 //! and io_uring are refused (see [`seccomp`]).
@@ -388,6 +390,7 @@ pub fn exec_supervised(
         enter_user_namespace()?;
         drop_privileges(u.uid, u.gid)?;
     }
+    join_new_session_keyring()?;
     // Set after the user change, which clears it: the command dies with `exec`, as it did when
     // `exec` became the command (a `kill -9` of the pid a caller knows still ends the agent).
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
@@ -402,6 +405,21 @@ pub fn exec_supervised(
         "cannot run `{}`: {err}",
         command.get_program().to_string_lossy()
     )))
+}
+
+/// Gives the command an empty session keyring of its own. `setsid` and the user change keep the
+/// caller's: the keys the operator's session holds (Kerberos tickets, filesystem and `keyctl`
+/// secrets) would be the agent's to read, change and link, even as another user, since a
+/// process possesses its session keyring's keys. Joined after the user change, so that the new
+/// keyring is the user's own (the agent can keep keys in it, charged to its quota).
+fn join_new_session_keyring() -> Result<(), CliError> {
+    keyutils_raw::keyctl_join_session_keyring(None)
+        .map(drop)
+        .map_err(|e| {
+            msg(format!(
+                "cannot give the command a session keyring of its own: {e}; with the caller's it could read the caller's keys"
+            ))
+        })
 }
 
 /// Without supplementary groups (the root process has root's), then the group, then the user.
