@@ -50,8 +50,9 @@ enum Cmd {
         agent: String,
         #[arg(long)]
         user: Option<String>,
-        /// Pass on descriptors above stderr inherited from the caller. By default they are
-        /// closed: a socket opened before the cgroup was joined is not governed.
+        /// Pass on descriptors above stderr inherited from the caller, and a socket on standard
+        /// input, output or error. By default they are closed, and such a socket refused: a
+        /// socket opened before the cgroup was joined is not governed.
         #[arg(long)]
         keep_fds: bool,
         /// Set by `exec` for its own child: the pid of the `exec` that waits for it.

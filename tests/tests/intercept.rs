@@ -1112,6 +1112,62 @@ except OSError as e:
     assert!(err.contains("standard input) is a network socket"), "{err}");
 }
 
+#[test]
+fn a_unix_socket_on_standard_input_is_refused_unless_the_agent_may_use_unix_sockets() {
+    // A wrapper (`socat UNIX-CONNECT:... EXEC:'agentgate exec ...'`) hands the agent a Unix
+    // connection it could never make itself: here to a root-only service.
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&two_agents(&echo, "", "local", "allow_unix_sockets: true"));
+    let dir = std::env::temp_dir().join(agentgate_tests::unique("agentgate-stdio"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("root-only.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().map_while(Result::ok) {
+            let _ = std::io::Write::write_all(&mut s, b"ROOT-ONLY-SERVICE\n");
+        }
+    });
+    let connected = || {
+        Stdio::from(std::os::fd::OwnedFd::from(
+            UnixStream::connect(&path).unwrap(),
+        ))
+    };
+    let script = "import sys; print(sys.stdin.readline().strip())";
+    let exec = |agent: &str, extra: &[&str]| {
+        let mut cmd = Command::new(agentgate_tests::agentgate_bin());
+        cmd.args(["exec", "--config"])
+            .arg(&gate.config)
+            .args(["--agent", agent, "--user", "nobody"])
+            .args(extra)
+            .args(["--", "python3", "-c", script])
+            .stdin(connected());
+        run(&mut cmd)
+    };
+    let o = exec("bot", &[]);
+    assert!(!o.status.success(), "{}", agentgate_tests::show(&o));
+    assert_eq!(stdout(&o), "", "{}", agentgate_tests::show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("descriptor 0 (standard input) is a Unix socket")
+            && err.contains("allow_unix_sockets: true")
+            && err.contains("--keep-fds"),
+        "{err}"
+    );
+    // An agent that may use Unix sockets gets it, and so does one the operator opts out for.
+    for o in [exec("local", &[]), exec("bot", &["--keep-fds"])] {
+        assert_eq!(
+            stdout(&o).trim(),
+            "ROOT-ONLY-SERVICE",
+            "{}",
+            agentgate_tests::show(&o)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Stands in for the operator's interactive shell: a session leader with a pseudo-terminal as
 /// its controlling terminal, running each `exec` as a foreground job (its own process group,
 /// given the terminal). argv[1]: the `agentgate exec ... --` prefix, as JSON. Prints what the

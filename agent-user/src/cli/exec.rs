@@ -70,24 +70,8 @@ pub fn inherited_fds() -> Result<Vec<i32>, CliError> {
 /// inherited from the caller, and would otherwise pass to the governed command. A socket among
 /// them was connected outside the cgroup and is not governed; a file may be one the command's
 /// user could not open. Nothing in this process owns them, so closing them by number is sound.
+/// Standard input, output and error are checked apart (see [`check_standard_fds`]).
 pub fn close_inherited_fds() -> Result<(), CliError> {
-    // Standard input and output stay (they are the command's), unless one is an IP socket: a
-    // wrapper (inetd style, `socat ... EXEC:`) would hand the agent a connection made outside
-    // the cgroup.
-    for fd in 0..=2 {
-        if let Ok(addr) = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd)
-            && (addr.as_sockaddr_in().is_some() || addr.as_sockaddr_in6().is_some())
-        {
-            return Err(msg(format!(
-                "descriptor {fd} (standard {}) is a network socket connected outside the agent's cgroup; it would not be governed (use --keep-fds to pass it on anyway)",
-                match fd {
-                    0 => "input",
-                    1 => "output",
-                    _ => "error",
-                }
-            )));
-        }
-    }
     // Listed first and the listing closed before anything is closed (its own descriptor is in
     // the list; closing it is then a harmless EBADF).
     close_fds(&inherited_fds()?).map_err(|(fd, e)| {
@@ -95,6 +79,37 @@ pub fn close_inherited_fds() -> Result<(), CliError> {
             "cannot close inherited descriptor {fd}: {e} (use --keep-fds to pass them on)"
         ))
     })
+}
+
+/// Standard input, output and error stay (they are the command's), unless one is a socket the
+/// command could not have made itself. A wrapper (inetd style, `socat ... EXEC:`) would hand the
+/// agent an IP connection made outside the cgroup, which no hook governs; or a Unix one, to a
+/// database's local socket or a root-only service, past the socket filter. A Unix socket passes
+/// when the agent may use Unix sockets anyway (`allow_unix_sockets`); `--keep-fds` passes any.
+/// (A systemd service's output is a Unix socket to the journal: such a service runs `exec` with
+/// one of those, or gives the agent a pipe.)
+fn check_standard_fds(allow_unix_sockets: bool) -> Result<(), CliError> {
+    use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getsockname};
+    for (fd, name) in [(0, "input"), (1, "output"), (2, "error")] {
+        // Not a socket (a terminal, a pipe, a file) or not open: nothing to check.
+        let Ok(addr) = getsockname::<SockaddrStorage>(fd) else {
+            continue;
+        };
+        let what = match addr.family() {
+            Some(AddressFamily::Inet | AddressFamily::Inet6) => {
+                "a network socket connected outside the agent's cgroup; it would not be governed"
+            }
+            Some(AddressFamily::Unix) if allow_unix_sockets => continue,
+            Some(AddressFamily::Unix) => {
+                "a Unix socket, and the agent may not use Unix sockets: through it the agent would reach whatever is at its other end, past every hook (give the command a pipe or a file, or set allow_unix_sockets: true for the agent)"
+            }
+            _ => "a socket of a family no kernel hook sees",
+        };
+        return Err(msg(format!(
+            "descriptor {fd} (standard {name}) is {what} (use --keep-fds to pass it on anyway)"
+        )));
+    }
+    Ok(())
 }
 
 fn close_fds(fds: &[i32]) -> Result<(), (i32, nix::errno::Errno)> {
@@ -139,6 +154,9 @@ fn prepare(cfg: &Config, request: &ExecRequest<'_>) -> Result<Prepared, CliError
             dir.display()
         ))
     };
+    if !request.keep_fds {
+        check_standard_fds(a.allow_unix_sockets)?;
+    }
     let id = cgroup_id(&dir).map_err(|_| not_governed())?;
     // Refuse to start an agent the hooks would not see: that would be an ungoverned agent.
     match intercept::pinned_governed_agent(&cfg.pin_dir, id) {
