@@ -1168,6 +1168,61 @@ fn a_unix_socket_on_standard_input_is_refused_unless_the_agent_may_use_unix_sock
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn exec_as_a_user_refuses_a_working_directory_the_user_cannot_reach() {
+    // The command inherits the operator's working directory: one under root's 0700 home let an
+    // agent read files by relative path that it could not reach by their own.
+    use std::os::unix::fs::PermissionsExt;
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let home = std::env::temp_dir().join(agentgate_tests::unique("agentgate-home"));
+    let inner = home.join("project");
+    std::fs::create_dir_all(&inner).unwrap();
+    let mode = |p: &std::path::Path, m| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    mode(&home, 0o700);
+    mode(&inner, 0o755);
+    std::fs::write(inner.join("notes.txt"), "operator notes\n").unwrap();
+    mode(&inner.join("notes.txt"), 0o644);
+    std::fs::write(inner.join("bot.sh"), "#!/bin/sh\ncat notes.txt\n").unwrap();
+    mode(&inner.join("bot.sh"), 0o755);
+
+    let o = run(gate
+        .exec_as("bot", "nobody", &["cat", "notes.txt"])
+        .current_dir(&inner));
+    assert!(!o.status.success(), "{}", agentgate_tests::show(&o));
+    assert_eq!(stdout(&o), "", "{}", agentgate_tests::show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "working directory {} cannot be reached",
+            inner.display()
+        )) && err.contains("cd to a directory the user can reach"),
+        "{err}"
+    );
+    // Root (no --user) is not held back, and once the user reaches the directory a relative
+    // command path works from it.
+    let o = run(gate.exec("bot", &["cat", "notes.txt"]).current_dir(&inner));
+    assert_eq!(
+        stdout(&o),
+        "operator notes\n",
+        "{}",
+        agentgate_tests::show(&o)
+    );
+    mode(&home, 0o755);
+    let o = run(gate
+        .exec_as("bot", "nobody", &["./bot.sh"])
+        .current_dir(&inner));
+    assert_eq!(
+        stdout(&o),
+        "operator notes\n",
+        "{}",
+        agentgate_tests::show(&o)
+    );
+    let _ = std::fs::remove_dir_all(&home);
+}
+
 /// Stands in for the operator's interactive shell: a session leader with a pseudo-terminal as
 /// its controlling terminal, running each `exec` as a foreground job (its own process group,
 /// given the terminal). argv[1]: the `agentgate exec ... --` prefix, as JSON. Prints what the

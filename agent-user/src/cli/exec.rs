@@ -407,6 +407,7 @@ pub fn exec_supervised(
     if let Some(u) = &user {
         enter_user_namespace()?;
         drop_privileges(u.uid, u.gid)?;
+        check_working_directory(&u.name)?;
     }
     join_new_session_keyring()?;
     // Set after the user change, which clears it: the command dies with `exec`, as it did when
@@ -423,6 +424,37 @@ pub fn exec_supervised(
         "cannot run `{}`: {err}",
         command.get_program().to_string_lossy()
     )))
+}
+
+/// Run as the user: refuses a working directory the user cannot reach by its path. The command
+/// inherits it, and a directory inherited opens files by relative path below a parent the user
+/// may not search (a `0755` directory under root's `0700` home). So the directory must be found
+/// by its path, as the user, and be the same one (a relative command path like `./bot.py`
+/// keeps working from anywhere the user can reach).
+fn check_working_directory(user: &str) -> Result<(), CliError> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |what: String| {
+        msg(format!(
+            "the working directory {what}: user `{user}` would open files there by relative path that it cannot reach by their own; cd to a directory the user can reach (its home, /tmp) and run exec again"
+        ))
+    };
+    let cwd = std::env::current_dir().map_err(|e| refuse(format!("has no path ({e})")))?;
+    let by_path = std::fs::metadata(&cwd).map_err(|e| {
+        refuse(format!(
+            "{} cannot be reached by its path ({e})",
+            cwd.display()
+        ))
+    })?;
+    // Without search permission on the directory itself nothing is opened through it.
+    if let Ok(here) = std::fs::metadata(".")
+        && (here.dev(), here.ino()) != (by_path.dev(), by_path.ino())
+    {
+        return Err(refuse(format!(
+            "is not what its path {} names now",
+            cwd.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Gives the command an empty session keyring of its own. `setsid` and the user change keep the
