@@ -55,6 +55,11 @@ enum Cmd {
         /// socket opened before the cgroup was joined is not governed.
         #[arg(long)]
         keep_fds: bool,
+        /// With --user, pass the caller's value of this environment variable to the command
+        /// (repeatable). With --user the command starts from PATH, TERM, LANG, LC_*, TZ and
+        /// the user's USER, LOGNAME, HOME and SHELL only; without, it gets the whole environment.
+        #[arg(long = "env", value_name = "NAME")]
+        pass_env: Vec<String>,
         /// Set by `exec` for its own child: the pid of the `exec` that waits for it.
         #[arg(long, hide = true)]
         supervisor: Option<u32>,
@@ -251,6 +256,7 @@ fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
             agent,
             user,
             keep_fds,
+            pass_env,
             supervisor,
             command,
         } => {
@@ -266,6 +272,7 @@ fn dispatch(args: Args) -> anyhow::Result<ExitCode> {
                 agent: &agent,
                 user: user.as_deref(),
                 keep_fds,
+                pass_env: &pass_env,
                 command: &command,
             };
             match supervisor {

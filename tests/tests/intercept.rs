@@ -1223,6 +1223,47 @@ fn exec_as_a_user_refuses_a_working_directory_the_user_cannot_reach() {
     let _ = std::fs::remove_dir_all(&home);
 }
 
+#[test]
+fn exec_as_a_user_starts_the_command_from_a_minimal_environment() {
+    // The operator's (root's) environment holds tokens and passwords; with --user the agent gets
+    // the terminal and locale variables, its user's, and what --env names.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let env = r#"echo "secret=$FOO_SECRET named=$FOO_NAMED lang=$LANG user=$USER home=$HOME path=${PATH:+set}""#;
+    let run_with = |cmd: &mut Command| {
+        let o = run(cmd
+            .env("FOO_SECRET", "s3cret")
+            .env("FOO_NAMED", "passed")
+            .env("LANG", "C.UTF-8"));
+        assert!(o.status.success(), "{}", agentgate_tests::show(&o));
+        stdout(&o).trim().to_string()
+    };
+    let nobody_home = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .unwrap()
+        .dir
+        .display()
+        .to_string();
+    let seen = run_with(&mut gate.exec_as("bot", "nobody", &["sh", "-c", env]));
+    assert_eq!(
+        seen,
+        format!("secret= named= lang=C.UTF-8 user=nobody home={nobody_home} path=set")
+    );
+    let mut named = Command::new(agentgate_tests::agentgate_bin());
+    named
+        .args(["exec", "--config"])
+        .arg(&gate.config)
+        .args(["--agent", "bot", "--user", "nobody", "--env", "FOO_NAMED"])
+        .args(["--", "sh", "-c", env]);
+    assert_eq!(
+        run_with(&mut named),
+        format!("secret= named=passed lang=C.UTF-8 user=nobody home={nobody_home} path=set")
+    );
+    // Root (no --user) could read it anyway: it keeps the whole environment.
+    let seen = run_with(&mut gate.exec("bot", &["sh", "-c", env]));
+    assert!(seen.starts_with("secret=s3cret named=passed "), "{seen}");
+}
+
 /// Stands in for the operator's interactive shell: a session leader with a pseudo-terminal as
 /// its controlling terminal, running each `exec` as a foreground job (its own process group,
 /// given the terminal). argv[1]: the `agentgate exec ... --` prefix, as JSON. Prints what the

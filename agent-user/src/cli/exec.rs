@@ -13,7 +13,9 @@
 //! stays outside the cgroup, waits, passes on the exit status and relays the signals the
 //! terminal or an operator sends it (the command's own session gets none from the terminal).
 //!
-//! The command also gets a session keyring of its own (see [`join_new_session_keyring`]).
+//! The command also gets a session keyring of its own (see [`join_new_session_keyring`]), and
+//! with a user only the caller's terminal and locale variables ([`KEPT_ENV`]) and those `--env`
+//! names, from a working directory the user reaches by its path ([`check_working_directory`]).
 //!
 //! Just before it becomes the command, the child puts a system call filter on itself: sockets
 //! of the families no kernel hook sees (Unix unless the agent allows them, vsock, packet, ...)
@@ -55,7 +57,23 @@ pub struct ExecRequest<'a> {
     pub agent: &'a str,
     pub user: Option<&'a str>,
     pub keep_fds: bool,
+    /// `--env`: variables of the caller's environment the command gets with a user.
+    pub pass_env: &'a [String],
     pub command: &'a [String],
+}
+
+/// What the command starts with when a user is given, besides its `--env` variables and the
+/// user's own USER, LOGNAME, HOME and SHELL: how to find programs and how to talk to the
+/// terminal and the operator. The rest of the caller's (root's) environment is left behind:
+/// tokens, passwords (`PGPASSWORD`), agent sockets.
+const KEPT_ENV: [&str; 4] = ["PATH", "TERM", "LANG", "TZ"];
+
+/// Whether the command run as a user gets the caller's `name`.
+fn keeps_env(name: &std::ffi::OsStr, pass_env: &[String]) -> bool {
+    let name = name.to_string_lossy();
+    KEPT_ENV.contains(&name.as_ref())
+        || name.starts_with("LC_")
+        || pass_env.iter().any(|p| *p == name)
 }
 
 /// Descriptors above stderr, by number: the ones inherited from the caller when read first.
@@ -164,6 +182,16 @@ fn prepare(cfg: &Config, request: &ExecRequest<'_>) -> Result<Prepared, CliError
         _ => return Err(not_governed()),
     }
 
+    if let Some(bad) = request
+        .pass_env
+        .iter()
+        .find(|n| n.is_empty() || n.contains(['=', '\0']))
+    {
+        return Err(msg(format!(
+            "--env {bad:?}: name a variable of this environment (its value is passed), not NAME=VALUE"
+        )));
+    }
+
     let mut command = Command::new(program);
     command.args(args);
     let user = match request.user {
@@ -171,6 +199,11 @@ fn prepare(cfg: &Config, request: &ExecRequest<'_>) -> Result<Prepared, CliError
             let u = User::from_name(name)
                 .map_err(|e| msg(format!("looking up user `{name}`: {e}")))?
                 .ok_or_else(|| msg(format!("no such user `{name}`")))?;
+            // Without a user the command is root, which could read the caller's environment
+            // anyway (`/proc/PID/environ`): it keeps it all.
+            command
+                .env_clear()
+                .envs(std::env::vars_os().filter(|(name, _)| keeps_env(name, request.pass_env)));
             command
                 .env("USER", &u.name)
                 .env("LOGNAME", &u.name)
@@ -324,6 +357,9 @@ fn child_args(request: &ExecRequest<'_>, supervisor: u32) -> Vec<OsString> {
     }
     if request.keep_fds {
         args.push("--keep-fds".into());
+    }
+    for name in request.pass_env {
+        args.push(format!("--env={name}").into());
     }
     args.push("--supervisor".into());
     args.push(supervisor.to_string().into());
@@ -499,6 +535,25 @@ mod tests {
     }
 
     #[test]
+    fn a_user_keeps_only_the_terminal_and_locale_variables_and_those_named() {
+        let named = ["PGHOST".to_string()];
+        let kept = |name: &str| keeps_env(name.as_ref(), &named);
+        for name in ["PATH", "TERM", "LANG", "TZ", "LC_ALL", "LC_CTYPE", "PGHOST"] {
+            assert!(kept(name), "{name}");
+        }
+        for name in [
+            "PGPASSWORD",
+            "AWS_SECRET_ACCESS_KEY",
+            "SSH_AUTH_SOCK",
+            "PGHOSTADDR",
+            "LANGUAGE",
+            "path",
+        ] {
+            assert!(!kept(name), "{name}");
+        }
+    }
+
+    #[test]
     fn the_child_gets_the_same_request_and_the_parents_pid() {
         let command = vec!["psql".to_string(), "-X".to_string(), "--".to_string()];
         let request = ExecRequest {
@@ -506,6 +561,7 @@ mod tests {
             agent: "etl-bot",
             user: Some("etl"),
             keep_fds: true,
+            pass_env: &["PGHOST".to_string(), "AWS_PROFILE".to_string()],
             command: &command,
         };
         let args: Vec<String> = child_args(&request, 42)
@@ -523,6 +579,8 @@ mod tests {
                 "--user",
                 "etl",
                 "--keep-fds",
+                "--env=PGHOST",
+                "--env=AWS_PROFILE",
                 "--supervisor",
                 "42",
                 "--",
@@ -537,6 +595,7 @@ mod tests {
             agent: "a",
             user: None,
             keep_fds: false,
+            pass_env: &[],
             command: &psql,
         };
         let args: Vec<String> = child_args(&bare, 1)
