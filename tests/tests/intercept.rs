@@ -1286,9 +1286,9 @@ res["tcsetpgrp"] = attempt(lambda: os.tcsetpgrp(0, os.getpgrp()))
 print("probe:" + json.dumps(res), flush=True)
 """
 INTERRUPTED = r"""
-import signal, sys, time
+import os, signal, sys, time
 def on(sig, frame):
-    print("agent got " + signal.Signals(sig).name, flush=True)
+    os.write(1, ("agent got " + signal.Signals(sig).name + "\n").encode())
     sys.exit(42)
 signal.signal(signal.SIGINT, on)
 print("interrupt-me", flush=True)
@@ -1573,7 +1573,7 @@ fn exec_relays_signals_and_exit_status_and_the_agent_dies_with_it() {
         r#"
 import os, signal, sys, time
 def on(sig, frame):
-    print("agent got " + signal.Signals(sig).name, flush=True)
+    os.write(1, ("agent got " + signal.Signals(sig).name + "\n").encode())
     sys.exit(9)
 signal.signal(signal.SIGTERM, on)
 blocked = [l.split()[1] for l in open("/proc/self/status") if l.startswith("SigBlk:")][0]
@@ -2367,4 +2367,99 @@ except OSError as e:
     gate.wait_event("the claim closed without a flow record", |e| {
         e["kind"] == "no_flow_record"
     });
+}
+
+/// Runs `exec` twice on one pseudo-terminal: a live `sleep`, and a command that leaves two
+/// processes behind, one holding the terminal, one that let go of it. argv[1]: the exec prefix.
+const LEFT_ON_THE_TERMINAL: &str = r#"
+import json, os, pty, re, subprocess, sys, time
+prefix = json.loads(sys.argv[1])
+master, slave = pty.openpty()
+tty = dict(stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+live = subprocess.Popen(prefix + ["sleep", "20"], **tty)
+time.sleep(0.5)
+LEFTOVER = r'''
+import os, time
+holder = os.fork()
+if holder == 0:
+    os.setsid()
+    time.sleep(30)
+    os._exit(0)
+let_go_r, let_go_w = os.pipe()
+detached = os.fork()
+if detached == 0:
+    os.setsid()
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.write(let_go_w, b"x")
+    time.sleep(30)
+    os._exit(0)
+os.read(let_go_r, 1)
+print("pids %d %d" % (holder, detached), flush=True)
+'''
+code = subprocess.run(prefix + ["/usr/bin/python3", "-c", LEFTOVER], **tty).returncode
+os.set_blocking(master, False)
+seen = b""
+try:
+    while True:
+        seen += os.read(master, 4096)
+except (BlockingIOError, OSError):
+    pass
+holder, detached = map(int, re.search(rb"pids (\d+) (\d+)", seen).groups())
+def alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+deadline = time.time() + 3
+while alive(holder) and time.time() < deadline:
+    time.sleep(0.05)
+out = {"exit": code, "holder_alive": alive(holder), "detached_alive": alive(detached),
+       "live_alive": live.poll() is None, "notice": b"left behind holding this terminal" in seen}
+for pid in (holder, detached):
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+live.kill()
+live.wait()
+print(json.dumps(out))
+"#;
+
+#[test]
+fn processes_a_command_leaves_holding_the_operators_terminal_are_killed_when_exec_ends() {
+    // A process the agent leaves behind with the terminal's descriptors would read part of what
+    // the operator types next (nothing stops a process outside the terminal's session from
+    // reading it). `exec` kills those once the command ends; processes that let go of the
+    // terminal, and another exec still running on it, are left alone.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let prefix = json!([
+        agentgate_tests::agentgate_bin(),
+        "exec",
+        "--config",
+        gate.config,
+        "--agent",
+        "bot",
+        "--user",
+        "nobody",
+        "--"
+    ]);
+    let o = run(Command::new("/usr/bin/python3").args([
+        "-c",
+        LEFT_ON_THE_TERMINAL,
+        &prefix.to_string(),
+    ]));
+    let out: Value = serde_json::from_str(stdout(&o).trim())
+        .unwrap_or_else(|e| panic!("{e}: {}", agentgate_tests::show(&o)));
+    assert_eq!(out["exit"], 0, "{out}");
+    assert_eq!(out["holder_alive"], false, "{out}");
+    assert_eq!(out["notice"], true, "the operator is told: {out}");
+    assert_eq!(out["detached_alive"], true, "{out}");
+    assert_eq!(
+        out["live_alive"], true,
+        "another exec on the terminal: {out}"
+    );
 }

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::unistd::{Gid, Pid, Uid, User};
 
+use super::terminal::Terminals;
 use super::{CliError, msg, seccomp};
 use crate::config::{Config, normalize_cgroup};
 use crate::identity::{CgroupFs, cgroup_id};
@@ -227,7 +228,10 @@ fn prepare(cfg: &Config, request: &ExecRequest<'_>) -> Result<Prepared, CliError
 /// a shell reports it). `kept`: the descriptors `--keep-fds` passes on; the child has them,
 /// and this process closes its copies.
 pub fn exec(cfg: &Config, request: &ExecRequest<'_>, kept: &[i32]) -> Result<ExitCode, CliError> {
-    prepare(cfg, request)?;
+    let prepared = prepare(cfg, request)?;
+    let agent_cgroup = prepared.cgroups.dir(&prepared.relative);
+    // Before this process points its own streams elsewhere (see `terminal`).
+    let terminals = Terminals::of_stdio();
     let mut waited = SigSet::empty();
     for s in RELAYED {
         waited.add(s);
@@ -271,7 +275,14 @@ pub fn exec(cfg: &Config, request: &ExecRequest<'_>, kept: &[i32]) -> Result<Exi
     nix::unistd::dup2_stdout(&null).map_err(std::io::Error::from)?;
     drop(null);
 
-    supervise(&mut child, &waited)
+    let status = supervise(&mut child, &waited);
+    let killed = terminals.take_back(&agent_cgroup);
+    if killed > 0 {
+        eprintln!(
+            "agentgate exec: killed {killed} process(es) the command left behind holding this terminal"
+        );
+    }
+    status
 }
 
 /// Every user and group id, mapped to itself: inside the command's user namespace ids, files

@@ -5,6 +5,7 @@
 pub mod approvals;
 mod exec;
 mod seccomp;
+mod terminal;
 pub(crate) mod text;
 
 pub use exec::{ExecRequest, close_inherited_fds, exec, exec_supervised, inherited_fds};
