@@ -1030,9 +1030,9 @@ fn a_governed_agent_cannot_use_the_admin_api_or_approve_its_own_ticket() {
     // The agent (even as root) runs the CLI inside its own cgroup.
     let bin = agentgate_tests::agentgate_bin();
     let config = gate.config.display().to_string();
-    let o = gate
-        .exec(
-            "bot",
+    let approve_as = |agent: &str| {
+        gate.exec(
+            agent,
             &[
                 bin.to_str().unwrap(),
                 "approvals",
@@ -1043,7 +1043,9 @@ fn a_governed_agent_cannot_use_the_admin_api_or_approve_its_own_ticket() {
             ],
         )
         .output()
-        .unwrap();
+        .unwrap()
+    };
+    let o = approve_as("bot");
     assert!(!o.status.success(), "{}", show(&o));
     assert!(
         text(&o.stderr).contains("may not use the admin API"),
@@ -1052,20 +1054,7 @@ fn a_governed_agent_cannot_use_the_admin_api_or_approve_its_own_ticket() {
     );
     assert_eq!(ticket_state(&gate, id.parse().unwrap()), "pending");
     // An agent without `allow_unix_sockets` does not get as far as the socket.
-    let o = gate
-        .exec(
-            "bot2",
-            &[
-                bin.to_str().unwrap(),
-                "approvals",
-                "approve",
-                &id,
-                "--config",
-                &config,
-            ],
-        )
-        .output()
-        .unwrap();
+    let o = approve_as("bot2");
     assert!(!o.status.success(), "{}", show(&o));
     assert!(
         text(&o.stderr).contains("Operation not permitted"),

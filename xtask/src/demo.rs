@@ -217,18 +217,7 @@ pub fn run() -> Result<()> {
     approval(&conninfo)?;
     let refused = show(
         "the same agent tries a destination no target allows (port 5432): refused in the kernel",
-        Command::new(agentgate())
-            .args([
-                "exec",
-                "--agent",
-                "demo-agent",
-                "--user",
-                "nobody",
-                "--",
-                "psql",
-                "-X",
-            ])
-            .arg("host=127.0.0.1 port=5432 user=postgres connect_timeout=3")
+        governed_psql("host=127.0.0.1 port=5432 user=postgres connect_timeout=3")
             .args(["-c", "select 1"]),
     )?;
     if refused {
@@ -238,22 +227,11 @@ pub fn run() -> Result<()> {
     // agent would be the superuser, past every hook. `exec` refuses the socket itself.
     let local = show(
         "the agent tries the database's Unix socket (which trusts local users): refused by exec's socket filter",
-        Command::new(agentgate())
-            .args([
-                "exec",
-                "--agent",
-                "demo-agent",
-                "--user",
-                "nobody",
-                "--",
-                "psql",
-                "-X",
-            ])
-            .arg(format!(
-                "host={} port={DEMO_PORT} user=postgres dbname=postgres",
-                pg.dir.display()
-            ))
-            .args(["-c", "select 1"]),
+        governed_psql(&format!(
+            "host={} port={DEMO_PORT} user=postgres dbname=postgres",
+            pg.dir.display()
+        ))
+        .args(["-c", "select 1"]),
     )?;
     if local {
         bail!("a connect over the database's Unix socket was not refused");
