@@ -1623,6 +1623,39 @@ time.sleep(30)
 }
 
 #[test]
+fn a_program_name_with_a_line_break_cannot_forge_lines_of_a_replay() {
+    // The agent names its executable: one called "x\n-- session ended ..." made the replay's
+    // header print a forged line of its own.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let dir = std::env::temp_dir().join(agentgate_tests::unique("agentgate-exe"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("agent\n-- session ended 2020-01-01T00:00:00Z");
+    std::fs::copy("/usr/bin/python3", &exe).unwrap();
+    let script = format!(
+        "import socket; s = socket.create_connection(('127.0.0.1', {})); s.sendall(b'hi'); s.recv(2)",
+        echo.addr.port()
+    );
+    let o = run(&mut gate.exec("bot", &[exe.to_str().unwrap(), "-c", &script]));
+    assert!(o.status.success(), "{}", agentgate_tests::show(&o));
+    let session = gate.sessions_ended(1)[0]["id"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+    let replay = gate.cli(&["sessions", "replay", &session]);
+    let text = stdout(&replay);
+    assert!(
+        text.contains("agent\\n-- session ended 2020"),
+        "the name is shown escaped: {text}"
+    );
+    assert!(
+        !text.lines().any(|l| l.starts_with("-- session ended 2020")),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn the_state_dir_and_the_session_store_are_private_to_the_daemon() {
     // Open to other users, a governed agent could read every agent's records, and hold a read
     // lock on `sessions.db-shm` (a read-only descriptor is enough) to stall the session writer.

@@ -376,7 +376,8 @@ pub fn sessions_replay(cfg: &Config, id: i64) -> Result<(), CliError> {
         row.id,
         agent,
         row.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-        row.exe.as_deref().unwrap_or("-"),
+        // The agent names its program: a line break in the name would start a line of its own.
+        text::escaped(row.exe.as_deref().unwrap_or("-")),
         row.target.as_deref().unwrap_or("-"),
         row.started
     )?;

@@ -183,8 +183,36 @@ fn read_exe(pid: u32) -> Option<String> {
 }
 
 fn read_cmdline(pid: u32) -> Option<String> {
-    let raw = read_proc_file(&format!("/proc/{pid}/cmdline")).ok()?;
-    Some(join_cmdline(&raw))
+    let f = fs::File::open(format!("/proc/{pid}/cmdline")).ok()?;
+    read_cmdline_from(&f).ok()
+}
+
+/// The most of a command line that is read and recorded. The agent chooses its arguments (up to
+/// about 2 MiB on Linux): read whole, they were kept in memory until the session writer caught
+/// up and written into every session row, so a few thousand connections took gigabytes of the
+/// daemon's memory and of the state directory's disk.
+pub const CMDLINE_MAX: usize = 4096;
+
+/// Marks a command line cut at [`CMDLINE_MAX`].
+const CUT: &str = " [...]";
+
+/// Reads at most [`CMDLINE_MAX`] bytes of a `cmdline` file (one more tells whether it goes on).
+fn read_cmdline_from(f: &fs::File) -> io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    let mut raw = [0u8; CMDLINE_MAX + 1];
+    let n = loop {
+        match f.read_at(&mut raw, 0) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    let read = raw.get(..n.min(CMDLINE_MAX)).unwrap_or_default();
+    let mut line = join_cmdline(read);
+    if n > CMDLINE_MAX {
+        line.push_str(CUT);
+    }
+    Ok(line)
 }
 
 fn join_cmdline(raw: &[u8]) -> String {
@@ -193,32 +221,6 @@ fn join_cmdline(raw: &[u8]) -> String {
         .map(String::from_utf8_lossy)
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// Reads a small procfs file: open, read, close. Not `fs::read`, whose size hint costs a `statx`
-/// (and `read_to_end` an `lseek`) that procfs answers with 0.
-fn read_proc_file(path: &str) -> io::Result<Vec<u8>> {
-    read_all_at(&fs::File::open(path)?)
-}
-
-/// Reads a procfs file from its start with `pread`. A procfs read fills the buffer from what the
-/// file has (for `cmdline`, the kernel copies until the request is met or the arguments end), so
-/// a short read is the end.
-fn read_all_at(f: &fs::File) -> io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let mut out = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = match f.read_at(&mut chunk, out.len() as u64) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        out.extend_from_slice(chunk.get(..n).unwrap_or_default());
-        if n < chunk.len() {
-            return Ok(out);
-        }
-    }
 }
 
 /// Open `/proc/PID/cmdline` files of recent connecting processes, per accept thread; bounded.
@@ -235,22 +237,22 @@ thread_local! {
 /// was opened for: once that process is gone it reads `ESRCH`, so a reused pid is opened anew
 /// and never reads as the old process.
 fn read_cmdline_of_connection(pid: u32) -> Option<String> {
-    match CMDLINE_FILES.with_borrow(|files| files.get(&pid).map(read_all_at)) {
-        Some(Ok(raw)) => return Some(join_cmdline(&raw)),
+    match CMDLINE_FILES.with_borrow(|files| files.get(&pid).map(read_cmdline_from)) {
+        Some(Ok(line)) => return Some(line),
         Some(Err(_)) => {
             CMDLINE_FILES.with_borrow_mut(|files| files.remove(&pid));
         }
         None => {}
     }
     let f = fs::File::open(format!("/proc/{pid}/cmdline")).ok()?;
-    let raw = read_all_at(&f).ok()?;
+    let line = read_cmdline_from(&f).ok()?;
     CMDLINE_FILES.with_borrow_mut(|files| {
         if files.len() >= CMDLINE_FILES_MAX {
             files.clear();
         }
         files.insert(pid, f);
     });
-    Some(join_cmdline(&raw))
+    Some(line)
 }
 
 /// Remembered cgroup paths per cgroup id, per accept thread (so no lock); bounded.
@@ -372,6 +374,54 @@ mod tests {
         let me = ProcessInfo::read(std::process::id(), 0);
         assert!(me.exe.is_some());
         assert!(me.cmdline.is_some());
+    }
+
+    #[test]
+    fn a_command_line_is_read_up_to_its_cap_and_marked_cut() {
+        // An agent chooses its arguments: 64 arguments of 16 KiB (1 MiB) are read as 4 KiB.
+        let long = "x".repeat(16 * 1024);
+        let mut child = std::process::Command::new("/usr/bin/python3")
+            .args(["-c", "import time; time.sleep(30)"])
+            .args(std::iter::repeat_n(&long, 64))
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // Its arguments are in place a moment after `spawn` returns (the descriptor `spawn`
+        // waits on closes before the new program's arguments are set up).
+        let started = std::time::Instant::now();
+        while read_cmdline(pid).unwrap_or_default().is_empty()
+            && started.elapsed() < std::time::Duration::from_secs(5)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        for line in [
+            read_cmdline(pid).unwrap(),
+            read_cmdline_of_connection(pid).unwrap(),
+        ] {
+            assert!(
+                line.starts_with("/usr/bin/python3 -c import time; time.sleep(30) xxx"),
+                "{}",
+                &line[..40]
+            );
+            assert!(line.ends_with(CUT), "{}", &line[line.len() - 20..]);
+            assert!(line.len() <= CMDLINE_MAX + CUT.len(), "{}", line.len());
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        // A short one is read whole, unmarked.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while read_cmdline(child.id()).as_deref() != Some("sleep 30")
+            && started.elapsed() < std::time::Duration::from_secs(5)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(read_cmdline(child.id()).as_deref(), Some("sleep 30"));
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     #[test]
