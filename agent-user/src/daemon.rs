@@ -494,9 +494,16 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     // Accepted sockets inherit it: agents' request/response exchanges never wait on Nagle, and
     // no connection pays a `setsockopt` of its own for it.
     sock.set_nodelay(true)?;
+    // Accepted sockets inherit it too. Left to autotuning, the receive buffer of a connection
+    // whose upstream stops reading grew to 6-18 MiB of the host's TCP memory (a direct
+    // connection to the same server holds about 4), and an agent could open a thousand.
+    sock.set_recv_buffer_size(RELAY_RECEIVE_BUFFER)?;
     sock.bind(addr)?;
     sock.listen(1024)?.into_std()
 }
+
+/// `SO_RCVBUF` of every accepted connection (the kernel doubles it for its own bookkeeping).
+const RELAY_RECEIVE_BUFFER: u32 = 1024 * 1024;
 
 /// The accept loops, per listener address: one per CPU this daemon may run on (at most 8), each
 /// with the CPU to pin it to when pinning is on (and the CPU set can be read).
@@ -931,12 +938,18 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn accepted_sockets_have_nagle_off() {
+    async fn accepted_sockets_have_nagle_off_and_a_bounded_receive_buffer() {
         let listener = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let _client = std::net::TcpStream::connect(addr).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         assert!(accepted.nodelay().unwrap(), "inherited from the listener");
+        // So is the receive buffer, set (which turns autotuning off) and not grown: the kernel
+        // reports twice what was asked.
+        let size = socket2::SockRef::from(&accepted)
+            .recv_buffer_size()
+            .unwrap();
+        assert_eq!(size, 2 * RELAY_RECEIVE_BUFFER as usize);
     }
 
     #[test]
