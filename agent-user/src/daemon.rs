@@ -467,7 +467,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     if let Err(e) = intercept.set_ready(false) {
         tracing::error!(error = %e, "cannot mark the kernel side not ready");
     }
-    // Bounded: the writer waits out a lock another process holds on the file, however long.
+    // The relays still running end with the process, before they could write their ends.
+    if let Err(e) = store.end_open_sessions() {
+        tracing::error!(error = %e, "session store: the open sessions could not be ended");
+    }
+    // Bounded: the writer waits out a lock another process holds on the file, however long,
+    // and retries a commit that failed.
     match tokio::time::timeout(std::time::Duration::from_secs(30), store.flush()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {

@@ -368,18 +368,21 @@ async fn handle(
         }
         return;
     };
-    // A session that could not be recorded must not run: while the store's queue is past its
-    // hard limit a new connection of an agent holding its share of it is refused, not queued
-    // (with a rate-limited event; the refused count shows them all). Other agents' connections
-    // are still taken: one agent's flood does not shut the others out.
+    // A session that could not be recorded must not run: while the store cannot record (its
+    // writer stopped, its commits fail, its disk is below the reserve) every new connection is
+    // refused; while its queue is past its hard limit a new connection of an agent holding its
+    // share of it is refused, not queued (with a rate-limited event; the refused count shows
+    // them all). Other agents' connections are still taken: one agent's flood does not shut
+    // the others out.
     if gate.store.overloaded(peer.share) {
         gate.intercept.forget_flow(&key);
         gate.refused.fetch_add(1, Ordering::Relaxed);
         let source = Source::new("session_store_overloaded", Some(peer.agent.clone()));
-        if gate.store.writer_stopped() {
-            // No event: it could not be recorded either.
+        if let Some(why) = gate.store.not_recording() {
+            // No event: it could not be recorded either (the store records how long it could
+            // not once it can again).
             if gate.events.admit(&source, Instant::now()) {
-                tracing::error!(agent = %peer.agent, pid = flow.tgid, "session store writer stopped: connection closed, nothing it sends could be recorded");
+                tracing::error!(agent = %peer.agent, pid = flow.tgid, reason = %why, "session store cannot record: connection closed");
             }
         } else if gate.events.admit(&source, Instant::now()) {
             let q = gate.store.queue();

@@ -17,7 +17,12 @@
 //!
 //! Recording is what makes a statement allowed to run: once the writer thread has stopped,
 //! [`Backlog::room`] fails for good and [`Backlog::overloaded`] holds for every agent, so no
-//! statement runs unrecorded and no connection is taken that could not be recorded.
+//! statement runs unrecorded and no connection is taken that could not be recorded. While the
+//! writer's commits fail (a full disk) it keeps the batch and retries it: meanwhile
+//! [`Backlog::overloaded`] holds for every agent and [`Backlog::room`] waits until a commit
+//! succeeds. While the state directory's filesystem has less free space than the reserve
+//! (`sessions.min_free_mib`), new connections are refused as well; statements of connections
+//! already taken go on (the reserve is there for their records).
 //!
 //! This module counts and waits; the writer and the producers live in `session` and `proxy`.
 
@@ -42,6 +47,12 @@ pub struct StoreLimits {
     /// by the number of agents that have records queued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queued_per_agent: Option<usize>,
+    /// New connections are refused while the state directory's filesystem has less than this
+    /// many MiB free (for the daemon's user), so that the store fills no disk up to the point
+    /// where its commits fail. `None`: 256 MiB or 1% of the filesystem, whichever is smaller;
+    /// 0: no reserve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_free_mib: Option<u64>,
 }
 
 fn default_max_queued() -> usize {
@@ -53,6 +64,7 @@ impl Default for StoreLimits {
         StoreLimits {
             max_queued: default_max_queued(),
             max_queued_per_agent: None,
+            min_free_mib: None,
         }
     }
 }
@@ -61,6 +73,17 @@ impl Default for StoreLimits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("session store writer stopped: statements cannot be recorded")]
 pub struct WriterStopped;
+
+/// Why the store cannot record anything new: new connections are refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotRecording {
+    #[error("the session store writer has stopped")]
+    WriterStopped,
+    #[error("session store writes are failing (is the disk full?); the writer retries them")]
+    WritesFailing,
+    #[error("the session store's filesystem has less free space than sessions.min_free_mib")]
+    LowSpace,
+}
 
 /// Whose records these are, for the per-agent counts: one of the agents the store was opened
 /// with, or [`AgentShare::NONE`] (the daemon's own records, counted in the total only).
@@ -93,6 +116,10 @@ pub(super) struct Backlog {
     over: AtomicBool,
     /// Set when the writer thread has ended: nobody would clear `over`.
     stopped: AtomicBool,
+    /// Set while the writer's commits fail (it keeps the batch and retries it).
+    failing: AtomicBool,
+    /// Set while the state directory's filesystem has less free space than the reserve.
+    low_space: AtomicBool,
     drained: tokio::sync::Notify,
     log: Mutex<Episodes>,
 }
@@ -136,6 +163,8 @@ impl Backlog {
             holding: AtomicUsize::new(0),
             over: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
+            low_space: AtomicBool::new(false),
             drained: tokio::sync::Notify::new(),
             log: Mutex::new(Episodes {
                 began: None,
@@ -245,12 +274,39 @@ impl Backlog {
         self.release();
     }
 
-    /// Whether a new connection of `a` is refused: the writer has stopped, or the queue is past
-    /// the hard limit (twice the high-water mark) and `a` holds its share of it (records of no
-    /// agent: always). An agent holding less is still served: its records are not what fills
-    /// the queue.
-    pub(super) fn overloaded(&self, a: AgentShare) -> bool {
+    /// The writer's commits fail (`true`) or succeed again (`false`). Producers waiting for
+    /// room while they failed are woken once they succeed.
+    pub(super) fn set_failing(&self, failing: bool) {
+        if !self.failing.swap(failing, Ordering::SeqCst) || failing {
+            return;
+        }
+        self.drained.notify_waiters();
+    }
+
+    /// The state directory's filesystem has less free space than the reserve, or no longer.
+    pub(super) fn set_low_space(&self, low: bool) {
+        self.low_space.store(low, Ordering::SeqCst);
+    }
+
+    /// Why nothing new can be recorded, if so: new connections are refused for it.
+    pub(super) fn not_recording(&self) -> Option<NotRecording> {
         if self.stopped.load(Ordering::Relaxed) {
+            Some(NotRecording::WriterStopped)
+        } else if self.failing.load(Ordering::Relaxed) {
+            Some(NotRecording::WritesFailing)
+        } else if self.low_space.load(Ordering::Relaxed) {
+            Some(NotRecording::LowSpace)
+        } else {
+            None
+        }
+    }
+
+    /// Whether a new connection of `a` is refused: nothing new can be recorded (see
+    /// [`Backlog::not_recording`]), or the queue is past the hard limit (twice the high-water
+    /// mark) and `a` holds its share of it (records of no agent: always). An agent holding
+    /// less is still served: its records are not what fills the queue.
+    pub(super) fn overloaded(&self, a: AgentShare) -> bool {
+        if self.not_recording().is_some() {
             return true;
         }
         if self.queued() < self.high.saturating_mul(2) {
@@ -271,13 +327,17 @@ impl Backlog {
     /// Resolves at once while the queue is below the high-water mark, or for an agent holding
     /// less than its share of it. An agent holding its share (and records of no agent) waits
     /// until the writer has drained the queue below the low-water mark (or caught up), or the
-    /// agent's own count below half its share. Fails once the writer has stopped: a statement
-    /// taken then would run unrecorded.
+    /// agent's own count below half its share. While the writer's commits fail every agent
+    /// waits, until one succeeds. Fails once the writer has stopped: a statement taken then
+    /// would run unrecorded.
     pub(super) async fn room(&self, a: AgentShare) -> Result<(), WriterStopped> {
         if self.stopped.load(Ordering::Relaxed) {
             return Err(WriterStopped);
         }
-        if !self.over.load(Ordering::Relaxed) && self.queued.load(Ordering::Relaxed) < self.high {
+        if !self.over.load(Ordering::Relaxed)
+            && !self.failing.load(Ordering::Relaxed)
+            && self.queued.load(Ordering::Relaxed) < self.high
+        {
             return Ok(());
         }
         self.wait(a).await
@@ -294,6 +354,10 @@ impl Backlog {
             notified.as_mut().enable();
             if self.stopped.load(Ordering::SeqCst) {
                 return Err(WriterStopped);
+            }
+            if self.failing.load(Ordering::SeqCst) {
+                notified.await;
+                continue;
             }
             if !self.over.load(Ordering::SeqCst) {
                 if self.queued.load(Ordering::SeqCst) < self.high {
@@ -594,6 +658,7 @@ mod tests {
         let limits = StoreLimits {
             max_queued: 10,
             max_queued_per_agent: Some(3),
+            ..StoreLimits::default()
         };
         let b = with_agents(limits, &["a", "b"]);
         let (a, other) = (b.share("a"), b.share("b"));

@@ -7,8 +7,14 @@
 //! WAL mode with `synchronous=NORMAL`: a committed record survives the daemon being killed
 //! (it is in the OS page cache and the WAL); only a power loss can drop the last commits.
 //! [`SessionStore::flush`] waits for everything sent so far to be committed, for callers that must
-//! not release a result before its record is durable; it fails if the batch holding it was rolled
-//! back (the writer answers it for the whole batch, not for the records before it).
+//! not release a result before its record is durable.
+//!
+//! A batch whose commit fails (a full disk, an I/O error) is kept and retried until it commits:
+//! no record handed to the store is dropped. Meanwhile new connections are refused and
+//! statements wait (see `backlog` and `health`), and an event says how long writes failed once
+//! they succeed again. New connections are also refused while the state directory's filesystem
+//! has less free space than a reserve. Sessions a daemon left open when it stopped or was killed
+//! are marked ended, as interrupted, when the next one opens the store.
 //!
 //! The queue is bounded without dropping records (see `backlog`): while the writer is behind,
 //! producers of statement records of an agent holding its share of the queue wait, and the writer
@@ -32,10 +38,12 @@ use serde::Serialize;
 use crate::policy::TableRef;
 
 mod backlog;
+mod health;
 pub mod limit;
 mod shapes;
 use backlog::Backlog;
-pub use backlog::{AgentShare, StoreLimits, WriterStopped};
+pub use backlog::{AgentShare, NotRecording, StoreLimits, WriterStopped};
+use health::{Outage, Reserve, Space};
 use shapes::Shapes;
 
 const SCHEMA: &str = "
@@ -299,6 +307,11 @@ enum Write {
     Grant {
         id: u64,
         detail: serde_json::Value,
+    },
+    /// Every session still open ends now, with `error` (the daemon is stopping).
+    EndOpen {
+        ts: i64,
+        error: &'static str,
     },
     /// Answered once the batch holding it is committed, or with why it was not.
     Flush(tokio::sync::oneshot::Sender<Result<(), String>>),
@@ -572,10 +585,17 @@ impl SessionStore {
             )
         };
         let max_statement = max_id("statement_log")?.max(max_id("statements")?);
+        end_interrupted(&conn, now_ms());
         let (tx, rx) = mpsc::channel();
         let (tid_tx, tid_rx) = mpsc::sync_channel(1);
         let backlog = Arc::new(Backlog::new(limits, agents));
         let writer_backlog = backlog.clone();
+        let mut reserve = Reserve::new(
+            path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            limits.min_free_mib,
+        );
+        // Before the first connection is taken.
+        backlog.set_low_space(matches!(reserve.check(), Space::Low));
         std::thread::Builder::new()
             .name("session-writer".into())
             .spawn(move || {
@@ -588,7 +608,7 @@ impl SessionStore {
                     }
                 }
                 let stopped = Stopped(writer_backlog);
-                writer(conn, rx, &stopped.0)
+                writer(conn, rx, &stopped.0, reserve)
             })
             .map_err(|e| SessionError::Open {
                 path: path.into(),
@@ -643,6 +663,13 @@ impl SessionStore {
     /// Whether the writer thread has stopped: nothing more can be recorded.
     pub fn writer_stopped(&self) -> bool {
         self.backlog.stopped()
+    }
+
+    /// Why nothing new can be recorded, if so: the writer has stopped, its commits fail (it
+    /// retries them), or the filesystem has less free space than the reserve. New connections
+    /// are refused meanwhile ([`SessionStore::overloaded`] holds for every agent).
+    pub fn not_recording(&self) -> Option<NotRecording> {
+        self.backlog.not_recording()
     }
 
     /// The queue's figures, for `agentgate status`.
@@ -790,7 +817,20 @@ impl SessionStore {
         self.send(Write::Grant { id, detail }, AgentShare::NONE)
     }
 
-    /// Resolves once everything sent before this call is committed.
+    /// Ends every session still open, as interrupted by the daemon stopping: their relays end
+    /// with the process, before they could write their ends.
+    pub fn end_open_sessions(&self) -> Result<(), SessionError> {
+        self.send(
+            Write::EndOpen {
+                ts: now_ms(),
+                error: STOPPED,
+            },
+            AgentShare::NONE,
+        )
+    }
+
+    /// Resolves once everything sent before this call is committed (while commits fail, once
+    /// the writer's retry succeeds).
     pub async fn flush(&self) -> Result<(), SessionError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send(Write::Flush(tx), AgentShare::NONE)?;
@@ -810,6 +850,35 @@ impl SessionStore {
             tracing::error!("session store writer has stopped: a record was lost");
             SessionError::WriterGone
         })
+    }
+}
+
+/// The error of a session a stopping daemon ended (see [`SessionStore::end_open_sessions`]).
+pub const STOPPED: &str =
+    "interrupted: the daemon stopped while the session was open; its byte counts are not known";
+
+/// The error of a session found open when the store is opened: the daemon that relayed it was
+/// killed (or crashed) before it could end it.
+pub const INTERRUPTED: &str =
+    "interrupted: the daemon stopped before the session ended; its byte counts are not known";
+
+/// Marks the sessions an earlier daemon left without an end as ended at `ts` (this daemon's
+/// start), with [`INTERRUPTED`]: their relays are gone, and they would otherwise show as open
+/// forever. (Statements are written once, with their outcome: none is left open.) A store that
+/// cannot be written now is logged; its commits will fail and be retried like any other.
+fn end_interrupted(conn: &Connection, ts: i64) {
+    match conn.execute(
+        "UPDATE sessions SET ended_ms = ?1, error = COALESCE(error, ?2) WHERE ended_ms IS NULL",
+        params![ts, INTERRUPTED],
+    ) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            sessions = n,
+            "session store: sessions an earlier daemon left open are marked ended, as interrupted"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "session store: cannot mark the sessions an earlier daemon left open as interrupted")
+        }
     }
 }
 
@@ -938,13 +1007,17 @@ fn note(runs: &mut Vec<(AgentShare, usize)>, share: AgentShare) {
     }
 }
 
-fn writer(mut conn: Connection, rx: mpsc::Receiver<(Write, AgentShare)>, backlog: &Backlog) {
+fn writer(
+    mut conn: Connection,
+    rx: mpsc::Receiver<(Write, AgentShare)>,
+    backlog: &Backlog,
+    mut reserve: Reserve,
+) {
     if let Err(e) = conn.busy_handler(Some(wait_for_lock)) {
         tracing::error!(error = %e, "session store: no busy handler; a locked file fails batches after the busy timeout");
     }
     let mut priority = WriterPriority::new();
-    let mut lists = JsonLists::default();
-    let mut shapes = Shapes::default();
+    let mut w = Committer::default();
     // The current batch's records per agent, counted down with it.
     let mut runs = Vec::new();
     loop {
@@ -955,9 +1028,15 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<(Write, AgentShare)>, backlog
                 // Caught up: producers waiting for room go on, whatever the count says.
                 backlog.caught_up();
                 priority.set_idle(true);
-                match rx.recv() {
-                    Ok(w) => w,
-                    Err(_) => break,
+                // Waking now and then to look at the free space: other processes fill disks too.
+                loop {
+                    match rx.recv_timeout(health::SPACE_EVERY) {
+                        Ok(w) => break w,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            w.look_at_space(&mut conn, &mut reserve, backlog)
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
                 }
             }
         };
@@ -981,11 +1060,67 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<(Write, AgentShare)>, backlog
         }
         let full = batch.len() >= BATCH_MAX;
         let records = batch.len();
-        // A flush is answered for the whole batch, committed or not, wherever it sits in it: a
-        // failed record anywhere rolls back the records sent before the flush too.
+        // A flush is answered once the whole batch is committed, wherever it sits in it.
         let (flushes, batch): (Vec<Write>, Vec<Write>) = batch
             .into_iter()
             .partition(|w| matches!(w, Write::Flush(_)));
+        // Returns once the batch is committed, however many tries that takes: a record handed
+        // to the store is never dropped.
+        w.commit(&mut conn, fold(batch), backlog);
+        for (share, n) in runs.drain(..) {
+            backlog.written_by(share, n);
+        }
+        backlog.written(records);
+        for w in flushes {
+            if let Write::Flush(ack) = w {
+                // The caller may have stopped waiting.
+                let _ = ack.send(Ok(()));
+            }
+        }
+        if reserve.due() {
+            w.look_at_space(&mut conn, &mut reserve, backlog);
+        }
+        if full || began.elapsed() > LINGER + BEHIND {
+            priority.set_idle(false);
+        }
+    }
+}
+
+/// What the writer keeps from batch to batch.
+#[derive(Default)]
+struct Committer {
+    lists: JsonLists,
+    shapes: Shapes,
+}
+
+impl Committer {
+    /// Commits `batch`, retrying it until it commits. While it fails, the store does not take
+    /// new connections and statements wait (see `backlog`); once it has committed, an event
+    /// records the outage (committed the same way).
+    fn commit(&mut self, conn: &mut Connection, mut batch: Vec<Write>, backlog: &Backlog) {
+        loop {
+            let Err(e) = self.try_commit(conn, &batch) else {
+                return;
+            };
+            let mut outage = Outage::new(&e, backlog.queued());
+            backlog.set_failing(true);
+            let mut wait = outage.first_wait();
+            loop {
+                std::thread::sleep(wait);
+                match self.try_commit(conn, &batch) {
+                    Ok(()) => break,
+                    Err(e) => wait = outage.again(&e, backlog.queued()),
+                }
+            }
+            backlog.set_failing(false);
+            batch = vec![Write::Event {
+                ts: now_ms(),
+                e: Box::new(outage.ended()),
+            }];
+        }
+    }
+
+    fn try_commit(&mut self, conn: &mut Connection, batch: &[Write]) -> rusqlite::Result<()> {
         // Immediate: the write lock is taken (or waited for) before anything is read, so the
         // batch never fails with SQLITE_BUSY halfway (a deferred transaction that read first
         // may not wait for it).
@@ -997,33 +1132,45 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<(Write, AgentShare)>, backlog
                     // cached statement hashes its whole SQL text.
                     let mut insert_statement = None;
                     let mut spans = Spans::default();
-                    for w in fold(batch) {
-                        if let Write::Statement(row) = &w {
+                    for w in batch {
+                        if let Write::Statement(row) = w {
                             spans.note(row.s.session_id, row.id);
                         }
-                        apply(&tx, w, &mut insert_statement, &mut shapes, &mut lists)?;
+                        apply(
+                            &tx,
+                            w,
+                            &mut insert_statement,
+                            &mut self.shapes,
+                            &mut self.lists,
+                        )?;
                     }
                     spans.write(&tx)?;
                 }
                 tx.commit()
             });
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "session store write failed");
-            shapes.forget();
+        if result.is_err() {
+            self.shapes.forget();
         }
-        for (share, n) in runs.drain(..) {
-            backlog.written_by(share, n);
-        }
-        backlog.written(records);
-        let outcome = result.map_err(|e| e.to_string());
-        for w in flushes {
-            if let Write::Flush(ack) = w {
-                // The caller may have stopped waiting.
-                let _ = ack.send(outcome.clone());
+        result
+    }
+
+    /// Refuses new connections while the free space is below the reserve; records how long it
+    /// was once it is not.
+    fn look_at_space(&mut self, conn: &mut Connection, reserve: &mut Reserve, backlog: &Backlog) {
+        match reserve.check() {
+            Space::Enough => backlog.set_low_space(false),
+            Space::Low => backlog.set_low_space(true),
+            Space::Recovered(e) => {
+                backlog.set_low_space(false);
+                self.commit(
+                    conn,
+                    vec![Write::Event {
+                        ts: now_ms(),
+                        e: Box::new(e),
+                    }],
+                    backlog,
+                );
             }
-        }
-        if full || began.elapsed() > LINGER + BEHIND {
-            priority.set_idle(false);
         }
     }
 }
@@ -1072,7 +1219,7 @@ impl<T: std::fmt::Display> Serialize for Displayed<'_, T> {
 
 fn apply<'tx>(
     tx: &'tx rusqlite::Transaction<'_>,
-    w: Write,
+    w: &Write,
     insert_statement: &mut Option<rusqlite::CachedStatement<'tx>>,
     shapes: &mut Shapes,
     lists: &mut JsonLists,
@@ -1091,9 +1238,10 @@ fn apply<'tx>(
             .execute(params![id, exe, cmdline, cgroup])?;
         }
         Write::Statement(row) => {
-            let StatementWrite { id, ts, s, mut e } = *row;
+            let StatementWrite { id, ts, s, e } = &**row;
             let session_id = s.session_id;
-            let (shape, text) = shapes::split(s, std::mem::take(&mut e.columns));
+            // Copied, not moved: a batch whose commit fails is tried again.
+            let (shape, text) = shapes::split(s, &e.columns);
             let shape_id = shapes.id(tx, shape, lists)?;
             let insert = match insert_statement {
                 Some(insert) => insert,
@@ -1117,7 +1265,7 @@ fn apply<'tx>(
         Write::Start { id, ts, s, end } => {
             let roles = serde_json::to_string(&s.roles).unwrap_or_else(|_| "[]".into());
             let (ended, up, down, error) = match end {
-                Some(e) => (Some(e.ts), e.bytes_up, e.bytes_down, e.error),
+                Some(e) => (Some(e.ts), e.bytes_up, e.bytes_down, e.error.as_deref()),
                 None => (None, 0, 0, None),
             };
             tx.prepare_cached(
@@ -1161,7 +1309,7 @@ fn apply<'tx>(
             tx.prepare_cached(
                 "UPDATE sessions SET ended_ms = ?2, bytes_up = ?3, bytes_down = ?4, error = COALESCE(?5, error) WHERE id = ?1",
             )?
-            .execute(params![id, ts, bytes_up as i64, bytes_down as i64, error])?;
+            .execute(params![id, ts, *bytes_up as i64, *bytes_down as i64, error])?;
         }
         Write::Event { ts, e } => {
             tx.prepare_cached(
@@ -1197,7 +1345,7 @@ fn apply<'tx>(
                  ON CONFLICT(id) DO UPDATE SET detail = excluded.detail, expires_ms = excluded.expires_ms",
             )?
             .execute(params![
-                i64::try_from(id).unwrap_or(i64::MAX),
+                i64::try_from(*id).unwrap_or(i64::MAX),
                 detail
                     .get("agent")
                     .and_then(serde_json::Value::as_str)
@@ -1208,6 +1356,12 @@ fn apply<'tx>(
                     .unwrap_or_default(),
                 detail.to_string()
             ])?;
+        }
+        Write::EndOpen { ts, error } => {
+            tx.execute(
+                "UPDATE sessions SET ended_ms = ?1, error = COALESCE(error, ?2) WHERE ended_ms IS NULL",
+                params![ts, error],
+            )?;
         }
         // Taken out of the batch and answered by the writer once the batch is committed.
         Write::Flush(_) => {}
@@ -1822,17 +1976,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_flush_is_not_answered_ok_when_a_later_record_of_its_batch_fails() {
+    async fn a_flush_is_answered_once_a_later_record_of_its_batch_that_failed_commits() {
         let (dir, path) = fresh_dir("flush-rollback");
         std::fs::create_dir_all(&dir).unwrap();
         let conn = open_rw(&path).unwrap();
         // Statement id 2 is taken: the record sent after the flush fails, and rolls back the
-        // batch with the one sent before it.
-        conn.execute(
-            "INSERT INTO statement_log (id, session_id, ts_ms, shape_id) VALUES (2, 99, 0, 99)",
-            [],
-        )
-        .unwrap();
+        // batch with the one sent before it; the batch is kept and tried again.
+        let other = open_rw(&path).unwrap();
+        other
+            .execute(
+                "INSERT INTO statement_log (id, session_id, ts_ms, shape_id) VALUES (2, 99, 0, 99)",
+                [],
+            )
+            .unwrap();
         let record = |id: i64| {
             Write::Statement(Box::new(StatementWrite {
                 id,
@@ -1843,22 +1999,32 @@ mod tests {
         };
         // Queued before the writer starts: one batch, the flush in the middle.
         let (tx, rx) = mpsc::channel();
-        let (ack, answer) = tokio::sync::oneshot::channel();
+        let (ack, mut answer) = tokio::sync::oneshot::channel();
         tx.send((record(1), AgentShare::NONE)).unwrap();
         tx.send((Write::Flush(ack), AgentShare::NONE)).unwrap();
         tx.send((record(2), AgentShare::NONE)).unwrap();
         drop(tx);
-        let backlog = Backlog::new(StoreLimits::default(), &[]);
+        let backlog = Arc::new(Backlog::new(StoreLimits::default(), &[]));
         (0..3).for_each(|_| backlog.added(AgentShare::NONE));
-        let writer = std::thread::spawn(move || writer(conn, rx, &backlog));
-        let outcome = answer.await.unwrap();
+        let writer = std::thread::spawn({
+            let backlog = backlog.clone();
+            move || writer(conn, rx, &backlog, Reserve::new(".".into(), Some(0)))
+        });
+        until("the batch fails", || backlog.not_recording().is_some()).await;
         assert!(
-            outcome.as_ref().is_err_and(|m| m.contains("UNIQUE")),
-            "{outcome:?}"
+            tokio::time::timeout(Duration::from_millis(300), &mut answer)
+                .await
+                .is_err(),
+            "answered while its batch is not committed"
         );
+        other
+            .execute("DELETE FROM statement_log WHERE id = 2", [])
+            .unwrap();
+        answer.await.unwrap().unwrap();
         writer.join().unwrap();
+        assert_eq!(backlog.queued(), 0);
         let reader = SessionReader::open(&path).unwrap();
-        assert!(reader.statements_of(5).unwrap().is_empty(), "rolled back");
+        assert_eq!(reader.statements_of(5).unwrap().len(), 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1890,7 +2056,7 @@ mod tests {
         let (tx, rx) = mpsc::channel::<(Write, AgentShare)>();
         let writer = std::thread::spawn({
             let backlog = backlog.clone();
-            move || writer(conn, rx, &backlog)
+            move || writer(conn, rx, &backlog, Reserve::new(".".into(), Some(0)))
         });
         tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
@@ -1914,9 +2080,9 @@ mod tests {
             ..Default::default()
         };
         // Another writer took the id the store hands out next: the batch holding the first
-        // statement (and the shape it inserted) fails and is rolled back.
-        Connection::open(&path)
-            .unwrap()
+        // statement (and the shape it inserted) fails and is rolled back, and retried.
+        let other = Connection::open(&path).unwrap();
+        other
             .execute(
                 "INSERT INTO statement_log (id, session_id, ts_ms, shape_id) VALUES (1, 99, 0, 99)",
                 [],
@@ -1925,11 +2091,11 @@ mod tests {
         let first = store.statement(AgentShare::NONE, prepared());
         assert_eq!(first.id, 1);
         store.statement_end(first, StatementEnd::default()).unwrap();
-        let err = store.flush().await.unwrap_err();
-        assert!(
-            matches!(&err, SessionError::NotCommitted(m) if m.contains("UNIQUE")),
-            "{err}"
-        );
+        until("the batch fails", || store.not_recording().is_some()).await;
+        other
+            .execute("DELETE FROM statement_log WHERE id = 1", [])
+            .unwrap();
+        store.flush().await.unwrap();
         // The same shape again: its row must name a shape that exists.
         let second = store.statement(AgentShare::NONE, prepared());
         store
@@ -1944,8 +2110,9 @@ mod tests {
             rows.iter()
                 .map(|r| (r.id, r.text.as_str(), r.decision.as_str()))
                 .collect::<Vec<_>>(),
-            [(2, "SELECT 1", "allow")]
+            [(1, "SELECT 1", "allow"), (2, "SELECT 1", "allow")]
         );
+        drop((store, other));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -2363,6 +2530,115 @@ mod tests {
         store.flush().await.unwrap();
         assert_eq!(reader.list(10).unwrap().len(), 2);
         assert!(matches!(reader.get(999), Err(SessionError::NotFound(999))));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Polls `f` until it holds, for up to 10 s.
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_fails_to_commit_is_kept_and_retried_while_connections_are_refused() {
+        let (dir, path, store) = fresh_store("failing");
+        store.flush().await.unwrap();
+        // Another connection makes the writer's inserts fail, as a full disk would.
+        let other = Connection::open(&path).unwrap();
+        other
+            .execute_batch(
+                "CREATE TRIGGER full BEFORE INSERT ON sessions
+                 BEGIN SELECT RAISE(ABORT, 'database or disk is full (test)'); END;",
+            )
+            .unwrap();
+        let id = store
+            .start(SessionStart {
+                decision: "allow",
+                ..Default::default()
+            })
+            .unwrap();
+        until("the store counts as failing", || {
+            store.not_recording() == Some(NotRecording::WritesFailing)
+        })
+        .await;
+        assert!(store.overloaded(AgentShare::NONE));
+        // Statements wait; nothing is answered while the batch fails.
+        let mut room = Box::pin(store.room(AgentShare::NONE));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(room.as_mut().poll(&mut cx).is_pending());
+        let mut flushed = Box::pin(store.flush());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), flushed.as_mut())
+                .await
+                .is_err()
+        );
+        store.end(AgentShare::NONE, id, 5, 6, None).unwrap();
+        // Space returns: the kept batch commits, with what queued meanwhile.
+        other.execute_batch("DROP TRIGGER full").unwrap();
+        flushed.await.unwrap();
+        store.flush().await.unwrap();
+        room.as_mut().await.unwrap();
+        drop(room);
+        assert_eq!(store.not_recording(), None);
+        assert!(!store.overloaded(AgentShare::NONE));
+        let reader = SessionReader::open(&path).unwrap();
+        let row = reader.get(id).unwrap();
+        assert_eq!((row.bytes_up, row.bytes_down), (5, 6));
+        assert!(row.ended_ms.is_some());
+        let events = reader.events(10).unwrap();
+        let failed = events
+            .iter()
+            .find(|e| e.kind == "session_store_failed")
+            .unwrap();
+        assert!(failed.detail["failing_ms"].as_u64().unwrap() >= 300);
+        assert!(
+            failed.detail["error"]
+                .as_str()
+                .unwrap()
+                .contains("disk is full")
+        );
+        drop((store, other));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn sessions_left_open_end_as_interrupted_at_the_next_open_or_a_clean_stop() {
+        let (dir, path, store) = fresh_store("interrupted");
+        let open = |store: &SessionStore| {
+            store
+                .start(SessionStart {
+                    decision: "allow",
+                    ..Default::default()
+                })
+                .unwrap()
+        };
+        let killed = open(&store);
+        let ended = open(&store);
+        store.end(AgentShare::NONE, ended, 1, 2, None).unwrap();
+        store.flush().await.unwrap();
+        // As a daemon killed outright: its writer had committed the start, not the end.
+        drop(store);
+        let before = now_ms();
+        let store = SessionStore::open(&path).unwrap();
+        let reader = SessionReader::open(&path).unwrap();
+        let row = reader.get(killed).unwrap();
+        assert!(row.ended_ms.unwrap() >= before);
+        assert_eq!(row.error.as_deref(), Some(INTERRUPTED));
+        let row = reader.get(ended).unwrap();
+        assert!(row.ended_ms.unwrap() < before);
+        assert_eq!(row.error, None);
+        assert_eq!((row.bytes_up, row.bytes_down), (1, 2));
+        // A clean stop ends what is still open.
+        let stopped = open(&store);
+        store.end_open_sessions().unwrap();
+        store.flush().await.unwrap();
+        let row = reader.get(stopped).unwrap();
+        assert!(row.ended_ms.is_some());
+        assert_eq!(row.error.as_deref(), Some(STOPPED));
+        drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -25,8 +25,7 @@ use crate::policy::TableRef;
 /// Most shapes remembered before the map starts over.
 const MAX_SHAPES: usize = 4096;
 
-/// The part of a statement record its executions share. Built by moving fields out of the
-/// record (no copies); compared and hashed by content.
+/// The part of a statement record its executions share; compared and hashed by content.
 #[derive(PartialEq, Eq, Hash)]
 pub(super) struct Shape {
     protocol: &'static str,
@@ -44,25 +43,26 @@ pub(super) struct Shape {
     columns: Vec<String>,
 }
 
-/// A statement record split into its shape and the text its row keeps (if any).
-pub(super) fn split(s: StatementStart, columns: Vec<String>) -> (Shape, Option<Arc<str>>) {
+/// A statement record split into its shape and the text its row keeps (if any). Copied out of
+/// the record (mostly `Arc`s), which the writer keeps until its batch is committed.
+pub(super) fn split(s: &StatementStart, columns: &[String]) -> (Shape, Option<Arc<str>>) {
     let (text, row_text) = if s.protocol == "simple" {
-        (None, Some(s.text))
+        (None, Some(s.text.clone()))
     } else {
-        (Some(s.text), None)
+        (Some(s.text.clone()), None)
     };
     let shape = Shape {
         protocol: s.protocol,
         text,
         kind: s.kind,
-        tables: s.tables,
-        functions: s.functions,
+        tables: s.tables.clone(),
+        functions: s.functions.clone(),
         decision: s.decision,
         enforced: s.enforced,
-        policy: s.policy,
-        rule: s.rule,
-        message: s.message,
-        columns,
+        policy: s.policy.clone(),
+        rule: s.rule.clone(),
+        message: s.message.clone(),
+        columns: columns.to_vec(),
     };
     (shape, row_text)
 }
