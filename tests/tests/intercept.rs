@@ -2496,3 +2496,212 @@ fn processes_a_command_leaves_holding_the_operators_terminal_are_killed_when_exe
         "another exec on the terminal: {out}"
     );
 }
+
+/// Connects through the gate `n` times as `bot` (echoing two bytes each), retrying a closed
+/// connection for up to 20 s when `retry`: "ok" or "closed" per connection, comma-separated.
+fn echo_script(port: u16, n: usize, retry: bool) -> String {
+    format!(
+        r#"
+import socket, time
+def echo():
+    try:
+        s = socket.create_connection(("127.0.0.1", {port}))
+    except OSError:
+        return False
+    try:
+        s.sendall(b"hi")
+        return s.recv(2) == b"hi"
+    except OSError:
+        return False
+    finally:
+        s.close()
+out = []
+for _ in range({n}):
+    ok = echo()
+    deadline = time.time() + 20
+    while {retry} and not ok and time.time() < deadline:
+        time.sleep(0.05)
+        ok = echo()
+    out.append("ok" if ok else "closed")
+print(",".join(out))
+"#,
+        retry = if retry { "True" } else { "False" },
+    )
+}
+
+/// A tmpfs mounted over a directory, unmounted when dropped (after the gate using it: declare it
+/// first).
+struct Tmpfs(Option<std::path::PathBuf>);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = Command::new("umount").arg("-l").arg(&dir).status();
+        }
+    }
+}
+
+#[test]
+fn connections_are_refused_while_session_store_writes_fail_and_nothing_queued_is_lost() {
+    // A session store whose commits fail (its disk is full) keeps the batch and retries it:
+    // meanwhile no connection is relayed unrecorded, and once space returns what was queued is
+    // committed and connections are relayed again. (The free-space reserve is off here: it
+    // would refuse connections before the commits fail.)
+    let mut mount = Tmpfs(None);
+    let echo = EchoServer::start("127.0.0.1:0");
+    let mut gate = Gate::start(&format!(
+        "{}sessions: {{min_free_mib: 0}}\n",
+        config(&echo, "")
+    ));
+    let port = echo.addr.port();
+    let run_bot = |gate: &Gate, n, retry| {
+        let out = stdout(&run(
+            &mut gate.exec("bot", &["python3", "-c", &echo_script(port, n, retry)])
+        ));
+        out.trim().to_string()
+    };
+    assert_eq!(run_bot(&gate, 1, false), "ok");
+    gate.sessions_ended(1);
+
+    // The state directory moves onto a small tmpfs.
+    gate.stop();
+    let state = gate.dir.join("state");
+    let saved = gate.dir.join("state-saved");
+    std::fs::rename(&state, &saved).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs"])
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    mount.0 = Some(state.clone());
+    for entry in std::fs::read_dir(&saved).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), state.join(entry.file_name())).unwrap();
+        }
+    }
+    gate.spawn();
+
+    // Fill it.
+    let filler = state.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        while f.write_all(&chunk[..512]).is_ok() {}
+    }
+    // This connection was taken before any commit failed; its records are kept.
+    assert_eq!(run_bot(&gate, 1, false), "ok");
+    wait_for(
+        "a failed session store write",
+        Duration::from_secs(10),
+        || {
+            gate.log()
+                .contains("session store write failed")
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        run_bot(&gate, 2, false),
+        "closed,closed",
+        "connections must be refused while the store cannot commit"
+    );
+    assert!(gate.log().contains("session store writes are failing"));
+
+    // Space returns: what was queued is committed and connections are relayed again.
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(run_bot(&gate, 1, true), "ok");
+    let sessions = gate.sessions_ended(3);
+    assert_eq!(sessions.len(), 3, "{sessions:#?}");
+    for s in &sessions {
+        assert_eq!(s["bytes_up"], 2, "{s:#}");
+        assert_eq!(s["bytes_down"], 2, "{s:#}");
+        assert!(s["error"].is_null(), "{s:#}");
+    }
+    let e = gate.wait_event("a session_store_failed event", |e| {
+        e["kind"] == "session_store_failed"
+    });
+    assert!(
+        e["detail"]["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("full")),
+        "{e:#}"
+    );
+    assert!(e["detail"]["failing_ms"].as_u64().unwrap() > 0, "{e:#}");
+    gate.stop();
+}
+
+#[test]
+fn sessions_open_when_the_daemon_stops_or_is_killed_end_as_interrupted() {
+    // A relayed session the daemon could not end (killed, or stopped with SIGTERM while it was
+    // open) does not stay open forever with no end: it is ended as interrupted.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let mut gate = Gate::start(&config(&echo, ""));
+    let hold = format!(
+        r#"
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", {}))
+s.sendall(b"hi")
+assert s.recv(2) == b"hi"
+print("open", flush=True)
+time.sleep(60)
+"#,
+        echo.addr.port()
+    );
+    let open_one = |gate: &Gate| {
+        let mut child = gate
+            .exec("bot", &["python3", "-c", &hold])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "open");
+        child
+    };
+    let started = |gate: &Gate, n: usize| {
+        wait_for(
+            &format!("{n} recorded sessions"),
+            Duration::from_secs(10),
+            || {
+                let v = gate.cli_json(&["sessions", "list", "--json"]);
+                let rows = v.as_array()?.clone();
+                (rows.len() >= n).then_some(rows)
+            },
+        )
+    };
+
+    let mut killed = open_one(&gate);
+    let rows = started(&gate, 1);
+    assert!(rows[0]["ended"].is_null(), "{rows:#?}");
+    gate.kill9();
+    gate.spawn();
+    let rows = gate.sessions_ended(1);
+    assert!(
+        rows[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("interrupted: the daemon stopped before")),
+        "{rows:#?}"
+    );
+    let _ = killed.kill();
+    let _ = killed.wait();
+
+    let mut stopped = open_one(&gate);
+    let rows = started(&gate, 2);
+    assert!(rows[0]["ended"].is_null(), "{rows:#?}");
+    gate.stop();
+    let rows = gate.sessions_ended(2);
+    assert!(
+        rows[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("interrupted: the daemon stopped while")),
+        "{rows:#?}"
+    );
+    let _ = stopped.kill();
+    let _ = stopped.wait();
+}
