@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
@@ -273,11 +273,40 @@ fn private_state_dir(dir: &Path) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// One daemon per `state_dir`: a second one would take the open sessions of the first for ones a
+/// killed daemon left (and end them as interrupted), and serve beside it on the same port. An
+/// exclusive lock on `state_dir/agentgate.lock`, which the kernel releases however the holder
+/// ends.
+fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
+    let path = dir.join("agentgate.lock");
+    let io = |source| DaemonError::Io {
+        what: format!("lock file {}", path.display()),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        let running = std::fs::read_to_string(dir.join("agentgate.pid")).unwrap_or_default();
+        io(std::io::Error::other(format!(
+            "another agentgate daemon (pid {}) runs with this state_dir: {e}",
+            running.trim()
+        )))
+    })
+}
+
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let cfg = Arc::new(cfg);
     raise_fd_limit();
     let cgroups = CgroupFs::discover()?;
     private_state_dir(&cfg.state_dir)?;
+    // Held until this function returns (the process ends): before the store is opened, which
+    // ends the sessions an earlier daemon left open.
+    let _only_daemon = lock_state_dir(&cfg.state_dir)?;
     let agents: Vec<&str> = cfg.agents.iter().map(|a| a.name.as_str()).collect();
     let store = Arc::new(SessionStore::open_with(
         &cfg.sessions_db(),

@@ -398,6 +398,60 @@ fn unknown_destinations_are_refused_or_recorded_per_agent() {
 }
 
 #[test]
+fn a_second_daemon_on_the_same_state_dir_is_refused_and_leaves_the_first_ones_sessions_open() {
+    // A second daemon would take the first one's open sessions for ones a killed daemon left,
+    // and end them as interrupted.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let gate = Gate::start(&config(&echo, ""));
+    let script = format!(
+        "import socket, sys, time\ns = socket.create_connection(('127.0.0.1', {}))\ns.sendall(b'hi'); s.recv(2)\nprint('open', flush=True)\nsys.stdin.read()",
+        echo.addr.port()
+    );
+    let mut held = gate
+        .exec("bot", &["python3", "-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(held.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "open");
+    let mut second = Command::new(agentgate_tests::agentgate_bin())
+        .args(["run", "--config"])
+        .arg(&gate.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while second.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Still running: it serves beside the first; stopped here, failed below.
+    let _ = second.kill();
+    let second = second.wait_with_output().unwrap();
+    assert!(
+        second.status.code().is_some_and(|c| c != 0),
+        "{}",
+        agentgate_tests::show(&second)
+    );
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another agentgate daemon"),
+        "{}",
+        agentgate_tests::show(&second)
+    );
+    let sessions = gate.cli_json(&["sessions", "list", "--json"]);
+    let open = sessions.as_array().unwrap();
+    assert_eq!(open.len(), 1, "{sessions}");
+    assert!(open[0]["ended"].is_null(), "still open: {sessions}");
+    drop(held.stdin.take());
+    let _ = held.wait();
+    gate.sessions_ended(1);
+}
+
+#[test]
 fn killed_daemon_fails_closed_and_a_restart_readopts() {
     let echo = EchoServer::start("127.0.0.1:0");
     let mut gate = Gate::start(&config(&echo, ""));
